@@ -1,0 +1,48 @@
+"""One verb for every method: ``camlens.explain``."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import Tensor, nn
+
+from .capture import LayersSpec
+from .errors import CamlensError
+from .explanation import Explanation
+from .methods import get_method
+from .methods.base import ChannelsSpec, Progress
+from .targets import TargetSpec
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    method: str = "gradcam",
+    target_layer: LayersSpec | None = None,
+    targets: TargetSpec = None,
+    *,
+    channels: ChannelsSpec = None,
+    progress: Progress | None = None,
+    **options: Any,
+) -> Explanation:
+    """Explain ``images`` with ``method`` for ``targets``; ``options`` go to the method.
+
+    Equivalent to ``get_method(method)(model, target_layer, **options)(images, targets, ...)``;
+    build the method object yourself to reuse it across calls.
+    """
+    cls = get_method(method)
+    accepted = [
+        name
+        for name in inspect.signature(cls.__init__).parameters
+        if name not in ("self", "model", "target_layer")
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        valid = ", ".join(accepted) if accepted else "none"
+        raise CamlensError(
+            f"unknown option(s) {', '.join(unknown)} for method {cls.name!r} (its options: {valid})"
+        )
+    return cls(model, target_layer=target_layer, **options)(
+        images, targets, channels=channels, progress=progress
+    )

@@ -1,0 +1,272 @@
+"""Capture: layer lookup, hook lifetime, and what one forward (and backward) pass records.
+
+Everything here leaves the model as it found it: hooks are removed, train/eval flags and
+``requires_grad`` are restored, also when an exception is raised half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CamlensError
+
+LayerSpec = Union[str, nn.Module]
+LayersSpec = Union[LayerSpec, Sequence[LayerSpec]]
+
+
+def display_name(name: str) -> str:
+    return name if name else "<model>"
+
+
+def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
+    """Return ``(name, module)`` for a layer given by name (from ``named_modules()``) or as a module."""
+    if isinstance(layer, str):
+        modules = dict(model.named_modules())
+        if layer in modules:
+            return layer, modules[layer]
+        names = [name for name in modules if name]
+        close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+        if not close:  # a typo in a dotted path: compare with the names that share its last part
+            tail = layer.rsplit(".", 1)[-1]
+            close = [name for name in names if name.rsplit(".", 1)[-1] == tail][:5]
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise CamlensError(
+            f"unknown layer {layer!r}{hint} (every name from model.named_modules() is accepted)"
+        )
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return name, module
+        raise CamlensError(
+            f"the target layer {type(layer).__name__} is not a submodule of the model; "
+            "pass a module of this model or its name"
+        )
+    raise CamlensError(
+        f"a target layer is a module name or an nn.Module, not {type(layer).__name__}"
+    )
+
+
+def resolve_layers(model: nn.Module, layers: LayersSpec) -> dict[str, nn.Module]:
+    """Resolve one layer or a list of layers to an ordered ``{name: module}`` mapping."""
+    items = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+    if not items:
+        raise CamlensError("the list of target layers is empty")
+    resolved: dict[str, nn.Module] = {}
+    for item in items:
+        name, module = resolve_layer(model, item)
+        resolved[name] = module
+    return resolved
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Put the model in eval mode with frozen parameters, and restore both afterwards.
+
+    Eval mode makes an explanation deterministic and independent of the other images in the
+    batch (batch norm uses its running statistics, dropout is off). Freezing the parameters
+    means autograd records nothing below the target layer and never computes a weight gradient.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        for module, _ in modes:
+            module.training = False
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        # Set the attribute directly: a model may override train() with side effects.
+        for module, mode in modes:
+            module.training = mode
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+class Recorder:
+    """Forward hooks that record the outputs of some modules during one forward pass.
+
+    With ``track_grad`` the recorded output becomes a tensor that requires grad, so that the
+    gradient of a score with respect to it can be taken. Because the parameters are frozen
+    and the input does not require grad, autograd records only what comes after the first
+    recorded layer: the backward pass never goes below it.
+
+    The model receives a copy of each recorded output, so an in-place operation that follows
+    the layer (``ReLU(inplace=True)``) cannot change what was recorded.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], track_grad: bool = False) -> None:
+        self.modules = dict(modules)
+        self.track_grad = track_grad
+        self.outputs: dict[str, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> Recorder:
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
+            if not isinstance(output, Tensor) or output.dim() != 4:
+                kind = (
+                    f"a tensor of shape {tuple(output.shape)}"
+                    if isinstance(output, Tensor)
+                    else type(output).__name__
+                )
+                raise CamlensError(
+                    f"layer {display_name(name)!r} outputs {kind}, not a feature map "
+                    "(N, channels, height, width); pick a convolutional layer "
+                    "(see model.named_modules())"
+                )
+            if name in self.outputs:
+                raise CamlensError(
+                    f"layer {display_name(name)!r} runs more than once in one forward pass; "
+                    "pick a layer that is used once"
+                )
+            if self.track_grad and not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            self.outputs[name] = output
+            return output.clone()
+
+        return hook
+
+
+def forward(model: nn.Module, inputs: Tensor) -> Tensor:
+    """Run the model and check that it returns class scores of shape (N, classes)."""
+    output = model(inputs)
+    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != inputs.shape[0]:
+        kind = (
+            f"a tensor of shape {tuple(output.shape)}"
+            if isinstance(output, Tensor)
+            else type(output).__name__
+        )
+        raise CamlensError(
+            f"the model returned {kind}; camlens needs class scores of shape "
+            f"({inputs.shape[0]}, classes): wrap the model so that forward() returns them"
+        )
+    return output
+
+
+def record(
+    model: nn.Module,
+    inputs: Tensor,
+    modules: Mapping[str, nn.Module],
+    track_grad: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward pass, recording the outputs of ``modules``. Returns (logits, outputs)."""
+    with Recorder(modules, track_grad=track_grad) as recorder:
+        with torch.enable_grad() if track_grad else torch.no_grad():
+            logits = forward(model, inputs)
+    missing = [display_name(name) for name in modules if name not in recorder.outputs]
+    if missing:
+        raise CamlensError(
+            f"layer(s) {', '.join(missing)} did not run during the forward pass; "
+            "pick layers that the model's forward() calls"
+        )
+    return logits, recorder.outputs
+
+
+def gradients(scores: Tensor, activations: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Gradients of every target score with respect to each recorded activation.
+
+    ``scores`` is (B, T); each activation (B, K, h, w). Returns ``{name: (B, T, K, h, w)}``.
+    Row b of the scores depends only on row b of the activations (the model is in eval mode),
+    so one backward of the column sum gives every image's gradient; the T targets share one
+    vmapped backward (``is_grads_batched``) instead of T separate ones.
+    """
+    names = list(activations)
+    tensors = [activations[name] for name in names]
+    if not scores.requires_grad:
+        raise CamlensError(
+            f"the target score does not depend on layer(s) {', '.join(map(display_name, names))}: "
+            "a unit target must be at or after the target layer"
+        )
+    count = scores.shape[1]
+    if count == 1:
+        grads = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
+        grads = tuple(None if g is None else g.unsqueeze(1) for g in grads)
+    else:
+        selector = torch.eye(count, dtype=scores.dtype, device=scores.device)
+        selector = selector.unsqueeze(1).expand(count, scores.shape[0], count)
+        grads = torch.autograd.grad(
+            scores, tensors, grad_outputs=selector, is_grads_batched=True, allow_unused=True
+        )
+        grads = tuple(None if g is None else g.movedim(0, 1) for g in grads)
+    result: dict[str, Tensor] = {}
+    for name, grad in zip(names, grads):
+        if grad is None:
+            raise CamlensError(
+                f"the target score does not depend on layer {display_name(name)!r}: "
+                "a unit target must be at or after every target layer"
+            )
+        check_finite(grad, f"gradients at layer {display_name(name)!r}")
+        result[name] = grad
+    return result
+
+
+def check_finite(values: Tensor, what: str) -> None:
+    """Raise a CamlensError naming the images whose values are NaN or infinite."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+    raise CamlensError(
+        f"non-finite {what} (NaN or inf) for image(s) {bad}: check the input values "
+        "(preprocessing, dtype) and the model; no map was made from them"
+    )
+
+
+def find_default_layer(model: nn.Module, example: Tensor) -> str:
+    """The last module, in order of execution, whose output is a 4-D feature map larger than 1x1.
+
+    That is the feature map that the classifier's global pooling reduces. Among modules that
+    return the same map (a block and the container that ends with it), the outermost wins,
+    because a container finishes after its children.
+    """
+    order: list[str] = []
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+                order.append(name)
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        with torch.no_grad():
+            forward(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not order:
+        raise CamlensError(
+            "no module of this model outputs a 4-D feature map larger than 1x1; "
+            "pass target_layer= with the name of a convolutional layer"
+        )
+    return order[-1]
+
+
+def unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,61 @@
+"""The methods, looked up by name."""
+
+from __future__ import annotations
+
+import difflib
+
+from ..errors import CamlensError
+from .base import CAMMethod, Context
+from .cam import CAM, cam_weights
+from .gradcam import (
+    GradCAM,
+    GradCAMPlusPlus,
+    SmoothGradCAMPlusPlus,
+    gradcam_weights,
+    gradcampp_weights,
+)
+from .scorecam import ScoreCAM, scorecam_weights
+
+METHODS: dict[str, type[CAMMethod]] = {
+    cls.name: cls for cls in (CAM, GradCAM, GradCAMPlusPlus, SmoothGradCAMPlusPlus, ScoreCAM)
+}
+
+
+def _key(name: str) -> str:
+    key = name.lower().replace("-", "").replace("_", "").replace(" ", "")
+    return key.replace("pp", "++") if key.endswith("pp") else key
+
+
+def list_methods() -> dict[str, str]:
+    """Every method's registry name with a one-line summary, in the order of the papers."""
+    return {name: cls.summary for name, cls in METHODS.items()}
+
+
+def get_method(name: str) -> type[CAMMethod]:
+    """The method class for a name; case, '-', '_' and 'pp' for '++' do not matter."""
+    if not isinstance(name, str):
+        raise CamlensError(f"a method is named by a string, not {type(name).__name__}")
+    key = _key(name)
+    if key in METHODS:
+        return METHODS[key]
+    close = difflib.get_close_matches(key, list(METHODS), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise CamlensError(f"unknown method {name!r}{hint} (available: {', '.join(METHODS)})")
+
+
+__all__ = [
+    "CAM",
+    "CAMMethod",
+    "Context",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "METHODS",
+    "ScoreCAM",
+    "SmoothGradCAMPlusPlus",
+    "cam_weights",
+    "get_method",
+    "gradcam_weights",
+    "gradcampp_weights",
+    "list_methods",
+    "scorecam_weights",
+]

@@ -1,0 +1,287 @@
+"""The pipeline every method shares: capture -> weigh -> combine -> Explanation.
+
+A method only supplies ``weigh``: a function from what was captured (:class:`Context`) to
+channel weights. Everything else (layer lookup, hooks, targets, gradients, channel subsets,
+normalisation, fusion, restoring the model) happens here, once, for all methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import (
+    LayersSpec,
+    check_finite,
+    find_default_layer,
+    gradients,
+    preserved,
+    record,
+    resolve_layer,
+    resolve_layers,
+)
+from ..combine import fuse, normalise, upsample, weighted_sum
+from ..errors import CamlensError
+from ..explanation import Explanation
+from ..targets import TargetSpec, Targets, resolve_targets, unit_layers
+
+Progress = Callable[[int, int], None]
+ChannelsSpec = Union[None, Sequence[int], Tensor, Mapping[Union[str, nn.Module], Sequence[int]]]
+
+
+@dataclass
+class Context:
+    """What the weigh step of a method sees for N images.
+
+    ``activations`` and ``gradients`` are already restricted to the channel subset, if any:
+    a method weighs exactly the channels it is given.
+    """
+
+    model: nn.Module
+    images: Tensor  # (N, C, H, W) on the model's device
+    logits: Tensor  # (N, classes) on the clean images
+    targets: Targets
+    layers: dict[str, nn.Module]
+    activations: dict[str, Tensor]  # {layer: (N, K', h, w)}
+    full_activations: dict[str, Tensor]  # {layer: (N, K, h, w)}, every channel
+    channels: dict[str, Tensor | None]  # {layer: channel indices} or None for all
+    gradients: dict[str, Tensor] | None  # {layer: (N, T, K', h, w)} for gradient methods
+    progress: Progress | None = None
+
+    def select(self, name: str, tensor: Tensor, dim: int) -> Tensor:
+        index = self.channels[name]
+        return tensor if index is None else tensor.index_select(dim, index)
+
+    def forward_scores(self, inputs: Tensor, rows: Tensor) -> Tensor:
+        """Target scores (B, T) of a batch whose row b is a version of image ``rows[b]``.
+
+        No gradients, no hooks on the target layers. A batch of one row that stands for every
+        image in ``rows`` (the all-zero input) is forwarded once and its outputs shared.
+        """
+        logits, outputs = record(self.model, inputs, self.targets.unit_layers)
+        if inputs.shape[0] == 1 and rows.numel() > 1:
+            logits = logits.expand(rows.numel(), -1)
+            outputs = {name: out.expand(rows.numel(), *out.shape[1:]) for name, out in outputs.items()}
+        scores = self.targets.score(logits, outputs, rows)
+        check_finite(scores, "target scores")
+        return scores
+
+    def gradients_at(self, inputs: Tensor, rows: Tensor) -> dict[str, Tensor]:
+        """Gradients ``{layer: (B, T, K', h, w)}`` of the target scores of a batch of versions."""
+        logits, outputs = record(
+            self.model, inputs, {**self.layers, **self.targets.unit_layers}, track_grad=True
+        )
+        scores = self.targets.score(logits, outputs, rows)
+        check_finite(scores, "target scores")
+        grads = gradients(scores, {name: outputs[name] for name in self.layers})
+        return {name: self.select(name, grad, 2) for name, grad in grads.items()}
+
+
+class CAMMethod:
+    """Base class of every method: reusable across calls, on any model, images and targets.
+
+    Args:
+        model: any ``nn.Module`` returning class scores (N, classes).
+        target_layer: a name from ``model.named_modules()``, a module, or a list of either
+            (maps fused by averaging). None chooses the last module with a 4-D output before
+            the global pooling; the choice is recorded in the Explanation.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_gradients: ClassVar[bool] = False
+    default_score: ClassVar[str] = "logit"
+
+    def __init__(self, model: nn.Module, target_layer: LayersSpec | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise CamlensError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        self.model = model
+        self._layers = None if target_layer is None else resolve_layers(model, target_layer)
+        self._default_layer_cache: dict[tuple[int, ...], str] = {}
+
+    # -- what a method supplies -------------------------------------------------------------
+    def weigh(self, context: Context) -> dict[str, Tensor]:
+        """Channel weights ``{layer: (N, T, K')}`` for the channels in ``context.activations``."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The method's options, recorded in every Explanation."""
+        return {}
+
+    def score_kind(self) -> str:
+        """The score of class targets that do not name one."""
+        return self.default_score
+
+    # -- the pipeline -----------------------------------------------------------------------
+    def __call__(
+        self,
+        images: Tensor,
+        targets: TargetSpec = None,
+        *,
+        channels: ChannelsSpec = None,
+        progress: Progress | None = None,
+    ) -> Explanation:
+        """Explain ``images`` (N, C, H, W), or one image (C, H, W), for ``targets``.
+
+        Args:
+            targets: None (top-1), an int, one int per image, a list of lists, ``TopK``,
+                ``ClassTarget`` or ``UnitTarget`` (or a list of them).
+            channels: build the maps from these channels of the target layer only: a list of
+                indices, or ``{layer: indices}`` for several layers.
+            progress: called as ``progress(done, total)`` during long work (Score-CAM).
+        """
+        model = self.model
+        x = self._prepare(images)
+        with preserved(model):
+            layers, chosen = self._target_layers(x)
+            units = unit_layers(model, targets)
+            logits, outputs = record(model, x, {**layers, **units}, track_grad=self.needs_gradients)
+            check_finite(logits, "model outputs")
+            resolved = resolve_targets(model, targets, logits, outputs, self.score_kind())
+            rows = torch.arange(x.shape[0], device=x.device)
+            scores = resolved.score(logits, outputs, rows)
+            check_finite(scores, "target scores")
+            full = {name: outputs[name] for name in layers}
+            subsets = self._channel_subsets(channels, full)
+            context = Context(
+                model=model,
+                images=x,
+                logits=logits.detach(),
+                targets=resolved,
+                layers=layers,
+                activations={},
+                full_activations={},
+                channels=subsets,
+                gradients=None,
+                progress=progress,
+            )
+            if self.needs_gradients:
+                context.gradients = {
+                    name: context.select(name, grad, 2)
+                    for name, grad in gradients(scores, full).items()
+                }
+            context.full_activations = {name: a.detach() for name, a in full.items()}
+            context.activations = {
+                name: context.select(name, a, 1) for name, a in context.full_activations.items()
+            }
+            weights = self.weigh(context)
+        return self._explanation(context, weights, scores.detach(), chosen)
+
+    def _explanation(
+        self, context: Context, weights: dict[str, Tensor], scores: Tensor, chosen: bool
+    ) -> Explanation:
+        size = context.images.shape[-2:]
+        raw, full_weights, maps = {}, {}, []
+        for name, activation in context.activations.items():
+            weight = weights[name]
+            check_finite(weight, f"channel weights at layer {name!r}")
+            raw[name] = weighted_sum(weight, activation)
+            maps.append(normalise(upsample(raw[name], size)))
+            full_weights[name] = self._scatter(weight, context, name)
+        targets = context.targets
+        probabilities = None
+        if targets.classes is not None:
+            probabilities = context.logits.softmax(dim=1).gather(1, targets.classes)
+        return Explanation(
+            maps=fuse(maps),
+            raw=raw,
+            weights=full_weights,
+            targets=targets.as_index_tensor(context.images.shape[0]).to(scores.device),
+            scores=scores,
+            score_kind=targets.score_kind,
+            probabilities=probabilities,
+            method=self.name,
+            target_layers=tuple(context.layers),
+            default_layer=chosen,
+            units=targets.units,
+            channels={
+                name: index.tolist() for name, index in context.channels.items() if index is not None
+            }
+            or None,
+            options=self.options(),
+        )
+
+    @staticmethod
+    def _scatter(weight: Tensor, context: Context, name: str) -> Tensor:
+        index = context.channels[name]
+        if index is None:
+            return weight
+        full = weight.new_zeros(*weight.shape[:-1], context.full_activations[name].shape[1])
+        full[..., index] = weight
+        return full
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor):
+            raise CamlensError(
+                f"images must be a torch.Tensor (N, C, H, W), not {type(images).__name__}"
+            )
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4 or images.shape[0] == 0:
+            raise CamlensError(
+                f"images must have shape (N, C, H, W) or (C, H, W), got {tuple(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise CamlensError(
+                f"images must be a float tensor after preprocessing, got {images.dtype}"
+            )
+        reference = next(self.model.parameters(), None)
+        if reference is None:
+            reference = next(self.model.buffers(), None)
+        if reference is not None:
+            dtype = reference.dtype if reference.is_floating_point() else images.dtype
+            images = images.to(device=reference.device, dtype=dtype)
+        return images.detach()
+
+    def _target_layers(self, x: Tensor) -> tuple[dict[str, nn.Module], bool]:
+        if self._layers is not None:
+            return self._layers, False
+        key = tuple(x.shape[1:])
+        if key not in self._default_layer_cache:
+            self._default_layer_cache[key] = find_default_layer(self.model, x[:1])
+        name = self._default_layer_cache[key]
+        return {name: resolve_layer(self.model, name)[1]}, True
+
+    def _channel_subsets(
+        self, channels: ChannelsSpec, activations: dict[str, Tensor]
+    ) -> dict[str, Tensor | None]:
+        subsets: dict[str, Tensor | None] = {name: None for name in activations}
+        if channels is None:
+            return subsets
+        if isinstance(channels, Mapping):
+            given = {resolve_layer(self.model, layer)[0]: index for layer, index in channels.items()}
+            unknown = [name for name in given if name not in activations]
+            if unknown:
+                raise CamlensError(
+                    f"channel subset given for {', '.join(unknown)}, which is not a target layer "
+                    f"(target layers: {', '.join(activations)})"
+                )
+        else:
+            given = {name: channels for name in activations}
+        for name, index in given.items():
+            subsets[name] = self._channel_index(index, activations[name], name)
+        return subsets
+
+    @staticmethod
+    def _channel_index(index: object, activation: Tensor, name: str) -> Tensor:
+        count = activation.shape[1]
+        try:
+            tensor = torch.as_tensor(index)
+        except (TypeError, ValueError, RuntimeError):
+            raise CamlensError("a channel subset is a list of channel indices") from None
+        if tensor.dim() != 1 or tensor.numel() == 0 or tensor.is_floating_point():
+            raise CamlensError("a channel subset is a non-empty list of integer channel indices")
+        tensor = tensor.long()
+        bad = tensor[(tensor < 0) | (tensor >= count)]
+        if bad.numel():
+            raise CamlensError(
+                f"channel {bad[0].item()} is out of range: layer {name!r} has {count} channels "
+                f"(valid: 0 to {count - 1})"
+            )
+        if tensor.unique().numel() != tensor.numel():
+            raise CamlensError("a channel subset lists a channel more than once")
+        return tensor.to(activation.device)

@@ -1,0 +1,81 @@
+"""CAM (Zhou et al. 2016): the classifier's own weights, for features -> GAP -> linear heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..capture import LayersSpec, resolve_layer
+from ..errors import CamlensError
+from .base import CAMMethod, Context
+
+
+def cam_weights(fc_weight: Tensor, classes: Tensor) -> Tensor:
+    r"""CAM weights :math:`w^c_k = W_{fc}[c, k]`, the classifier weight from channel k to class c.
+
+    ``fc_weight`` (classes, K) and ``classes`` (N, T) give (N, T, K). The bias is ignored.
+    """
+    return fc_weight[classes]
+
+
+class CAM(CAMMethod):
+    """Class Activation Mapping: needs ``features -> global average pooling -> linear``.
+
+    Args:
+        fc: the linear classifier (module or name). None finds the last ``nn.Linear`` whose
+            inputs match the target layer's channels. Either way camlens checks that the
+            model's logits are ``fc(GAP(A))`` and raises a clear error if they are not.
+    """
+
+    name = "cam"
+    summary = "CAM (Zhou et al. 2016): classifier weights of a GAP + linear head; one forward"
+
+    def __init__(
+        self, model: nn.Module, target_layer: LayersSpec | None = None, fc: str | nn.Module | None = None
+    ) -> None:
+        super().__init__(model, target_layer)
+        self.fc = None if fc is None else resolve_layer(model, fc)[1]
+        if self.fc is not None and not isinstance(self.fc, nn.Linear):
+            raise CamlensError(f"fc must be an nn.Linear, not {type(self.fc).__name__}")
+
+    def options(self) -> dict[str, Any]:
+        return {"fc": None if self.fc is None else resolve_layer(self.model, self.fc)[0]}
+
+    def weigh(self, context: Context) -> dict[str, Tensor]:
+        classes = context.targets.classes
+        if classes is None:
+            raise CamlensError("CAM explains classes only; use Grad-CAM family methods for units")
+        weights = {}
+        for name, activation in context.full_activations.items():
+            fc = self.fc or self._find_fc(activation.shape[1], name)
+            self._check_head(fc, activation, context.logits, name)
+            weight = cam_weights(fc.weight.detach(), classes)
+            weights[name] = context.select(name, weight, 2)
+        return weights
+
+    def _find_fc(self, channels: int, layer: str) -> nn.Linear:
+        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear) and m.in_features == channels]
+        if not linears:
+            raise CamlensError(
+                f"CAM needs a head 'features -> global average pooling -> linear', but the model "
+                f"has no nn.Linear with {channels} inputs (the channels of layer {layer!r}); "
+                "pass fc=, or use Grad-CAM, which needs no particular head"
+            )
+        return linears[-1]
+
+    @staticmethod
+    def _check_head(fc: nn.Linear, activation: Tensor, logits: Tensor, layer: str) -> None:
+        if fc.in_features != activation.shape[1]:
+            raise CamlensError(
+                f"the classifier takes {fc.in_features} inputs but layer {layer!r} has "
+                f"{activation.shape[1]} channels: CAM needs the layer that feeds the global pooling"
+            )
+        predicted = fc(activation.mean(dim=(2, 3)))
+        tolerance = 1e-4 * max(1.0, logits.abs().max().item())
+        if predicted.shape != logits.shape or (predicted - logits).abs().max().item() > tolerance:
+            raise CamlensError(
+                f"the model's output is not fc(global average pool of layer {layer!r}): CAM needs a "
+                "head 'features -> global average pooling -> linear' with that layer as the "
+                "features; pick that layer, or use Grad-CAM, which needs no particular head"
+            )
