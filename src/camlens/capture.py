@@ -215,7 +215,7 @@ def gradients(scores: Tensor, activations: Mapping[str, Tensor]) -> dict[str, Te
         if grad is None:
             raise CamlensError(
                 f"the target score does not depend on layer {display_name(name)!r}: "
-                "a unit target must be at or after every target layer"
+                "a unit target must be at or after the target layer"
             )
         check_finite(grad, f"gradients at layer {display_name(name)!r}")
         result[name] = grad
