@@ -277,3 +277,14 @@ def test_score_cam_forward_count_and_progress():
     for n in range(2):
         c = result.targets[n, 0]
         torch.testing.assert_close(result.weights["1"][n, 0, :3], zero[c].expand(3))
+
+
+def test_constant_maps_become_zero_and_nearly_constant_maps_do_not():
+    from camlens.combine import upsample_normalise
+
+    constant = torch.full((1, 1, 5, 5), 0.3, dtype=torch.float32)
+    assert (upsample_normalise(constant, (17, 17)) == 0).all()
+    nearly = torch.full((1, 1, 5, 5), 100.0, dtype=torch.float64)
+    nearly[0, 0, 2, 2] += 1e-4
+    result = upsample_normalise(nearly, (17, 17))
+    assert result.max() == 1 and result.min() == 0

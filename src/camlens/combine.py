@@ -12,11 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Bilinear upsampling of a constant map is constant only up to rounding; below this relative
-# range a map counts as constant, so that rounding noise is never stretched to [0, 1].
-CONSTANT_TOLERANCE = 1e-5
-
-
 def weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
     r"""Raw map :math:`L = \mathrm{ReLU}(\sum_k w_k A^k)`.
 
@@ -32,18 +27,35 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def normalise(maps: Tensor) -> Tensor:
+def normalise(maps: Tensor, constant: Tensor | None = None) -> Tensor:
     r"""Min-max normalisation ``s`` of each map over its last two dimensions.
 
     :math:`s(M) = (M - \min M) / (\max M - \min M)`; a constant map becomes all zeros.
+    ``constant`` (broadcastable to ``maps.shape[:-2]``) marks maps known to be constant.
     """
     flat = maps.flatten(-2)
-    low = flat.amin(-1, keepdim=True).unsqueeze(-1)
-    high = flat.amax(-1, keepdim=True).unsqueeze(-1)
-    span = high - low
-    scale = torch.maximum(high.abs(), low.abs())
-    constant = span <= CONSTANT_TOLERANCE * scale
-    return torch.where(constant, torch.zeros_like(maps), (maps - low) / torch.where(constant, 1, span))
+    low = flat.amin(-1)[..., None, None]
+    span = flat.amax(-1)[..., None, None] - low
+    zero = span == 0
+    if constant is not None:
+        zero = zero | constant[..., None, None]
+    return torch.where(zero, torch.zeros_like(maps), (maps - low) / torch.where(zero, 1, span))
+
+
+def is_constant(maps: Tensor) -> Tensor:
+    """True for each (h, w) map whose values are all equal (shape ``maps.shape[:-2]``)."""
+    flat = maps.flatten(-2)
+    return flat.amax(dim=-1) == flat.amin(dim=-1)
+
+
+def upsample_normalise(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """``s(Up(M))`` for layer-resolution maps.
+
+    Constancy is decided at layer resolution, where it is exact: bilinear upsampling of a
+    constant map is constant mathematically, but rounding can leave it a few ulps uneven, and
+    ``s`` would stretch that noise to [0, 1]. Such maps become all zeros, as ``s`` says.
+    """
+    return normalise(upsample(maps, size), is_constant(maps))
 
 
 def fuse(maps: Sequence[Tensor]) -> Tensor:

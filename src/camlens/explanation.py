@@ -72,7 +72,7 @@ class Explanation:
 
     def __repr__(self) -> str:
         n, t, h, w = self.maps.shape
-        layers = ", ".join(self.target_layers)
+        layers = ", ".join(map(repr, self.target_layers))
         return (
             f"Explanation(method={self.method!r}, images={n}, targets_per_image={t}, "
             f"size={h}x{w}, target_layers=[{layers}], score_kind={self.score_kind!r})"

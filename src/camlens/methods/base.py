@@ -24,7 +24,7 @@ from ..capture import (
     resolve_layer,
     resolve_layers,
 )
-from ..combine import fuse, normalise, upsample, weighted_sum
+from ..combine import fuse, upsample_normalise, weighted_sum
 from ..errors import CamlensError
 from ..explanation import Explanation
 from ..targets import TargetSpec, Targets, resolve_targets, unit_layers
@@ -180,7 +180,7 @@ class CAMMethod:
             weight = weights[name]
             check_finite(weight, f"channel weights at layer {name!r}")
             raw[name] = weighted_sum(weight, activation)
-            maps.append(normalise(upsample(raw[name], size)))
+            maps.append(upsample_normalise(raw[name], size))
             full_weights[name] = self._scatter(weight, context, name)
         targets = context.targets
         probabilities = None

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import LayersSpec
-from ..combine import normalise, upsample
+from ..combine import is_constant, upsample_normalise
 from ..errors import CamlensError
 from ..targets import SCORE_KINDS
 from .base import CAMMethod, Context
@@ -23,12 +23,6 @@ def scorecam_weights(increase: Tensor, channel_softmax: bool = False) -> Tensor:
     ``increase`` (N, T, K) gives (N, T, K).
     """
     return increase.softmax(dim=-1) if channel_softmax else increase
-
-
-def constant_channels(activation: Tensor) -> Tensor:
-    """(N, K) True where channel k of image n is constant: its mask s(Up(A^k)) is all zeros."""
-    flat = activation.flatten(2)
-    return flat.amax(dim=-1) == flat.amin(dim=-1)
 
 
 class ScoreCAM(CAMMethod):
@@ -91,7 +85,7 @@ class ScoreCAM(CAMMethod):
     def weigh(self, context: Context) -> dict[str, Tensor]:
         x = context.images
         rows = torch.arange(x.shape[0], device=x.device)
-        constant = {name: constant_channels(a) for name, a in context.activations.items()}
+        constant = {name: is_constant(a) for name, a in context.activations.items()}
         needs_zero = self.baseline == "zeros" or any(bool(c.any()) for c in constant.values())
         zero_scores = context.forward_scores(torch.zeros_like(x[:1]), rows) if needs_zero else None
         baseline_scores = self._baseline_scores(context, rows, zero_scores)
@@ -144,7 +138,7 @@ class ScoreCAM(CAMMethod):
         for start in range(0, image_index.numel(), self.batch_size):
             rows = image_index[start : start + self.batch_size]
             cols = channel_index[start : start + self.batch_size]
-            masks = normalise(upsample(activation[rows, cols].unsqueeze(1), x.shape[-2:]))
+            masks = upsample_normalise(activation[rows, cols].unsqueeze(1), x.shape[-2:])
             scores[rows, :, cols] = context.forward_scores(x[rows] * masks, rows)
             done += rows.numel()
             if context.progress is not None:
