@@ -40,7 +40,8 @@ class ScoreCAM(CAMMethod):
             or a tensor (C, H, W) or (N, C, H, W) in the model's input space; its score is
             subtracted.
         channel_softmax: weights are the softmax over channels of ``C`` (a published variant).
-        batch_size: masked inputs per forward pass.
+        batch_size: masked inputs per forward pass. 16 was fastest on a 2-core CPU
+            (benchmarks/latency.py); an accelerator usually wants more.
     """
 
     name = "scorecam"
@@ -57,7 +58,7 @@ class ScoreCAM(CAMMethod):
         score: str = "probability",
         baseline: str | Tensor | None = None,
         channel_softmax: bool = False,
-        batch_size: int = 32,
+        batch_size: int = 16,
     ) -> None:
         super().__init__(model, target_layer)
         if score not in SCORE_KINDS:
