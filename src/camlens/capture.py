@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Union
 
 import torch
@@ -22,6 +22,13 @@ LayersSpec = Union[LayerSpec, Sequence[LayerSpec]]
 
 def display_name(name: str) -> str:
     return name if name else "<model>"
+
+
+def describe(value: object) -> str:
+    """How an error message names a value that should have been a tensor of some shape."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
@@ -126,13 +133,8 @@ class Recorder:
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
             if not isinstance(output, Tensor) or output.dim() != 4:
-                kind = (
-                    f"a tensor of shape {tuple(output.shape)}"
-                    if isinstance(output, Tensor)
-                    else type(output).__name__
-                )
                 raise CamlensError(
-                    f"layer {display_name(name)!r} outputs {kind}, not a feature map "
+                    f"layer {display_name(name)!r} outputs {describe(output)}, not a feature map "
                     "(N, channels, height, width); pick a convolutional layer "
                     "(see model.named_modules())"
                 )
@@ -153,13 +155,8 @@ def forward(model: nn.Module, inputs: Tensor) -> Tensor:
     """Run the model and check that it returns class scores of shape (N, classes)."""
     output = model(inputs)
     if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != inputs.shape[0]:
-        kind = (
-            f"a tensor of shape {tuple(output.shape)}"
-            if isinstance(output, Tensor)
-            else type(output).__name__
-        )
         raise CamlensError(
-            f"the model returned {kind}; camlens needs class scores of shape "
+            f"the model returned {describe(output)}; camlens needs class scores of shape "
             f"({inputs.shape[0]}, classes): wrap the model so that forward() returns them"
         )
     return output
@@ -266,7 +263,3 @@ def find_default_layer(model: nn.Module, example: Tensor) -> str:
             "pass target_layer= with the name of a convolutional layer"
         )
     return order[-1]
-
-
-def unique(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))
