@@ -24,6 +24,16 @@ def display_name(name: str) -> str:
     return name if name else "<model>"
 
 
+def check_hookable(model: nn.Module) -> None:
+    """Refuse TorchScript models: PyTorch allows no forward hooks on ScriptModules."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CamlensError(
+            "TorchScript models cannot be explained: PyTorch allows no forward hooks on ScriptModules, "
+            "so no layer can be observed; save the model with torch.export (dynamic batch size) or "
+            "load it from a package.module:factory"
+        )
+
+
 def describe(value: object) -> str:
     """How an error message names a value that should have been a tensor of some shape."""
     if isinstance(value, Tensor):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..capture import (
     LayersSpec,
     check_finite,
+    check_hookable,
     find_default_layer,
     gradients,
     preserved,
@@ -92,6 +93,7 @@ class CAMMethod:
     """
 
     name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_gradients: ClassVar[bool] = False
     default_score: ClassVar[str] = "logit"
@@ -99,6 +101,7 @@ class CAMMethod:
     def __init__(self, model: nn.Module, target_layer: LayersSpec | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise CamlensError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        check_hookable(model)
         self.model = model
         self._layers = None if target_layer is None else resolve_layers(model, target_layer)
         self._default_layer_cache: dict[tuple[int, ...], str] = {}

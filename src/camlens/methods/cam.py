@@ -29,6 +29,7 @@ class CAM(CAMMethod):
     """
 
     name = "cam"
+    display_name = "CAM"
     summary = "CAM (Zhou et al. 2016): classifier weights of a GAP + linear head; one forward"
 
     def __init__(

