@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test bench clean
+.PHONY: setup test demo bench clean
 
 # One stamp file: the venv is rebuilt when the dependencies change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -16,9 +16,13 @@ setup: $(VENV)/.installed
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The main job on the sample photos, with the embedded model: see demo-out/*/comparison.png.
+demo: setup
+	$(BIN)/camlens explain samples --out demo-out
+
 bench: setup
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/memory.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache demo-out
