@@ -4,41 +4,64 @@
 >>> explanation = camlens.explain(model, images, method="gradcam++")   # doctest: +SKIP
 >>> explanation.maps.shape                                            # doctest: +SKIP
 torch.Size([N, 1, H, W])
+
+The names below are imported on first use (PEP 562), so that the command line can start,
+and be interrupted, before torch is loaded.
 """
 
-from .api import explain
-from .errors import CamlensError
-from .explanation import Explanation
-from .methods import (
-    CAM,
-    METHODS,
-    CAMMethod,
-    GradCAM,
-    GradCAMPlusPlus,
-    ScoreCAM,
-    SmoothGradCAMPlusPlus,
-    get_method,
-    list_methods,
-)
-from .targets import ClassTarget, TopK, UnitTarget
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CAM",
-    "CAMMethod",
-    "CamlensError",
-    "ClassTarget",
-    "Explanation",
-    "GradCAM",
-    "GradCAMPlusPlus",
-    "METHODS",
-    "ScoreCAM",
-    "SmoothGradCAMPlusPlus",
-    "TopK",
-    "UnitTarget",
-    "__version__",
-    "explain",
-    "get_method",
-    "list_methods",
-]
+_EXPORTS = {
+    "explain": "camlens.api",
+    "CamlensError": "camlens.errors",
+    "Explanation": "camlens.explanation",
+    "CAM": "camlens.methods",
+    "CAMMethod": "camlens.methods",
+    "GradCAM": "camlens.methods",
+    "GradCAMPlusPlus": "camlens.methods",
+    "METHODS": "camlens.methods",
+    "ScoreCAM": "camlens.methods",
+    "SmoothGradCAMPlusPlus": "camlens.methods",
+    "get_method": "camlens.methods",
+    "list_methods": "camlens.methods",
+    "ClassTarget": "camlens.targets",
+    "TopK": "camlens.targets",
+    "UnitTarget": "camlens.targets",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'camlens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:
+    from .api import explain
+    from .errors import CamlensError
+    from .explanation import Explanation
+    from .methods import (
+        CAM,
+        METHODS,
+        CAMMethod,
+        GradCAM,
+        GradCAMPlusPlus,
+        ScoreCAM,
+        SmoothGradCAMPlusPlus,
+        get_method,
+        list_methods,
+    )
+    from .targets import ClassTarget, TopK, UnitTarget

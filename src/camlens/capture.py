@@ -270,6 +270,6 @@ def find_default_layer(model: nn.Module, example: Tensor) -> str:
     if not order:
         raise CamlensError(
             "no module of this model outputs a 4-D feature map larger than 1x1; "
-            "pass target_layer= with the name of a convolutional layer"
+            "name a convolutional layer as the target layer (target_layer= or --target-layer)"
         )
     return order[-1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import platform
 import re
 import shutil
@@ -23,12 +24,13 @@ from typing import Any
 import click
 import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__
-from .capture import check_hookable, find_default_layer, record, resolve_layer
+from .capture import check_finite, check_hookable, find_default_layer, record, resolve_layer
 from .errors import CamlensError
 from .io import ensure_writable_dir, expand_inputs, load_image, publish_mode, write_atomic
 from .methods import METHODS, get_method, list_methods
@@ -38,10 +40,28 @@ from .targets import TopK
 
 SEED_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam")
 BATCHED_METHODS = {"smoothgradcam++", "scorecam"}
+MARKER = ".camlens"  # in every output folder camlens made: only those are ever replaced
+MAX_INPUT_SIZE = 4096
 
-# Wide enough for the summary table when the output is a file or a CI log.
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+def console(stream_name: str) -> Console:
+    """A rich console on stdout or stderr, wide enough for tables in files and CI logs."""
+    stream = getattr(sys, stream_name)
+    wide = stream is None or not stream.isatty()
+    return Console(file=stream, highlight=False, width=160 if wide else None)
+
+
+def echo_error(text: str) -> None:
+    """One line on stderr, never wrapped; a closed pipe is not an error worth a traceback."""
+    try:
+        click.echo(text, err=True)
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def printable(text: object) -> str:
+    """A file name as text that can always be shown (undecodable bytes replaced)."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 # -- shared options -----------------------------------------------------------------------------
@@ -51,8 +71,8 @@ def model_options(command: Callable) -> Callable:
         click.option("--model", "model_spec", default="efficientnet_lite0", show_default=True,
                      help="A registered model, a TorchScript/torch.export archive, or package.module:factory."),
         click.option("--weights", type=click.Path(dir_okay=False), help="State dict for a factory model (loaded with weights_only=True)."),
-        click.option("--input-size", type=click.IntRange(min=1), help="Side of the square model input (default: the model's, else 224)."),
-        click.option("--resize", type=click.IntRange(min=1), help="Shorter side before the centre crop (default: input size x 8/7)."),
+        click.option("--input-size", type=click.IntRange(1, MAX_INPUT_SIZE), help="Side of the square model input (default: the model's, else 224)."),
+        click.option("--resize", type=click.IntRange(1, 2 * MAX_INPUT_SIZE), help="Shorter side before the centre crop (default: input size x 8/7)."),
         click.option("--mean", type=(float, float, float), help="Per-channel mean of the normalisation (RGB, on [0, 1] pixels)."),
         click.option("--std", type=(float, float, float), help="Per-channel standard deviation of the normalisation."),
         click.option("--class-names", type=click.Path(dir_okay=False), help="Class names: a text file (one per line) or a JSON list."),
@@ -76,56 +96,68 @@ def open_model(
     if any(value is not None for value in (input_size, resize, mean, std)):
         base = loaded.preprocess
         size = input_size or base.size
-        loaded.preprocess = Preprocess(
-            size=size,
-            resize=resize or (base.resize if input_size is None else round(size * 8 / 7)),
-            mean=mean or base.mean,
-            std=std or base.std,
-            interpolation=base.interpolation,
-        )
+        if resize is None:
+            # Keep the model's way of framing the image: a crop scales with the input size.
+            resize = None if base.resize is None else (base.resize if input_size is None else round(size * 8 / 7))
+        loaded.preprocess = Preprocess(size=size, resize=resize, mean=mean or base.mean,
+                                       std=std or base.std, interpolation=base.interpolation)
     return loaded
 
 
 def choose_device(name: str) -> torch.device:
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = mps is not None and mps.is_available()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if mps_ok else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise CamlensError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CamlensError("CUDA is not available on this machine: use --device cpu")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise CamlensError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CamlensError("CUDA is not available on this machine: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CamlensError(f"there is no {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not mps_ok:
         raise CamlensError("MPS is not available on this machine: use --device cpu")
     return device
 
 
 def resolve_class(value: str, loaded: LoadedModel, classes: int) -> int:
-    """A class given as an index or a name (short name or full label, any case)."""
-    if re.fullmatch(r"-?\d+", value.strip()):
-        index = int(value)
+    """A class given as an index or a name: a short name, a full label or one of its synonyms."""
+    text = value.strip()
+    if re.fullmatch(r"-?\d+", text):
+        index = int(text)
         if not 0 <= index < classes:
             raise CamlensError(f"class {index} is out of range: the model has {classes} classes (valid: 0 to {classes - 1})")
         return index
     names = loaded.class_names
     if not names:
         raise CamlensError(f"class {value!r} is a name, but the model has no class names: give an index or --class-names")
-    wanted = value.strip().lower()
-    for index, name in enumerate(names):
-        synonyms = [part.strip().lower() for part in name.split(",")]
-        if wanted == name.lower() or wanted in synonyms:
-            return index
-    close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
+    labels = loaded.class_labels or names
+    wanted = text.lower()
+    matches = [
+        index for index, (name, label) in enumerate(zip(names, labels))
+        if wanted in {name.lower(), label.lower(), *(part.strip().lower() for part in label.split(","))}
+    ]
+    if len(matches) > 1:
+        choices = ", ".join(f"{index} ({labels[index]})" for index in matches)
+        raise CamlensError(f"class {value!r} is ambiguous: give its index, one of {choices}")
+    if matches:
+        return matches[0]
+    close = difflib.get_close_matches(text, names, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise CamlensError(f"unknown class {value!r}{hint}")
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "class"
+def slug(text: str, fallback: str) -> str:
+    """A file-name-safe, lower-case form of ``text`` (letters of any script kept), at most 80 characters."""
+    cleaned = re.sub(r"[^\w]+", "-", printable(text).lower()).strip("-_")
+    return cleaned[:80].rstrip("-_") or fallback
 
 
 # -- explain ------------------------------------------------------------------------------------
@@ -143,7 +175,7 @@ class ImageResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        data = {"input": str(self.path), "status": self.status}
+        data = {"input": printable(self.path), "status": self.status}
         if self.error:
             data["error"] = self.error
             return data
@@ -168,25 +200,23 @@ class Explainer:
         self.default_layer: bool | None = None
         self.methods = {}
         for name in methods:
-            cls = METHODS[name]
             options: dict[str, Any] = {}
             if name in BATCHED_METHODS and batch_size is not None:
                 options["batch_size"] = batch_size
             if name == "smoothgradcam++":
                 options["seed"] = seed
-            self.methods[name] = cls(self.model, target_layer=target_layer, **options)
+            self.methods[name] = METHODS[name](self.model, target_layer=target_layer, **options)
 
     def targets(self):
-        if self.class_index is not None:
-            return self.class_index
-        return TopK(self.top_k)
+        return self.class_index if self.class_index is not None else TopK(self.top_k)
 
     def run(self, path: Path, folder: Path, progress: Callable[[str, int, int], None]) -> ImageResult:
         result = ImageResult(path)
         start = time.perf_counter()
-        image = load_image(path, draft_size=self.loaded.preprocess.resize or self.loaded.preprocess.size)
+        preprocess = self.loaded.preprocess
+        image = load_image(path, draft_size=preprocess.resize or preprocess.size)
         result.size = image.size
-        x = self.loaded.preprocess(image).unsqueeze(0).to(self.device)
+        x = preprocess(image).unsqueeze(0).to(self.device)
         result.timings["load"] = time.perf_counter() - start
 
         with torch.no_grad():
@@ -212,12 +242,10 @@ class Explainer:
         return result
 
     def _describe(self, index: int, probability: float) -> dict:
-        entry = {"class": index, "name": self.loaded.class_name(index), "probability": round(probability, 6)}
-        return entry
+        return {"class": index, "name": self.loaded.class_name(index), "probability": round(probability, 6)}
 
-    def _write(self, image, explanations, result: ImageResult, folder: Path) -> dict:
-        box = self.loaded.preprocess.crop_box(*image.size)
-        view = model_view(image, box)
+    def _write(self, image: Image.Image, explanations: dict, result: ImageResult, folder: Path) -> dict:
+        view = model_view(image, self.loaded.preprocess.crop_box(*image.size))
         overlays: dict[str, list[str]] = {}
         rows = [[Panel(view, f"input\n{t['name']} ({t['probability']:.2f})")] for t in result.targets]
         arrays: dict[str, np.ndarray] = {}
@@ -231,7 +259,7 @@ class Explainer:
             overlays[name] = []
             for index, target in enumerate(result.targets):
                 picture = overlay(view, data["maps"][0, index])
-                filename = f"{name}_{index + 1}_{slug(target['name'])}.png"
+                filename = f"{name}_{index + 1}_{slug(target['name'], 'class')}.png"
                 picture.save(folder / filename)
                 overlays[name].append(filename)
                 title = f"{METHODS[name].display_name}\n{target['name']} ({target['probability']:.2f})"
@@ -241,19 +269,23 @@ class Explainer:
         np.savez_compressed(folder / "maps.npz", **arrays)
         top = result.predictions[0]
         comparison_figure(rows, folder / "comparison.png",
-                          title=f"{result.path.name}: {top['name']} ({top['probability']:.2f})")
+                          title=f"{printable(result.path.name)}: {top['name']} ({top['probability']:.2f})")
+        (folder / MARKER).write_text(f"made by camlens {__version__}\n")
         return {"comparison": "comparison.png", "maps": "maps.npz", "overlays": overlays}
 
 
-def unique_names(paths: Sequence[Path]) -> list[str]:
-    """An output folder name per input: the file stem, made unique."""
-    seen: dict[str, int] = {}
+def output_names(paths: Sequence[Path], out_dir: Path) -> list[str]:
+    """A distinct output folder per input, named after the file; never one camlens did not make."""
+    taken: set[str] = set()
     names = []
     for path in paths:
-        stem = slug(path.stem) if path.stem else "image"
-        count = seen.get(stem, 0)
-        seen[stem] = count + 1
-        names.append(stem if count == 0 else f"{stem}-{count + 1}")
+        stem = slug(path.stem, "image")
+        name, count = stem, 1
+        while name in taken or ((out_dir / name).exists() and not (out_dir / name / MARKER).is_file()):
+            count += 1
+            name = f"{stem}-{count}"
+        taken.add(name)
+        names.append(name)
     return names
 
 
@@ -270,113 +302,148 @@ def cli() -> None:
 @click.option("--target-layer", help="Layer to explain (default: the last feature map before pooling). See `camlens layers`.")
 @click.option("--class", "class_", metavar="C", help="Explain this class (index or name) instead of the top-1.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Explain the K most probable classes.")
-@click.option("--out", default="camlens-out", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--out", default="camlens-out", show_default=True, help="Output directory.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per forward pass for Score-CAM and Smooth Grad-CAM++.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of Smooth Grad-CAM++'s noise.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of Smooth Grad-CAM++'s noise.")
 @model_options
 def explain(inputs, methods, target_layer, class_, top_k, out, device, batch_size, seed, **model_args) -> None:
     """Explain IMAGE_OR_DIR... with each method: overlays, a comparison figure, maps and a manifest."""
     started = time.perf_counter()
+    if not out.strip():
+        raise CamlensError("--out is empty: name an output directory")
     if class_ is not None and top_k is not None:
         raise CamlensError("give --class or --top-k, not both")
-    chosen = [get_method(m).name for m in methods] or list(SEED_METHODS)
-    chosen = list(dict.fromkeys(chosen))
+    chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
     files, skipped = expand_inputs(inputs)
     out_dir = ensure_writable_dir(out)
     torch_device = choose_device(device)
     loaded = open_model(**model_args)
-    classes = probe(loaded, target_layer)
+    classes = probe(loaded, target_layer, chosen)
     class_index = resolve_class(class_, loaded, classes) if class_ is not None else None
     if top_k is not None and top_k > classes:
         raise CamlensError(f"--top-k {top_k} is more than the model's {classes} classes")
     explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or 1, torch_device, batch_size, seed)
 
+    # A manifest from an earlier run would describe folders this run replaces: it goes first.
+    (out_dir / "manifest.json").unlink(missing_ok=True)
     results: list[ImageResult] = []
-    names = unique_names(files)
+    names = output_names(files, out_dir)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
-        overall = bar.add_task("images", total=len(files))
-        step = bar.add_task("", total=1, visible=False)
 
-        def report(method: str, done: int, total: int) -> None:
-            bar.update(step, description=f"  {METHODS[method].display_name}", completed=done, total=total, visible=True)
+    def finish(status: str) -> None:
+        manifest = build_manifest(loaded, classes, explainer, chosen, results, skipped, torch_device,
+                                  time.perf_counter() - started, top_k, class_index, seed, batch_size, status)
+        write_atomic(out_dir / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
 
-        for path, name in zip(files, names):
-            bar.update(overall, description=f"{path.name}")
-            results.append(explain_one(explainer, path, out_dir, name, report))
-            bar.update(step, visible=False)
-            bar.advance(overall)
+    try:
+        with Progress(*columns, console=console("stderr"), transient=True) as bar:
+            overall = bar.add_task("images", total=len(files))
+            step = bar.add_task("", total=1, visible=False)
 
-    manifest = build_manifest(loaded, explainer, chosen, results, skipped, torch_device,
-                              time.perf_counter() - started, top_k, class_index, seed, batch_size)
-    write_atomic(out_dir / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
-    print_summary(results, chosen, skipped, out_dir)
+            def report(method: str, done: int, total: int) -> None:
+                bar.update(step, description=f"  {METHODS[method].display_name}", completed=done, total=total, visible=True)
+
+            for path, name in zip(files, names):
+                bar.update(overall, description=printable(path.name))
+                results.append(explain_one(explainer, path, out_dir, name, report))
+                bar.update(step, visible=False)
+                bar.advance(overall)
+    except KeyboardInterrupt:
+        finish("interrupted")
+        raise
+    finish("complete")
+    for path in skipped:
+        echo_error(f"skipped (not an image file): {printable(path)}")
+    for r in results:
+        if r.status != "ok":
+            echo_error(f"failed: {r.error}")
+    print_summary(results, chosen, out_dir)
     if any(r.status != "ok" for r in results):
         sys.exit(1)
 
 
 def explain_one(explainer: Explainer, path: Path, out_dir: Path, name: str, report) -> ImageResult:
     """Explain one image into out_dir/name; on failure leave nothing behind but the error."""
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".camlens-staging-"))
         result = explainer.run(path, staging, report)
-        final = out_dir / name
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        publish_mode(staging)
-        staging.rename(final)
+        publish(staging, out_dir / name)
         result.output = name
         return result
     except CamlensError as error:
-        return ImageResult(path, status="failed", error=str(error))
-    except (RuntimeError, ValueError, OSError, MemoryError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return ImageResult(path, status="failed", error=f"{path}: {type(error).__name__}: {message}")
+        message = str(error)
+        if not message.startswith(str(path)):
+            message = f"{printable(path)}: {message}"
+        return ImageResult(path, status="failed", error=message)
+    except Exception as error:  # the model or a library failed on this image: report it, go on
+        lines = str(error).strip().splitlines()
+        detail = lines[0] if lines else ""
+        return ImageResult(path, status="failed", error=f"{printable(path)}: {type(error).__name__}: {detail}")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def probe(loaded: LoadedModel, target_layer: str | None) -> int:
-    """Check the model and the target layer on a blank batch of two; return the number of classes.
+def publish(staging: Path, final: Path) -> None:
+    """Move a finished folder into place, replacing only a folder camlens made earlier."""
+    publish_mode(staging)
+    if final.exists():
+        aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=".camlens-old-"))
+        final.rename(aside / "old")
+        staging.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        staging.rename(final)
 
-    Two, because Score-CAM and Smooth Grad-CAM++ forward batches: a model exported with a
-    fixed batch size of one fails here rather than in the middle of a method.
+
+def probe(loaded: LoadedModel, target_layer: str | None, methods: Sequence[str]) -> int:
+    """Check the model, preprocessing, target layer and CAM's head once, on a blank grey photo.
+
+    A batch of two, because Score-CAM and Smooth Grad-CAM++ forward batches: a model exported
+    with a fixed batch size of one fails here rather than on every image. Returns the number
+    of classes.
     """
     check_hookable(loaded.module)
-    size = loaded.preprocess.size
-    example = torch.zeros(2, 3, size, size)
-    layers = {}
-    if target_layer is not None:
-        name, module = resolve_layer(loaded.module, target_layer)
-        layers[name] = module
+    preprocess = loaded.preprocess
+    blank = preprocess(Image.new("RGB", (preprocess.size, preprocess.size), (128, 128, 128)))
+    example = blank.unsqueeze(0).expand(2, -1, -1, -1).contiguous()
+    layers = dict([resolve_layer(loaded.module, target_layer)]) if target_layer is not None else {}
     try:
         output, _ = record(loaded.module, example, layers)
-    except CamlensError:
-        raise
+        if target_layer is None:
+            find_default_layer(loaded.module, example[:1])
+    except CamlensError as error:
+        raise CamlensError(f"{error} (checked on a blank {preprocess.size}x{preprocess.size} input)") from None
     except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         hint = "check --input-size"
         if loaded.source.startswith("torch.export"):
             hint += "; export with a dynamic batch size: dynamic_shapes=({0: torch.export.Dim('batch')},)"
         raise CamlensError(
-            f"the model fails on a batch of 2x3x{size}x{size} ({type(error).__name__}: {first}); {hint}"
+            f"the model fails on a batch of 2x3x{preprocess.size}x{preprocess.size} ({type(error).__name__}: {first}); {hint}"
         ) from None
+    check_finite(output, "model outputs on a blank input (check --mean and --std)")
     if loaded.class_names is not None and len(loaded.class_names) != output.shape[1]:
         raise CamlensError(f"{len(loaded.class_names)} class names for a model with {output.shape[1]} classes")
+    if "cam" in methods:  # whether the head suits CAM does not depend on the image
+        METHODS["cam"](loaded.module, target_layer=target_layer)(example[:1])
     return int(output.shape[1])
 
 
-def build_manifest(loaded, explainer, methods, results, skipped, device, seconds, top_k, class_index, seed, batch_size) -> dict:
+def build_manifest(loaded, classes, explainer, methods, results, skipped, device, seconds,
+                   top_k, class_index, seed, batch_size, status) -> dict:
     return {
         "camlens": __version__,
+        "status": status,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": ["camlens", *sys.argv[1:]],
+        "command": ["camlens", *map(printable, sys.argv[1:])],
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "platform": platform.platform()},
         "device": str(device),
         "model": {"name": loaded.name, "source": loaded.source, "preprocess": loaded.preprocess.to_dict(),
-                  "classes": len(loaded.class_names) if loaded.class_names else None, **loaded.details},
+                  "classes": classes, **loaded.details},
         "methods": methods,
         "options": {name: m.options() for name, m in explainer.methods.items()},
         "target_layers": list(explainer.target_layers),
@@ -385,18 +452,17 @@ def build_manifest(loaded, explainer, methods, results, skipped, device, seconds
         "seed": seed,
         "batch_size": batch_size,
         "images": [r.to_dict() for r in results],
-        "skipped": [str(p) for p in skipped],
+        "skipped": [printable(p) for p in skipped],
         "summary": {"ok": sum(r.status == "ok" for r in results),
                     "failed": sum(r.status != "ok" for r in results),
                     "skipped": len(skipped), "seconds": round(seconds, 3)},
     }
 
 
-def print_summary(results: list[ImageResult], methods: list[str], skipped: list[Path], out_dir: Path) -> None:
-    table = Table(title=f"camlens explain -> {out_dir}", title_justify="left")
-    table.add_column("image")
-    table.add_column("prediction")
-    table.add_column("p", justify="right")
+def print_summary(results: list[ImageResult], methods: list[str], out_dir: Path) -> None:
+    table = Table(title=f"camlens explain -> {printable(out_dir)}", title_justify="left")
+    for column, justify in (("image", "left"), ("prediction", "left"), ("p", "right")):
+        table.add_column(column, justify=justify)
     for name in methods:
         table.add_column(f"{METHODS[name].display_name} s", justify="right")
     table.add_column("status")
@@ -404,15 +470,13 @@ def print_summary(results: list[ImageResult], methods: list[str], skipped: list[
         if r.status == "ok":
             top = r.predictions[0]
             times = [f"{r.timings[name]:.2f}" for name in methods]
-            table.add_row(r.path.name, top["name"], f"{top['probability']:.2f}", *times, "ok")
+            table.add_row(printable(r.path.name), top["name"], f"{top['probability']:.2f}", *times, "ok")
         else:
-            table.add_row(r.path.name, "-", "-", *["-"] * len(methods), "[red]failed[/red]")
-    stdout.print(table)
-    for path in skipped:
-        click.echo(f"skipped (not an image file): {path}", err=True)
-    for r in results:
-        if r.status != "ok":
-            click.echo(f"failed: {r.error}", err=True)
+            table.add_row(printable(r.path.name), "-", "-", *["-"] * len(methods), "failed")
+    try:
+        console("stdout").print(table)
+    except BrokenPipeError:  # `camlens explain ... | head`: the results are on disk all the same
+        pass
 
 
 # -- layers, methods ------------------------------------------------------------------------------
@@ -422,6 +486,7 @@ def print_summary(results: list[ImageResult], methods: list[str], skipped: list[
 def layers(**model_args) -> None:
     """List the hookable layers with their output shapes; mark the default target layer."""
     loaded = open_model(**model_args)
+    check_hookable(loaded.module)
     size = loaded.preprocess.size
     example = torch.zeros(1, 3, size, size)
     shapes: dict[str, str] = {}
@@ -432,24 +497,31 @@ def layers(**model_args) -> None:
             shapes.setdefault(name, "x".join(map(str, output.shape[1:])) if isinstance(output, torch.Tensor) else type(output).__name__)
         return hook
 
-    check_hookable(loaded.module)
     try:
         for name, module in loaded.module.named_modules():
             if name:
                 handles.append(module.register_forward_hook(shape_of(name)))
         with torch.no_grad():
             loaded.module(example)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CamlensError(f"the model fails on a 1x3x{size}x{size} input ({type(error).__name__}: {first}); check --input-size") from None
     finally:
         for handle in handles:
             handle.remove()
-    default = find_default_layer(loaded.module, example)
+    try:
+        default = find_default_layer(loaded.module, example)
+    except CamlensError:
+        default = None
     table = Table(title=f"{loaded.name}: input 3x{size}x{size}", title_justify="left")
     for column in ("layer", "type", "output (C x H x W)", ""):
         table.add_column(column)
     for name, module in loaded.module.named_modules():
         if name in shapes:
             table.add_row(name, type(module).__name__, shapes[name], "default target layer" if name == default else "")
-    stdout.print(table)
+    console("stdout").print(table)
+    if default is None:
+        echo_error("no layer outputs a feature map larger than 1x1: no default target layer")
 
 
 @cli.command()
@@ -460,27 +532,32 @@ def methods() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: run the command; user errors become one line on stderr and exit code 1 or 2."""
+    """Run the command; user errors become one line on stderr and exit code 1 (2 for usage)."""
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="camlens", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as error:
+        click.echo(error.ctx.get_help() if error.ctx else cli.get_help(click.Context(cli)))
+        sys.exit(0)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.Abort:
-        click.echo("camlens: interrupted", err=True)
+        echo_error("camlens: interrupted")
         sys.exit(130)
     except click.UsageError as error:
-        hint = f" (see camlens {error.ctx.command.name} --help)" if error.ctx and error.ctx.command.name != "cli" else " (see camlens --help)"
-        click.echo(f"camlens: error: {error.format_message()}{hint}", err=True)
+        where = error.ctx.command_path if error.ctx else "camlens"
+        echo_error(f"camlens: error: {error.format_message()} (see {where} --help)")
         sys.exit(2)
     except click.ClickException as error:
-        click.echo(f"camlens: error: {error.format_message()}", err=True)
+        echo_error(f"camlens: error: {error.format_message()}")
         sys.exit(error.exit_code)
     except CamlensError as error:
-        click.echo(f"camlens: error: {error}", err=True)
+        echo_error(f"camlens: error: {error}")
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("camlens: interrupted", err=True)
+        echo_error("camlens: interrupted")
         sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CamlensError
 
@@ -26,10 +27,15 @@ def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> I
     Raises CamlensError with the file and the reason when it cannot be read.
     """
     path = Path(path)
-    if not path.exists():
-        raise CamlensError(f"{path}: no such file")
-    if path.is_dir():
-        raise CamlensError(f"{path}: is a directory, not an image")
+    try:
+        if not path.exists():
+            raise CamlensError(f"{path}: no such file")
+        if path.is_dir():
+            raise CamlensError(f"{path}: is a directory, not an image")
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise CamlensError(f"{path}: not a regular file")
+    except OSError as error:
+        raise CamlensError(f"{path}: cannot be read ({error.strerror or error})") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -44,7 +50,8 @@ def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> I
                     if scale >= 2:
                         image.draft("RGB", (image.width / scale, image.height / scale))
                 image.load()
-                return to_rgb(image)
+                # Photos store their orientation in EXIF: show the model what viewers show.
+                return to_rgb(ImageOps.exif_transpose(image))
     except CamlensError:
         raise
     except UnidentifiedImageError:
@@ -62,10 +69,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16- and 32-bit greyscale: scale to 8 bits before the RGB conversion.
-        image = image.point(lambda value: value * (255 / 65535)).convert("L")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = Image.fromarray(_to_8_bit(np.asarray(image), image.mode), mode="L")
     return image.convert("RGB")
+
+
+def _to_8_bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """Greyscale of 16 or 32 bits, or floats, as 8 bits.
+
+    Floats up to 1 are taken as [0, 1], larger ones as [0, 255]; integers as 16-bit unless
+    they exceed that range, then scaled by their maximum.
+    """
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    top = float(finite.max()) if finite.size else 0.0
+    if mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0
+    else:
+        scale = 255.0 / (65535.0 if top <= 65535 else top)
+    return np.clip(np.nan_to_num(values * scale), 0, 255).astype(np.uint8)
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[Path]]:
@@ -77,8 +99,12 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], 
     skipped: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        try:
+            is_dir = path.is_dir()
+            entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if is_dir else []
+        except OSError as error:
+            raise CamlensError(f"{path}: cannot be read ({error.strerror or error})") from None
+        if is_dir:
             images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
             skipped += [p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
             if not images:

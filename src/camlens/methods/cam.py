@@ -61,7 +61,7 @@ class CAM(CAMMethod):
             raise CamlensError(
                 f"CAM needs a head 'features -> global average pooling -> linear', but the model "
                 f"has no nn.Linear with {channels} inputs (the channels of layer {layer!r}); "
-                "pass fc=, or use Grad-CAM, which needs no particular head"
+                "name the classifier (fc=), or use Grad-CAM, which needs no particular head"
             )
         return linears[-1]
 

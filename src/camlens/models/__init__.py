@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -47,8 +48,10 @@ class Preprocess:
     def __post_init__(self) -> None:
         if self.size < 1 or (self.resize is not None and self.resize < self.size):
             raise CamlensError(f"bad input size {self.size} (resize {self.resize}): need 1 <= size <= resize")
-        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
-            raise CamlensError("mean and std need three values each, std > 0")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise CamlensError("mean and std need three values each")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or any(s <= 0 for s in self.std):
+            raise CamlensError("mean and std must be finite numbers, std > 0")
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The region (left, top, right, bottom) of the original image that the model sees."""
@@ -92,6 +95,7 @@ class LoadedModel:
     name: str
     source: str
     details: dict = field(default_factory=dict)
+    class_labels: list[str] | None = None  # full labels with synonyms ("tabby, tabby cat"), if known
 
     def class_name(self, index: int) -> str:
         if self.class_names is None or not 0 <= index < len(self.class_names):
@@ -135,6 +139,7 @@ def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:
         model.load_state_dict(state)
     model.preprocess = Preprocess(mean=LITE_MEAN, std=LITE_STD)
     model.class_names = imagenet_class_names()
+    model.class_labels = list(imagenet_labels())
     return model.eval()
 
 
@@ -183,16 +188,21 @@ def load_model(
         source = f"{kind} archive {path}"
     module.eval()
     names = list(class_names) if class_names is not None else getattr(module, "class_names", None)
+    labels = None if class_names is not None else getattr(module, "class_labels", None)
     chosen = preprocess or getattr(module, "preprocess", None) or Preprocess()
-    return LoadedModel(module, chosen, names, spec, source, details)
+    return LoadedModel(module, chosen, names, spec, source, details, labels)
 
 
 def _from_factory(spec: str) -> nn.Module:
     module_name, _, attribute = spec.partition(":")
+    if not module_name or module_name.startswith(".") or not attribute:
+        raise CamlensError(f"--model {spec}: write an absolute package.module:factory")
     try:
         namespace = importlib.import_module(module_name)
-    except ImportError as error:
-        raise CamlensError(f"cannot import {module_name!r} for --model {spec}: {error}") from None
+    except Exception as error:  # the user's module may raise anything while it is imported
+        raise CamlensError(
+            f"cannot import {module_name!r} for --model {spec}: {type(error).__name__}: {error}"
+        ) from None
     factory = namespace
     for part in attribute.split("."):
         factory = getattr(factory, part, None)
@@ -202,7 +212,7 @@ def _from_factory(spec: str) -> nn.Module:
         raise CamlensError(f"--model {spec}: {attribute!r} is not callable")
     try:
         model = factory()
-    except Exception as error:  # the user's code: report it in one line
+    except (Exception, SystemExit) as error:  # the user's code: report it in one line
         raise CamlensError(f"--model {spec}: the factory raised {type(error).__name__}: {error}") from None
     if not isinstance(model, nn.Module):
         raise CamlensError(f"--model {spec}: the factory returned {type(model).__name__}, not an nn.Module")
@@ -260,7 +270,11 @@ def class_names_from_file(path: str | Path) -> list[str]:
     """Class names from a text file (one per line) or a JSON list."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_file():
+            raise CamlensError(f"{path}: not a regular file")
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CamlensError(f"{path}: class names must be UTF-8 text (one per line) or a JSON list") from None
     except OSError as error:
         raise CamlensError(f"{path}: cannot read class names ({error.strerror or error})") from None
     if path.suffix.lower() == ".json":
