@@ -288,3 +288,9 @@ def test_constant_maps_become_zero_and_nearly_constant_maps_do_not():
     nearly[0, 0, 2, 2] += 1e-4
     result = upsample_normalise(nearly, (17, 17))
     assert result.max() == 1 and result.min() == 0
+
+
+def test_public_names_resolve():
+    assert set(camlens.__all__) - {"__version__"} == set(camlens._EXPORTS)
+    for name in camlens.__all__:
+        assert getattr(camlens, name) is not None

@@ -34,7 +34,24 @@ _EXPORTS = {
     "UnitTarget": "camlens.targets",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "CAM",
+    "CAMMethod",
+    "CamlensError",
+    "ClassTarget",
+    "Explanation",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "METHODS",
+    "ScoreCAM",
+    "SmoothGradCAMPlusPlus",
+    "TopK",
+    "UnitTarget",
+    "__version__",
+    "explain",
+    "get_method",
+    "list_methods",
+]
 
 
 def __getattr__(name: str) -> Any:
