@@ -1,0 +1,136 @@
+"""Faithfulness: does the model's confidence follow the map? (Score-CAM paper, section 5.)
+
+Every function takes the model, the preprocessed images X (N, C, H, W), maps L (N, H, W) in
+[0, 1] at input resolution and the classes c (N,), runs the forwards it needs in batches of
+``batch_size`` with no gradients, and returns per-image values, so that means and confidence
+intervals can be taken over any subset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..capture import preserved
+
+
+@torch.no_grad()
+def class_probabilities(model: nn.Module, inputs: Tensor, classes: Tensor, batch_size: int = 32) -> Tensor:
+    """Softmax probability of ``classes[b]`` for each row b of ``inputs``, in batches: (B,)."""
+    with preserved(model):
+        parts = []
+        for start in range(0, inputs.shape[0], batch_size):
+            logits = model(inputs[start : start + batch_size])
+            parts.append(logits.softmax(dim=1).gather(1, classes[start : start + batch_size, None])[:, 0])
+    return torch.cat(parts)
+
+
+def explanation_images(images: Tensor, maps: Tensor) -> Tensor:
+    """The explanation image :math:`E = X \\circ L` (the map broadcast over channels)."""
+    return images * maps.unsqueeze(1)
+
+
+def average_drop(original: Tensor, explained: Tensor) -> Tensor:
+    r"""Per-image drop :math:`100 \max(0, Y - O) / Y`; its mean is the Average Drop (%). Lower is better.
+
+    ``original`` is Y, the probability of the class on X; ``explained`` is O, on E.
+    """
+    return 100.0 * torch.clamp(original - explained, min=0) / original
+
+
+def average_increase(original: Tensor, explained: Tensor) -> Tensor:
+    r"""Per-image :math:`100 \cdot 1[Y < O]`; its mean is the Average Increase (%). Higher is better."""
+    return 100.0 * (original < explained).to(original.dtype)
+
+
+def drop_and_increase(
+    model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, batch_size: int = 32
+) -> dict[str, Tensor]:
+    """Y, O, and the per-image drop and increase (2N forwards)."""
+    original = class_probabilities(model, images, classes, batch_size)
+    explained = class_probabilities(model, explanation_images(images, maps), classes, batch_size)
+    return {
+        "probability": original,
+        "explained_probability": explained,
+        "drop": average_drop(original, explained),
+        "increase": average_increase(original, explained),
+    }
+
+
+def gaussian_blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
+    """Depthwise Gaussian blur with reflect padding (the insertion metric's starting image)."""
+    radius = kernel_size // 2
+    offsets = torch.arange(kernel_size, dtype=images.dtype, device=images.device) - radius
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def _ranked_curve(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    classes: Tensor,
+    start: Tensor,
+    finish: Tensor,
+    steps: int,
+    batch_size: int,
+) -> Tensor:
+    """Probability of c as the pixels, in decreasing order of L, go from ``start`` to ``finish``.
+
+    After step s of ``steps`` the first ``round(s * HW / steps)`` ranked pixels show ``finish``,
+    the others ``start``. Ties in L are broken by pixel index, so curves are reproducible.
+    Returns (N, steps + 1).
+    """
+    count, _, height, width = images.shape
+    pixels = height * width
+    order = torch.sort(maps.reshape(count, pixels), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(count, -1))
+    revealed = torch.tensor([math.floor(s * pixels / steps + 0.5) for s in range(steps + 1)], device=images.device)
+    # Rows are (image, step) pairs, built and forwarded batch_size at a time.
+    all_rows = torch.arange(count, device=images.device).repeat_interleave(steps + 1)
+    all_steps = torch.arange(steps + 1, device=images.device).repeat(count)
+    curves = images.new_empty(count, steps + 1)
+    for begin in range(0, all_rows.numel(), batch_size):
+        rows = all_rows[begin : begin + batch_size]
+        step = all_steps[begin : begin + batch_size]
+        mask = (rank[rows] < revealed[step][:, None]).view(-1, 1, height, width).to(images.dtype)
+        inputs = start[rows] * (1 - mask) + finish[rows] * mask
+        curves[rows, step] = class_probabilities(model, inputs, classes[rows], batch_size)
+    return curves
+
+
+def deletion_curve(
+    model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, steps: int = 16,
+    baseline: float = 0.0, batch_size: int = 32,
+) -> Tensor:
+    """Deletion (Petsiuk et al. 2018): the most salient pixels are replaced by ``baseline`` first.
+
+    Cost: N x (steps + 1) forwards, batched. Returns (N, steps + 1); lower area is better.
+    """
+    return _ranked_curve(model, images, maps, classes, images, torch.full_like(images, baseline), steps, batch_size)
+
+
+def insertion_curve(
+    model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, steps: int = 16,
+    kernel_size: int = 11, sigma: float = 5.0, batch_size: int = 32,
+) -> Tensor:
+    """Insertion: the most salient pixels of X are revealed first on a blurred copy of X.
+
+    Cost: N x (steps + 1) forwards, batched. Returns (N, steps + 1); higher area is better.
+    """
+    blurred = gaussian_blur(images, kernel_size, sigma)
+    return _ranked_curve(model, images, maps, classes, blurred, images, steps, batch_size)
+
+
+def area_under_curve(curves: Tensor) -> Tensor:
+    """Trapezoidal area of (N, S + 1) curves over x evenly spaced on [0, 1]: (N,)."""
+    steps = curves.shape[1] - 1
+    return (curves[:, 1:] + curves[:, :-1]).sum(dim=1) / (2 * steps)

@@ -1,0 +1,120 @@
+"""Localisation: does the map point at the object? Boxes are (x_min, y_min, x_max, y_max) in the
+map's pixel coordinates, edges continuous: pixel (row i, column j) covers [j, j+1) x [i, i+1)
+and lies in a box when its centre (j + 0.5, i + 0.5) does. An image may have several boxes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Box = Sequence[float]
+
+
+def box_mask(boxes: Sequence[Box], height: int, width: int, device: torch.device | None = None) -> Tensor:
+    """(H, W) bool mask of the pixels whose centre lies in any of ``boxes``."""
+    ys = torch.arange(height, device=device, dtype=torch.float64) + 0.5
+    xs = torch.arange(width, device=device, dtype=torch.float64) + 0.5
+    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+    for x0, y0, x1, y1 in boxes:
+        inside_y = (ys >= y0) & (ys <= y1)
+        inside_x = (xs >= x0) & (xs <= x1)
+        mask |= inside_y[:, None] & inside_x[None, :]
+    return mask
+
+
+def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
+    r"""Energy-based pointing game: :math:`\sum_{\text{box}} L / \sum L` per image. Higher is better.
+
+    ``maps`` (N, H, W), ``masks`` (N, H, W) bool. An all-zero map scores 0.
+    """
+    total = maps.sum(dim=(-2, -1))
+    inside = (maps * masks).sum(dim=(-2, -1))
+    return torch.where(total > 0, inside / torch.where(total > 0, total, 1), 0)
+
+
+def pointing_game(maps: Tensor, boxes: Sequence[Sequence[Box]], tolerance: float = 15.0) -> Tensor:
+    """A hit (1.0) when the map's maximum lies within ``tolerance`` pixels of a box, else 0.0.
+
+    The maximum is the first pixel of largest value in row-major order; its centre is measured
+    to the nearest point of each box.
+    """
+    count, height, width = maps.shape
+    index = maps.reshape(count, -1).argmax(dim=1)
+    y = (index // width).double() + 0.5
+    x = (index % width).double() + 0.5
+    hits = torch.zeros(count, dtype=torch.float64, device=maps.device)
+    for n, image_boxes in enumerate(boxes):
+        for x0, y0, x1, y1 in image_boxes:
+            dx = torch.clamp(torch.stack([x0 - x[n], x[n] - x1]).max(), min=0)
+            dy = torch.clamp(torch.stack([y0 - y[n], y[n] - y1]).max(), min=0)
+            if torch.hypot(dx, dy) <= tolerance:
+                hits[n] = 1.0
+    return hits
+
+
+def connected_components(masks: Tensor) -> Tensor:
+    """8-connected components of (N, H, W) bool masks: (N, H, W) labels, 0 for background.
+
+    Each foreground pixel starts with its own label and takes the largest label among its
+    foreground neighbours until nothing changes (batched, on the masks' device).
+    """
+    count, height, width = masks.shape
+    labels = torch.arange(1, height * width + 1, device=masks.device, dtype=torch.float32)
+    labels = labels.view(1, 1, height, width).expand(count, 1, height, width) * masks.unsqueeze(1)
+    foreground = masks.unsqueeze(1)
+    while True:
+        grown = F.max_pool2d(labels, kernel_size=3, stride=1, padding=1) * foreground
+        if torch.equal(grown, labels):
+            return labels[:, 0].long()
+        labels = grown
+
+
+def localisation_boxes(maps: Tensor, threshold: float = 0.2) -> Tensor:
+    """The CAM paper's box: threshold at ``threshold`` x the map's maximum, then the bounding box
+    of the largest connected component. (N, 4) as (x_min, y_min, x_max, y_max), pixel edges;
+    an all-zero map gives an empty box (0, 0, 0, 0).
+    """
+    count, height, width = maps.shape
+    peak = maps.reshape(count, -1).amax(dim=1)
+    masks = (maps >= threshold * peak.view(-1, 1, 1)) & (peak.view(-1, 1, 1) > 0)
+    labels = connected_components(masks)
+    boxes = torch.zeros(count, 4, dtype=torch.float64, device=maps.device)
+    for n in range(count):
+        sizes = torch.bincount(labels[n].flatten(), minlength=1)
+        sizes[0] = 0
+        if int(sizes.max()) == 0:
+            continue
+        rows, cols = (labels[n] == sizes.argmax()).nonzero(as_tuple=True)
+        boxes[n] = torch.stack([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).double()
+    return boxes
+
+
+def box_iou(first: Tensor, second: Tensor) -> Tensor:
+    """Intersection over union of boxes (..., 4) with continuous edges; 0 when both are empty."""
+    x0 = torch.maximum(first[..., 0], second[..., 0])
+    y0 = torch.maximum(first[..., 1], second[..., 1])
+    x1 = torch.minimum(first[..., 2], second[..., 2])
+    y1 = torch.minimum(first[..., 3], second[..., 3])
+    intersection = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
+
+    def area(box: Tensor) -> Tensor:
+        return (box[..., 2] - box[..., 0]).clamp(min=0) * (box[..., 3] - box[..., 1]).clamp(min=0)
+
+    union = area(first) + area(second) - intersection
+    return torch.where(union > 0, intersection / torch.where(union > 0, union, 1), 0)
+
+
+def localisation_correct(maps: Tensor, boxes: Sequence[Sequence[Box]], threshold: float = 0.2,
+                         iou: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Weakly supervised localisation: (best IoU with any ground-truth box, 1.0 if >= ``iou``)."""
+    predicted = localisation_boxes(maps, threshold)
+    best = torch.zeros(maps.shape[0], dtype=torch.float64, device=maps.device)
+    for n, image_boxes in enumerate(boxes):
+        if image_boxes:
+            truth = torch.tensor(image_boxes, dtype=torch.float64, device=maps.device).view(-1, 4)
+            best[n] = box_iou(predicted[n].expand_as(truth), truth).max()
+    return best, (best >= iou).double()

@@ -1,0 +1,154 @@
+"""The model-randomisation sanity check (Adebayo et al. 2018), cascading from the top.
+
+The layers of a copy of the model are re-initialised one group at a time, from the output
+towards the input; after each step the method's map is compared with the map of the trained
+model. A method whose maps stay similar while the model is destroyed is not explaining the model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _average_ranks(values: Tensor) -> Tensor:
+    """Ranks 1..P of each row, ties given the mean of the ranks they span (batched)."""
+    rows, count = values.shape
+    ordered, order = values.sort(dim=1, stable=True)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = starts.long().cumsum(dim=1) - 1 + torch.arange(rows, device=values.device)[:, None] * count
+    position = torch.arange(count, device=values.device, dtype=torch.float64).expand(rows, -1)
+    first = torch.full((rows * count,), float("inf"), dtype=torch.float64, device=values.device)
+    last = torch.full((rows * count,), -1.0, dtype=torch.float64, device=values.device)
+    first.scatter_reduce_(0, group.flatten(), position.flatten(), "amin")
+    last.scatter_reduce_(0, group.flatten(), position.flatten(), "amax")
+    mean_rank = ((first + last) / 2)[group] + 1
+    ranks = torch.empty_like(mean_rank)
+    ranks.scatter_(1, order, mean_rank)
+    return ranks
+
+
+def spearman(first: Tensor, second: Tensor) -> Tensor:
+    """Spearman rank correlation of each pair of maps (..., H, W), ties averaged; NaN where a map
+    is constant (the correlation is undefined)."""
+    a = _average_ranks(first.reshape(-1, first.shape[-2] * first.shape[-1]).double())
+    b = _average_ranks(second.reshape(-1, second.shape[-2] * second.shape[-1]).double())
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    norm = a.norm(dim=1) * b.norm(dim=1)
+    value = torch.where(norm > 0, (a * b).sum(dim=1) / torch.where(norm > 0, norm, 1), float("nan"))
+    return value.reshape(first.shape[:-2])
+
+
+def ssim(first: Tensor, second: Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
+    """Structural similarity (Wang et al. 2004) of each pair of maps (..., H, W): Gaussian window,
+    K1 = 0.01, K2 = 0.03, averaged over the positions where the window fits."""
+    shape = first.shape[:-2]
+    x = first.reshape(-1, 1, *first.shape[-2:]).double()
+    y = second.reshape(-1, 1, *second.shape[-2:]).double()
+    size = min(window, x.shape[-1], x.shape[-2])
+    offsets = torch.arange(size, dtype=torch.float64, device=x.device) - size // 2
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).outer(kernel / kernel.sum()).view(1, 1, size, size)
+
+    def blur(t: Tensor) -> Tensor:
+        return F.conv2d(t, kernel)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return value.mean(dim=(1, 2, 3)).reshape(shape)
+
+
+def randomisation_groups(model: nn.Module, example: Tensor) -> list[str]:
+    """Groups of parameters to randomise, from the output to the input.
+
+    A group is the shallowest module, below the model, that owns parameters and is not a plain
+    container (Sequential, ModuleList, ModuleDict): a residual block, a convolution, the
+    classifier. They are ordered by when they finish in a forward pass, last first.
+    """
+    modules = dict(model.named_modules())
+    groups: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        parts = name.split(".")
+        group = name
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            if not isinstance(modules[prefix], CONTAINERS):
+                group = prefix
+                break
+        if group not in groups:
+            groups.append(group)
+    finished: list[str] = []
+    handles = [
+        modules[g].register_forward_hook(lambda m, i, o, g=g: finished.append(g) if g not in finished else None)
+        for g in groups
+    ]
+    try:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            model(example)
+            model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(reversed(finished))
+
+
+def reinitialise(module: nn.Module) -> None:
+    """Fresh random parameters for a module and its children (their own initialisation where
+    they have one, a small normal distribution otherwise); batch norm statistics are reset too."""
+    for child in module.modules():
+        if hasattr(child, "reset_parameters"):
+            child.reset_parameters()
+        else:
+            for parameter in child.parameters(recurse=False):
+                nn.init.normal_(parameter, std=0.02)
+
+
+def cascading_randomisation(
+    explain: Callable[[nn.Module], Tensor],
+    model: nn.Module,
+    example: Tensor,
+    groups: Sequence[str] | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Maps of the trained model and after each cumulative randomisation step, with similarities.
+
+    ``explain(model)`` returns the maps (N, T, H, W) to compare (it is called on a copy; the
+    caller's model is never changed). Returns ``{"groups", "maps" (steps + 1, N, T, H, W),
+    "spearman" (steps, N, T), "ssim" (steps, N, T)}``.
+    """
+    work = copy.deepcopy(model)
+    groups = list(groups) if groups is not None else randomisation_groups(work, example[:1])
+    modules = dict(work.named_modules())
+    maps = [explain(work).detach()]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step, name in enumerate(groups):
+            reinitialise(modules[name])
+            maps.append(explain(work).detach())
+            if progress is not None:
+                progress(step + 1, len(groups))
+    stacked = torch.stack(maps)
+    reference = stacked[:1].expand_as(stacked[1:])
+    return {
+        "groups": groups,
+        "maps": stacked,
+        "spearman": spearman(stacked[1:], reference),
+        "ssim": ssim(stacked[1:], reference),
+    }
