@@ -58,6 +58,12 @@ def echo_error(text: str) -> None:
         pass
 
 
+def first_line(error: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def printable(text: object) -> str:
     """A file name as text that can always be shown (undecodable bytes replaced)."""
     return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -377,9 +383,7 @@ def explain_one(explainer: Explainer, path: Path, out_dir: Path, name: str, repo
             message = f"{printable(path)}: {message}"
         return ImageResult(path, status="failed", error=message)
     except Exception as error:  # the model or a library failed on this image: report it, go on
-        lines = str(error).strip().splitlines()
-        detail = lines[0] if lines else ""
-        return ImageResult(path, status="failed", error=f"{printable(path)}: {type(error).__name__}: {detail}")
+        return ImageResult(path, status="failed", error=f"{printable(path)}: {first_line(error)}")
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -416,12 +420,11 @@ def probe(loaded: LoadedModel, target_layer: str | None, methods: Sequence[str])
     except CamlensError as error:
         raise CamlensError(f"{error} (checked on a blank {preprocess.size}x{preprocess.size} input)") from None
     except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         hint = "check --input-size"
         if loaded.source.startswith("torch.export"):
             hint += "; export with a dynamic batch size: dynamic_shapes=({0: torch.export.Dim('batch')},)"
         raise CamlensError(
-            f"the model fails on a batch of 2x3x{preprocess.size}x{preprocess.size} ({type(error).__name__}: {first}); {hint}"
+            f"the model fails on a batch of 2x3x{preprocess.size}x{preprocess.size} ({first_line(error)}); {hint}"
         ) from None
     check_finite(output, "model outputs on a blank input (check --mean and --std)")
     if loaded.class_names is not None and len(loaded.class_names) != output.shape[1]:
@@ -503,8 +506,7 @@ def layers(**model_args) -> None:
         with torch.no_grad():
             loaded.module(example)
     except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CamlensError(f"the model fails on a 1x3x{size}x{size} input ({type(error).__name__}: {first}); check --input-size") from None
+        raise CamlensError(f"the model fails on a 1x3x{size}x{size} input ({first_line(error)}); check --input-size") from None
     finally:
         for handle in handles:
             handle.remove()
