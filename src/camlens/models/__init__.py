@@ -61,6 +61,15 @@ class Preprocess:
         left, top = (width - side) / 2, (height - side) / 2
         return (left, top, left + side, top + side)
 
+    def map_box(self, box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float] | None:
+        """A box (pixel edges) of the original image in model-input pixels, clipped to the
+        input; None when nothing of it is left after the crop."""
+        left, top, right, bottom = self.crop_box(width, height)
+        sx, sy = self.size / (right - left), self.size / (bottom - top)
+        x0, x1 = ((max(left, min(right, v)) - left) * sx for v in (box[0], box[2]))
+        y0, y1 = ((max(top, min(bottom, v)) - top) * sy for v in (box[1], box[3]))
+        return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
     def view(self, image: Image.Image) -> Image.Image:
         """The RGB image, size x size, exactly as the model sees it before normalisation."""
         resample = getattr(Image.Resampling, self.interpolation.upper())
