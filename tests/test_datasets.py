@@ -39,13 +39,14 @@ def test_csv_labels_boxes_and_mapping(tmp_path):
     image(tmp_path / "img" / "y.png")
     (tmp_path / "labels.csv").write_text("path,label\nimg/x.png,kitty\nimg/y.png,2\nimg/gone.png,kitty\n")
     (tmp_path / "map.csv").write_text("label,index\nkitty,0\n")
-    (tmp_path / "boxes.csv").write_text("path,xmin,ymin,xmax,ymax\nimg/x.png,0,0,4,4\nimg/x.png,5,5,9,9\n")
+    (tmp_path / "boxes.csv").write_text("path,xmin,ymin,xmax,ymax\nimg/x.png,0,0,4,4\nimg/x.png,5,5,9,9\nimg/other.png,0,0,1,1\n")
     dataset = load_dataset(tmp_path / "labels.csv", NAMES, 3, mapping=tmp_path / "map.csv", boxes=tmp_path / "boxes.csv")
     assert [(s.path.name, s.label, s.boxes) for s in dataset.samples] == [
         ("x.png", 0, [(0.0, 0.0, 4.0, 4.0), (5.0, 5.0, 9.0, 9.0)]),
         ("y.png", 2, []),
     ]
-    assert any("gone.png: no such file" in p for p in dataset.problems)
+    assert any("gone.png: no such file" in p for p in dataset.skipped)
+    assert any("img/other.png, which is not in the dataset" in p for p in dataset.notes)
 
 
 def test_unreadable_images_are_reported_and_skipped(tmp_path):

@@ -172,3 +172,20 @@ def test_cascading_randomisation_leaves_the_model_and_changes_the_maps(images):
     assert result["ssim"][-1].mean() < 0.9  # the fully randomised model explains differently
     again = cascading_randomisation(lambda m: camlens.GradCAM(m, "features")(images).maps, model, images, seed=0)
     torch.testing.assert_close(again["maps"], result["maps"], rtol=0, atol=0)
+
+
+def test_known_endpoints_are_not_forwarded_again():
+    x = torch.ones(1, 1, 4, 4, dtype=torch.float64)
+    model = RegionMean()
+    rows = []
+    model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    full = deletion_curve(model, x, ranking_map()[None], torch.tensor([0]), steps=4)
+    assert sum(rows) == 5
+    rows.clear()
+    known = torch.tensor([sigmoid(1)], dtype=torch.float64)
+    reused = deletion_curve(model, x, ranking_map()[None], torch.tensor([0]), steps=4, probability=known)
+    assert sum(rows) == 4
+    torch.testing.assert_close(reused, full)
+    rows.clear()
+    inserted = insertion_curve(model, x, ranking_map()[None], torch.tensor([0]), steps=4, probability=known)
+    assert sum(rows) == 4 and inserted[0, -1].item() == sigmoid(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import platform
 import re
 import shutil
@@ -31,10 +32,13 @@ from rich.table import Table
 from . import __version__
 from .capture import check_finite, check_hookable, find_default_layer, record, resolve_layer
 from .errors import CamlensError
+from .datasets import load_dataset
+from .evaluate import FAITHFULNESS, HIGHER_IS_BETTER, LOCALISATION, METRICS, TITLES, ResultStore, evaluate_image, mean_curves, mean_interval, summarise
 from .io import ensure_writable_dir, expand_inputs, load_image, publish_mode, write_atomic
 from .methods import METHODS, get_method, list_methods
 from .models import LoadedModel, Preprocess, class_names_from_file, load_model
-from .render import Panel, comparison_figure, model_view, overlay
+from .metrics import cascading_randomisation
+from .render import Panel, bar_chart, comparison_figure, curve_plot, model_view, overlay, sanity_figure, similarity_plot
 from .targets import TopK
 
 SEED_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam")
@@ -479,6 +483,212 @@ def print_summary(results: list[ImageResult], methods: list[str], out_dir: Path)
         console("stdout").print(table)
     except BrokenPipeError:  # `camlens explain ... | head`: the results are on disk all the same
         pass
+
+
+# -- evaluate, sanity -----------------------------------------------------------------------------
+
+def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,
+                   seed: int) -> dict[str, Any]:
+    objects = {}
+    for name in methods:
+        options: dict[str, Any] = {}
+        if name in BATCHED_METHODS and batch_size is not None:
+            options["batch_size"] = batch_size
+        if name == "smoothgradcam++":
+            options["seed"] = seed
+        objects[name] = METHODS[name](model, target_layer=target_layer, **options)
+    return objects
+
+
+@cli.command()
+@click.argument("data")
+@click.option("--method", "-m", "methods", multiple=True, metavar="M", help="A method (repeatable; default: the five seed methods).")
+@click.option("--metric", "metrics", multiple=True, type=click.Choice(METRICS),
+              help="A metric (repeatable; default: all, the box metrics when the data has boxes).")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate the first N images only.")
+@click.option("--out", default="camlens-eval", show_default=True, help="Output directory (a run resumes from it).")
+@click.option("--boxes", type=click.Path(), help="Boxes: a CSV path,xmin,ymin,xmax,ymax or a folder of VOC XML files.")
+@click.option("--mapping", type=click.Path(dir_okay=False), help="Label to class index: JSON {label: index} or CSV label,index.")
+@click.option("--steps", type=click.IntRange(2, 1024), default=16, show_default=True, help="Deletion/insertion steps.")
+@click.option("--target-layer", help="Layer to explain (default: the last feature map before pooling).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per forward pass.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of Smooth Grad-CAM++'s noise.")
+@model_options
+def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, device, batch_size, seed,
+             **model_args) -> None:
+    """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
+    chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
+    if not out.strip():
+        raise CamlensError("--out is empty: name an output directory")
+    torch_device = choose_device(device)
+    loaded = open_model(**model_args)
+    classes = probe(loaded, target_layer, chosen)
+    dataset = load_dataset(data, loaded.class_names, classes, loaded.class_labels, mapping, boxes)
+    wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
+    if any(m in LOCALISATION for m in wanted) and not dataset.has_boxes:
+        raise CamlensError("localisation metrics need boxes: give --boxes, or VOC XML files beside the images")
+    samples = dataset.samples[:limit] if limit else dataset.samples
+    out_dir = ensure_writable_dir(out)
+    root = Path(data) if Path(data).is_dir() else Path(data).parent
+    config = {"data": str(Path(data).resolve()), "model": loaded.name, "preprocess": loaded.preprocess.to_dict(),
+              "methods": chosen, "metrics": wanted, "steps": steps, "target_layer": target_layer, "seed": seed}
+    store = ResultStore(out_dir, config)
+    model = loaded.module.to(torch_device)
+    objects = method_objects(model, chosen, target_layer, batch_size, seed)
+    chunk = batch_size or 32
+
+    def key(sample) -> str:
+        try:
+            return str(sample.path.relative_to(root))
+        except ValueError:
+            return str(sample.path)
+
+    pending = [(s, m) for s in samples for m in chosen if not store.done(key(s), m)]
+    skipped = list(dataset.skipped)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console("stderr"), transient=True) as bar:
+        task = bar.add_task("evaluating", total=len(pending))
+        current = None
+        for sample, name in pending:
+            if current is None or current[0] is not sample:
+                try:
+                    image = load_image(sample.path, draft_size=loaded.preprocess.resize or loaded.preprocess.size)
+                except CamlensError as error:
+                    skipped.append(f"{error} (skipped)")
+                    current = (sample, None, None)
+                else:
+                    x = loaded.preprocess(image).to(torch_device)
+                    mapped = [loaded.preprocess.map_box(b, *image.size) for b in sample.boxes]
+                    current = (sample, x, [b for b in mapped if b is not None])
+            if current[1] is None:
+                bar.advance(task)
+                continue
+            bar.update(task, description=f"{printable(sample.path.name)} {METHODS[name].display_name}")
+            tick = time.perf_counter()
+            record = evaluate_image(objects[name], current[1], sample.label, current[2], wanted, steps, chunk)
+            record.update(image=key(sample), method=name, label=sample.label, seconds=round(time.perf_counter() - tick, 4))
+            store.add(record)
+            bar.advance(task)
+
+    keys = {key(s) for s in samples}
+    records = [r for r in store.records.values() if r["image"] in keys and r["method"] in chosen]
+    summary = summarise(records, chosen, wanted)
+    speed = {m: mean_interval(r["seconds"] for r in records if r["method"] == m) for m in chosen}
+    report = {"config": config, "images": len(keys), "summary": summary,
+              "seconds_per_image": {m: speed[m]["mean"] for m in chosen},
+              "skipped": [printable(p) for p in skipped], "notes": [printable(p) for p in dataset.notes]}
+    write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    lines = ["method,metric,mean,ci95,n"] + [
+        f"{m},{metric},{v['mean'] if v['mean'] is not None else ''},{v['ci95'] if v['ci95'] is not None else ''},{v['n']}"
+        for m in chosen for metric, v in summary[m].items()
+    ]
+    write_atomic(out_dir / "summary.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
+    curves = {kind: mean_curves(records, chosen, f"{kind}_curve") for kind in ("deletion", "insertion")}
+    if any(curves.values()):
+        write_atomic(out_dir / "curves.png", lambda p: curve_plot(curves, p))
+    write_atomic(out_dir / "metrics.png", lambda p: bar_chart(summary, wanted, TITLES, p))
+
+    for line in [*dataset.notes, *skipped]:
+        echo_error(f"skipped: {printable(line)}")
+    table = Table(title=f"camlens evaluate: {len(keys)} images -> {printable(out_dir)}", title_justify="left")
+    table.add_column("method")
+    for metric in wanted:
+        arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
+        table.add_column(f"{TITLES[metric]}\n{arrow}", justify="right")
+    table.add_column("s / image", justify="right")
+    for m in chosen:
+        cells = []
+        for metric in wanted:
+            v = summary[m][metric]
+            cells.append("-" if v["mean"] is None else f"{v['mean']:.3g}" + (f" ± {v['ci95']:.2g}" if v["ci95"] else ""))
+        seconds = speed[m]["mean"]
+        table.add_row(m, *cells, "-" if seconds is None else f"{seconds:.2f}")
+    try:
+        console("stdout").print(table)
+    except BrokenPipeError:
+        pass
+    if skipped:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("image")
+@click.option("--method", "-m", "methods", multiple=True, metavar="M", help="A method (repeatable; default: the five seed methods).")
+@click.option("--target-layer", help="Layer to explain (default: the last feature map before pooling).")
+@click.option("--class", "class_", metavar="C", help="Class to explain (default: the trained model's top-1).")
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=0.5, show_default=True,
+              help="A method passes when the Spearman correlation with the trained model's map falls below this.")
+@click.option("--out", default="camlens-sanity", show_default=True, help="Output directory.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per forward pass for Score-CAM and Smooth Grad-CAM++.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the re-initialisation and noise.")
+@model_options
+def sanity(image, methods, target_layer, class_, threshold, out, device, batch_size, seed, **model_args) -> None:
+    """The model-randomisation test: re-initialise layers from the top, watch the maps change."""
+    chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
+    if not out.strip():
+        raise CamlensError("--out is empty: name an output directory")
+    torch_device = choose_device(device)
+    loaded = open_model(**model_args)
+    classes = probe(loaded, target_layer, chosen)
+    out_dir = ensure_writable_dir(out)
+    photo = load_image(image, draft_size=loaded.preprocess.resize or loaded.preprocess.size)
+    model = loaded.module.to(torch_device)
+    x = loaded.preprocess(photo).unsqueeze(0).to(torch_device)
+    if class_ is not None:
+        target = resolve_class(class_, loaded, classes)
+    else:
+        with torch.no_grad():
+            target = int(model(x).argmax(dim=1)[0])
+    results = {}
+    with Progress(*(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()),
+                  console=console("stderr"), transient=True) as bar:
+        task = bar.add_task("", total=None)
+        for name in chosen:
+            bar.update(task, description=METHODS[name].display_name, completed=0)
+
+            def explain_with(m, name=name):
+                return method_objects(m, [name], target_layer, batch_size, seed)[name](x, target).maps
+
+            results[name] = cascading_randomisation(
+                explain_with, model, x, seed=seed,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    groups = results[chosen[0]]["groups"]
+    rows = {METHODS[n].display_name: [m[0, 0].cpu().numpy() for m in r["maps"]] for n, r in results.items()}
+    write_atomic(out_dir / "sanity.png", lambda p: sanity_figure(rows, ["trained", *groups], p))
+    similarity = {METHODS[n].display_name: {k: [float(v) for v in r[k][:, 0, 0]] for k in ("spearman", "ssim")}
+                  for n, r in results.items()}
+    write_atomic(out_dir / "similarity.png", lambda p: similarity_plot(similarity, groups, threshold, p))
+    verdicts = {}
+    for name, r in results.items():
+        # NaN: the map is blank (constant), which differs from the trained model's map.
+        rho = [None if math.isnan(v) else v for v in map(float, r["spearman"][:, 0, 0])]
+        below = [i for i, v in enumerate(rho) if v is None or v < threshold]
+        verdicts[name] = {
+            "spearman": rho, "ssim": [float(v) for v in r["ssim"][:, 0, 0]],
+            "final_spearman": rho[-1], "first_below": groups[below[0]] if below else None,
+            "passed": rho[-1] is None or rho[-1] < threshold,
+        }
+    report = {"image": printable(image), "class": target, "class_name": loaded.class_name(target),
+              "threshold": threshold, "groups": groups, "methods": verdicts}
+    write_atomic(out_dir / "sanity.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    table = Table(title=f"camlens sanity: {printable(Path(image).name)}, class {loaded.class_name(target)}, "
+                        f"{len(groups)} steps -> {printable(out_dir)}", title_justify="left")
+    for column in ("method", "Spearman, fully random", "SSIM, fully random", "first below threshold", "verdict"):
+        table.add_column(column)
+    for name, v in verdicts.items():
+        rho = v["final_spearman"]
+        if rho is None:
+            verdict = "PASS: the map became blank"
+        elif v["passed"]:
+            verdict = f"PASS: Spearman {rho:.2f} < {threshold}"
+        else:
+            verdict = f"FAIL: Spearman {rho:.2f} >= {threshold}: the map does not depend on the weights"
+        table.add_row(name, "blank" if rho is None else f"{rho:.3f}", f"{v['ssim'][-1]:.3f}",
+                      v["first_below"] or "never", verdict)
+    console("stdout").print(table)
 
 
 # -- layers, methods ------------------------------------------------------------------------------

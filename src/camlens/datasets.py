@@ -4,8 +4,8 @@ Labels come from class sub-folders (``DATA/<label>/*.jpg``) or a CSV of ``path,l
 boxes from Pascal VOC XML files (one per image, same stem) or a CSV of
 ``path,xmin,ymin,xmax,ymax`` (one row per box, several per image allowed). Labels are mapped to
 the model's class indices by name (any synonym of the label, any case), as an integer index, or
-through a mapping file (JSON ``{"label": index}`` or CSV ``label,index``). Boxes in a CSV are
-pixel edges, ``x_max`` exclusive (a box over the first pixel is ``0,0,1,1``); VOC's 1-based
+through a mapping file (JSON ``{"label": index}`` or CSV ``label,index``). Boxes in a CSV name their image
+relative to the dataset (the DATA folder, or the folder of the labels CSV) and are pixel edges, ``x_max`` exclusive (a box over the first pixel is ``0,0,1,1``); VOC's 1-based
 inclusive boxes are converted to that.
 
 Problems with single entries (a missing or unreadable file, a box outside its image) are
@@ -43,8 +43,13 @@ class Sample:
 @dataclass
 class Dataset:
     samples: list[Sample]
-    problems: list[str]
+    skipped: list[str]  # images that could not be used, with the reason
+    notes: list[str]  # boxes that could not be used, with the reason
     has_boxes: bool
+
+    @property
+    def problems(self) -> list[str]:
+        return self.skipped + self.notes
 
 
 def _read_csv(path: Path, columns: int) -> list[list[str]]:
@@ -122,30 +127,31 @@ def load_dataset(
         raise CamlensError(
             f"{len(unknown)} label(s) the model does not know: {names}; give a mapping file (label,index)"
         )
-    problems: list[str] = []
-    box_table = _boxes(data, labelled, Path(boxes) if boxes else None, problems)
+    skipped: list[str] = []
+    notes: list[str] = []
+    box_table = _boxes(data, labelled, Path(boxes) if boxes else None, notes)
     samples = []
     for path, index in labelled:
         if not path.is_file():
-            problems.append(f"{path}: no such file (skipped)")
+            skipped.append(f"{path}: no such file (skipped)")
             continue
         try:
             with Image.open(path) as image:
                 width, height = image.size
         except Exception as error:  # any reason an image cannot be opened: report, skip
-            problems.append(f"{path}: unreadable image, {type(error).__name__} (skipped)")
+            skipped.append(f"{path}: unreadable image, {type(error).__name__} (skipped)")
             continue
         kept = []
         for box in box_table.get(path.resolve(), []):
             x0, y0, x1, y1 = box
             if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-                problems.append(f"{path}: box {box} is outside the {width}x{height} image or empty (box skipped)")
+                notes.append(f"{path}: box {box} is outside the {width}x{height} image or empty (box skipped)")
             else:
                 kept.append(box)
         samples.append(Sample(path, index, kept))
     if not samples:
-        raise CamlensError(f"{data}: no readable image in the dataset ({len(problems)} problem(s))")
-    return Dataset(samples, problems, has_boxes=bool(box_table))
+        raise CamlensError(f"{data}: no readable image in the dataset ({len(skipped)} skipped)")
+    return Dataset(samples, skipped, notes, has_boxes=bool(box_table))
 
 
 def _entries(data: Path) -> list[tuple[Path, str]]:
@@ -175,6 +181,8 @@ def _boxes(data: Path, labelled: list[tuple[Path, int]], source: Path | None,
            problems: list[str]) -> dict[Path, list[Box]]:
     table: dict[Path, list[Box]] = defaultdict(list)
     if source is not None and source.is_file():
+        root = data if data.is_dir() else data.parent
+        known = {path.resolve() for path, _ in labelled}
         rows = _read_csv(source, 5)
         if rows and rows[0][0].lower() == "path":
             rows = rows[1:]
@@ -184,7 +192,11 @@ def _boxes(data: Path, labelled: list[tuple[Path, int]], source: Path | None,
             except ValueError:
                 problems.append(f"{source}: box row {row} is not numeric (skipped)")
                 continue
-            table[(source.parent / row[0]).resolve()].append(box)
+            image = (root / row[0]).resolve()
+            if image not in known:
+                problems.append(f"{source}: box for {row[0]}, which is not in the dataset (skipped)")
+                continue
+            table[image].append(box)
         return dict(table)
     for path, _ in labelled:
         xml = (source / f"{path.stem}.xml") if source is not None else path.with_suffix(".xml")

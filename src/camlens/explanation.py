@@ -31,6 +31,8 @@ class Explanation:
         units: the unit targets, when units were explained.
         channels: ``{layer: channel indices}`` when a channel subset was used.
         options: the method's options, as used.
+        logits: (N, classes) the model's output on the clean images, from the method's own
+            forward pass (so predictions need no second one).
     """
 
     maps: Tensor
@@ -46,6 +48,7 @@ class Explanation:
     units: tuple[UnitTarget, ...] | None = None
     channels: dict[str, list[int]] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    logits: Tensor | None = None
 
     @property
     def images(self) -> int:

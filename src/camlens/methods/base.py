@@ -206,6 +206,7 @@ class CAMMethod:
             }
             or None,
             options=self.options(),
+            logits=context.logits,
         )
 
     @staticmethod

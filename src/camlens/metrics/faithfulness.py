@@ -47,10 +47,12 @@ def average_increase(original: Tensor, explained: Tensor) -> Tensor:
 
 
 def drop_and_increase(
-    model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, batch_size: int = 32
+    model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, batch_size: int = 32,
+    probability: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Y, O, and the per-image drop and increase (2N forwards)."""
-    original = class_probabilities(model, images, classes, batch_size)
+    """Y, O, and the per-image drop and increase: 2N forwards, N when Y (``probability``, the
+    class's probability on the images, e.g. ``Explanation.probabilities``) is given."""
+    original = probability if probability is not None else class_probabilities(model, images, classes, batch_size)
     explained = class_probabilities(model, explanation_images(images, maps), classes, batch_size)
     return {
         "probability": original,
@@ -61,13 +63,13 @@ def drop_and_increase(
 
 
 def gaussian_blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
-    """Depthwise Gaussian blur with reflect padding (the insertion metric's starting image)."""
+    """Depthwise Gaussian blur, edges replicated (the insertion metric's starting image)."""
     radius = kernel_size // 2
     offsets = torch.arange(kernel_size, dtype=images.dtype, device=images.device) - radius
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     channels = images.shape[1]
-    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
     rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
     return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
@@ -81,6 +83,7 @@ def _ranked_curve(
     finish: Tensor,
     steps: int,
     batch_size: int,
+    known: tuple[int, Tensor] | None = None,
 ) -> Tensor:
     """Probability of c as the pixels, in decreasing order of L, go from ``start`` to ``finish``.
 
@@ -98,6 +101,10 @@ def _ranked_curve(
     all_rows = torch.arange(count, device=images.device).repeat_interleave(steps + 1)
     all_steps = torch.arange(steps + 1, device=images.device).repeat(count)
     curves = images.new_empty(count, steps + 1)
+    if known is not None:
+        curves[:, known[0]] = known[1].to(curves)
+        keep = all_steps != known[0] % (steps + 1)
+        all_rows, all_steps = all_rows[keep], all_steps[keep]
     for begin in range(0, all_rows.numel(), batch_size):
         rows = all_rows[begin : begin + batch_size]
         step = all_steps[begin : begin + batch_size]
@@ -109,25 +116,30 @@ def _ranked_curve(
 
 def deletion_curve(
     model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, steps: int = 16,
-    baseline: float = 0.0, batch_size: int = 32,
+    baseline: float = 0.0, batch_size: int = 32, probability: Tensor | None = None,
 ) -> Tensor:
     """Deletion (Petsiuk et al. 2018): the most salient pixels are replaced by ``baseline`` first.
 
-    Cost: N x (steps + 1) forwards, batched. Returns (N, steps + 1); lower area is better.
+    Cost: N x (steps + 1) forwards, batched; N x steps when ``probability`` (of the class on
+    the unmodified images, step 0) is given. Returns (N, steps + 1); lower area is better.
     """
-    return _ranked_curve(model, images, maps, classes, images, torch.full_like(images, baseline), steps, batch_size)
+    known = None if probability is None else (0, probability)
+    return _ranked_curve(model, images, maps, classes, images, torch.full_like(images, baseline), steps,
+                         batch_size, known)
 
 
 def insertion_curve(
     model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, steps: int = 16,
-    kernel_size: int = 11, sigma: float = 5.0, batch_size: int = 32,
+    kernel_size: int = 11, sigma: float = 5.0, batch_size: int = 32, probability: Tensor | None = None,
 ) -> Tensor:
     """Insertion: the most salient pixels of X are revealed first on a blurred copy of X.
 
-    Cost: N x (steps + 1) forwards, batched. Returns (N, steps + 1); higher area is better.
+    Cost: N x (steps + 1) forwards, batched; N x steps when ``probability`` (of the class on
+    the unmodified images, the last step) is given. Returns (N, steps + 1); higher area is better.
     """
     blurred = gaussian_blur(images, kernel_size, sigma)
-    return _ranked_curve(model, images, maps, classes, blurred, images, steps, batch_size)
+    known = None if probability is None else (steps, probability)
+    return _ranked_curve(model, images, maps, classes, blurred, images, steps, batch_size, known)
 
 
 def area_under_curve(curves: Tensor) -> Tensor:

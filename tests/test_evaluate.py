@@ -1,0 +1,153 @@
+"""camlens evaluate and camlens sanity: forward counts, resumption, boxes, bad datasets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+import camlens
+from camlens.evaluate import evaluate_image, mean_interval
+
+from conftest import make_tiny
+from test_cli import SAMPLES, one_line_error, run
+
+
+def count_rows(model):
+    rows = []
+    handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    return rows, handle
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++"])
+def test_no_forward_pass_runs_twice(method, images):
+    """The method's own forward, one of E, and `steps` each for deletion and insertion."""
+    model = make_tiny()
+    explainer = camlens.get_method(method)(model, "features")
+    rows, handle = count_rows(model)
+    record = evaluate_image(explainer, images[0], 2, [], ["drop", "increase", "deletion", "insertion"], steps=5)
+    handle.remove()
+    assert sum(rows) == 1 + 1 + 5 + 5
+    assert len(record["deletion_curve"]) == 6 and record["deletion_curve"][0] == pytest.approx(record["probability"], abs=1e-6)
+    assert record["insertion_curve"][-1] == pytest.approx(record["probability"], abs=1e-6)
+
+
+def test_mean_and_confidence_interval():
+    result = mean_interval([1.0, 2.0, 3.0])
+    assert result["mean"] == 2.0 and result["n"] == 3
+    assert result["ci95"] == pytest.approx(4.303 / math.sqrt(3))
+    assert mean_interval([5.0]) == {"mean": 5.0, "ci95": None, "n": 1}
+    assert mean_interval([]) == {"mean": None, "ci95": None, "n": 0}
+
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    data = tmp_path / "data"
+    for photo, label in (("coffee.png", "espresso"), ("chelsea.png", "tabby"), ("cameraman.png", "tripod")):
+        (data / label).mkdir(parents=True)
+        Image.open(SAMPLES / photo).convert("RGB").resize((256, 256)).save(data / label / photo)
+    return data
+
+
+ARGS = ["-m", "cam", "-m", "gradcam", "--steps", "4", "--metric", "drop", "--metric", "increase",
+        "--metric", "deletion", "--metric", "insertion"]
+
+
+def test_resumption_gives_the_same_table(small_dataset, tmp_path, capsys):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    code, out, err = run(["evaluate", small_dataset, *ARGS, "--out", whole], capsys)
+    assert code == 0, err
+    assert "Average Drop" in out and "gradcam" in out
+    code, _, err = run(["evaluate", small_dataset, *ARGS, "--out", resumed, "--limit", "1"], capsys)
+    assert code == 0, err
+    lines = (resumed / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    # Interrupted half-way through writing a third record:
+    (resumed / "results.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + '{"image": "tabby/chel')
+    code, _, err = run(["evaluate", small_dataset, *ARGS, "--out", resumed], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (resumed / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and len({(r["image"], r["method"]) for r in records}) == 6
+    first = json.loads((whole / "summary.json").read_text())
+    second = json.loads((resumed / "summary.json").read_text())
+    assert first["summary"] == second["summary"]
+    assert first["images"] == 3
+    assert (whole / "curves.png").exists() and (whole / "metrics.png").exists()
+    csv = (whole / "summary.csv").read_text().splitlines()
+    assert csv[0] == "method,metric,mean,ci95,n" and len(csv) == 1 + 2 * 4
+
+
+def test_other_settings_in_the_same_folder_are_refused(small_dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(["evaluate", small_dataset, *ARGS, "--out", out, "--limit", "1"], capsys)
+    assert code == 0, err
+    code, _, err = run(["evaluate", small_dataset, *ARGS, "--steps", "8", "--out", out], capsys)
+    one_line_error(code, err, 1, "holds results of other settings")
+
+
+def test_box_metrics(small_dataset, tmp_path, capsys):
+    boxes = tmp_path / "boxes.csv"  # image paths relative to the dataset folder
+    boxes.write_text("path,xmin,ymin,xmax,ymax\nespresso/coffee.png,40,30,220,220\ntabby/chelsea.png,0,0,256,256\n"
+                     "tripod/cameraman.png,500,500,600,600\n")
+    code, _, err = run(["evaluate", small_dataset, "-m", "gradcam", "--steps", "2", "--boxes", boxes,
+                        "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert "outside the 256x256 image" in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["summary"]["gradcam"]
+    assert summary["energy"]["n"] == 2 and summary["pointing"]["n"] == 2
+    # The whole-image box of the cat holds all the energy.
+    records = [json.loads(l) for l in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    cat = next(r for r in records if r["image"] == "tabby/chelsea.png")
+    assert cat["energy"] == pytest.approx(1.0) and cat["pointing"] == 100.0
+
+
+def test_bad_datasets_through_the_command_line(small_dataset, tmp_path, capsys):
+    (small_dataset / "unicorn").mkdir()
+    Image.new("RGB", (8, 8)).save(small_dataset / "unicorn" / "z.png")
+    code, _, err = run(["evaluate", small_dataset, "--out", tmp_path / "o1"], capsys)
+    one_line_error(code, err, 1, "1 label(s) the model does not know: unicorn")
+    (small_dataset / "unicorn" / "z.png").unlink()
+    (small_dataset / "unicorn").rmdir()
+    code, _, err = run(["evaluate", small_dataset, "--metric", "energy", "--out", tmp_path / "o2"], capsys)
+    one_line_error(code, err, 1, "localisation metrics need boxes")
+    (small_dataset / "tripod" / "broken.png").write_bytes(b"\x89PNG broken")
+    code, _, err = run(["evaluate", small_dataset, "-m", "cam", "--steps", "2", "--out", tmp_path / "o3"], capsys)
+    assert code == 1
+    assert "broken.png: unreadable image" in err
+    assert json.loads((tmp_path / "o3" / "summary.json").read_text())["images"] == 3
+    code, _, err = run(["evaluate", tmp_path / "nothing", "--out", tmp_path / "o4"], capsys)
+    one_line_error(code, err, 1, "no such dataset")
+
+
+def test_sanity_command(tmp_path, capsys):
+    code, out, err = run(["sanity", SAMPLES / "coffee.png", "-m", "gradcam", "--out", tmp_path], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "sanity.json").read_text())
+    assert report["class_name"] == "espresso"
+    assert report["groups"][0] == "_fc" and report["groups"][-1] == "_conv_stem" and len(report["groups"]) == 21
+    result = report["methods"]["gradcam"]
+    assert len(result["spearman"]) == 21 and result["passed"]
+    assert "PASS" in out
+    assert (tmp_path / "sanity.png").exists() and (tmp_path / "similarity.png").exists()
+
+
+def test_sanity_flags_a_method_that_ignores_the_weights(tmp_path, monkeypatch, capsys):
+    """A 'method' whose map is the input's brightness passes through every randomisation unchanged."""
+    from camlens.cli import METHODS
+
+    class Brightness(camlens.GradCAM):
+        name = "brightness"
+        display_name = "Brightness"
+
+        def __call__(self, images, targets=None, **kwargs):
+            result = super().__call__(images, targets, **kwargs)
+            result.maps = images.mean(dim=1, keepdim=True)
+            return result
+
+    monkeypatch.setitem(METHODS, "brightness", Brightness)
+    code, out, err = run(["sanity", SAMPLES / "coffee.png", "-m", "brightness", "--out", tmp_path], capsys)
+    assert code == 0, err
+    assert "FAIL" in out
+    assert not json.loads((tmp_path / "sanity.json").read_text())["methods"]["brightness"]["passed"]
