@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo reproduce bench clean
 
 # One stamp file: the venv is rebuilt when the dependencies change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -20,9 +20,14 @@ test: setup
 demo: setup
 	$(BIN)/camlens explain samples --out demo-out
 
+# The Score-CAM paper's comparison on the embedded model: crops and flips of the samples.
+reproduce: setup
+	rm -rf eval-data && $(BIN)/python benchmarks/sample_dataset.py eval-data
+	$(BIN)/camlens evaluate eval-data --out eval-out
+
 bench: setup
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/memory.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache demo-out
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache demo-out eval-data eval-out

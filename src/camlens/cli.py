@@ -91,6 +91,20 @@ def model_options(command: Callable) -> Callable:
     return command
 
 
+def run_options(command: Callable) -> Callable:
+    """--device, --batch-size and --seed, shared by the commands that run methods."""
+    options = [
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--batch-size", type=click.IntRange(min=1),
+                     help="Inputs per forward pass (Score-CAM, Smooth Grad-CAM++, the metrics)."),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                     help="Seed of Smooth Grad-CAM++'s noise (and of the re-initialisation in sanity)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def open_model(
     model_spec: str,
     weights: str | None,
@@ -171,6 +185,31 @@ def slug(text: str, fallback: str) -> str:
 
 # -- explain ------------------------------------------------------------------------------------
 
+def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | None,
+            model_args: dict) -> tuple[list[str], torch.device, LoadedModel, int]:
+    """What every command checks before any work: methods, output, device, model, layer."""
+    chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
+    if not out.strip():
+        raise CamlensError("--out is empty: name an output directory")
+    torch_device = choose_device(device)
+    loaded = open_model(**model_args)
+    classes = probe(loaded, target_layer, chosen)
+    return chosen, torch_device, loaded, classes
+
+
+def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,
+                   seed: int) -> dict[str, Any]:
+    objects = {}
+    for name in methods:
+        options: dict[str, Any] = {}
+        if name in BATCHED_METHODS and batch_size is not None:
+            options["batch_size"] = batch_size
+        if name == "smoothgradcam++":
+            options["seed"] = seed
+        objects[name] = METHODS[name](model, target_layer=target_layer, **options)
+    return objects
+
+
 @dataclass
 class ImageResult:
     path: Path
@@ -207,14 +246,7 @@ class Explainer:
         self.top_k = top_k
         self.target_layers: tuple[str, ...] = ()
         self.default_layer: bool | None = None
-        self.methods = {}
-        for name in methods:
-            options: dict[str, Any] = {}
-            if name in BATCHED_METHODS and batch_size is not None:
-                options["batch_size"] = batch_size
-            if name == "smoothgradcam++":
-                options["seed"] = seed
-            self.methods[name] = METHODS[name](self.model, target_layer=target_layer, **options)
+        self.methods = method_objects(self.model, methods, target_layer, batch_size, seed)
 
     def targets(self):
         return self.class_index if self.class_index is not None else TopK(self.top_k)
@@ -312,23 +344,16 @@ def cli() -> None:
 @click.option("--class", "class_", metavar="C", help="Explain this class (index or name) instead of the top-1.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Explain the K most probable classes.")
 @click.option("--out", default="camlens-out", show_default=True, help="Output directory.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per forward pass for Score-CAM and Smooth Grad-CAM++.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of Smooth Grad-CAM++'s noise.")
+@run_options
 @model_options
 def explain(inputs, methods, target_layer, class_, top_k, out, device, batch_size, seed, **model_args) -> None:
     """Explain IMAGE_OR_DIR... with each method: overlays, a comparison figure, maps and a manifest."""
     started = time.perf_counter()
-    if not out.strip():
-        raise CamlensError("--out is empty: name an output directory")
     if class_ is not None and top_k is not None:
         raise CamlensError("give --class or --top-k, not both")
-    chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
     files, skipped = expand_inputs(inputs)
+    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args)
     out_dir = ensure_writable_dir(out)
-    torch_device = choose_device(device)
-    loaded = open_model(**model_args)
-    classes = probe(loaded, target_layer, chosen)
     class_index = resolve_class(class_, loaded, classes) if class_ is not None else None
     if top_k is not None and top_k > classes:
         raise CamlensError(f"--top-k {top_k} is more than the model's {classes} classes")
@@ -487,19 +512,6 @@ def print_summary(results: list[ImageResult], methods: list[str], out_dir: Path)
 
 # -- evaluate, sanity -----------------------------------------------------------------------------
 
-def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,
-                   seed: int) -> dict[str, Any]:
-    objects = {}
-    for name in methods:
-        options: dict[str, Any] = {}
-        if name in BATCHED_METHODS and batch_size is not None:
-            options["batch_size"] = batch_size
-        if name == "smoothgradcam++":
-            options["seed"] = seed
-        objects[name] = METHODS[name](model, target_layer=target_layer, **options)
-    return objects
-
-
 @cli.command()
 @click.argument("data")
 @click.option("--method", "-m", "methods", multiple=True, metavar="M", help="A method (repeatable; default: the five seed methods).")
@@ -511,19 +523,12 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
 @click.option("--mapping", type=click.Path(dir_okay=False), help="Label to class index: JSON {label: index} or CSV label,index.")
 @click.option("--steps", type=click.IntRange(2, 1024), default=16, show_default=True, help="Deletion/insertion steps.")
 @click.option("--target-layer", help="Layer to explain (default: the last feature map before pooling).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per forward pass.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of Smooth Grad-CAM++'s noise.")
+@run_options
 @model_options
 def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, device, batch_size, seed,
              **model_args) -> None:
     """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
-    chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
-    if not out.strip():
-        raise CamlensError("--out is empty: name an output directory")
-    torch_device = choose_device(device)
-    loaded = open_model(**model_args)
-    classes = probe(loaded, target_layer, chosen)
+    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args)
     dataset = load_dataset(data, loaded.class_names, classes, loaded.class_labels, mapping, boxes)
     wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
     if any(m in LOCALISATION for m in wanted) and not dataset.has_boxes:
@@ -620,18 +625,11 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=0.5, show_default=True,
               help="A method passes when the Spearman correlation with the trained model's map falls below this.")
 @click.option("--out", default="camlens-sanity", show_default=True, help="Output directory.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per forward pass for Score-CAM and Smooth Grad-CAM++.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the re-initialisation and noise.")
+@run_options
 @model_options
 def sanity(image, methods, target_layer, class_, threshold, out, device, batch_size, seed, **model_args) -> None:
     """The model-randomisation test: re-initialise layers from the top, watch the maps change."""
-    chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
-    if not out.strip():
-        raise CamlensError("--out is empty: name an output directory")
-    torch_device = choose_device(device)
-    loaded = open_model(**model_args)
-    classes = probe(loaded, target_layer, chosen)
+    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args)
     out_dir = ensure_writable_dir(out)
     photo = load_image(image, draft_size=loaded.preprocess.resize or loaded.preprocess.size)
     model = loaded.module.to(torch_device)
