@@ -48,3 +48,10 @@ def tiny() -> TinyNet:
 def images() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(3, 3, 12, 12, dtype=torch.float64)
+
+
+def count_rows(model):
+    """Record the batch size of every forward pass of ``model``: (list, hook handle)."""
+    rows = []
+    handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    return rows, handle

@@ -11,7 +11,7 @@ from torch import nn
 import camlens
 from camlens import UnitTarget
 
-from conftest import make_tiny
+from conftest import count_rows, make_tiny
 
 
 def s(maps):
@@ -232,12 +232,6 @@ def test_channel_subset_gradcam(tiny, images):
     assert part.channels == {"features": subset}
     keyed = camlens.GradCAM(tiny, "features")(images, channels={tiny.features: subset})
     torch.testing.assert_close(keyed.maps, part.maps, rtol=0, atol=0)
-
-
-def count_rows(model):
-    rows = []
-    handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-    return rows, handle
 
 
 def test_channel_subset_score_cam_forwards_only_the_listed_channels(tiny, images):

@@ -11,14 +11,8 @@ from PIL import Image
 import camlens
 from camlens.evaluate import evaluate_image, mean_interval
 
-from conftest import make_tiny
+from conftest import count_rows, make_tiny
 from test_cli import SAMPLES, one_line_error, run
-
-
-def count_rows(model):
-    rows = []
-    handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-    return rows, handle
 
 
 @pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++"])

@@ -260,11 +260,6 @@ class Explainer:
         x = preprocess(image).unsqueeze(0).to(self.device)
         result.timings["load"] = time.perf_counter() - start
 
-        with torch.no_grad():
-            probabilities = self.model(x).softmax(dim=1)[0].cpu()
-        top = probabilities.topk(min(5, probabilities.numel()))
-        result.predictions = [self._describe(int(i), float(p)) for p, i in zip(top.values, top.indices)]
-
         explanations = {}
         for name, method in self.methods.items():
             tick = time.perf_counter()
@@ -272,6 +267,10 @@ class Explainer:
             result.timings[name] = time.perf_counter() - tick
         first = next(iter(explanations.values()))
         self.target_layers, self.default_layer = first.target_layers, first.default_layer
+        # The methods' own clean forward gives the predictions: no extra forward pass.
+        probabilities = first.logits.softmax(dim=1)[0].cpu()
+        top = probabilities.topk(min(5, probabilities.numel()))
+        result.predictions = [self._describe(int(i), float(p)) for p, i in zip(top.values, top.indices)]
         result.targets = [
             self._describe(int(c), float(p)) for c, p in zip(first.targets[0].tolist(), first.probabilities[0].tolist())
         ]
