@@ -241,20 +241,15 @@ def check_finite(values: Tensor, what: str) -> None:
     )
 
 
-def find_default_layer(model: nn.Module, example: Tensor) -> str:
-    """The last module, in order of execution, whose output is a 4-D feature map larger than 1x1.
-
-    That is the feature map that the classifier's global pooling reduces. Among modules that
-    return the same map (a block and the container that ends with it), the outermost wins,
-    because a container finishes after its children.
-    """
-    order: list[str] = []
+def trace_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, torch.Size | str]]:
+    """One forward pass with every submodule hooked: ``(name, output shape)`` in order of
+    completion (the type name for outputs that are not tensors)."""
+    trace: list[tuple[str, torch.Size | str]] = []
     handles = []
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
-            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
-                order.append(name)
+            trace.append((name, output.shape if isinstance(output, Tensor) else type(output).__name__))
 
         return hook
 
@@ -263,13 +258,29 @@ def find_default_layer(model: nn.Module, example: Tensor) -> str:
             if name:
                 handles.append(module.register_forward_hook(make_hook(name)))
         with torch.no_grad():
-            forward(model, example)
+            model(example)
     finally:
         for handle in handles:
             handle.remove()
-    if not order:
+    return trace
+
+
+def default_layer(trace: Sequence[tuple[str, torch.Size | str]]) -> str:
+    """The last module, in order of execution, whose output is a 4-D feature map larger than 1x1.
+
+    That is the feature map that the classifier's global pooling reduces. Among modules that
+    return the same map (a block and the container that ends with it), the outermost wins,
+    because a container finishes after its children.
+    """
+    maps = [name for name, shape in trace if not isinstance(shape, str) and len(shape) == 4 and shape[-2:].numel() > 1]
+    if not maps:
         raise CamlensError(
             "no module of this model outputs a 4-D feature map larger than 1x1; "
             "name a convolutional layer as the target layer (target_layer= or --target-layer)"
         )
-    return order[-1]
+    return maps[-1]
+
+
+def find_default_layer(model: nn.Module, example: Tensor) -> str:
+    """:func:`default_layer` of one traced forward pass of ``example``."""
+    return default_layer(trace_outputs(model, example))

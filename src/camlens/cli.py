@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .capture import check_finite, check_hookable, find_default_layer, record, resolve_layer
+from .capture import check_finite, check_hookable, default_layer, find_default_layer, record, resolve_layer, trace_outputs
 from .errors import CamlensError
 from .datasets import load_dataset
 from .evaluate import FAITHFULNESS, HIGHER_IS_BETTER, LOCALISATION, METRICS, TITLES, ResultStore, evaluate_image, mean_curves, mean_interval, summarise
@@ -645,8 +645,12 @@ def sanity(image, methods, target_layer, class_, threshold, out, device, batch_s
         for name in chosen:
             bar.update(task, description=METHODS[name].display_name, completed=0)
 
-            def explain_with(m, name=name):
-                return method_objects(m, [name], target_layer, batch_size, seed)[name](x, target).maps
+            built: dict[int, Any] = {}  # one method object per model copy: its layer lookup is cached
+
+            def explain_with(m, name=name, built=built):
+                if id(m) not in built:
+                    built[id(m)] = method_objects(m, [name], target_layer, batch_size, seed)[name]
+                return built[id(m)](x, target).maps
 
             results[name] = cascading_randomisation(
                 explain_with, model, x, seed=seed,
@@ -697,28 +701,15 @@ def layers(**model_args) -> None:
     loaded = open_model(**model_args)
     check_hookable(loaded.module)
     size = loaded.preprocess.size
-    example = torch.zeros(1, 3, size, size)
-    shapes: dict[str, str] = {}
-    handles = []
-
-    def shape_of(name):
-        def hook(module, inputs, output):
-            shapes.setdefault(name, "x".join(map(str, output.shape[1:])) if isinstance(output, torch.Tensor) else type(output).__name__)
-        return hook
-
     try:
-        for name, module in loaded.module.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(shape_of(name)))
-        with torch.no_grad():
-            loaded.module(example)
+        trace = trace_outputs(loaded.module, torch.zeros(1, 3, size, size))
     except Exception as error:
         raise CamlensError(f"the model fails on a 1x3x{size}x{size} input ({first_line(error)}); check --input-size") from None
-    finally:
-        for handle in handles:
-            handle.remove()
+    shapes: dict[str, str] = {}
+    for name, shape in trace:
+        shapes.setdefault(name, shape if isinstance(shape, str) else "x".join(map(str, shape[1:])))
     try:
-        default = find_default_layer(loaded.module, example)
+        default = default_layer(trace)
     except CamlensError:
         default = None
     table = Table(title=f"{loaded.name}: input 3x{size}x{size}", title_justify="left")
