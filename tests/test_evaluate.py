@@ -129,7 +129,7 @@ def test_sanity_command(tmp_path, capsys):
 
 def test_sanity_flags_a_method_that_ignores_the_weights(tmp_path, monkeypatch, capsys):
     """A 'method' whose map is the input's brightness passes through every randomisation unchanged."""
-    from camlens.cli import METHODS
+    from camlens.methods import METHODS
 
     class Brightness(camlens.GradCAM):
         name = "brightness"

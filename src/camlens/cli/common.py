@@ -1,0 +1,228 @@
+"""The shared core of the command line: output helpers, the options every command takes,
+model and device set-up, and the up-front checks that run before any work."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+import torch
+from PIL import Image
+from rich.console import Console
+
+from ..capture import (
+    check_finite,
+    check_hookable,
+    find_default_layer,
+    record,
+    resolve_layer,
+)
+from ..errors import CamlensError
+from ..methods import METHODS, get_method
+from ..models import LoadedModel, Preprocess, class_names_from_file, load_model
+
+SEED_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam")
+BATCHED_METHODS = {"smoothgradcam++", "scorecam"}
+MARKER = ".camlens"  # in every output folder camlens made: only those are ever replaced
+MAX_INPUT_SIZE = 4096
+
+
+def console(stream_name: str) -> Console:
+    """A rich console on stdout or stderr, wide enough for tables in files and CI logs."""
+    stream = getattr(sys, stream_name)
+    wide = stream is None or not stream.isatty()
+    return Console(file=stream, highlight=False, width=160 if wide else None)
+
+
+def echo_error(text: str) -> None:
+    """One line on stderr, never wrapped; a closed pipe is not an error worth a traceback."""
+    try:
+        click.echo(text, err=True)
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def first_line(error: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def printable(text: object) -> str:
+    """A file name as text that can always be shown (undecodable bytes replaced)."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+# -- shared options -----------------------------------------------------------------------------
+
+def model_options(command: Callable) -> Callable:
+    options = [
+        click.option("--model", "model_spec", default="efficientnet_lite0", show_default=True,
+                     help="A registered model, a TorchScript/torch.export archive, or package.module:factory."),
+        click.option("--weights", type=click.Path(dir_okay=False), help="State dict for a factory model (loaded with weights_only=True)."),
+        click.option("--input-size", type=click.IntRange(1, MAX_INPUT_SIZE), help="Side of the square model input (default: the model's, else 224)."),
+        click.option("--resize", type=click.IntRange(1, 2 * MAX_INPUT_SIZE), help="Shorter side before the centre crop (default: input size x 8/7)."),
+        click.option("--mean", type=(float, float, float), help="Per-channel mean of the normalisation (RGB, on [0, 1] pixels)."),
+        click.option("--std", type=(float, float, float), help="Per-channel standard deviation of the normalisation."),
+        click.option("--class-names", type=click.Path(dir_okay=False), help="Class names: a text file (one per line) or a JSON list."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def run_options(command: Callable) -> Callable:
+    """--device, --batch-size and --seed, shared by the commands that run methods."""
+    options = [
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--batch-size", type=click.IntRange(min=1),
+                     help="Inputs per forward pass (Score-CAM, Smooth Grad-CAM++, the metrics)."),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                     help="Seed of Smooth Grad-CAM++'s noise (and of the re-initialisation in sanity)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def open_model(
+    model_spec: str,
+    weights: str | None,
+    input_size: int | None,
+    resize: int | None,
+    mean: tuple[float, float, float] | None,
+    std: tuple[float, float, float] | None,
+    class_names: str | None,
+) -> LoadedModel:
+    names = class_names_from_file(class_names) if class_names else None
+    loaded = load_model(model_spec, weights=weights, class_names=names)
+    if any(value is not None for value in (input_size, resize, mean, std)):
+        base = loaded.preprocess
+        size = input_size or base.size
+        if resize is None:
+            # Keep the model's way of framing the image: a crop scales with the input size.
+            resize = None if base.resize is None else (base.resize if input_size is None else round(size * 8 / 7))
+        loaded.preprocess = Preprocess(size=size, resize=resize, mean=mean or base.mean,
+                                       std=std or base.std, interpolation=base.interpolation)
+    return loaded
+
+
+def choose_device(name: str) -> torch.device:
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = mps is not None and mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_ok else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise CamlensError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CamlensError("CUDA is not available on this machine: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CamlensError(f"there is no {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not mps_ok:
+        raise CamlensError("MPS is not available on this machine: use --device cpu")
+    return device
+
+
+def resolve_class(value: str, loaded: LoadedModel, classes: int) -> int:
+    """A class given as an index or a name: a short name, a full label or one of its synonyms."""
+    text = value.strip()
+    if re.fullmatch(r"-?\d+", text):
+        index = int(text)
+        if not 0 <= index < classes:
+            raise CamlensError(f"class {index} is out of range: the model has {classes} classes (valid: 0 to {classes - 1})")
+        return index
+    names = loaded.class_names
+    if not names:
+        raise CamlensError(f"class {value!r} is a name, but the model has no class names: give an index or --class-names")
+    labels = loaded.class_labels or names
+    wanted = text.lower()
+    matches = [
+        index for index, (name, label) in enumerate(zip(names, labels))
+        if wanted in {name.lower(), label.lower(), *(part.strip().lower() for part in label.split(","))}
+    ]
+    if len(matches) > 1:
+        choices = ", ".join(f"{index} ({labels[index]})" for index in matches)
+        raise CamlensError(f"class {value!r} is ambiguous: give its index, one of {choices}")
+    if matches:
+        return matches[0]
+    close = difflib.get_close_matches(text, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise CamlensError(f"unknown class {value!r}{hint}")
+
+
+def slug(text: str, fallback: str) -> str:
+    """A file-name-safe, lower-case form of ``text`` (letters of any script kept), at most 80 characters."""
+    cleaned = re.sub(r"[^\w]+", "-", printable(text).lower()).strip("-_")
+    return cleaned[:80].rstrip("-_") or fallback
+
+
+
+def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | None,
+            model_args: dict) -> tuple[list[str], torch.device, LoadedModel, int]:
+    """What every command checks before any work: methods, output, device, model, layer."""
+    chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
+    if not out.strip():
+        raise CamlensError("--out is empty: name an output directory")
+    torch_device = choose_device(device)
+    loaded = open_model(**model_args)
+    classes = probe(loaded, target_layer, chosen)
+    return chosen, torch_device, loaded, classes
+
+
+def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,
+                   seed: int) -> dict[str, Any]:
+    objects = {}
+    for name in methods:
+        options: dict[str, Any] = {}
+        if name in BATCHED_METHODS and batch_size is not None:
+            options["batch_size"] = batch_size
+        if name == "smoothgradcam++":
+            options["seed"] = seed
+        objects[name] = METHODS[name](model, target_layer=target_layer, **options)
+    return objects
+
+
+
+def probe(loaded: LoadedModel, target_layer: str | None, methods: Sequence[str]) -> int:
+    """Check the model, preprocessing, target layer and CAM's head once, on a blank grey photo.
+
+    A batch of two, because Score-CAM and Smooth Grad-CAM++ forward batches: a model exported
+    with a fixed batch size of one fails here rather than on every image. Returns the number
+    of classes.
+    """
+    check_hookable(loaded.module)
+    preprocess = loaded.preprocess
+    blank = preprocess(Image.new("RGB", (preprocess.size, preprocess.size), (128, 128, 128)))
+    example = blank.unsqueeze(0).expand(2, -1, -1, -1).contiguous()
+    layers = dict([resolve_layer(loaded.module, target_layer)]) if target_layer is not None else {}
+    try:
+        output, _ = record(loaded.module, example, layers)
+        if target_layer is None:
+            find_default_layer(loaded.module, example[:1])
+    except CamlensError as error:
+        raise CamlensError(f"{error} (checked on a blank {preprocess.size}x{preprocess.size} input)") from None
+    except Exception as error:
+        hint = "check --input-size"
+        if loaded.source.startswith("torch.export"):
+            hint += "; export with a dynamic batch size: dynamic_shapes=({0: torch.export.Dim('batch')},)"
+        raise CamlensError(
+            f"the model fails on a batch of 2x3x{preprocess.size}x{preprocess.size} ({first_line(error)}); {hint}"
+        ) from None
+    check_finite(output, "model outputs on a blank input (check --mean and --std)")
+    if loaded.class_names is not None and len(loaded.class_names) != output.shape[1]:
+        raise CamlensError(f"{len(loaded.class_names)} class names for a model with {output.shape[1]} classes")
+    if "cam" in methods:  # whether the head suits CAM does not depend on the image
+        METHODS["cam"](loaded.module, target_layer=target_layer)(example[:1])
+    return int(output.shape[1])
+

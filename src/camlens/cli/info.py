@@ -1,0 +1,53 @@
+"""``camlens layers`` and ``camlens methods``: what can be explained, and how."""
+
+from __future__ import annotations
+
+import click
+import torch
+from rich.table import Table
+
+from ..capture import (
+    check_hookable,
+    default_layer,
+    trace_outputs,
+)
+from ..errors import CamlensError
+from ..methods import list_methods
+from .common import console, echo_error, first_line, model_options, open_model
+
+
+@click.command()
+@model_options
+def layers(**model_args) -> None:
+    """List the hookable layers with their output shapes; mark the default target layer."""
+    loaded = open_model(**model_args)
+    check_hookable(loaded.module)
+    size = loaded.preprocess.size
+    try:
+        trace = trace_outputs(loaded.module, torch.zeros(1, 3, size, size))
+    except Exception as error:
+        raise CamlensError(f"the model fails on a 1x3x{size}x{size} input ({first_line(error)}); check --input-size") from None
+    shapes: dict[str, str] = {}
+    for name, shape in trace:
+        shapes.setdefault(name, shape if isinstance(shape, str) else "x".join(map(str, shape[1:])))
+    try:
+        default = default_layer(trace)
+    except CamlensError:
+        default = None
+    table = Table(title=f"{loaded.name}: input 3x{size}x{size}", title_justify="left")
+    for column in ("layer", "type", "output (C x H x W)", ""):
+        table.add_column(column)
+    for name, module in loaded.module.named_modules():
+        if name in shapes:
+            table.add_row(name, type(module).__name__, shapes[name], "default target layer" if name == default else "")
+    console("stdout").print(table)
+    if default is None:
+        echo_error("no layer outputs a feature map larger than 1x1: no default target layer")
+
+
+@click.command()
+def methods() -> None:
+    """The methods, one line each."""
+    for name, summary in list_methods().items():
+        click.echo(f"{name:<16} {summary}")
+
