@@ -35,7 +35,7 @@ def layers(**model_args) -> None:
     except CamlensError:
         default = None
     table = Table(title=f"{loaded.name}: input 3x{size}x{size}", title_justify="left")
-    for column in ("layer", "type", "output (C x H x W)", ""):
+    for column in ("layer", "type", "output (C x H x W)", "note"):
         table.add_column(column)
     for name, module in loaded.module.named_modules():
         if name in shapes:
