@@ -5,13 +5,15 @@
 >>> explanation.maps.shape                                            # doctest: +SKIP
 torch.Size([N, 1, H, W])
 
-The names below are imported on first use (PEP 562), so that the command line can start,
-and be interrupted, before torch is loaded.
+The names below, and the subpackages (``camlens.models``, ``camlens.metrics``, ...), are
+imported on first use (PEP 562), so that the command line can start, and be interrupted,
+before torch is loaded.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -59,11 +61,19 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
+    if name in _submodules():
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'camlens' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_EXPORTS, *_submodules()})
+
+
+def _submodules() -> set[str]:
+    """The public modules and subpackages (``models``, ``metrics``, ...), found on disk so that
+    a new module needs no entry here; ``__main__`` and private modules are left out."""
+    return {info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")}
 
 
 if TYPE_CHECKING:
