@@ -51,12 +51,32 @@ def test_bad_targets(tiny, images):
         camlens.explain(tiny, images, targets="cat")
 
 
-def test_non_finite_scores_are_reported(tiny, images):
+def test_non_finite_images_are_refused_before_any_forward(tiny, images):
     images = images.clone()
     images[1, 0, 0, 0] = float("nan")
+    images[2, 1, 3, 3] = float("inf")
+    for method in camlens.list_methods():
+        with raises(r"non-finite input images \(NaN or inf\) for image\(s\) \[1, 2\]"):
+            camlens.explain(tiny, images, method)
+
+
+class Overflows(nn.Module):
+    """The tiny model, with an infinite logit for every image whose first pixel exceeds 100."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_tiny()
+
+    def forward(self, x):
+        return self.net(x) + torch.where(x[:, :1, 0, 0] > 100, float("inf"), 0.0)
+
+
+def test_non_finite_scores_are_reported(images):
+    images = images.clone()
+    images[1, 0, 0, 0] = 1000.0
     for method in camlens.list_methods():
         with raises(r"non-finite model outputs \(NaN or inf\) for image\(s\) \[1\]"):
-            camlens.explain(tiny, images, method)
+            camlens.explain(Overflows(), images, method, target_layer="net.features")
 
 
 class SqrtHead(nn.Module):
@@ -166,7 +186,7 @@ def test_bad_option_values(tiny, images):
         camlens.SmoothGradCAMPlusPlus(tiny, n_samples=0)
     with raises("batch_size must be a positive integer"):
         camlens.ScoreCAM(tiny, batch_size=0)
-    with raises("noise_level must be a number >= 0"):
+    with raises("noise_level must be a finite number >= 0"):
         camlens.SmoothGradCAMPlusPlus(tiny, noise_level=-1)
     with raises("either seed or generator"):
         camlens.SmoothGradCAMPlusPlus(tiny, seed=1, generator=torch.Generator())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Union
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from .errors import CamlensError
 
-LayerSpec = Union[str, nn.Module]
+LayerSpec = Union[str, int, nn.Module]
 LayersSpec = Union[LayerSpec, Sequence[LayerSpec]]
 
 
@@ -42,7 +43,12 @@ def describe(value: object) -> str:
 
 
 def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
-    """Return ``(name, module)`` for a layer given by name (from ``named_modules()``) or as a module."""
+    """Return ``(name, module)`` for a layer given by name (from ``named_modules()``) or as a module.
+
+    An integer is the name it spells: ``3`` is the child ``"3"`` of an ``nn.Sequential``.
+    """
+    if isinstance(layer, numbers.Integral) and not isinstance(layer, bool):
+        layer = str(layer)
     if isinstance(layer, str):
         modules = dict(model.named_modules())
         if layer in modules:
@@ -65,13 +71,14 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
             "pass a module of this model or its name"
         )
     raise CamlensError(
-        f"a target layer is a module name or an nn.Module, not {type(layer).__name__}"
+        f"a layer is a module name (str, or int for an nn.Sequential child), an nn.Module, "
+        f"or a list of them; not {type(layer).__name__}"
     )
 
 
 def resolve_layers(model: nn.Module, layers: LayersSpec) -> dict[str, nn.Module]:
     """Resolve one layer or a list of layers to an ordered ``{name: module}`` mapping."""
-    items = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+    items = list(layers) if isinstance(layers, (list, tuple)) else [layers]
     if not items:
         raise CamlensError("the list of target layers is empty")
     resolved: dict[str, nn.Module] = {}
@@ -161,6 +168,46 @@ class Recorder:
         return hook
 
 
+@contextlib.contextmanager
+def model_failures(model: nn.Module, inputs: Tensor) -> Iterator[None]:
+    """Report a failure of ``model`` on ``inputs`` (any exception but a CamlensError) in one line.
+
+    A model fails on a wrong input most often because of its channels: when its first
+    convolution says which it expects, the message names the shape the model wants. The
+    model's own exception stays attached as ``__cause__``.
+    """
+    try:
+        yield
+    except CamlensError:
+        raise
+    except Exception as error:
+        shape = tuple(inputs.shape)
+        expected = _input_channels(model)
+        if expected is not None and len(shape) == 4 and expected != shape[1]:
+            fix = (
+                "the images look channels-last: use images.permute(0, 3, 1, 2)"
+                if shape[3] == expected
+                else f"convert the images to {expected} channel(s) (e.g. greyscale to RGB)"
+            )
+            got = f"(N, {', '.join(map(str, shape[1:]))})"
+            raise CamlensError(f"the model expects (N, {expected}, H, W) images, got {got}: {fix}") from error
+        lines = str(error).strip().splitlines()
+        detail = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        raise CamlensError(
+            f"the model failed on an input of shape {shape}: {detail} "
+            "(check the input's shape and preprocessing, or the model)"
+        ) from error
+
+
+def _input_channels(model: nn.Module) -> int | None:
+    """The input channels of the model's first convolution, when it has one."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            channels = module.in_channels
+            return channels if isinstance(channels, int) and channels > 0 else None
+    return None
+
+
 def forward(model: nn.Module, inputs: Tensor) -> Tensor:
     """Run the model and check that it returns class scores of shape (N, classes)."""
     output = model(inputs)
@@ -191,13 +238,16 @@ def record(
     return logits, recorder.outputs
 
 
-def gradients(scores: Tensor, activations: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def gradients(
+    scores: Tensor, activations: Mapping[str, Tensor], rows: Tensor | None = None
+) -> dict[str, Tensor]:
     """Gradients of every target score with respect to each recorded activation.
 
     ``scores`` is (B, T); each activation (B, K, h, w). Returns ``{name: (B, T, K, h, w)}``.
     Row b of the scores depends only on row b of the activations (the model is in eval mode),
     so one backward of the column sum gives every image's gradient; the T targets share one
-    vmapped backward (``is_grads_batched``) instead of T separate ones.
+    vmapped backward (``is_grads_batched``) instead of T separate ones. ``rows`` (B,): the
+    image each row is a version of, for error messages.
     """
     names = list(activations)
     tensors = [activations[name] for name in names]
@@ -224,17 +274,22 @@ def gradients(scores: Tensor, activations: Mapping[str, Tensor]) -> dict[str, Te
                 f"the target score does not depend on layer {display_name(name)!r}: "
                 "a unit target must be at or after the target layer"
             )
-        check_finite(grad, f"gradients at layer {display_name(name)!r}")
+        check_finite(grad, f"gradients at layer {display_name(name)!r}", rows)
         result[name] = grad
     return result
 
 
-def check_finite(values: Tensor, what: str) -> None:
-    """Raise a CamlensError naming the images whose values are NaN or infinite."""
+def check_finite(values: Tensor, what: str, rows: Tensor | None = None) -> None:
+    """Raise a CamlensError naming the images whose values are NaN or infinite.
+
+    Row b of ``values`` belongs to image ``rows[b]`` (a noisy copy, a masked input); by
+    default to image b.
+    """
     finite = torch.isfinite(values)
     if bool(finite.all()):
         return
-    bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+    bad = (~finite).flatten(1).any(1)
+    bad = (bad.nonzero().flatten() if rows is None else rows[bad].unique()).tolist()
     raise CamlensError(
         f"non-finite {what} (NaN or inf) for image(s) {bad}: check the input values "
         "(preprocessing, dtype) and the model; no map was made from them"

@@ -7,6 +7,7 @@ of the images (noisy copies, masked inputs), so every method computes scores the
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -18,6 +19,10 @@ from .capture import resolve_layer
 from .errors import CamlensError
 
 SCORE_KINDS = ("logit", "probability")
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_score_kind(score: str | None) -> None:
@@ -33,7 +38,7 @@ class TopK:
     score: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+        if not _is_index(self.k) or self.k < 1:
             raise CamlensError(f"top-k needs a positive integer k, got {self.k!r}")
         _check_score_kind(self.score)
 
@@ -57,9 +62,21 @@ class UnitTarget:
     ``position=(i, j)`` of that channel. The layer must be at or after the target layer.
     """
 
-    layer: str | nn.Module
+    layer: str | int | nn.Module
     channel: int
     position: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_index(self.channel):
+            raise CamlensError(f"a unit's channel is an integer index, got {self.channel!r}")
+        if self.position is not None and not (
+            isinstance(self.position, (tuple, list))
+            and len(self.position) == 2
+            and all(map(_is_index, self.position))
+        ):
+            raise CamlensError(f"a unit's position is None or a pair of integers (i, j), got {self.position!r}")
+        if self.position is not None:
+            object.__setattr__(self, "position", tuple(self.position))
 
 
 TargetSpec = Union[None, int, Sequence[int], Sequence[Sequence[int]], Tensor, TopK, ClassTarget,
@@ -168,6 +185,11 @@ def _class_index(spec: object, images: int) -> Tensor:
             "targets must be None (top-1), an int, a list of ints (one per image), "
             "a list of lists (several per image), TopK, ClassTarget or UnitTarget(s)"
         ) from None
+    if index.numel() == 0:
+        raise CamlensError(
+            f"the targets are empty (shape {tuple(index.shape)}): give one class per image, "
+            "a list of classes per image, or None for each image's top-1 class"
+        )
     if index.dtype.is_floating_point or index.dtype == torch.bool or index.dtype.is_complex:
         raise CamlensError(f"class targets must be integers, got {index.dtype}")
     index = index.long()

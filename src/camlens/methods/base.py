@@ -20,6 +20,7 @@ from ..capture import (
     check_hookable,
     find_default_layer,
     gradients,
+    model_failures,
     preserved,
     record,
     resolve_layer,
@@ -63,22 +64,24 @@ class Context:
         No gradients, no hooks on the target layers. A batch of one row that stands for every
         image in ``rows`` (the all-zero input) is forwarded once and its outputs shared.
         """
-        logits, outputs = record(self.model, inputs, self.targets.unit_layers)
+        with model_failures(self.model, inputs):
+            logits, outputs = record(self.model, inputs, self.targets.unit_layers)
         if inputs.shape[0] == 1 and rows.numel() > 1:
             logits = logits.expand(rows.numel(), -1)
             outputs = {name: out.expand(rows.numel(), *out.shape[1:]) for name, out in outputs.items()}
         scores = self.targets.score(logits, outputs, rows)
-        check_finite(scores, "target scores")
+        check_finite(scores, "target scores of masked or baseline inputs", rows)
         return scores
 
     def gradients_at(self, inputs: Tensor, rows: Tensor) -> dict[str, Tensor]:
         """Gradients ``{layer: (B, T, K', h, w)}`` of the target scores of a batch of versions."""
-        logits, outputs = record(
-            self.model, inputs, {**self.layers, **self.targets.unit_layers}, track_grad=True
-        )
+        with model_failures(self.model, inputs):
+            logits, outputs = record(
+                self.model, inputs, {**self.layers, **self.targets.unit_layers}, track_grad=True
+            )
         scores = self.targets.score(logits, outputs, rows)
-        check_finite(scores, "target scores")
-        grads = gradients(scores, {name: outputs[name] for name in self.layers})
+        check_finite(scores, "target scores of noisy copies", rows)
+        grads = gradients(scores, {name: outputs[name] for name in self.layers}, rows)
         return {name: self.select(name, grad, 2) for name, grad in grads.items()}
 
 
@@ -138,11 +141,14 @@ class CAMMethod:
             progress: called as ``progress(done, total)`` during long work (Score-CAM).
         """
         model = self.model
+        if progress is not None and not callable(progress):
+            raise CamlensError(f"progress must be a function progress(done, total), not {type(progress).__name__}")
         x = self._prepare(images)
         with preserved(model):
-            layers, chosen = self._target_layers(x)
-            units = unit_layers(model, targets)
-            logits, outputs = record(model, x, {**layers, **units}, track_grad=self.needs_gradients)
+            with model_failures(model, x):
+                layers, chosen = self._target_layers(x)
+                units = unit_layers(model, targets)
+                logits, outputs = record(model, x, {**layers, **units}, track_grad=self.needs_gradients)
             check_finite(logits, "model outputs")
             resolved = resolve_targets(model, targets, logits, outputs, self.score_kind())
             rows = torch.arange(x.shape[0], device=x.device)
@@ -225,9 +231,14 @@ class CAMMethod:
             )
         if images.dim() == 3:
             images = images.unsqueeze(0)
-        if images.dim() != 4 or images.shape[0] == 0:
+        if images.dim() != 4:
             raise CamlensError(
                 f"images must have shape (N, C, H, W) or (C, H, W), got {tuple(images.shape)}"
+            )
+        if images.numel() == 0:
+            raise CamlensError(
+                f"images of shape {tuple(images.shape)} hold no pixels: give at least one image "
+                "with at least one channel and one pixel"
             )
         if not images.is_floating_point():
             raise CamlensError(
@@ -239,6 +250,7 @@ class CAMMethod:
         if reference is not None:
             dtype = reference.dtype if reference.is_floating_point() else images.dtype
             images = images.to(device=reference.device, dtype=dtype)
+        check_finite(images, "input images")
         return images.detach()
 
     def _target_layers(self, x: Tensor) -> tuple[dict[str, nn.Module], bool]:
@@ -277,7 +289,13 @@ class CAMMethod:
             tensor = torch.as_tensor(index)
         except (TypeError, ValueError, RuntimeError):
             raise CamlensError("a channel subset is a list of channel indices") from None
-        if tensor.dim() != 1 or tensor.numel() == 0 or tensor.is_floating_point():
+        if (
+            tensor.dim() != 1
+            or tensor.numel() == 0
+            or tensor.is_floating_point()
+            or tensor.is_complex()
+            or tensor.dtype == torch.bool
+        ):
             raise CamlensError("a channel subset is a non-empty list of integer channel indices")
         tensor = tensor.long()
         bad = tensor[(tensor < 0) | (tensor >= count)]

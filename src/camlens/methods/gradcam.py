@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -105,15 +107,26 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         super().__init__(model, target_layer)
         _check_positive_int("n_samples", n_samples)
         _check_positive_int("batch_size", batch_size)
-        if not isinstance(noise_level, (int, float)) or noise_level < 0 or noise_level != noise_level:
-            raise CamlensError(f"noise_level must be a number >= 0, got {noise_level!r}")
+        if (
+            not isinstance(noise_level, numbers.Real)
+            or isinstance(noise_level, bool)
+            or not math.isfinite(noise_level)
+            or noise_level < 0
+        ):
+            raise CamlensError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
         if seed is not None and generator is not None:
             raise CamlensError("give either seed or generator, not both")
+        if seed is not None and (
+            not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64
+        ):
+            raise CamlensError(f"seed must be an integer that fits in 64 bits, got {seed!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise CamlensError(f"generator must be a torch.Generator, not {type(generator).__name__}")
         if generator is not None and generator.device.type != "cpu":
             raise CamlensError("the noise generator must be a CPU torch.Generator")
         self.n_samples = n_samples
         self.noise_level = float(noise_level)
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self.generator = generator
         self.batch_size = batch_size
 
@@ -145,6 +158,13 @@ class SmoothGradCAMPlusPlus(CAMMethod):
             chunk = rows[start : start + self.batch_size]
             step = noise[start : start + self.batch_size].to(x.device)
             copies = x[chunk] + step * sigma[chunk].view(-1, 1, 1, 1)
+            finite = torch.isfinite(copies).flatten(1).all(1)
+            if not bool(finite.all()):
+                bad = chunk[~finite].unique().tolist()
+                raise CamlensError(
+                    f"noise_level {self.noise_level} makes noisy copies of image(s) {bad} overflow "
+                    f"{x.dtype}: use a smaller noise_level (it is a fraction of the value range)"
+                )
             for name, grad in context.gradients_at(copies, chunk).items():
                 if name not in moments:
                     moments[name] = [grad.new_zeros(count, *grad.shape[1:]) for _ in range(3)]

@@ -67,9 +67,11 @@ class ScoreCAM(CAMMethod):
         if not (baseline is None or baseline == "zeros" or isinstance(baseline, Tensor)):
             raise CamlensError("baseline must be None, 'zeros' or a tensor in the model's input space")
         _check_positive_int("batch_size", batch_size)
+        if not isinstance(channel_softmax, bool):
+            raise CamlensError(f"channel_softmax must be True or False, got {channel_softmax!r}")
         self.score = score
         self.baseline = baseline
-        self.channel_softmax = bool(channel_softmax)
+        self.channel_softmax = channel_softmax
         self.batch_size = batch_size
 
     def score_kind(self) -> str:

@@ -14,17 +14,62 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import preserved
+from ..capture import forward, model_failures, preserved
+from ..errors import CamlensError
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CamlensError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_images(images: object) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.numel() == 0 or not images.is_floating_point():
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise CamlensError(f"images must be a non-empty float tensor (N, C, H, W), got {got}")
+
+
+def _check_classes(classes: object, count: int) -> Tensor:
+    """``classes`` as a (count,) integer tensor."""
+    try:
+        index = torch.as_tensor(classes)
+    except (TypeError, ValueError, RuntimeError):
+        index = None
+    if index is None or index.shape != (count,) or index.is_floating_point() or index.dtype == torch.bool:
+        got = f"{index.dtype} of shape {tuple(index.shape)}" if index is not None else type(classes).__name__
+        raise CamlensError(f"classes must be {count} integer class indices, one per image, got {got}")
+    return index.long()
+
+
+def _check_maps(images: Tensor, maps: object) -> None:
+    _check_images(images)
+    expected = (images.shape[0], *images.shape[-2:])
+    if not isinstance(maps, Tensor) or tuple(maps.shape) != expected:
+        got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise CamlensError(
+            f"maps must have shape {expected} (one map per image, at input resolution, e.g. "
+            f"explanation.maps[:, t]), got {got}"
+        )
 
 
 @torch.no_grad()
 def class_probabilities(model: nn.Module, inputs: Tensor, classes: Tensor, batch_size: int = 32) -> Tensor:
     """Softmax probability of ``classes[b]`` for each row b of ``inputs``, in batches: (B,)."""
+    _check_images(inputs)
+    classes = _check_classes(classes, inputs.shape[0]).to(inputs.device)
+    _positive_int("batch_size", batch_size)
     with preserved(model):
         parts = []
         for start in range(0, inputs.shape[0], batch_size):
-            logits = model(inputs[start : start + batch_size])
-            parts.append(logits.softmax(dim=1).gather(1, classes[start : start + batch_size, None])[:, 0])
+            with model_failures(model, inputs):
+                logits = forward(model, inputs[start : start + batch_size])
+            chunk = classes[start : start + batch_size]
+            if bool(((chunk < 0) | (chunk >= logits.shape[1])).any()):
+                raise CamlensError(
+                    f"class {chunk[(chunk < 0) | (chunk >= logits.shape[1])][0].item()} is out of range: "
+                    f"the model has {logits.shape[1]} classes (valid: 0 to {logits.shape[1] - 1})"
+                )
+            parts.append(logits.softmax(dim=1).gather(1, chunk[:, None])[:, 0])
     return torch.cat(parts)
 
 
@@ -52,6 +97,7 @@ def drop_and_increase(
 ) -> dict[str, Tensor]:
     """Y, O, and the per-image drop and increase: 2N forwards, N when Y (``probability``, the
     class's probability on the images, e.g. ``Explanation.probabilities``) is given."""
+    _check_maps(images, maps)
     original = probability if probability is not None else class_probabilities(model, images, classes, batch_size)
     explained = class_probabilities(model, explanation_images(images, maps), classes, batch_size)
     return {
@@ -64,6 +110,10 @@ def drop_and_increase(
 
 def gaussian_blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
     """Depthwise Gaussian blur, edges replicated (the insertion metric's starting image)."""
+    if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise CamlensError(f"the blur's kernel_size must be a positive odd integer, got {kernel_size!r}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise CamlensError(f"the blur's sigma must be a finite number > 0, got {sigma!r}")
     radius = kernel_size // 2
     offsets = torch.arange(kernel_size, dtype=images.dtype, device=images.device) - radius
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
@@ -91,6 +141,10 @@ def _ranked_curve(
     the others ``start``. Ties in L are broken by pixel index, so curves are reproducible.
     Returns (N, steps + 1).
     """
+    _check_maps(images, maps)
+    _positive_int("steps", steps)
+    _positive_int("batch_size", batch_size)
+    classes = _check_classes(classes, images.shape[0]).to(images.device)
     count, _, height, width = images.shape
     pixels = height * width
     order = torch.sort(maps.reshape(count, pixels), dim=1, descending=True, stable=True).indices
@@ -123,6 +177,9 @@ def deletion_curve(
     Cost: N x (steps + 1) forwards, batched; N x steps when ``probability`` (of the class on
     the unmodified images, step 0) is given. Returns (N, steps + 1); lower area is better.
     """
+    if not (isinstance(baseline, (int, float)) and math.isfinite(baseline)):
+        raise CamlensError(f"the deletion baseline must be a finite number, got {baseline!r}")
+    _check_images(images)
     known = None if probability is None else (0, probability)
     return _ranked_curve(model, images, maps, classes, images, torch.full_like(images, baseline), steps,
                          batch_size, known)
@@ -137,6 +194,7 @@ def insertion_curve(
     Cost: N x (steps + 1) forwards, batched; N x steps when ``probability`` (of the class on
     the unmodified images, the last step) is given. Returns (N, steps + 1); higher area is better.
     """
+    _check_maps(images, maps)
     blurred = gaussian_blur(images, kernel_size, sigma)
     known = None if probability is None else (steps, probability)
     return _ranked_curve(model, images, maps, classes, blurred, images, steps, batch_size, known)
@@ -144,5 +202,8 @@ def insertion_curve(
 
 def area_under_curve(curves: Tensor) -> Tensor:
     """Trapezoidal area of (N, S + 1) curves over x evenly spaced on [0, 1]: (N,)."""
+    if not isinstance(curves, Tensor) or curves.dim() != 2 or curves.shape[1] < 2:
+        got = tuple(curves.shape) if isinstance(curves, Tensor) else type(curves).__name__
+        raise CamlensError(f"curves must have shape (N, steps + 1) with steps >= 1, got {got}")
     steps = curves.shape[1] - 1
     return (curves[:, 1:] + curves[:, :-1]).sum(dim=1) / (2 * steps)

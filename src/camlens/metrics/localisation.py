@@ -5,17 +5,48 @@ and lies in a box when its centre (j + 0.5, i + 0.5) does. An image may have sev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import CamlensError
+
 Box = Sequence[float]
+
+
+def _check_maps(maps: object) -> None:
+    if not isinstance(maps, Tensor) or maps.dim() != 3 or maps.numel() == 0:
+        got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise CamlensError(f"maps must have shape (N, H, W), e.g. explanation.maps[:, t], got {got}")
+
+
+def _check_boxes(boxes: object, count: int | None = None) -> None:
+    """Boxes per image (``count`` images), or one image's boxes (``count`` None)."""
+    try:
+        items = list(boxes)
+    except TypeError:
+        items = None
+    if count is not None:
+        if items is None or len(items) != count:
+            raise CamlensError(f"boxes must be a list of {count} lists of boxes, one list per image")
+        for image_boxes in items:
+            _check_boxes(image_boxes)
+        return
+    for box in items if items is not None else [boxes]:
+        try:
+            values = [float(v) for v in box]
+        except (TypeError, ValueError):
+            values = []
+        if len(values) != 4 or not all(map(math.isfinite, values)):
+            raise CamlensError(f"a box is four finite numbers (x_min, y_min, x_max, y_max), got {box!r}")
 
 
 def box_mask(boxes: Sequence[Box], height: int, width: int, device: torch.device | None = None) -> Tensor:
     """(H, W) bool mask of the pixels whose centre lies in any of ``boxes``."""
+    _check_boxes(boxes)
     ys = torch.arange(height, device=device, dtype=torch.float64) + 0.5
     xs = torch.arange(width, device=device, dtype=torch.float64) + 0.5
     mask = torch.zeros(height, width, dtype=torch.bool, device=device)
@@ -31,6 +62,10 @@ def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
 
     ``maps`` (N, H, W), ``masks`` (N, H, W) bool. An all-zero map scores 0.
     """
+    _check_maps(maps)
+    if not isinstance(masks, Tensor) or masks.shape != maps.shape:
+        got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+        raise CamlensError(f"masks must have the maps' shape {tuple(maps.shape)}, got {got}")
     total = maps.sum(dim=(-2, -1))
     inside = (maps * masks).sum(dim=(-2, -1))
     return torch.where(total > 0, inside / torch.where(total > 0, total, 1), 0)
@@ -42,6 +77,8 @@ def pointing_game(maps: Tensor, boxes: Sequence[Sequence[Box]], tolerance: float
     The maximum is the first pixel of largest value in row-major order; its centre is measured
     to the nearest point of each box.
     """
+    _check_maps(maps)
+    _check_boxes(boxes, maps.shape[0])
     count, height, width = maps.shape
     index = maps.reshape(count, -1).argmax(dim=1)
     y = (index // width).double() + 0.5
@@ -78,6 +115,7 @@ def localisation_boxes(maps: Tensor, threshold: float = 0.2) -> Tensor:
     of the largest connected component. (N, 4) as (x_min, y_min, x_max, y_max), pixel edges;
     an all-zero map gives an empty box (0, 0, 0, 0).
     """
+    _check_maps(maps)
     count, height, width = maps.shape
     peak = maps.reshape(count, -1).amax(dim=1)
     masks = (maps >= threshold * peak.view(-1, 1, 1)) & (peak.view(-1, 1, 1) > 0)
@@ -111,6 +149,8 @@ def box_iou(first: Tensor, second: Tensor) -> Tensor:
 def localisation_correct(maps: Tensor, boxes: Sequence[Sequence[Box]], threshold: float = 0.2,
                          iou: float = 0.5) -> tuple[Tensor, Tensor]:
     """Weakly supervised localisation: (best IoU with any ground-truth box, 1.0 if >= ``iou``)."""
+    _check_maps(maps)
+    _check_boxes(boxes, maps.shape[0])
     predicted = localisation_boxes(maps, threshold)
     best = torch.zeros(maps.shape[0], dtype=torch.float64, device=maps.device)
     for n, image_boxes in enumerate(boxes):
