@@ -31,7 +31,9 @@ def test_class_folders_with_voc_boxes(tmp_path):
     assert [(s.path.name, s.label) for s in dataset.samples] == [("a.png", 0), ("b.png", 1)]
     assert dataset.samples[0].boxes == [(0.0, 0.0, 10.0, 20.0)]  # VOC 1-based inclusive -> edges
     assert dataset.has_boxes
-    assert len(dataset.problems) == 1 and "outside the 40x30 image" in dataset.problems[0]
+    assert len(dataset.problems) == 2
+    assert "notes.txt: not an image, by its extension (ignored)" in dataset.problems[0]
+    assert "outside the 40x30 image" in dataset.problems[1]
 
 
 def test_csv_labels_boxes_and_mapping(tmp_path):
@@ -78,3 +80,88 @@ def test_boxes_follow_the_preprocessing_crop():
     assert prep.map_box((144, 16, 368, 240), 512, 256) == (0.0, 0.0, 224.0, 224.0)
     assert prep.map_box((0, 0, 100, 100), 512, 256) is None  # cropped away
     assert prep.map_box((100, 0, 200, 256), 512, 256) == (0.0, 0.0, 56.0, 224.0)
+
+
+# -- silent losses: what used to be dropped or kept without a word ---------------------------------
+
+def test_an_image_listed_twice(tmp_path):
+    image(tmp_path / "img" / "x.png")
+    image(tmp_path / "img" / "y.png")
+    (tmp_path / "same.csv").write_text("path,label\nimg/x.png,cup\nimg/y.png,tabby\n./img/x.png,2\n")
+    dataset = load_dataset(tmp_path / "same.csv", NAMES, 3)
+    assert [(s.path.name, s.label) for s in dataset.samples] == [("x.png", 2), ("y.png", 0)]
+    assert len(dataset.notes) == 1 and "listed twice with label '2' (counted once)" in dataset.notes[0]
+    (tmp_path / "other.csv").write_text("path,label\nimg/x.png,cup\nimg/y.png,tabby\nimg/x.png,espresso\n")
+    with pytest.raises(CamlensError, match=r"1 image\(s\) listed with two different labels: .*x.png \('cup' and 'espresso'\)"):
+        load_dataset(tmp_path / "other.csv", NAMES, 3)
+
+
+def test_boxes_that_are_missing_empty_or_given_twice(tmp_path):
+    image(tmp_path / "cup" / "x.png")
+    with pytest.raises(CamlensError, match="--boxes .*nothing.csv: no such file or folder"):
+        load_dataset(tmp_path, NAMES, 3, boxes=tmp_path / "nothing.csv")
+    (tmp_path / "voc").mkdir()
+    (tmp_path / "voc" / "other.xml").write_text("<annotation/>")
+    with pytest.raises(CamlensError, match="no VOC XML file there is named after an image"):
+        load_dataset(tmp_path, NAMES, 3, boxes=tmp_path / "voc")
+    (tmp_path / "header.csv").write_text("path,xmin,ymin,xmax,ymax\n")
+    with pytest.raises(CamlensError, match="the CSV has no box rows"):
+        load_dataset(tmp_path, NAMES, 3, boxes=tmp_path / "header.csv")
+    (tmp_path / "twice.csv").write_text("cup/x.png,1,2,3,4\ncup/x.png,1,2,3,4\ncup/x.png,0,0,5,5\n")
+    dataset = load_dataset(tmp_path, NAMES, 3, boxes=tmp_path / "twice.csv")
+    assert dataset.samples[0].boxes == [(1.0, 2.0, 3.0, 4.0), (0.0, 0.0, 5.0, 5.0)]
+    assert dataset.notes == [f"{tmp_path / 'cup' / 'x.png'}: box (1.0, 2.0, 3.0, 4.0) is given twice (counted once)"]
+
+
+def test_mapping_checked_up_front(tmp_path):
+    image(tmp_path / "kitty" / "x.png")
+    (tmp_path / "far.json").write_text('{"kitty": 0, "unused": 3}')
+    with pytest.raises(CamlensError, match=r"far.json: label 'unused' maps to class 3, but the model has 3 classes \(0 to 2\)"):
+        load_dataset(tmp_path, NAMES, 3, mapping=tmp_path / "far.json")
+    (tmp_path / "twice.csv").write_text("kitty,0\nKitty,1\n")
+    with pytest.raises(CamlensError, match="label 'Kitty' is mapped twice, to 0 and 1"):
+        load_dataset(tmp_path, NAMES, 3, mapping=tmp_path / "twice.csv")
+    (tmp_path / "bool.json").write_text('{"kitty": true}')
+    with pytest.raises(CamlensError, match="must map labels to class indices"):
+        load_dataset(tmp_path, NAMES, 3, mapping=tmp_path / "bool.json")
+
+
+def test_a_label_that_names_several_classes_stops_the_loading(tmp_path):
+    """ImageNet's "crane" is a bird (134) and a machine (517): it used to become the bird silently."""
+    image(tmp_path / "crane" / "x.png")
+    names, labels = ["crane", "tabby", "crane"], ["crane", "tabby, tabby cat", "crane"]
+    with pytest.raises(CamlensError, match=r"1 label\(s\) name several classes \('crane': classes 0, 2\); give a mapping"):
+        load_dataset(tmp_path, names, 3, labels)
+
+
+def test_images_outside_the_class_folders_are_reported(tmp_path):
+    image(tmp_path / "cup" / "x.png")
+    image(tmp_path / "stray.png")
+    (tmp_path / "cup" / "nested").mkdir()
+    dataset = load_dataset(tmp_path, NAMES, 3)
+    assert [s.path.name for s in dataset.samples] == ["x.png"]
+    assert any("stray.png: an image outside the class folders (ignored)" in n for n in dataset.notes)
+    assert any("nested: a folder inside a class folder (not searched)" in n for n in dataset.notes)
+
+
+def test_limit_opens_only_the_first_images_and_keeps_the_listing(tmp_path):
+    for name in ("a", "b", "c"):
+        image(tmp_path / "cup" / f"{name}.png")
+    (tmp_path / "cup" / "b.png").write_bytes(b"broken")
+    dataset = load_dataset(tmp_path, NAMES, 3, limit=2)
+    assert [s.path.name for s in dataset.samples] == ["a.png"]
+    assert len(dataset.skipped) == 1 and "b.png: unreadable image" in dataset.skipped[0]
+    assert [p.name for p in dataset.listed] == ["a.png", "b.png", "c.png"]
+
+
+def test_image_size_as_viewers_show_it(tmp_path):
+    """A photo turned by its EXIF orientation: boxes are checked against the turned size."""
+    path = tmp_path / "cup" / "turned.jpg"
+    path.parent.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.new("RGB", (40, 30)).save(path, exif=exif)
+    (tmp_path / "boxes.csv").write_text("cup/turned.jpg,0,0,30,40\n")
+    dataset = load_dataset(tmp_path, NAMES, 3, boxes=tmp_path / "boxes.csv")
+    assert dataset.samples[0].size == (30, 40) and dataset.samples[0].boxes == [(0.0, 0.0, 30.0, 40.0)]
+    assert not dataset.notes

@@ -70,15 +70,7 @@ def test_resumption_gives_the_same_table(small_dataset, tmp_path, capsys):
     assert first["images"] == 3
     assert (whole / "curves.png").exists() and (whole / "metrics.png").exists()
     csv = (whole / "summary.csv").read_text().splitlines()
-    assert csv[0] == "method,metric,mean,ci95,n" and len(csv) == 1 + 2 * 4
-
-
-def test_other_settings_in_the_same_folder_are_refused(small_dataset, tmp_path, capsys):
-    out = tmp_path / "out"
-    code, _, err = run(["evaluate", small_dataset, *ARGS, "--out", out, "--limit", "1"], capsys)
-    assert code == 0, err
-    code, _, err = run(["evaluate", small_dataset, *ARGS, "--steps", "8", "--out", out], capsys)
-    one_line_error(code, err, 1, "holds results of other settings")
+    assert csv[0] == "method,metric,mean,ci95_half_width,n" and len(csv) == 1 + 2 * 4
 
 
 def test_box_metrics(small_dataset, tmp_path, capsys):

@@ -11,34 +11,87 @@ import numpy as np
 from .render import colorize, new_figure
 
 
-def curve_plot(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
-    """Mean deletion and insertion curves, one line per method: ``{"deletion": {method: curve}}``."""
+_DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1))]
+_MARKERS = ["o", "s", "^", "v", "D"]
+
+
+def _coinciding(values: dict[str, object], names: dict[str, str]) -> dict[str, str]:
+    """Each method's label, with the methods whose values are exactly equal named together
+    ("CAM = Grad-CAM"), so that one is never drawn hidden under the other."""
+    groups: dict[str, list[str]] = {}
+    for method, value in values.items():
+        groups.setdefault(repr(value), []).append(method)
+    return {m: " = ".join(names.get(g, g) for g in group) for group in groups.values() for m in group}
+
+
+def curve_plot(curves: dict[str, dict[str, list[float]]], path: Path, names: dict[str, str] | None = None,
+               count: int | None = None) -> None:
+    """Mean deletion and insertion curves, one line per method: ``{"deletion": {method: curve}}``.
+
+    Methods with exactly the same mean curve share one line, labelled "A = B"."""
+    names = names or {}
     kinds = [kind for kind in ("deletion", "insertion") if curves.get(kind)]
     figure = new_figure(5.0 * max(1, len(kinds)), 4.0)
     axes = figure.subplots(1, max(1, len(kinds)), squeeze=False)[0]
     for ax, kind in zip(axes, kinds):
+        labels = _coinciding({m: tuple(v) for m, v in curves[kind].items()}, names)
+        drawn: list[str] = []
         for method, values in curves[kind].items():
+            if labels[method] in drawn:
+                continue
+            drawn.append(labels[method])
             steps = len(values) - 1
-            ax.plot([i / steps for i in range(steps + 1)], values, label=method)
-        ax.set_title(f"{kind} (mean curve)")
+            # Dashes and markers of their own, so that curves that nearly coincide stay apart.
+            ax.plot([i / steps for i in range(steps + 1)], values, label=labels[method],
+                    linestyle=_DASHES[(len(drawn) - 1) % len(_DASHES)], marker=_MARKERS[(len(drawn) - 1) % len(_MARKERS)],
+                    markersize=3)
+        better = "lower" if kind == "deletion" else "higher"
+        ax.set_title(f"{kind} (mean curve{f' over {count} images' if count else ''})\n"
+                     f"area under the curve: {better} is better", fontsize=9)
         ax.set_xlabel("fraction of pixels " + ("deleted" if kind == "deletion" else "inserted"))
         ax.set_ylabel("probability of the class")
+        top = max((max(v) for v in curves[kind].values()), default=0.0)
+        ax.set_ylim(0, min(1.0, 1.1 * top) if top > 0 else 1.0)
         ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, format="png")
 
 
-def bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], path: Path) -> None:
-    """One bar chart per metric: the mean of each method with its 95% confidence interval."""
-    figure = new_figure(3.2 * len(metrics), 3.6)
+def bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], path: Path,
+              names: dict[str, str] | None = None, higher_is_better: dict[str, bool] | None = None,
+              ranges: dict[str, tuple[float, float]] | None = None) -> None:
+    """One bar chart per metric: the mean of each method with its 95% confidence interval, the
+    interval cut at the metric's ``ranges`` (a share cannot exceed 100%). Methods with exactly the
+    same mean and interval share a colour and say so under their bar ("Grad-CAM (= CAM)")."""
+    names = names or {}
+    figure = new_figure(3.2 * len(metrics), 3.9)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     methods = list(summary)
+    colours = [f"C{i}" for i in range(10)]
     for ax, metric in zip(axes, metrics):
-        means = [summary[m][metric]["mean"] or 0.0 for m in methods]
-        errors = [summary[m][metric]["ci95"] or 0.0 for m in methods]
-        ax.bar(range(len(methods)), means, yerr=errors, capsize=3, color="tab:blue")
-        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
-        ax.set_title(titles.get(metric, metric), fontsize=9)
+        low, high = (ranges or {}).get(metric, (-np.inf, np.inf))
+        values = {m: (summary[m][metric]["mean"], summary[m][metric]["ci95"]) for m in methods}
+        labels = _coinciding(values, names)
+        firsts = list(dict.fromkeys(labels.values()))
+        means = [np.nan if values[m][0] is None else values[m][0] for m in methods]
+        spans = [0.0 if values[m][1] is None else values[m][1] for m in methods]
+        below = [min(s, mean - low) if np.isfinite(mean) else 0.0 for s, mean in zip(spans, means)]
+        above = [min(s, high - mean) if np.isfinite(mean) else 0.0 for s, mean in zip(spans, means)]
+        ax.bar(range(len(methods)), means, yerr=[below, above], capsize=3,
+               color=[colours[firsts.index(labels[m]) % len(colours)] for m in methods])
+        ticks = []
+        for m in methods:
+            first = labels[m].split(" = ")[0]
+            own = names.get(m, m)
+            ticks.append(own if " = " not in labels[m] or own == first else f"{own} (= {first})")
+        ax.set_xticks(range(len(methods)), ticks, rotation=45, ha="right", fontsize=8)
+        counts = sorted({summary[m][metric]["n"] for m in methods})
+        better = "" if higher_is_better is None else ("higher" if higher_is_better[metric] else "lower") + " is better, "
+        ax.set_title(f"{titles.get(metric, metric)}\n{better}n = {'/'.join(map(str, counts))}", fontsize=9)
+        tops = [mean + up for mean, up in zip(means, above) if np.isfinite(mean)]
+        top = max(tops, default=0.0)
+        ax.set_ylim(low if np.isfinite(low) else None, min(high, top * 1.1) if top > 0 else None)
+    figure.suptitle("mean ± 95% confidence interval", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, format="png")
 

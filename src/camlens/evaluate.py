@@ -8,16 +8,18 @@ deletion and insertion (the unmodified image's step reuses Y). None is run twice
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .errors import CamlensError
+from .io import write_atomic
 from .methods.base import CAMMethod
 from .metrics import (
     area_under_curve,
@@ -44,6 +46,9 @@ TITLES = {
 }
 HIGHER_IS_BETTER = {"drop": False, "increase": True, "deletion": False, "insertion": True,
                     "energy": True, "pointing": True, "localisation": True}
+# The values each metric can take: a confidence interval is never drawn beyond them.
+RANGES = {"drop": (0.0, 100.0), "increase": (0.0, 100.0), "deletion": (0.0, 1.0), "insertion": (0.0, 1.0),
+          "energy": (0.0, 1.0), "pointing": (0.0, 100.0), "localisation": (0.0, 100.0)}
 
 
 def evaluate_image(
@@ -99,41 +104,86 @@ def evaluate_image(
 class ResultStore:
     """Results as JSON lines, one per (image, method), appended and flushed as they come.
 
-    A run that stops (Ctrl-C, a crash, a power cut) resumes from the records on disk: a
-    half-written last line is dropped, and a (image, method) pair is never counted twice.
-    ``config`` must match the one the store was started with, so results of different
-    settings are never mixed.
+    A run that stops (Ctrl-C, a crash, a power cut) resumes from the records on disk, and an
+    (image, method) pair is never counted twice. ``config`` holds every setting that can change
+    a result; it must equal the one the folder was started with, else the store refuses, naming
+    what changed. A line that is damaged (cut short, not JSON, not a record with this run's
+    fields) or foreign (an image not in ``images``, a method not in the config, a second record
+    of a pair) is moved to ``results.set-aside.jsonl`` and described in ``set_aside``; its pair
+    is then computed again.
     """
 
-    def __init__(self, folder: Path, config: dict) -> None:
+    def __init__(self, folder: Path, config: dict, images: Collection[str]) -> None:
         self.path = folder / "results.jsonl"
         self.config_path = folder / "config.json"
-        if self.config_path.exists():
-            try:
-                saved = json.loads(self.config_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                saved = None
-            if saved != config:
-                raise CamlensError(
-                    f"{folder} holds results of other settings ({self.config_path}); "
-                    "use another --out, or the same model, methods, metrics and steps"
-                )
-        else:
-            self.config_path.write_text(json.dumps(config, indent=2) + "\n")
+        self.aside_path = folder / "results.set-aside.jsonl"
+        self.config = json.loads(json.dumps(config))  # as it reads back from the file
         self.records: dict[tuple[str, str], dict] = {}
-        if self.path.exists():
-            self._load()
+        self.set_aside: list[str] = []
+        for path in (self.path, self.config_path):
+            if path.exists() and not path.is_file():
+                raise CamlensError(f"{path} is not a regular file: use another --out")
+        if not (self.path.is_file() and self.path.stat().st_size):  # no results yet: nothing to mix with
+            write_atomic(self.config_path, lambda p: p.write_text(json.dumps(self.config, indent=2) + "\n"))
+            return
+        saved = self._saved_config()
+        if saved != self.config:
+            raise CamlensError(
+                f"{folder} holds results of other settings ({config_changes(saved, self.config)}); "
+                f"use another --out, or the settings recorded in {self.config_path}"
+            )
+        self._load(set(images))
 
-    def _load(self) -> None:
-        text = self.path.read_text()
-        lines = text.split("\n")
-        complete = lines if text.endswith("\n") else lines[:-1]
-        for line in complete:
-            if line.strip():
-                record = json.loads(line)
+    def _saved_config(self) -> dict:
+        if not self.config_path.exists():
+            raise CamlensError(
+                f"{self.path} has no config.json beside it, so the settings of its results are unknown; "
+                "use another --out"
+            )
+        try:
+            saved = json.loads(self.config_path.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise CamlensError(f"cannot read {self.config_path} ({error.strerror or error})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise CamlensError(
+                f"{self.config_path} is damaged (not a JSON object), so the settings of the results beside "
+                "it are unknown; use another --out, or delete that folder to start afresh"
+            )
+        return saved
+
+    def _load(self, images: set[str]) -> None:
+        try:
+            raw = self.path.read_bytes()
+        except OSError as error:
+            raise CamlensError(f"cannot read {self.path} ({error.strerror or error})") from None
+        lines = raw.split(b"\n")
+        kept: list[bytes] = []
+        aside: list[bytes] = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            record = _parse(line)
+            if isinstance(record, str) and number == len(lines):  # the last line, without its newline
+                record = "cut short (an interrupted run)"
+            problem = record_problem(record, self.config) if isinstance(record, dict) else record
+            if problem is None and record["image"] not in images:
+                problem = f"image {record['image']!r} is not in this dataset"
+            if problem is None and (record["image"], record["method"]) in self.records:
+                problem = "a second result for the same image and method"
+            if problem is None:
                 self.records[(record["image"], record["method"])] = record
-        if not text.endswith("\n"):  # a line cut short by an interruption: rewrite without it
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records.values()))
+                kept.append(line)
+            else:
+                aside.append(line)
+                self.set_aside.append(f"line {number}: {problem}")
+        if aside or not raw.endswith(b"\n"):
+            with self.aside_path.open("ab") as handle:
+                handle.write(b"".join(line + b"\n" for line in aside))
+                handle.flush()
+                os.fsync(handle.fileno())
+            write_atomic(self.path, lambda p: p.write_bytes(b"".join(line + b"\n" for line in kept)))
 
     def done(self, image: str, method: str) -> bool:
         return (image, method) in self.records
@@ -147,6 +197,106 @@ class ResultStore:
             handle.flush()
             os.fsync(handle.fileno())
         self.records[key] = record
+
+
+def _parse(line: bytes) -> dict | str:
+    """A line of results.jsonl as a dict, or what is wrong with it."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return "not JSON"
+    return record if isinstance(record, dict) else f"a JSON {type(record).__name__}, not a record"
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def record_problem(record: dict, config: dict) -> str | None:
+    """What makes ``record`` unusable in a run of ``config`` (a field missing or of the wrong
+    type, a method of another run), or None."""
+    if not isinstance(record.get("image"), str):
+        return "no image name"
+    if record.get("method") not in config["--method"]:
+        return f"method {record.get('method')!r} is not in this run"
+    fields = {"label": int, "prediction": int, "sha256": str, "boxes": list, "probability": float, "seconds": float}
+    for metric in config["--metric"]:
+        if metric in FAITHFULNESS:
+            fields[metric] = float
+    for name, kind in fields.items():
+        value = record.get(name)
+        ok = _number(value) if kind is float else isinstance(value, kind) and not isinstance(value, bool)
+        if not ok:
+            return f"field {name!r} is missing or not a{'n' if kind is int else ''} {'number' if kind is float else kind.__name__}"
+    if not all(isinstance(b, list) and len(b) == 4 and all(map(_number, b)) for b in record["boxes"]):
+        return "field 'boxes' is not a list of boxes"
+    for metric in LOCALISATION:
+        if metric in record and not _number(record[metric]):
+            return f"field {metric!r} is not a number"
+    for kind in ("deletion", "insertion"):
+        curve = record.get(f"{kind}_curve")
+        if kind in config["--metric"] and not (
+            isinstance(curve, list) and len(curve) == config["--steps"] + 1 and all(map(_number, curve))
+        ):
+            return f"field '{kind}_curve' is missing or not {config['--steps'] + 1} numbers"
+    return None
+
+
+def _is_digest(value: object) -> bool:
+    if isinstance(value, dict):
+        return bool(value) and all(map(_is_digest, value.values()))
+    return isinstance(value, str) and value.startswith("sha256:")
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def config_changes(saved: dict, current: dict) -> str:
+    """What differs between two run configs, in words: "--steps: 4 -> 8; --weights: other content"."""
+    if set(saved) != set(current):
+        return "config.json was written by another version of camlens"
+    return "; ".join(_changes("", saved, current))
+
+
+def _changes(name: str, old: object, new: object) -> list[str]:
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict) and not (_is_digest(old) or _is_digest(new)):
+        return [change for key in dict.fromkeys([*old, *new])
+                for change in _changes(f"{name} {key}".strip(), old.get(key), new.get(key))]
+    if _is_digest(old) and _is_digest(new):
+        return [f"{name}: other content"]
+    if _is_digest(old) or _is_digest(new):
+        return [f"{name}: {'given' if _is_digest(old) else 'not given'} then, {'given' if _is_digest(new) else 'not given'} now"]
+    return [f"{name}: {_shown(old)} -> {_shown(new)}"]
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """"sha256:<hex>" of a file's bytes."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise CamlensError(f"{path}: cannot be read ({error.strerror or error})") from None
+    return f"sha256:{digest.hexdigest()}"
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """"sha256:<hex>" of a model's parameters and buffers: names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if isinstance(tensor, Tensor):
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
 
 
 # Two-sided 95% quantiles of Student's t distribution by degrees of freedom (statistical table).

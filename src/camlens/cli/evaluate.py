@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import click
+import torch
+from PIL import Image
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,22 +21,27 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .. import __version__
+from ..capture import find_default_layer, resolve_layer
 from ..charts import (
     bar_chart,
     curve_plot,
 )
-from ..datasets import load_dataset
+from ..datasets import Sample, load_dataset
 from ..errors import CamlensError
 from ..evaluate import (
     FAITHFULNESS,
     HIGHER_IS_BETTER,
     LOCALISATION,
     METRICS,
+    RANGES,
     TITLES,
     ResultStore,
     evaluate_image,
+    file_digest,
     mean_curves,
     mean_interval,
+    module_digest,
     summarise,
 )
 from ..io import (
@@ -42,7 +50,9 @@ from ..io import (
     write_atomic,
 )
 from ..methods import METHODS
+from ..models import LoadedModel
 from .common import (
+    SEED_METHODS,
     console,
     echo_error,
     method_objects,
@@ -52,14 +62,20 @@ from .common import (
     run_options,
 )
 
+STATISTIC = "mean ± 95% confidence interval (Student's t) over n images"
+
 
 @click.command()
 @click.argument("data")
-@click.option("--method", "-m", "methods", multiple=True, metavar="M", help="A method (repeatable; default: the five seed methods).")
+@click.option("--method", "-m", "methods", multiple=True, metavar="M",
+              help=f"A method (repeatable; default: {', '.join(SEED_METHODS)}).")
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(METRICS),
               help="A metric (repeatable; default: all, the box metrics when the data has boxes).")
-@click.option("--limit", type=click.IntRange(min=1), help="Evaluate the first N images only.")
-@click.option("--out", default="camlens-eval", show_default=True, help="Output directory (a run resumes from it).")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Evaluate the first N images of DATA only (folders and files in name order, or CSV order); "
+                   "a larger N later resumes and adds the rest.")
+@click.option("--out", default="camlens-eval", show_default=True,
+              help="Output directory; a run with the same settings resumes from it.")
 @click.option("--boxes", type=click.Path(), help="Boxes: a CSV path,xmin,ymin,xmax,ymax or a folder of VOC XML files.")
 @click.option("--mapping", type=click.Path(dir_okay=False), help="Label to class index: JSON {label: index} or CSV label,index.")
 @click.option("--steps", type=click.IntRange(2, 1024), default=16, show_default=True, help="Deletion/insertion steps.")
@@ -70,27 +86,38 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
              **model_args) -> None:
     """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
     chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args)
-    dataset = load_dataset(data, loaded.class_names, classes, loaded.class_labels, mapping, boxes)
+    dataset = load_dataset(data, loaded.class_names, classes, loaded.class_labels, mapping, boxes, limit)
     wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
     if any(m in LOCALISATION for m in wanted) and not dataset.has_boxes:
         raise CamlensError("localisation metrics need boxes: give --boxes, or VOC XML files beside the images")
-    samples = dataset.samples[:limit] if limit else dataset.samples
     out_dir = ensure_writable_dir(out)
     root = Path(data) if Path(data).is_dir() else Path(data).parent
-    config = {"data": str(Path(data).resolve()), "model": loaded.name, "preprocess": loaded.preprocess.to_dict(),
-              "methods": chosen, "metrics": wanted, "steps": steps, "target_layer": target_layer, "seed": seed}
-    store = ResultStore(out_dir, config)
+
+    def key(path: Path) -> str:
+        try:
+            return str(path.relative_to(root))
+        except ValueError:
+            return str(path)
+
+    notes = list(dataset.notes)
+    samples = dataset.samples
+    listed = len(dataset.listed[:limit])
+    input_boxes = {key(s.path): _input_boxes(s, loaded, notes) for s in samples}
+    if any(m in LOCALISATION for m in wanted):
+        boxless = sum(not boxes for boxes in input_boxes.values())
+        if boxless:
+            notes.append(f"{boxless} of {len(samples)} images have no box the model sees: the box metrics are "
+                         f"over the other {len(samples) - boxless}")
+    weights_digest, layer = module_digest(loaded.module), _layer_name(loaded, target_layer)
     model = loaded.module.to(torch_device)
     objects = method_objects(model, chosen, target_layer, batch_size, seed)
+    config = _identity(data, model_args, loaded, weights_digest, mapping, boxes, chosen, objects, wanted, steps,
+                       layer, torch_device)
+    store = ResultStore(out_dir, config, {key(path) for path in dataset.listed})
+    _refuse_changed_images(store, samples, key, out_dir)
     chunk = batch_size or 32
 
-    def key(sample) -> str:
-        try:
-            return str(sample.path.relative_to(root))
-        except ValueError:
-            return str(sample.path)
-
-    pending = [(s, m) for s in samples for m in chosen if not store.done(key(s), m)]
+    pending = [(s, m) for s in samples for m in chosen if not store.done(key(s.path), m)]
     skipped = list(dataset.skipped)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console("stderr"), transient=True) as bar:
@@ -99,55 +126,70 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         for sample, name in pending:
             if current is None or current[0] is not sample:
                 try:
-                    image = load_image(sample.path, draft_size=loaded.preprocess.resize or loaded.preprocess.size)
+                    digest = file_digest(sample.path)
+                    image = load_image(sample.path)
                 except CamlensError as error:
                     skipped.append(f"{error} (skipped)")
                     current = (sample, None, None)
                 else:
-                    x = loaded.preprocess(image).to(torch_device)
-                    mapped = [loaded.preprocess.map_box(b, *image.size) for b in sample.boxes]
-                    current = (sample, x, [b for b in mapped if b is not None])
+                    current = (sample, loaded.preprocess(image).to(torch_device), digest)
             if current[1] is None:
                 bar.advance(task)
                 continue
             bar.update(task, description=f"{printable(sample.path.name)} {METHODS[name].display_name}")
             tick = time.perf_counter()
-            record = evaluate_image(objects[name], current[1], sample.label, current[2], wanted, steps, chunk)
-            record.update(image=key(sample), method=name, label=sample.label, seconds=round(time.perf_counter() - tick, 4))
+            record = evaluate_image(objects[name], current[1], sample.label, input_boxes[key(sample.path)], wanted,
+                                    steps, chunk)
+            record.update(image=key(sample.path), method=name, label=sample.label, sha256=current[2],
+                          boxes=[list(b) for b in sample.boxes], seconds=round(time.perf_counter() - tick, 4))
             store.add(record)
             bar.advance(task)
 
-    keys = {key(s) for s in samples}
+    keys = {key(s.path) for s in samples}
     records = [r for r in store.records.values() if r["image"] in keys and r["method"] in chosen]
+    counted = len({r["image"] for r in records})
+    for metric in wanted:
+        undefined = sum(not math.isfinite(r[metric]) for r in records if metric in r)
+        if undefined:
+            notes.append(f"{TITLES[metric]}: {undefined} value(s) undefined (not a number, e.g. a class probability "
+                         "of 0 on the image), left out of the mean and of n")
     summary = summarise(records, chosen, wanted)
     speed = {m: mean_interval(r["seconds"] for r in records if r["method"] == m) for m in chosen}
-    report = {"config": config, "images": len(keys), "summary": summary,
-              "seconds_per_image": {m: speed[m]["mean"] for m in chosen},
-              "skipped": [printable(p) for p in skipped], "notes": [printable(p) for p in dataset.notes]}
+    set_aside = [f"{store.path.name} {line}; set aside in {store.aside_path.name} and computed again"
+                 for line in store.set_aside]
+    report = {"config": store.config, "images": counted, "images_listed": listed, "statistic": STATISTIC,
+              "summary": summary, "seconds_per_image": {m: speed[m]["mean"] for m in chosen},
+              "skipped": [printable(p) for p in skipped], "notes": [printable(p) for p in [*notes, *set_aside]]}
     write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    lines = ["method,metric,mean,ci95,n"] + [
-        f"{m},{metric},{v['mean'] if v['mean'] is not None else ''},{v['ci95'] if v['ci95'] is not None else ''},{v['n']}"
-        for m in chosen for metric, v in summary[m].items()
+    lines = ["method,metric,mean,ci95_half_width,n"] + [
+        f"{m},{metric},{_csv(v['mean'])},{_csv(v['ci95'])},{v['n']}" for m in chosen for metric, v in summary[m].items()
     ]
     write_atomic(out_dir / "summary.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
+    names = {m: METHODS[m].display_name for m in chosen}
     curves = {kind: mean_curves(records, chosen, f"{kind}_curve") for kind in ("deletion", "insertion")}
     if any(curves.values()):
-        write_atomic(out_dir / "curves.png", lambda p: curve_plot(curves, p))
-    write_atomic(out_dir / "metrics.png", lambda p: bar_chart(summary, wanted, TITLES, p))
+        write_atomic(out_dir / "curves.png", lambda p: curve_plot(curves, p, names, counted))
+    write_atomic(out_dir / "metrics.png",
+                 lambda p: bar_chart(summary, wanted, TITLES, p, names, HIGHER_IS_BETTER, RANGES))
 
-    for line in [*dataset.notes, *skipped]:
+    for line in [*notes, *set_aside]:
+        echo_error(f"note: {printable(line)}")
+    for line in skipped:
         echo_error(f"skipped: {printable(line)}")
-    table = Table(title=f"camlens evaluate: {len(keys)} images -> {printable(out_dir)}", title_justify="left")
+    shown = f"{counted} images" if counted == listed else f"{counted} of {listed} images"
+    table = Table(title=f"camlens evaluate: {shown} -> {printable(out_dir)}", title_justify="left",
+                  caption=f"{STATISTIC}; n per column", caption_justify="left")
     table.add_column("method")
     for metric in wanted:
         arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
-        table.add_column(f"{TITLES[metric]}\n{arrow}", justify="right")
+        counts = sorted({summary[m][metric]["n"] for m in chosen})
+        table.add_column(f"{TITLES[metric]}\n{arrow}\nn = {'/'.join(map(str, counts))}", justify="right")
     table.add_column("s / image", justify="right")
     for m in chosen:
         cells = []
         for metric in wanted:
             v = summary[m][metric]
-            cells.append("-" if v["mean"] is None else f"{v['mean']:.3g}" + (f" ± {v['ci95']:.2g}" if v["ci95"] else ""))
+            cells.append("-" if v["mean"] is None else f"{v['mean']:.3g}" + (f" ± {v['ci95']:.2g}" if v["ci95"] is not None else ""))
         seconds = speed[m]["mean"]
         table.add_row(m, *cells, "-" if seconds is None else f"{seconds:.2f}")
     try:
@@ -157,3 +199,101 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
     if skipped:
         sys.exit(1)
 
+
+def _csv(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _input_boxes(sample: Sample, loaded: LoadedModel, notes: list[str]) -> list[tuple[float, float, float, float]]:
+    """The sample's boxes in model-input pixels; a box the centre crop cuts away is noted."""
+    kept = []
+    for box in sample.boxes:
+        mapped = loaded.preprocess.map_box(box, *sample.size)
+        if mapped is None:
+            notes.append(f"{sample.path}: box {box} lies outside the centre crop the model sees (box skipped)")
+        else:
+            kept.append(mapped)
+    return kept
+
+
+def _identity(data, model_args: dict, loaded: LoadedModel, weights_digest: str, mapping, boxes, chosen, objects,
+              wanted, steps, layer: str, torch_device: torch.device) -> dict:
+    """Every setting and input file that can change a result (the run's identity, in config.json).
+
+    The batch size is left out on purpose: it changes how inputs are grouped, not the numbers,
+    so a run stopped for lack of memory can resume with a smaller one.
+    """
+    spec = model_args["model_spec"]
+    is_file = " archive " in loaded.source
+    boxes_path = Path(boxes) if boxes else None
+    if boxes_path is not None and boxes_path.is_dir():
+        boxes_digest = {p.name: file_digest(p) for p in sorted(boxes_path.glob("*.xml"))}
+    else:
+        boxes_digest = file_digest(boxes_path) if boxes_path else None
+    return {
+        "camlens version": __version__,
+        "torch version": torch.__version__,
+        "DATA": str(Path(data).resolve()),
+        "labels CSV": file_digest(data) if Path(data).is_file() else None,
+        "--model": spec,
+        "model file": file_digest(spec) if is_file else None,
+        "model code": _code_digests(loaded, spec.partition(":")[0] if loaded.source.startswith("factory") else None),
+        "--weights": file_digest(model_args["weights"]) if model_args.get("weights") else None,
+        "model weights": weights_digest,
+        "--class-names": file_digest(model_args["class_names"]) if model_args.get("class_names") else None,
+        "--mapping": file_digest(mapping) if mapping else None,
+        "--boxes": boxes_digest,
+        "preprocessing": loaded.preprocess.to_dict(),
+        "--method": chosen,
+        "method options": {m: {k: v for k, v in objects[m].options().items() if k != "batch_size"} for m in chosen},
+        "--metric": wanted,
+        "--steps": steps,
+        "--target-layer": layer,
+        "device": torch_device.type,
+    }
+
+
+def _layer_name(loaded: LoadedModel, target_layer: str | None) -> str:
+    """The target layer's name, the default one included, so that naming it changes nothing."""
+    if target_layer is not None:
+        return resolve_layer(loaded.module, target_layer)[0]
+    size = loaded.preprocess.size
+    blank = loaded.preprocess(Image.new("RGB", (size, size), (128, 128, 128)))
+    return find_default_layer(loaded.module, blank[None])
+
+
+def _code_digests(loaded: LoadedModel, factory_module: str | None) -> dict[str, str]:
+    """Digests of the source files that define the model: the factory's module and the modules of
+    its layers' classes (PyTorch's own left out; the torch version stands for them)."""
+    names = {type(m).__module__ for m in loaded.module.modules()}
+    if factory_module and factory_module in sys.modules:
+        names.add(factory_module)
+    digests = {}
+    for name in sorted(names):
+        source = getattr(sys.modules.get(name), "__file__", None)
+        if name.split(".")[0] != "torch" and source and Path(source).is_file():
+            digests[name] = file_digest(source)
+    return digests
+
+
+def _refuse_changed_images(store: ResultStore, samples: list[Sample], key, out_dir: Path) -> None:
+    """Results of an image whose file, label or boxes changed since they were computed are
+    refused: they would be old numbers presented as new."""
+    by_image: dict[str, list[dict]] = {}
+    for (image, _), record in store.records.items():
+        by_image.setdefault(image, []).append(record)
+    changed = []
+    for sample in samples:
+        records = by_image.get(key(sample.path))
+        if not records:
+            continue
+        now = {"sha256": file_digest(sample.path), "label": sample.label, "boxes": [list(b) for b in sample.boxes]}
+        fields = [name for name in now if any(r[name] != now[name] for r in records)]
+        if fields:
+            what = ", ".join("content" if f == "sha256" else f for f in fields)
+            changed.append(f"{key(sample.path)} ({what})")
+    if changed:
+        raise CamlensError(
+            f"{out_dir} holds results of {len(changed)} image(s) that changed since: {'; '.join(changed[:3])}"
+            + (" ..." if len(changed) > 3 else "") + "; use another --out"
+        )

@@ -1,0 +1,361 @@
+"""camlens evaluate against a hostile first hour: a run's identity, damaged results, silent
+losses, and what the figures and tables say. A tiny factory model keeps every run quick."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import camlens
+from camlens.charts import bar_chart, curve_plot
+from camlens.evaluate import HIGHER_IS_BETTER, RANGES, TITLES, evaluate_image
+
+from conftest import make_tiny
+from test_cli import one_line_error, run
+
+NET = """import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def build(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+"""
+NUMBER = itertools.count()
+
+
+def picture(path, seed, size=(48, 40)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """A module with a tiny model factory, its weights, class names, and 4 images in 3 class folders."""
+    module = f"evalnet_{next(NUMBER)}"
+    (tmp_path / f"{module}.py").write_text(NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\ncup\n")
+    data = tmp_path / "data"
+    for seed, path in enumerate(("cat/0.png", "cat/1.png", "dog/0.png", "cup/0.png")):
+        picture(data / path, seed)
+    ns = SimpleNamespace(root=tmp_path, data=data, module=module, names=names, out=tmp_path / "out")
+    ns.args = lambda *extra, data=data, out=None, methods=("cam", "gradcam"): [
+        "evaluate", data, "--model", f"{module}:build", "--class-names", names, "--input-size", "16",
+        "--steps", "2", *(f"--method={m}" for m in methods), "--out", out or ns.out, *extra,
+    ]
+    return ns
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+# -- 3: a run's identity ----------------------------------------------------------------------------
+
+def test_an_interrupted_run_resumes_and_counts_nothing_twice(setup, capsys):
+    code, _, err = run(setup.args(out=setup.root / "whole"), capsys)
+    assert code == 0, err
+    code, _, err = run(setup.args("--limit", "2"), capsys)
+    assert code == 0, err
+    lines = (setup.out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    # Interrupted while writing the fourth record:
+    (setup.out / "results.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    code, _, err = run(setup.args(), capsys)
+    assert code == 0, err
+    assert "results.jsonl line 4: cut short (an interrupted run); set aside in results.set-aside.jsonl" in err
+    got = records(setup.out)
+    assert len(got) == 8 and len({(r["image"], r["method"]) for r in got}) == 8
+    assert summary(setup.out)["summary"] == summary(setup.root / "whole")["summary"]
+    assert (setup.out / "results.set-aside.jsonl").read_text() == lines[3][:25] + "\n"
+    # Once more, with another batch size (it changes how inputs are grouped, not the numbers):
+    before = (setup.out / "results.jsonl").read_bytes()
+    code, _, err = run(setup.args("--batch-size", "3"), capsys)
+    assert code == 0, err
+    assert "note:" not in err
+    assert (setup.out / "results.jsonl").read_bytes() == before
+
+
+def test_the_batch_size_does_not_change_the_numbers(images):
+    model = make_tiny()
+    results = []
+    for size in (1, 7):
+        explainer = camlens.ScoreCAM(model, "features", batch_size=size)
+        results.append(evaluate_image(explainer, images[0], 2, [(0, 0, 6, 6)], list(TITLES), steps=5, batch_size=size))
+    for name, value in results[0].items():
+        assert results[1][name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+
+
+def _rewrite(path, text):
+    return lambda ns: path(ns).write_text(text)
+
+
+CHANGES = {
+    "weights": (["--weights", "w.pt"], lambda ns: torch.save(_build(ns, 1).state_dict(), ns.root / "w.pt"), [],
+                "--weights: other content; model weights: other content"),
+    "class names": ([], lambda ns: ns.names.write_text("cat\ndog\ncup, mug\n"), [], "--class-names: other content"),
+    "model code": ([], lambda ns: (ns.root / f"{ns.module}.py").write_text(NET + "# edited\n"), [],
+                   "model code: other content"),
+    "steps": ([], None, ["--steps", "3"], "--steps: 2 -> 3"),
+    "layer": ([], None, ["--target-layer", "features.1"], "--target-layer: features -> features.1"),
+    "input size": ([], None, ["--input-size", "20"], "preprocessing size: 16 -> 20; preprocessing resize: 18 -> 23"),
+    "methods": ([], None, ["-m", "gradcam++"], "--method: cam, gradcam -> cam, gradcam, gradcam++"),
+    "seed": (["-m", "smoothgradcam++"], None, ["-m", "smoothgradcam++", "--seed", "5"],
+             "method options smoothgradcam++ seed: 0 -> 5"),
+    "image": ([], lambda ns: picture(ns.data / "cat" / "0.png", 99), [],
+              "holds results of 1 image(s) that changed since: cat/0.png (content); use another --out"),
+    "boxes beside": (["--metric", "energy"],
+                     lambda ns: (ns.data / "cat" / "0.xml").write_text(_voc(2, 2, 30, 30)), ["--metric", "energy"],
+                     "cat/0.png (boxes)"),
+}
+
+
+def _build(ns, seed):
+    import importlib
+
+    return importlib.import_module(ns.module).build(seed)
+
+
+def _voc(*box):
+    tags = "".join(f"<{t}>{v}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box))
+    return f"<annotation><object><bndbox>{tags}</bndbox></object></annotation>"
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_run_with_other_settings_is_refused_naming_what_changed(setup, change, capsys):
+    first, edit, second, text = CHANGES[change]
+    if change == "weights":
+        torch.save(_build(setup, 0).state_dict(), setup.root / "w.pt")
+        first = ["--weights", setup.root / "w.pt"]
+        second = first
+    if change == "boxes beside":
+        (setup.data / "cat" / "0.xml").write_text(_voc(1, 1, 20, 20))
+    methods = ("gradcam",) if change == "layer" else ("cam", "gradcam")  # CAM needs the pooled layer
+    code, _, err = run(setup.args("--limit", "1", *first, methods=methods), capsys)
+    assert code == 0, err
+    if change == "layer":  # naming the default layer is no change
+        code, _, err = run(setup.args("--limit", "1", "--target-layer", "features", methods=methods), capsys)
+        assert code == 0, err
+    if edit is not None:
+        edit(setup)
+    code, _, err = run(setup.args("--limit", "1", *second, methods=methods), capsys)
+    one_line_error(code, err, 1, text)
+
+
+def test_changed_mapping_boxes_and_labels_files_are_refused(setup, capsys):
+    """The same paths with new content: --mapping, --boxes and a labels CSV."""
+    (setup.root / "labels.csv").write_text("path,label\ndata/cat/0.png,kitty\ndata/dog/0.png,dog\n")
+    (setup.root / "map.csv").write_text("kitty,0\ndog,1\n")
+    (setup.root / "boxes.csv").write_text("data/cat/0.png,0,0,20,20\n")
+    args = setup.args("--mapping", setup.root / "map.csv", "--boxes", setup.root / "boxes.csv",
+                      "--metric", "energy", data=setup.root / "labels.csv")
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    for name, text in (("map.csv", "kitty,2\ndog,1\n"), ("boxes.csv", "data/cat/0.png,0,0,30,30\n"),
+                       ("labels.csv", "path,label\ndata/cat/0.png,kitty\ndata/dog/0.png,0\n")):
+        saved = (setup.root / name).read_text()
+        (setup.root / name).write_text(text)
+        code, _, err = run(args, capsys)
+        what = {"map.csv": "--mapping", "boxes.csv": "--boxes", "labels.csv": "labels CSV"}[name]
+        one_line_error(code, err, 1, f"holds results of other settings ({what}: other content)")
+        (setup.root / name).write_text(saved)
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+
+
+def test_a_replaced_model_file_is_refused(setup, capsys):
+    path = setup.root / "net.pt2"
+    example = (torch.randn(2, 3, 16, 16),)
+    dynamic = ({0: torch.export.Dim("batch")},)
+    torch.export.save(torch.export.export(_build(setup, 0), example, dynamic_shapes=dynamic), path)
+    args = ["evaluate", setup.data, "--model", path, "--class-names", setup.names, "--input-size", "16",
+            "--steps", "2", "-m", "gradcam", "--limit", "1", "--out", setup.out]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    torch.export.save(torch.export.export(_build(setup, 1), example, dynamic_shapes=dynamic), path)
+    code, _, err = run(args, capsys)
+    one_line_error(code, err, 1, "model file: other content; model weights: other content")
+
+
+# -- 4: damaged results and config -------------------------------------------------------------------
+
+def test_damaged_and_foreign_lines_are_set_aside_and_recomputed(setup, capsys):
+    code, _, err = run(setup.args(), capsys)
+    assert code == 0, err
+    good = (setup.out / "results.jsonl").read_text().splitlines()
+    expected = summary(setup.out)["summary"]
+    first = json.loads(good[0])
+    bad = [
+        '{"image": "cat/0.png", "meth',  # damaged in the middle (was a JSONDecodeError)
+        "[1, 2, 3]",  # valid JSON, not an object (was a TypeError)
+        json.dumps({k: v for k, v in first.items() if k != "drop"}),  # a field missing
+        json.dumps({**first, "deletion_curve": "flat"}),  # a field of the wrong type
+        json.dumps({**first, "image": "cat/elsewhere.png"}),  # an image not in the dataset
+        json.dumps({**first, "method": "scorecam"}),  # a method not in this run
+        good[0],  # a pair recorded twice
+    ]
+    bad = [line.encode() for line in bad] + [b"\xff\xfe"]  # not UTF-8
+    # Lines 2 and 5 of the good ones are lost (overwritten) and must be computed again.
+    good = [line.encode() for line in good]
+    damaged = [good[0], bad[0], bad[1], good[2], good[3], *bad[2:], *good[5:]]
+    (setup.out / "results.jsonl").write_bytes(b"\n".join(damaged) + b"\n")
+    code, _, err = run(setup.args(), capsys)
+    assert code == 0, err
+    assert "Traceback" not in err
+    notes = [line for line in err.splitlines() if "set aside" in line]
+    assert len(notes) == len(bad)
+    for text in ("line 2: not JSON", "line 3: a JSON list, not a record", "line 6: field 'drop' is missing",
+                 "line 7: field 'deletion_curve' is missing or not 3 numbers",
+                 "line 8: image 'cat/elsewhere.png' is not in this dataset", "line 9: method 'scorecam' is not in this run",
+                 "line 10: a second result for the same image and method", "line 11: not JSON"):
+        assert any(text in note for note in notes), text
+    got = records(setup.out)
+    assert len(got) == 8 and len({(r["image"], r["method"]) for r in got}) == 8
+    assert summary(setup.out)["summary"] == expected
+    assert len((setup.out / "results.set-aside.jsonl").read_bytes().splitlines()) == len(bad)
+
+
+def test_undefined_values_are_said_not_dropped(setup, capsys):
+    code, _, err = run(setup.args("--limit", "2"), capsys)
+    assert code == 0, err
+    lines = (setup.out / "results.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "drop": float("nan")})  # Y = 0 gives 0 / 0
+    (setup.out / "results.jsonl").write_text("\n".join(lines) + "\n")
+    code, _, err = run(setup.args("--limit", "2"), capsys)
+    assert code == 0, err
+    assert "note: Average Drop (%): 1 value(s) undefined" in err
+    assert summary(setup.out)["summary"][json.loads(lines[0])["method"]]["drop"]["n"] == 1
+
+
+def test_a_damaged_config_is_reported_as_damaged(setup, capsys):
+    code, _, err = run(setup.args("--limit", "1"), capsys)
+    assert code == 0, err
+    assert json.loads((setup.out / "config.json").read_text())["--steps"] == 2
+    assert not [p for p in setup.out.iterdir() if p.name.startswith(".config")]  # written atomically
+    (setup.out / "config.json").write_text('{"camlens version": "0.1')
+    code, _, err = run(setup.args("--limit", "1"), capsys)
+    one_line_error(code, err, 1, "config.json is damaged (not a JSON object)")
+    (setup.out / "config.json").unlink()
+    code, _, err = run(setup.args("--limit", "1"), capsys)
+    one_line_error(code, err, 1, "results.jsonl has no config.json beside it")
+
+
+# -- 9: silent losses ---------------------------------------------------------------------------------
+
+def test_skipped_images_and_cropped_boxes_are_said(setup, capsys):
+    (setup.data / "cup" / "1.png").write_bytes(b"\x89PNG cut")
+    picture(setup.data / "dog" / "wide.png", 7, size=(160, 40))
+    # The centre crop of a 160x40 photo is x 60..100: a box at the left edge is cut away.
+    (setup.root / "boxes.csv").write_text("dog/wide.png,0,0,30,40\ncat/0.png,0,0,20,20\n")
+    code, out, err = run(setup.args("--boxes", setup.root / "boxes.csv"), capsys)
+    assert code == 1
+    assert "camlens evaluate: 5 of 6 images" in out
+    assert "wide.png: box (0.0, 0.0, 30.0, 40.0) lies outside the centre crop the model sees (box skipped)" in err
+    assert "4 of 5 images have no box the model sees: the box metrics are over the other 1" in err
+    assert "1.png: unreadable image" in err
+    report = summary(setup.out)
+    assert report["images"] == 5 and report["images_listed"] == 6
+    assert report["summary"]["cam"]["energy"]["n"] == 1 and report["summary"]["cam"]["drop"]["n"] == 5
+
+
+@pytest.mark.parametrize(
+    "extra, text",
+    [
+        (["--boxes", "missing.csv"], "--boxes missing.csv: no such file or folder"),
+        (["--mapping", "{root}/far.json"], "far.json: label 'cup' maps to class 7, but the model has 3 classes (0 to 2)"),
+    ],
+)
+def test_bad_boxes_and_mappings_stop_before_any_work(setup, extra, text, capsys):
+    (setup.root / "far.json").write_text('{"cat": 0, "dog": 1, "cup": 7}')
+    extra = [e.format(root=setup.root) for e in extra]
+    code, _, err = run(setup.args(*extra), capsys)
+    one_line_error(code, err, 1, text)
+    assert not (setup.out / "results.jsonl").exists()
+
+
+# -- 12 and 14: what the figures, tables and help say -------------------------------------------------
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the charts save, kept for inspection."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), save(self, *a, **k)))
+    return figures
+
+
+def test_curves_of_methods_that_coincide_share_a_labelled_line(drawn, tmp_path):
+    same = [0.9, 0.5, 0.2]
+    curves = {"deletion": {"cam": same, "gradcam": list(same), "scorecam": [0.9, 0.4, 0.1]},
+              "insertion": {"cam": [0.1, 0.5], "gradcam": [0.1, 0.6]}}
+    curve_plot(curves, tmp_path / "c.png", {"cam": "CAM", "gradcam": "Grad-CAM", "scorecam": "Score-CAM"}, 4)
+    deletion, insertion = drawn[0].axes
+    assert [t.get_text() for t in deletion.get_legend().get_texts()] == ["CAM = Grad-CAM", "Score-CAM"]
+    assert len(deletion.lines) == 2 and deletion.lines[0].get_linestyle() != deletion.lines[1].get_linestyle()
+    assert [t.get_text() for t in insertion.get_legend().get_texts()] == ["CAM", "Grad-CAM"]
+    assert "lower is better" in deletion.get_title() and "higher is better" in insertion.get_title()
+    assert "over 4 images" in deletion.get_title()
+
+
+def test_bars_clip_the_interval_to_the_metric_range_and_mark_equal_bars(drawn, tmp_path):
+    stats = {
+        "cam": {"increase": {"mean": 90.0, "ci95": 25.0, "n": 4}, "deletion": {"mean": 0.05, "ci95": 0.1, "n": 4}},
+        "gradcam": {"increase": {"mean": 90.0, "ci95": 25.0, "n": 4}, "deletion": {"mean": 0.3, "ci95": 0.1, "n": 4}},
+        "scorecam": {"increase": {"mean": 50.0, "ci95": 20.0, "n": 4}, "deletion": {"mean": 0.3, "ci95": 0.1, "n": 3}},
+    }
+    names = {"cam": "CAM", "gradcam": "Grad-CAM", "scorecam": "Score-CAM"}
+    bar_chart(stats, ["increase", "deletion"], TITLES, tmp_path / "m.png", names, HIGHER_IS_BETTER, RANGES)
+    increase, deletion = drawn[0].axes
+    ends = sorted(tuple(np.round(segment[:, 1], 6)) for segment in increase.collections[0].get_segments())
+    assert ends == [(30.0, 70.0), (65.0, 100.0), (65.0, 100.0)]  # 90 ± 25 stops at 100
+    low = sorted(tuple(np.round(segment[:, 1], 6)) for segment in deletion.collections[0].get_segments())[0]
+    assert low == (0.0, 0.15)  # 0.05 ± 0.1 stops at 0
+    assert [t.get_text() for t in increase.get_xticklabels()] == ["CAM", "Grad-CAM (= CAM)", "Score-CAM"]
+    assert [t.get_text() for t in deletion.get_xticklabels()] == ["CAM", "Grad-CAM", "Score-CAM (= Grad-CAM)"]
+    assert "higher is better, n = 4" in increase.get_title() and "lower is better, n = 3/4" in deletion.get_title()
+    assert increase.get_ylim()[1] <= 100.0
+    assert "mean ± 95% confidence interval" in drawn[0].get_suptitle()
+
+
+def test_tables_say_what_their_numbers_are(setup, capsys):
+    code, out, err = run(setup.args(), capsys)
+    assert code == 0, err
+    assert "mean ± 95% confidence interval (Student's t) over n images" in out and "n = 4" in out
+    assert (setup.out / "summary.csv").read_text().splitlines()[0] == "method,metric,mean,ci95_half_width,n"
+    assert summary(setup.out)["statistic"].startswith("mean ± 95% confidence interval")
+
+
+def test_help_names_the_default_methods(capsys):
+    code, out, _ = run(["evaluate", "--help"], capsys)
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "default: cam, gradcam, gradcam++, smoothgradcam++, scorecam" in flat
+    assert "seed method" not in flat
