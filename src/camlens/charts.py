@@ -15,26 +15,41 @@ _DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1))]
 _MARKERS = ["o", "s", "^", "v", "D"]
 
 
-def _coinciding(values: dict[str, object], names: dict[str, str]) -> dict[str, str]:
-    """Each method's label, with the methods whose values are exactly equal named together
-    ("CAM = Grad-CAM"), so that one is never drawn hidden under the other."""
-    groups: dict[str, list[str]] = {}
+def _coinciding(values: dict[str, Sequence[float | None]], names: dict[str, str], tolerance: float) -> dict[str, str]:
+    """Each method's label, the methods whose values agree to within ``tolerance`` named together
+    ("CAM = Grad-CAM"), so that none is drawn hidden under another. (CAM and Grad-CAM are equal in
+    theory on a pooled layer, but their floats differ in the last digits.)"""
+
+    def same(a: Sequence[float | None], b: Sequence[float | None]) -> bool:
+        return len(a) == len(b) and all(
+            (x is None) == (y is None) and (x is None or abs(x - y) <= tolerance) for x, y in zip(a, b)
+        )
+
+    groups: list[list[str]] = []
     for method, value in values.items():
-        groups.setdefault(repr(value), []).append(method)
-    return {m: " = ".join(names.get(g, g) for g in group) for group in groups.values() for m in group}
+        group = next((g for g in groups if same(values[g[0]], value)), None)
+        if group is None:
+            groups.append([method])
+        else:
+            group.append(method)
+    return {m: " = ".join(names.get(g, g) for g in group) for group in groups for m in group}
+
+
+CURVE_TOLERANCE = 1e-3  # probability: well below a line's width on the plot
+BAR_TOLERANCE = 1e-3  # of the metric's range: 0.1 percentage points of a % metric
 
 
 def curve_plot(curves: dict[str, dict[str, list[float]]], path: Path, names: dict[str, str] | None = None,
                count: int | None = None) -> None:
     """Mean deletion and insertion curves, one line per method: ``{"deletion": {method: curve}}``.
 
-    Methods with exactly the same mean curve share one line, labelled "A = B"."""
+    Methods whose mean curves agree to within 0.001 everywhere share one line, labelled "A = B"."""
     names = names or {}
     kinds = [kind for kind in ("deletion", "insertion") if curves.get(kind)]
     figure = new_figure(5.0 * max(1, len(kinds)), 4.0)
     axes = figure.subplots(1, max(1, len(kinds)), squeeze=False)[0]
     for ax, kind in zip(axes, kinds):
-        labels = _coinciding({m: tuple(v) for m, v in curves[kind].items()}, names)
+        labels = _coinciding(curves[kind], names, CURVE_TOLERANCE)
         drawn: list[str] = []
         for method, values in curves[kind].items():
             if labels[method] in drawn:
@@ -52,7 +67,9 @@ def curve_plot(curves: dict[str, dict[str, list[float]]], path: Path, names: dic
         ax.set_ylabel("probability of the class")
         top = max((max(v) for v in curves[kind].values()), default=0.0)
         ax.set_ylim(0, min(1.0, 1.1 * top) if top > 0 else 1.0)
-        ax.legend(fontsize=8)
+        shared = any(" = " in label for label in drawn)
+        ax.legend(fontsize=8, title=f"A = B: within {CURVE_TOLERANCE:g} at every step" if shared else None,
+                  title_fontsize=7)
     figure.tight_layout()
     figure.savefig(path, format="png")
 
@@ -61,8 +78,9 @@ def bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], pat
               names: dict[str, str] | None = None, higher_is_better: dict[str, bool] | None = None,
               ranges: dict[str, tuple[float, float]] | None = None) -> None:
     """One bar chart per metric: the mean of each method with its 95% confidence interval, the
-    interval cut at the metric's ``ranges`` (a share cannot exceed 100%). Methods with exactly the
-    same mean and interval share a colour and say so under their bar ("Grad-CAM (= CAM)")."""
+    interval cut at the metric's ``ranges`` (a share cannot exceed 100%). Methods whose mean and
+    interval agree to within 0.1% of the range share a colour and say so under their bar
+    ("Grad-CAM (= CAM)")."""
     names = names or {}
     figure = new_figure(3.2 * len(metrics), 3.9)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
@@ -71,7 +89,8 @@ def bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], pat
     for ax, metric in zip(axes, metrics):
         low, high = (ranges or {}).get(metric, (-np.inf, np.inf))
         values = {m: (summary[m][metric]["mean"], summary[m][metric]["ci95"]) for m in methods}
-        labels = _coinciding(values, names)
+        scale = high - low if np.isfinite(high - low) else max((abs(v) for pair in values.values() for v in pair if v), default=1.0)
+        labels = _coinciding(values, names, BAR_TOLERANCE * scale)
         firsts = list(dict.fromkeys(labels.values()))
         means = [np.nan if values[m][0] is None else values[m][0] for m in methods]
         spans = [0.0 if values[m][1] is None else values[m][1] for m in methods]
@@ -91,7 +110,8 @@ def bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], pat
         tops = [mean + up for mean, up in zip(means, above) if np.isfinite(mean)]
         top = max(tops, default=0.0)
         ax.set_ylim(low if np.isfinite(low) else None, min(high, top * 1.1) if top > 0 else None)
-    figure.suptitle("mean ± 95% confidence interval", fontsize=9)
+    figure.suptitle("mean ± 95% confidence interval; (= A): the same bar as A, to within 0.1% of the "
+                    "metric's range", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, format="png")
 
