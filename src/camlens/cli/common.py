@@ -62,7 +62,7 @@ def printable(text: object) -> str:
 def model_options(command: Callable) -> Callable:
     options = [
         click.option("--model", "model_spec", default="efficientnet_lite0", show_default=True,
-                     help="A registered model, a TorchScript/torch.export archive, or package.module:factory."),
+                     help="A registered model, a torch.export archive (.pt2), or package.module:factory."),
         click.option("--weights", type=click.Path(dir_okay=False), help="State dict for a factory model (loaded with weights_only=True)."),
         click.option("--input-size", type=click.IntRange(1, MAX_INPUT_SIZE), help="Side of the square model input (default: the model's, else 224)."),
         click.option("--resize", type=click.IntRange(1, 2 * MAX_INPUT_SIZE), help="Shorter side before the centre crop (default: input size x 8/7)."),
@@ -75,18 +75,42 @@ def model_options(command: Callable) -> Callable:
     return command
 
 
-def run_options(command: Callable) -> Callable:
-    """--device, --batch-size and --seed, shared by the commands that run methods."""
+METHODS_HELP = f"A method (repeatable; default: all five, {', '.join(SEED_METHODS)}). See `camlens methods`."
+
+
+def method_option(command: Callable) -> Callable:
+    return click.option("--method", "-m", "methods", multiple=True, metavar="M", help=METHODS_HELP)(command)
+
+
+def fc_option(command: Callable) -> Callable:
+    """--fc: CAM's classifier, for models where camlens cannot find it alone."""
+    return click.option(
+        "--fc", metavar="LAYER",
+        help="CAM's classifier: the nn.Linear after the global average pooling (default: the last one "
+             "whose inputs match the target layer's channels). See `camlens layers`.",
+    )(command)
+
+
+def run_options(
+    command: Callable | None = None,
+    *,
+    batch_size_help: str = "Inputs per forward pass of Score-CAM and Smooth Grad-CAM++.",
+    seed_help: str = "Seed of Smooth Grad-CAM++'s noise.",
+) -> Callable:
+    """--device, --batch-size and --seed: ``@run_options``, or ``@run_options(seed_help=...)``
+    where they do more in a command than the defaults say."""
     options = [
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
-        click.option("--batch-size", type=click.IntRange(min=1),
-                     help="Inputs per forward pass (Score-CAM, Smooth Grad-CAM++, the metrics)."),
-        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
-                     help="Seed of Smooth Grad-CAM++'s noise (and of the re-initialisation in sanity)."),
+        click.option("--batch-size", type=click.IntRange(min=1), help=batch_size_help),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help=seed_help),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate if command is None else decorate(command)
 
 
 def open_model(
@@ -169,22 +193,40 @@ def slug(text: str, fallback: str) -> str:
 
 
 def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | None,
-            model_args: dict) -> tuple[list[str], torch.device, LoadedModel, int]:
-    """What every command checks before any work: methods, output, device, model, layer."""
+            model_args: dict, fc: str | None = None,
+            on_skip: Callable[[str, str], None] | None = None) -> tuple[list[str], torch.device, LoadedModel, int]:
+    """What every command checks before any work: methods, output, device, model, layer.
+
+    CAM fits only a layer that feeds a global-average-pool + linear head. When the user named
+    no method (and no --fc), CAM is left out where it does not fit and ``on_skip(method,
+    reason)`` is called (default: a note on stderr); when CAM was asked for, its error stands.
+    """
     chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
+    if fc is not None and "cam" not in chosen:
+        raise CamlensError("--fc names CAM's classifier, but CAM is not among the methods: add -m cam")
     if not out.strip():
         raise CamlensError("--out is empty: name an output directory")
     torch_device = choose_device(device)
     loaded = open_model(**model_args)
-    classes = probe(loaded, target_layer, chosen)
+    classes = probe(loaded, target_layer)
+    if "cam" in chosen and (reason := cam_misfit(loaded, target_layer, fc)) is not None:
+        if methods or fc is not None:
+            raise CamlensError(reason)
+        chosen.remove("cam")
+        # What is wrong, without the library's advice (name fc=, use Grad-CAM): the others run.
+        (on_skip or note_skip)("cam", reason.split("; ")[0])
     return chosen, torch_device, loaded, classes
 
 
+def note_skip(method: str, reason: str) -> None:
+    echo_error(f"camlens: note: {METHODS[method].display_name} skipped: {reason}")
+
+
 def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,
-                   seed: int) -> dict[str, Any]:
+                   seed: int, fc: str | None = None) -> dict[str, Any]:
     objects = {}
     for name in methods:
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"fc": fc} if name == "cam" else {}
         if name in BATCHED_METHODS and batch_size is not None:
             options["batch_size"] = batch_size
         if name == "smoothgradcam++":
@@ -194,8 +236,8 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
 
 
 
-def probe(loaded: LoadedModel, target_layer: str | None, methods: Sequence[str]) -> int:
-    """Check the model, preprocessing, target layer and CAM's head once, on a blank grey photo.
+def probe(loaded: LoadedModel, target_layer: str | None) -> int:
+    """Check the model, preprocessing and target layer once, on a blank grey photo.
 
     A batch of two, because Score-CAM and Smooth Grad-CAM++ forward batches: a model exported
     with a fixed batch size of one fails here rather than on every image. Returns the number
@@ -222,7 +264,24 @@ def probe(loaded: LoadedModel, target_layer: str | None, methods: Sequence[str])
     check_finite(output, "model outputs on a blank input (check --mean and --std)")
     if loaded.class_names is not None and len(loaded.class_names) != output.shape[1]:
         raise CamlensError(f"{len(loaded.class_names)} class names for a model with {output.shape[1]} classes")
-    if "cam" in methods:  # whether the head suits CAM does not depend on the image
-        METHODS["cam"](loaded.module, target_layer=target_layer)(example[:1])
     return int(output.shape[1])
+
+
+def cam_misfit(loaded: LoadedModel, target_layer: str | None, fc: str | None) -> str | None:
+    """Why CAM cannot explain this layer of this model, or None when it can.
+
+    Whether the head suits CAM does not depend on the image: a blank input tells.
+    """
+    preprocess = loaded.preprocess
+    blank = preprocess(Image.new("RGB", (preprocess.size, preprocess.size), (128, 128, 128))).unsqueeze(0)
+    try:
+        cam = METHODS["cam"](loaded.module, target_layer=target_layer, fc=fc)
+    except CamlensError as error:
+        raise CamlensError(f"--fc {fc}: {error}") from None
+    try:
+        cam(blank)
+    except CamlensError as error:
+        # The library's hint names the Python argument; on the command line it is --fc.
+        return str(error).replace("(fc=)", "(--fc)")
+    return None
 

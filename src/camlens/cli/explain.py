@@ -34,13 +34,18 @@ from ..io import (
     ensure_writable_dir,
     expand_inputs,
     load_image,
+    locked_output_dir,
+    os_reason,
     publish_mode,
     write_atomic,
 )
 from ..methods import METHODS
 from ..models import LoadedModel
 from ..render import (
+    DEFAULT_COLORMAP,
     Panel,
+    captioned,
+    check_colormap,
     comparison_figure,
     model_view,
     overlay,
@@ -50,8 +55,10 @@ from .common import (
     MARKER,
     console,
     echo_error,
+    fc_option,
     first_line,
     method_objects,
+    method_option,
     model_options,
     prepare,
     printable,
@@ -89,15 +96,18 @@ class Explainer:
 
     def __init__(self, loaded: LoadedModel, methods: Sequence[str], target_layer: str | None,
                  class_index: int | None, top_k: int, device: torch.device,
-                 batch_size: int | None, seed: int) -> None:
+                 batch_size: int | None, seed: int, fc: str | None = None,
+                 colormap: str = DEFAULT_COLORMAP, caption: bool = True) -> None:
         self.loaded = loaded
         self.model = loaded.module.to(device)
         self.device = device
         self.class_index = class_index
         self.top_k = top_k
+        self.colormap = colormap
+        self.caption = caption
         self.target_layers: tuple[str, ...] = ()
         self.default_layer: bool | None = None
-        self.methods = method_objects(self.model, methods, target_layer, batch_size, seed)
+        self.methods = method_objects(self.model, methods, target_layer, batch_size, seed, fc=fc)
 
     def targets(self):
         return self.class_index if self.class_index is not None else TopK(self.top_k)
@@ -105,10 +115,9 @@ class Explainer:
     def run(self, path: Path, folder: Path, progress: Callable[[str, int, int], None]) -> ImageResult:
         result = ImageResult(path)
         start = time.perf_counter()
-        preprocess = self.loaded.preprocess
-        image = load_image(path, draft_size=preprocess.resize or preprocess.size)
+        image = load_image(path)
         result.size = image.size
-        x = preprocess(image).unsqueeze(0).to(self.device)
+        x = self.loaded.preprocess(image).unsqueeze(0).to(self.device)
         result.timings["load"] = time.perf_counter() - start
 
         explanations = {}
@@ -137,32 +146,45 @@ class Explainer:
 
     def _write(self, image: Image.Image, explanations: dict, result: ImageResult, folder: Path) -> dict:
         view = model_view(image, self.loaded.preprocess.crop_box(*image.size))
+        layer = ", ".join(self.target_layers)
         overlays: dict[str, list[str]] = {}
-        rows = [[Panel(view, f"input\n{t['name']} ({t['probability']:.2f})")] for t in result.targets]
+        rows = [[Panel(view, f"input\n{label(t)}")] for t in result.targets]
         arrays: dict[str, np.ndarray] = {}
         for name, explanation in explanations.items():
             data = explanation.to_numpy()
             arrays[f"{name}/maps"] = data["maps"][0]
-            for layer, raw in data["raw"].items():
-                arrays[f"{name}/raw/{layer}"] = raw[0]
-            for layer, weights in data["weights"].items():
-                arrays[f"{name}/weights/{layer}"] = weights[0]
+            for layer_name, raw in data["raw"].items():
+                arrays[f"{name}/raw/{layer_name}"] = raw[0]
+            for layer_name, weights in data["weights"].items():
+                arrays[f"{name}/weights/{layer_name}"] = weights[0]
             overlays[name] = []
+            display = METHODS[name].display_name
             for index, target in enumerate(result.targets):
-                picture = overlay(view, data["maps"][0, index])
+                picture = overlay(view, data["maps"][0, index], colormap=self.colormap)
                 filename = f"{name}_{index + 1}_{slug(target['name'], 'class')}.png"
-                picture.save(folder / filename)
+                saved = captioned(picture, f"{display} · {label(target)} · layer {layer}") if self.caption else picture
+                saved.save(folder / filename)
                 overlays[name].append(filename)
-                title = f"{METHODS[name].display_name}\n{target['name']} ({target['probability']:.2f})"
-                rows[index].append(Panel(picture, title))
+                rows[index].append(Panel(picture, f"{display}\n{label(target)}"))
         arrays["targets"] = np.array([t["class"] for t in result.targets])
         arrays["probabilities"] = np.array([t["probability"] for t in result.targets], dtype=np.float32)
         np.savez_compressed(folder / "maps.npz", **arrays)
-        top = result.predictions[0]
-        comparison_figure(rows, folder / "comparison.png",
-                          title=f"{printable(result.path.name)}: {top['name']} ({top['probability']:.2f})")
-        (folder / MARKER).write_text(f"made by camlens {__version__}\n")
+        title = f"{printable(result.path.name)}, layer {layer}\n{self.explained(result)}"
+        comparison_figure(rows, folder / "comparison.png", title=title, colormap=self.colormap)
         return {"comparison": "comparison.png", "maps": "maps.npz", "overlays": overlays}
+
+    def explained(self, result: ImageResult) -> str:
+        """What the maps explain, in words: with --class that is not the model's top-1."""
+        targets, top = result.targets, result.predictions[0]
+        if self.class_index is not None:
+            return f"explained: {label(targets[0])}, chosen with --class; top-1: {label(top)}"
+        if len(targets) > 1:
+            return f"explained: the top {len(targets)} classes, one per row"
+        return f"explained: the top-1 class, {label(top)}"
+
+
+def label(target: dict) -> str:
+    return f"{target['name']} ({target['probability']:.2f})"
 
 
 def output_names(paths: Sequence[Path], out_dir: Path) -> list[str]:
@@ -182,81 +204,115 @@ def output_names(paths: Sequence[Path], out_dir: Path) -> list[str]:
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--method", "-m", "methods", multiple=True, metavar="M",
-              help="A method (repeatable; default: the five seed methods). See `camlens methods`.")
-@click.option("--target-layer", help="Layer to explain (default: the last feature map before pooling). See `camlens layers`.")
+@method_option
+@click.option("--target-layer", metavar="NAME", help="Layer to explain (default: the last feature map before pooling). See `camlens layers`.")
 @click.option("--class", "class_", metavar="C", help="Explain this class (index or name) instead of the top-1.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Explain the K most probable classes.")
-@click.option("--out", default="camlens-out", show_default=True, help="Output directory.")
+@click.option("--out", default="camlens-out", show_default=True,
+              help="Output directory (one run at a time; folders of earlier runs are kept and listed).")
+@click.option("--colormap", default=DEFAULT_COLORMAP, show_default=True, metavar="NAME",
+              help="Colour map of the maps: any matplotlib colour map (viridis, inferno, turbo, ...).")
+@click.option("--caption/--no-caption", default=True, show_default=True,
+              help="Write the method, class and layer under each overlay image.")
+@fc_option
 @run_options
 @model_options
-def explain(inputs, methods, target_layer, class_, top_k, out, device, batch_size, seed, **model_args) -> None:
+def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption, fc, device, batch_size, seed,
+            **model_args) -> None:
     """Explain IMAGE_OR_DIR... with each method: overlays, a comparison figure, maps and a manifest."""
     started = time.perf_counter()
     if class_ is not None and top_k is not None:
         raise CamlensError("give --class or --top-k, not both")
-    files, skipped = expand_inputs(inputs)
-    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args)
+    check_colormap(colormap)
+    files, skipped, unreadable = expand_inputs(inputs)
+    skipped_methods: dict[str, str] = {}
+    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
+                                                    on_skip=skipped_methods.__setitem__)
     out_dir = ensure_writable_dir(out)
     class_index = resolve_class(class_, loaded, classes) if class_ is not None else None
     if top_k is not None and top_k > classes:
         raise CamlensError(f"--top-k {top_k} is more than the model's {classes} classes")
-    explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or 1, torch_device, batch_size, seed)
-
-    # A manifest from an earlier run would describe folders this run replaces: it goes first.
-    (out_dir / "manifest.json").unlink(missing_ok=True)
-    results: list[ImageResult] = []
-    names = output_names(files, out_dir)
+    explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or 1, torch_device, batch_size, seed,
+                          fc=fc, colormap=colormap, caption=caption)
+    run_record = {"created": now(), "command": command_line(), "methods": chosen, "model": loaded.name}
+    results = [ImageResult(path, status="failed", error=reason) for path, reason in unreadable.items()]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
 
-    def finish(status: str) -> None:
-        manifest = build_manifest(loaded, classes, explainer, chosen, results, skipped, torch_device,
-                                  time.perf_counter() - started, top_k, class_index, seed, batch_size, status)
-        write_atomic(out_dir / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+    with locked_output_dir(out_dir):
+        # A manifest from an earlier run would describe folders this run replaces: it goes first.
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        names = output_names(files, out_dir)
 
-    try:
-        with Progress(*columns, console=console("stderr"), transient=True) as bar:
-            overall = bar.add_task("images", total=len(files))
-            step = bar.add_task("", total=1, visible=False)
+        def finish(status: str) -> list[dict]:
+            kept = earlier_folders(out_dir, results)
+            manifest = build_manifest(loaded, classes, explainer, chosen, skipped_methods, results, kept, skipped,
+                                      torch_device, time.perf_counter() - started, top_k, class_index, seed,
+                                      batch_size, status)
+            try:
+                write_atomic(out_dir / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+            except OSError as error:
+                raise CamlensError(f"cannot write {out_dir / 'manifest.json'}: {os_reason(error)}") from None
+            return kept
 
-            def report(method: str, done: int, total: int) -> None:
-                bar.update(step, description=f"  {METHODS[method].display_name}", completed=done, total=total, visible=True)
+        try:
+            with Progress(*columns, console=console("stderr"), transient=True) as bar:
+                overall = bar.add_task("images", total=len(files))
+                step = bar.add_task("", total=1, visible=False)
 
-            for path, name in zip(files, names):
-                bar.update(overall, description=printable(path.name))
-                results.append(explain_one(explainer, path, out_dir, name, report))
-                bar.update(step, visible=False)
-                bar.advance(overall)
-    except KeyboardInterrupt:
-        finish("interrupted")
-        raise
-    finish("complete")
+                def report(method: str, done: int, total: int) -> None:
+                    bar.update(step, description=f"  {METHODS[method].display_name}", completed=done, total=total, visible=True)
+
+                for path, name in zip(files, names):
+                    bar.update(overall, description=printable(path.name))
+                    results.append(explain_one(explainer, path, out_dir, name, report, run_record))
+                    bar.update(step, visible=False)
+                    bar.advance(overall)
+        except KeyboardInterrupt:
+            finish("interrupted")
+            raise
+        kept = finish("complete")
     for path in skipped:
         echo_error(f"skipped (not an image file): {printable(path)}")
     for r in results:
         if r.status != "ok":
             echo_error(f"failed: {r.error}")
-    print_summary(results, chosen, out_dir)
+    print_summary(results, chosen, out_dir, class_index is not None, skipped_methods, kept)
     if any(r.status != "ok" for r in results):
         sys.exit(1)
 
 
-def explain_one(explainer: Explainer, path: Path, out_dir: Path, name: str, report) -> ImageResult:
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def command_line() -> list[str]:
+    return ["camlens", *map(printable, sys.argv[1:])]
+
+
+def explain_one(explainer: Explainer, path: Path, out_dir: Path, name: str, report, run_record: dict) -> ImageResult:
     """Explain one image into out_dir/name; on failure leave nothing behind but the error."""
     staging = None
     try:
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".camlens-staging-"))
         result = explainer.run(path, staging, report)
-        publish(staging, out_dir / name)
         result.output = name
+        # The marker says camlens made the folder, and which run: a later run into the same
+        # --out lists the folder from it.
+        record = {"run": {**run_record, "target_layers": list(explainer.target_layers)}, "image": result.to_dict()}
+        (staging / MARKER).write_text(json.dumps(record, indent=1) + "\n")
+        publish(staging, out_dir / name)
         return result
     except CamlensError as error:
         message = str(error)
-        if not message.startswith(str(path)):
+        if not message.startswith(printable(path)):
             message = f"{printable(path)}: {message}"
         return ImageResult(path, status="failed", error=message)
     except Exception as error:  # the model or a library failed on this image: report it, go on
-        return ImageResult(path, status="failed", error=f"{printable(path)}: {first_line(error)}")
+        if isinstance(error, OSError) and error.errno is not None:  # the image was read: writing failed
+            reason = f"cannot write its outputs in {printable(out_dir)} ({os_reason(error)})"
+        else:
+            reason = first_line(error)
+        return ImageResult(path, status="failed", error=f"{printable(path)}: {reason}")
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -274,50 +330,80 @@ def publish(staging: Path, final: Path) -> None:
         staging.rename(final)
 
 
+def earlier_folders(out_dir: Path, results: Sequence[ImageResult]) -> list[dict]:
+    """The folders earlier runs made in ``out_dir`` and this run left in place, each with the
+    image entry and the run (command, time, methods, layers) its marker records."""
+    ours = {r.output for r in results if r.output}
+    kept = []
+    for marker in sorted(out_dir.glob(f"*/{MARKER}")):
+        folder = marker.parent.name
+        if folder in ours or folder.startswith(".") or not marker.is_file():
+            continue
+        try:
+            record = json.loads(marker.read_text())
+            kept.append({**record["image"], "output": folder, "run": record["run"]})
+        except (OSError, ValueError, KeyError, TypeError):
+            kept.append({"output": folder, "run": None})  # an older camlens wrote only a text marker
+    return kept
 
-def build_manifest(loaded, classes, explainer, methods, results, skipped, device, seconds,
+
+def build_manifest(loaded, classes, explainer, methods, skipped_methods, results, kept, skipped, device, seconds,
                    top_k, class_index, seed, batch_size, status) -> dict:
     return {
         "camlens": __version__,
         "status": status,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": ["camlens", *map(printable, sys.argv[1:])],
+        "created": now(),
+        "command": command_line(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "platform": platform.platform()},
         "device": str(device),
         "model": {"name": loaded.name, "source": loaded.source, "preprocess": loaded.preprocess.to_dict(),
                   "classes": classes, **loaded.details},
         "methods": methods,
+        "skipped_methods": skipped_methods,
         "options": {name: m.options() for name, m in explainer.methods.items()},
         "target_layers": list(explainer.target_layers),
         "default_layer": explainer.default_layer,
         "targets": {"class": class_index} if class_index is not None else {"top_k": top_k or 1},
         "seed": seed,
         "batch_size": batch_size,
+        "render": {"colormap": explainer.colormap, "captions": explainer.caption},
         "images": [r.to_dict() for r in results],
+        "kept": kept,
         "skipped": [printable(p) for p in skipped],
         "summary": {"ok": sum(r.status == "ok" for r in results),
                     "failed": sum(r.status != "ok" for r in results),
-                    "skipped": len(skipped), "seconds": round(seconds, 3)},
+                    "skipped": len(skipped), "kept": len(kept), "seconds": round(seconds, 3)},
     }
 
 
-def print_summary(results: list[ImageResult], methods: list[str], out_dir: Path) -> None:
-    table = Table(title=f"camlens explain -> {printable(out_dir)}", title_justify="left")
-    for column, justify in (("image", "left"), ("prediction", "left"), ("p", "right")):
-        table.add_column(column, justify=justify)
+def print_summary(results: list[ImageResult], methods: list[str], out_dir: Path, chosen_class: bool,
+                  skipped_methods: dict[str, str], kept: list[dict]) -> None:
+    notes = [f"{METHODS[name].display_name} skipped: {reason}" for name, reason in skipped_methods.items()]
+    if kept:
+        notes.append(f"{len(kept)} folder(s) of earlier runs kept in {printable(out_dir)}: "
+                     "listed under \"kept\" in manifest.json")
+    table = Table(title=f"camlens explain -> {printable(out_dir)}", title_justify="left",
+                  caption="\n".join(notes) or None, caption_justify="left")
+    table.add_column("image")
+    table.add_column("explained class" if chosen_class else "prediction")
+    table.add_column("p", justify="right")
+    if chosen_class:
+        table.add_column("top-1")
     for name in methods:
         table.add_column(f"{METHODS[name].display_name} s", justify="right")
     table.add_column("status")
     for r in results:
         if r.status == "ok":
-            top = r.predictions[0]
+            names = ", ".join(t["name"] for t in r.targets)
+            probabilities = ", ".join(f"{t['probability']:.2f}" for t in r.targets)
+            top = [label(r.predictions[0])] if chosen_class else []
             times = [f"{r.timings[name]:.2f}" for name in methods]
-            table.add_row(printable(r.path.name), top["name"], f"{top['probability']:.2f}", *times, "ok")
+            table.add_row(printable(r.path.name), names, probabilities, *top, *times, "ok")
         else:
-            table.add_row(printable(r.path.name), "-", "-", *["-"] * len(methods), "failed")
+            table.add_row(printable(r.path.name), "-", "-", *(["-"] if chosen_class else []),
+                          *["-"] * len(methods), "failed")
     try:
         console("stdout").print(table)
     except BrokenPipeError:  # `camlens explain ... | head`: the results are on disk all the same
         pass
-
