@@ -8,7 +8,7 @@ import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -144,8 +144,8 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
 
 LOCK_NAME = ".camlens-lock"
 # What a run leaves in the output folder only when it is killed: staging and replaced folders,
-# half-written files (atomic_path) and the write probe.
-LEFTOVER_PATTERNS = (".camlens-staging-*", ".camlens-old-*", ".camlens-probe-*", ".manifest.json.*")
+# a half-written manifest (atomic_path). Only the lock holder makes these.
+LEFTOVER_PATTERNS = (".camlens-staging-*", ".camlens-old-*", ".manifest.json.*")
 
 
 @contextmanager
@@ -172,7 +172,8 @@ def locked_output_dir(path: Path):
                 if leftover.is_dir() and not leftover.is_symlink():
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
-                    leftover.unlink(missing_ok=True)
+                    with suppress(OSError):
+                        leftover.unlink()
         yield path
     finally:
         lock.release()
