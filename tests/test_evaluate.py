@@ -108,14 +108,26 @@ def test_bad_datasets_through_the_command_line(small_dataset, tmp_path, capsys):
 
 
 def test_sanity_command(tmp_path, capsys):
-    code, out, err = run(["sanity", SAMPLES / "coffee.png", "-m", "gradcam", "--out", tmp_path], capsys)
+    """Grad-CAM changes as soon as the classifier is randomised; Grad-CAM++ stays similar
+    through most of the cascade and must not PASS on its last step alone (issue 7)."""
+    code, out, err = run(["sanity", SAMPLES / "coffee.png", "-m", "gradcam", "-m", "gradcam++", "--out", tmp_path],
+                         capsys)
     assert code == 0, err
+    assert err.startswith("camlens sanity: 2 method(s) x 22 maps (trained + 21 steps) = 44 explanations, "
+                          "about 44 forward passes")
     report = json.loads((tmp_path / "sanity.json").read_text())
     assert report["class_name"] == "espresso"
     assert report["groups"][0] == "_fc" and report["groups"][-1] == "_conv_stem" and len(report["groups"]) == 21
-    result = report["methods"]["gradcam"]
-    assert len(result["spearman"]) == 21 and result["passed"]
-    assert "PASS" in out
+    assert report["steps"] == report["groups"]
+    gradcam, gradcampp = report["methods"]["gradcam"], report["methods"]["gradcam++"]
+    assert len(gradcam["spearman"]) == 21 and gradcam["passed"] and gradcam["verdict"] == "PASS"
+    assert gradcam["similar_steps"] == 0 and gradcam["changed_from"] == "_fc"
+    assert all(v is None or v < 0.5 for v in gradcam["spearman"])
+    assert gradcampp["verdict"] == "LATE" and not gradcampp["passed"]
+    assert gradcampp["similar_steps"] == sum(v is not None and v >= 0.5 for v in gradcampp["spearman"]) > 0.25 * 21
+    assert gradcampp["final_spearman"] < 0.5
+    text = " ".join(out.split())
+    assert "PASS: similar at 0/21 steps" in text and f"LATE: similar at {gradcampp['similar_steps']}/21 steps" in text
     assert (tmp_path / "sanity.png").exists() and (tmp_path / "similarity.png").exists()
 
 
@@ -135,5 +147,8 @@ def test_sanity_flags_a_method_that_ignores_the_weights(tmp_path, monkeypatch, c
     monkeypatch.setitem(METHODS, "brightness", Brightness)
     code, out, err = run(["sanity", SAMPLES / "coffee.png", "-m", "brightness", "--out", tmp_path], capsys)
     assert code == 0, err
-    assert "FAIL" in out
-    assert not json.loads((tmp_path / "sanity.json").read_text())["methods"]["brightness"]["passed"]
+    assert "FAIL: still similar with every layer randomised" in " ".join(out.split())
+    result = json.loads((tmp_path / "sanity.json").read_text())["methods"]["brightness"]
+    assert not result["passed"] and result["verdict"] == "FAIL"
+    assert result["similar_steps"] == 21 and result["changed_from"] is None
+    assert result["spearman"] == [pytest.approx(1.0)] * 21

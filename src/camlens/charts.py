@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .render import colorize, new_figure
+from .render import new_figure, overlay
 
 
 _DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1))]
@@ -116,34 +116,78 @@ def bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], pat
     figure.savefig(path, format="png")
 
 
-def sanity_figure(rows: dict[str, list[np.ndarray]], columns: Sequence[str], path: Path) -> None:
-    """Maps at each randomisation step: one row per method, one column per step."""
-    figure = new_figure(1.3 * len(columns) + 0.6, 1.5 * len(rows) + 0.4)
-    axes = figure.subplots(len(rows), len(columns), squeeze=False)
-    for row_axes, (method, maps) in zip(axes, rows.items()):
-        for ax, saliency, title in zip(row_axes, maps, columns):
-            ax.imshow(colorize(saliency))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(title, fontsize=6)
-        row_axes[0].set_ylabel(method, fontsize=8)
-    figure.tight_layout()
+def sanity_figure(photo, rows: dict[str, list[np.ndarray]], columns: Sequence[str],
+                  notes: dict[str, Sequence[str]], path: Path, per_line: int = 11) -> None:
+    """Maps over ``photo`` (a PIL image: what the model sees) at each randomisation step, one
+    row per method and one column per step, wrapped every ``per_line`` steps so that the labels
+    stay legible; ``notes`` go under the maps."""
+    lines = [range(start, min(start + per_line, len(columns))) for start in range(0, len(columns), per_line)]
+    width = min(per_line, len(columns))
+    figure = new_figure(1.55 * width + 0.5, (1.8 * len(rows) + 0.5) * len(lines))
+    figure.set_layout_engine("constrained")
+    for block, steps in zip(np.atleast_1d(figure.subfigures(len(lines), 1)), lines):
+        axes = block.subplots(len(rows), width, squeeze=False)
+        for row_axes, (method, maps) in zip(axes, rows.items()):
+            for ax in row_axes[len(steps):]:
+                ax.set_axis_off()
+            for ax, step in zip(row_axes, steps):
+                ax.imshow(overlay(photo, maps[step]))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_xlabel(notes[method][step], fontsize=9, labelpad=2)
+            row_axes[0].set_ylabel(method, fontsize=10)
+        for ax, step in zip(axes[0], steps):
+            ax.set_title(columns[step], fontsize=10)
     figure.savefig(path, format="png")
 
 
+SIMILARITY_TOLERANCE = 1e-3  # of a Spearman or SSIM value: well below a line's width on the plot
+
+
 def similarity_plot(similarity: dict[str, dict[str, list[float]]], groups: Sequence[str], threshold: float,
-                    path: Path) -> None:
-    """Spearman and SSIM against the trained model's map, after each randomisation step."""
-    figure = new_figure(11.0, 4.0)
+                    path: Path, verdicts: dict[str, str] | None = None) -> None:
+    """Spearman and SSIM against the trained model's map, after each randomisation step, one
+    line per method (labelled with its verdict, if given).
+
+    A blank map (NaN Spearman: no correlation is defined) is drawn as a cross at the foot of
+    the Spearman axis, and its SSIM is crossed too, so that no step silently disappears.
+    Methods whose values agree to within 0.001 at every step share one line, labelled "A = B".
+    """
+    verdicts = verdicts or {}
+
+    def known(values: Sequence[float]) -> list[float | None]:
+        return [None if np.isnan(v) else float(v) for v in values]
+
+    labels = _coinciding({m: known(v["spearman"]) + known(v["ssim"]) for m, v in similarity.items()}, {},
+                         SIMILARITY_TOLERANCE)
+    drawn: dict[str, str] = {}  # each line's label: the first method of its group
+    for method, label in labels.items():
+        drawn.setdefault(label, method)
+    figure = new_figure(12.0, 5.0)
     axes = figure.subplots(1, 2, squeeze=False)[0]
+    steps = range(1, len(groups) + 1)
     for ax, key in zip(axes, ("spearman", "ssim")):
-        for method, values in similarity.items():
-            ax.plot(range(1, len(values[key]) + 1), values[key], marker="o", markersize=3, label=method)
+        for index, (label, method) in enumerate(drawn.items()):
+            values = similarity[method]
+            blank = [i for i, v in enumerate(values["spearman"]) if np.isnan(v)]
+            verdict = verdicts.get(method)
+            line, = ax.plot(steps, values[key], linestyle=_DASHES[index % len(_DASHES)],
+                            marker=_MARKERS[index % len(_MARKERS)], markersize=4,
+                            label=f"{label}: {verdict}" if verdict else label)
+            if blank:
+                floor = [-1.0] * len(blank) if key == "spearman" else [values[key][i] for i in blank]
+                ax.plot([i + 1 for i in blank], floor, linestyle="none", marker="x", markersize=8,
+                        markeredgewidth=1.5, color=line.get_color())
         if key == "spearman":
             ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {threshold}")
-        ax.set_xticks(range(1, len(groups) + 1), groups, rotation=90, fontsize=6)
-        ax.set_title(f"{key} with the trained model's map")
-        ax.set_xlabel("randomised down to")
-        ax.legend(fontsize=7)
+            ax.set_ylim(-1.08, 1.05)
+            if any(np.isnan(v["spearman"]).any() for v in similarity.values()):
+                ax.plot([], [], linestyle="none", marker="x", color="black", label="blank map (counts as changed)")
+        ax.set_xticks(list(steps), groups, rotation=90, fontsize=8)
+        ax.set_title(f"{'Spearman' if key == 'spearman' else 'SSIM'} with the trained model's map", fontsize=11)
+        ax.set_xlabel("randomised down to", fontsize=9)
+        shared = any(" = " in label for label in drawn)
+        ax.legend(fontsize=8, title=f"A = B: within {SIMILARITY_TOLERANCE:g} at every step" if shared else None,
+                  title_fontsize=7)
     figure.tight_layout()
     figure.savefig(path, format="png")

@@ -8,11 +8,14 @@ model. A method whose maps stay similar while the model is destroyed is not expl
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import CamlensError
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -119,6 +122,21 @@ def reinitialise(module: nn.Module) -> None:
                 nn.init.normal_(parameter, std=0.02)
 
 
+def cascade_steps(groups: Sequence[str], steps: int | None = None) -> list[list[str]]:
+    """The groups re-initialised at each step: one group a step, or ``steps`` steps spread
+    evenly over the cascade. The first step is always the top group alone (the classifier) and
+    the last ends with the bottom one, so a coarse cascade keeps both ends of the test."""
+    groups = list(groups)
+    if steps is None or steps >= len(groups):
+        return [[group] for group in groups]
+    if steps < 1:
+        raise CamlensError(f"steps must be at least 1, not {steps}")
+    if steps == 1:
+        return [groups]
+    ends = [1 + round(i * (len(groups) - 1) / (steps - 1)) for i in range(steps)]
+    return [groups[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+
+
 def cascading_randomisation(
     explain: Callable[[nn.Module], Tensor],
     model: nn.Module,
@@ -126,29 +144,67 @@ def cascading_randomisation(
     groups: Sequence[str] | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    steps: int | None = None,
 ) -> dict:
     """Maps of the trained model and after each cumulative randomisation step, with similarities.
 
     ``explain(model)`` returns the maps (N, T, H, W) to compare (it is called on a copy; the
-    caller's model is never changed). Returns ``{"groups", "maps" (steps + 1, N, T, H, W),
+    caller's model is never changed). ``steps`` coarsens the cascade (:func:`cascade_steps`);
+    ``progress(done, total)`` counts maps, the trained model's included. Returns ``{"groups"
+    (every group, top first), "steps" (the groups of each step), "maps" (steps + 1, N, T, H, W),
     "spearman" (steps, N, T), "ssim" (steps, N, T)}``.
     """
     work = copy.deepcopy(model)
     groups = list(groups) if groups is not None else randomisation_groups(work, example[:1])
+    plan = cascade_steps(groups, steps)
     modules = dict(work.named_modules())
     maps = [explain(work).detach()]
+    if progress is not None:
+        progress(1, len(plan) + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for step, name in enumerate(groups):
-            reinitialise(modules[name])
+        for step, names in enumerate(plan):
+            for name in names:
+                reinitialise(modules[name])
             maps.append(explain(work).detach())
             if progress is not None:
-                progress(step + 1, len(groups))
+                progress(step + 2, len(plan) + 1)
     stacked = torch.stack(maps)
     reference = stacked[:1].expand_as(stacked[1:])
     return {
         "groups": groups,
+        "steps": plan,
         "maps": stacked,
         "spearman": spearman(stacked[1:], reference),
         "ssim": ssim(stacked[1:], reference),
     }
+
+
+def sanity_verdict(spearman: Sequence[float | None], threshold: float = 0.5, max_similar: float = 0.25,
+                   trained_blank: bool = False) -> dict:
+    """How long a map survives the cascade, and the verdict that follows.
+
+    ``spearman`` holds the correlation with the trained model's map after each step, top
+    first; None or NaN (a blank map) counts as changed. A step is *similar* when the
+    correlation is at least ``threshold``. Verdicts: FAIL when the map is still similar with
+    every group randomised (it does not depend on the weights); LATE when it changes by the
+    end but is similar at more than ``max_similar`` of the steps; PASS otherwise.
+    UNTESTED when the trained model's own map is blank: there is nothing to compare with.
+    ``changed_from`` is the first step (0-based) after which the map is never similar again.
+    """
+    if not spearman:
+        raise CamlensError("no randomisation steps to judge")
+    similar = [v is not None and not math.isnan(v) and v >= threshold for v in spearman]
+    count = sum(similar)
+    last_similar = max((i for i, s in enumerate(similar) if s), default=-1)
+    changed_from = last_similar + 1 if last_similar + 1 < len(similar) else None
+    if trained_blank:
+        verdict = "UNTESTED"
+    elif similar[-1]:
+        verdict = "FAIL"
+    elif count > max_similar * len(similar):
+        verdict = "LATE"
+    else:
+        verdict = "PASS"
+    return {"verdict": verdict, "similar_steps": count, "similar_fraction": count / len(similar),
+            "changed_from": changed_from}

@@ -1,0 +1,284 @@
+"""Regression tests for issue 7 on `camlens sanity`: verdicts that weigh the whole cascade,
+a coarser cascade on request, the planned cost and progress lines in logs, and the figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.lines import Line2D
+from PIL import Image
+
+import camlens
+import camlens.charts as charts
+from camlens.cli.sanity import DEFAULT_METHODS, _passes
+from camlens.combine import is_constant
+from camlens.errors import CamlensError
+from camlens.methods import METHODS
+from camlens.metrics.sanity import cascade_steps, cascading_randomisation, sanity_verdict
+
+from conftest import count_rows, make_tiny
+from test_cli import run
+
+NAN = math.nan
+GROUPS = [f"g{i}" for i in range(21)]
+
+
+# -- the verdict, on constructed similarity curves -----------------------------------------------
+
+def test_a_map_that_changes_at_once_passes():
+    result = sanity_verdict([0.1] * 21)
+    assert result == {"verdict": "PASS", "similar_steps": 0, "similar_fraction": 0.0, "changed_from": 0}
+
+
+def test_a_map_similar_until_the_last_steps_is_late_not_pass():
+    """The issue's case: Spearman 0.60-0.96 for 19 of 21 steps, below 0.5 only at the end."""
+    curve = [0.96, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.62, 0.7, 0.8, 0.9, 0.93, 0.91, 0.9, 0.88, 0.7, 0.66,
+             0.6, 0.3, 0.2]
+    result = sanity_verdict(curve, threshold=0.5)
+    assert result["verdict"] == "LATE"
+    assert result["similar_steps"] == 19 and result["similar_fraction"] == pytest.approx(19 / 21)
+    assert result["changed_from"] == 19
+
+
+def test_a_map_similar_at_the_last_step_fails_whatever_came_before():
+    assert sanity_verdict([0.1] * 20 + [0.7])["verdict"] == "FAIL"
+    result = sanity_verdict([0.99] * 21)
+    assert result["verdict"] == "FAIL" and result["changed_from"] is None and result["similar_steps"] == 21
+
+
+def test_blank_maps_count_as_changed():
+    assert sanity_verdict([NAN] * 21)["verdict"] == "PASS"
+    result = sanity_verdict([0.9, None, NAN, *[None] * 18])
+    assert result["verdict"] == "PASS" and result["similar_steps"] == 1 and result["changed_from"] == 1
+
+
+def test_the_share_of_similar_steps_decides_at_its_bound():
+    # 8 steps, at most 25% similar: 2 similar steps pass, 3 do not.
+    assert sanity_verdict([0.8, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])["verdict"] == "PASS"
+    assert sanity_verdict([0.8, 0.8, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1])["verdict"] == "LATE"
+    assert sanity_verdict([0.8, 0.8, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1], max_similar=0.5)["verdict"] == "PASS"
+    # The threshold itself counts as similar.
+    assert sanity_verdict([0.5, 0.1], threshold=0.5)["similar_steps"] == 1
+
+
+def test_a_map_that_changes_then_returns_is_changed_for_good_only_after_its_last_return():
+    result = sanity_verdict([0.1, 0.9, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    assert result["similar_steps"] == 2 and result["changed_from"] == 4 and result["verdict"] == "PASS"
+
+
+def test_a_blank_trained_map_is_untested_not_passed():
+    assert sanity_verdict([NAN] * 5, trained_blank=True)["verdict"] == "UNTESTED"
+    with pytest.raises(CamlensError):
+        sanity_verdict([])
+
+
+# -- a coarser cascade ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [2, 3, 5, 7, 20])
+def test_cascade_steps_cover_every_group_once_in_order(steps):
+    plan = cascade_steps(GROUPS, steps)
+    assert len(plan) == steps
+    assert [g for names in plan for g in names] == GROUPS
+    assert plan[0] == ["g0"] and plan[-1][-1] == "g20" and all(plan)
+
+
+def test_cascade_steps_by_hand():
+    assert cascade_steps(GROUPS, 5) == [GROUPS[:1], GROUPS[1:6], GROUPS[6:11], GROUPS[11:16], GROUPS[16:]]
+    assert cascade_steps(GROUPS, 1) == [GROUPS]
+    assert cascade_steps(GROUPS) == cascade_steps(GROUPS, 21) == cascade_steps(GROUPS, 99) == [[g] for g in GROUPS]
+    with pytest.raises(CamlensError):
+        cascade_steps(GROUPS, 0)
+
+
+def test_a_coarse_cascade_reaches_the_same_models_as_the_full_one(images):
+    """Same seed, same groups in the same order: the coarse cascade's first and last maps are
+    the full cascade's first and last."""
+    model = make_tiny()
+
+    def explain(m):
+        return camlens.GradCAMPlusPlus(m, "features")(images).maps
+
+    calls = []
+    full = cascading_randomisation(explain, model, images, seed=3)
+    coarse = cascading_randomisation(explain, model, images, seed=3, steps=2, progress=lambda *a: calls.append(a))
+    assert coarse["steps"] == [["fc"], ["features.4", "features.3", "features.1", "features.0"]]
+    assert coarse["maps"].shape == (3, 3, 1, 12, 12) and coarse["spearman"].shape == (2, 3, 1)
+    for coarse_index, full_index in ((0, 0), (1, 1), (2, 5)):
+        torch.testing.assert_close(coarse["maps"][coarse_index], full["maps"][full_index], rtol=0, atol=0)
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+# -- the planned cost ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam"])
+def test_planned_forward_passes_match_the_counted_ones(name, images):
+    model = make_tiny()
+    method = METHODS[name](model, "features")
+    rows, handle = count_rows(model)
+    method(images[:1], 0)
+    handle.remove()
+    channels = 8
+    planned = _passes(method, channels)
+    if name == "scorecam":
+        activation = model.features(images[:1])
+        constant = int(is_constant(activation).sum())
+        assert sum(rows) == 1 + channels - constant + (1 if constant else 0) <= planned == 1 + channels
+    else:
+        assert sum(rows) == planned == (9 if name == "smoothgradcam++" else 1)
+
+
+MODELS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(torch.relu(self.stem(x))).mean(dim=(2, 3)))
+
+
+def net():
+    return Net()
+'''
+
+
+@pytest.fixture
+def tiny_cli(tmp_path, monkeypatch):
+    (tmp_path / "sanity_fixes_models.py").write_text(MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "sanity_fixes_models", raising=False)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photo)
+    return ["sanity", photo, "--model", "sanity_fixes_models:net", "--input-size", "32"]
+
+
+def test_the_plan_is_printed_first_and_progress_shows_in_a_log(tiny_cli, tmp_path, capsys):
+    code, out, err = run([*tiny_cli, "-m", "scorecam", "-m", "smoothgradcam++", "--steps", "2",
+                          "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    lines = err.splitlines()
+    # Score-CAM: the clean forward + 8 channels; Smooth Grad-CAM++: the clean forward + 8 copies.
+    assert re.match(r"camlens sanity: 2 method\(s\) x 3 maps \(trained \+ 2 steps\) = 6 explanations, "
+                    r"about 54 forward passes \(a map: Score-CAM 9, Smooth Grad-CAM\+\+ 9\); estimated \d+ s on cpu",
+                    lines[0]), lines[0]
+    # Off a terminal rich draws nothing: plain lines, at least one per method when it completes.
+    assert "Score-CAM: 3/3 (" in err and "Smooth Grad-CAM++: 3/3 (" in err
+    report = json.loads((tmp_path / "o" / "sanity.json").read_text())
+    assert report["groups"] == ["fc", "body.0", "stem"]
+    assert report["steps"] == ["fc", "stem"] and report["step_groups"] == [["fc"], ["body.0", "stem"]]
+    assert len(report["methods"]["scorecam"]["spearman"]) == 2
+
+
+def test_default_methods_leave_score_cam_out_and_the_help_names_them(tiny_cli, tmp_path, capsys):
+    code, out, err = run([*tiny_cli, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert list(json.loads((tmp_path / "o" / "sanity.json").read_text())["methods"]) == list(DEFAULT_METHODS)
+    assert "scorecam" not in DEFAULT_METHODS
+    code, out, _ = run(["sanity", "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    assert "seed method" not in text
+    assert "default: CAM, Grad-CAM, Grad-CAM++ and Smooth Grad-CAM++" in text and "-m scorecam" in text
+
+
+def test_the_criterion_is_stated_in_the_table_and_the_json(tiny_cli, tmp_path, capsys):
+    code, out, err = run([*tiny_cli, "-m", "gradcam", "--threshold", "0.4", "--max-similar", "0.1",
+                          "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "sanity.json").read_text())
+    assert report["max_similar"] == 0.1 and report["threshold"] == 0.4
+    assert "Spearman >= 0.4" in report["criterion"] and "<= 10% of the steps" in report["criterion"]
+    assert "Criterion: " + report["criterion"][:40] in " ".join(out.split())
+    verdict = report["methods"]["gradcam"]
+    expected = sanity_verdict(verdict["spearman"], 0.4, 0.1)
+    assert verdict["verdict"] == expected["verdict"] and verdict["similar_steps"] == expected["similar_steps"]
+    assert f"{verdict['similar_steps']}/3 steps" in out
+
+
+def test_a_method_blank_on_the_trained_model_is_untested(tiny_cli, tmp_path, monkeypatch, capsys):
+    class Blank(camlens.GradCAM):
+        name = "blank"
+        display_name = "Blank"
+
+        def __call__(self, images, targets=None, **kwargs):
+            result = super().__call__(images, targets, **kwargs)
+            result.maps = torch.zeros_like(result.maps)
+            return result
+
+    monkeypatch.setitem(METHODS, "blank", Blank)
+    code, out, err = run([*tiny_cli, "-m", "blank", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "o" / "sanity.json").read_text())["methods"]["blank"]
+    assert result["verdict"] == "UNTESTED" and not result["passed"] and result["spearman"] == [None] * 3
+    assert "UNTESTED: the trained model's map is blank" in " ".join(out.split())
+
+
+# -- the figures ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the charts draw, kept for inspection."""
+    made = []
+    original = charts.new_figure
+
+    def keep(*args):
+        made.append(original(*args))
+        return made[-1]
+
+    monkeypatch.setattr(charts, "new_figure", keep)
+    return made
+
+
+def test_sanity_figure_draws_the_maps_over_the_photo_with_legible_step_titles(figures, tmp_path):
+    columns = ["trained", *GROUPS]
+    saliency = np.linspace(0, 1, 16 * 16).reshape(16, 16)
+    rows = {"A": [saliency] * 22, "B": [np.zeros((16, 16))] * 22}
+    notes = {"A": ["reference", *["ρ 0.50"] * 21], "B": ["reference", *["blank"] * 21]}
+    pictures = []
+    for shade in (0, 255):
+        photo = Image.new("RGB", (32, 32), (shade, shade, shade))
+        charts.sanity_figure(photo, rows, columns, notes, tmp_path / f"{shade}.png")
+        pictures.append(np.asarray(Image.open(tmp_path / f"{shade}.png").convert("L"), dtype=float))
+    # The photo shows through the maps: a white photo makes a brighter figure than a black one.
+    assert pictures[1].mean() > pictures[0].mean() + 20
+    figure = figures[-1]
+    titles = [ax.get_title() for ax in figure.get_axes() if ax.get_title()]
+    assert sorted(titles) == sorted(columns)  # every step named once, above its column
+    assert min(ax.title.get_fontsize() for ax in figure.get_axes() if ax.get_title()) >= 9
+    # Wrapped to at most 11 steps a line, so that a line fits a screen at a legible size.
+    assert figure.get_size_inches()[0] <= 11 * 1.6 + 1
+    shown = [ax for ax in figure.get_axes() if ax.images]
+    assert len(shown) == 2 * 22
+    assert {ax.get_xlabel() for ax in shown} == {"reference", "ρ 0.50", "blank"}
+
+
+def test_similarity_plot_marks_blank_steps_instead_of_dropping_them(figures, tmp_path):
+    similarity = {
+        "A": {"spearman": [-0.3, NAN, NAN, 0.1], "ssim": [0.1, 0.02, 0.02, 0.3]},
+        "B": {"spearman": [0.9, 0.8, 0.7, 0.2], "ssim": [0.9, 0.8, 0.7, 0.5]},
+        "C": {"spearman": [-0.3001, NAN, NAN, 0.1], "ssim": [0.1, 0.02, 0.02, 0.3]},  # A, to within 0.001
+    }
+    charts.similarity_plot(similarity, ["fc", "b2", "b1", "stem"], 0.5, tmp_path / "s.png",
+                           {"A": "PASS", "B": "LATE", "C": "PASS"})
+    spearman_axes, ssim_axes = figures[-1].get_axes()
+    crosses = [line for line in spearman_axes.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
+    assert len(crosses) == 1  # A and C share a line, and its crosses
+    assert list(crosses[0].get_xdata()) == [2, 3] and list(crosses[0].get_ydata()) == [-1.0, -1.0]
+    ssim_crosses = [line for line in ssim_axes.get_lines() if line.get_marker() == "x"]
+    assert [list(line.get_ydata()) for line in ssim_crosses] == [[0.02, 0.02]]
+    labels = [text.get_text() for text in spearman_axes.get_legend().get_texts()]
+    assert labels == ["A = C: PASS", "B: LATE", "threshold 0.5", "blank map (counts as changed)"]
+    assert isinstance(spearman_axes.get_legend().legend_handles[0], Line2D)
