@@ -358,5 +358,18 @@ def test_help_names_the_default_methods(capsys):
     code, out, _ = run(["evaluate", "--help"], capsys)
     assert code == 0
     flat = " ".join(out.split())
-    assert "default: cam, gradcam, gradcam++, smoothgradcam++, scorecam" in flat
+    assert "cam, gradcam, gradcam++, smoothgradcam++, scorecam" in flat
     assert "seed method" not in flat
+
+
+def test_one_run_at_a_time_per_output_folder(setup, capsys):
+    """Two runs into one --out would compute the same pairs and append them twice."""
+    from camlens.io import locked_output_dir
+
+    setup.out.mkdir()
+    with locked_output_dir(setup.out):
+        code, _, err = run(setup.args("--limit", "1"), capsys)
+    one_line_error(code, err, 1, "another camlens run is writing to")
+    assert not (setup.out / "results.jsonl").exists()
+    code, _, err = run(setup.args("--limit", "1"), capsys)
+    assert code == 0, err

@@ -47,15 +47,17 @@ from ..evaluate import (
 from ..io import (
     ensure_writable_dir,
     load_image,
+    locked_output_dir,
     write_atomic,
 )
 from ..methods import METHODS
 from ..models import LoadedModel
 from .common import (
-    SEED_METHODS,
     console,
     echo_error,
+    fc_option,
     method_objects,
+    method_option,
     model_options,
     prepare,
     printable,
@@ -67,8 +69,7 @@ STATISTIC = "mean ± 95% confidence interval (Student's t) over n images"
 
 @click.command()
 @click.argument("data")
-@click.option("--method", "-m", "methods", multiple=True, metavar="M",
-              help=f"A method (repeatable; default: {', '.join(SEED_METHODS)}).")
+@method_option
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(METRICS),
               help="A metric (repeatable; default: all, the box metrics when the data has boxes).")
 @click.option("--limit", type=click.IntRange(min=1),
@@ -80,12 +81,14 @@ STATISTIC = "mean ± 95% confidence interval (Student's t) over n images"
 @click.option("--mapping", type=click.Path(dir_okay=False), help="Label to class index: JSON {label: index} or CSV label,index.")
 @click.option("--steps", type=click.IntRange(2, 1024), default=16, show_default=True, help="Deletion/insertion steps.")
 @click.option("--target-layer", help="Layer to explain (default: the last feature map before pooling).")
-@run_options
+@fc_option
+@run_options(batch_size_help="Inputs per forward pass of Score-CAM, Smooth Grad-CAM++ and the metrics "
+                             "(default 32 for the metrics); it may differ between runs into one --out.")
 @model_options
-def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, device, batch_size, seed,
+def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, device, batch_size, seed,
              **model_args) -> None:
     """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
-    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args)
+    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc)
     dataset = load_dataset(data, loaded.class_names, classes, loaded.class_labels, mapping, boxes, limit)
     wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
     if any(m in LOCALISATION for m in wanted) and not dataset.has_boxes:
@@ -99,105 +102,108 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         except ValueError:
             return str(path)
 
-    notes = list(dataset.notes)
-    samples = dataset.samples
-    listed = len(dataset.listed[:limit])
-    input_boxes = {key(s.path): _input_boxes(s, loaded, notes) for s in samples}
-    if any(m in LOCALISATION for m in wanted):
-        boxless = sum(not boxes for boxes in input_boxes.values())
-        if boxless:
-            notes.append(f"{boxless} of {len(samples)} images have no box the model sees: the box metrics are "
-                         f"over the other {len(samples) - boxless}")
-    weights_digest, layer = module_digest(loaded.module), _layer_name(loaded, target_layer)
-    model = loaded.module.to(torch_device)
-    objects = method_objects(model, chosen, target_layer, batch_size, seed)
-    config = _identity(data, model_args, loaded, weights_digest, mapping, boxes, chosen, objects, wanted, steps,
-                       layer, torch_device)
-    store = ResultStore(out_dir, config, {key(path) for path in dataset.listed})
-    _refuse_changed_images(store, samples, key, out_dir)
-    chunk = batch_size or 32
+    with locked_output_dir(out_dir):  # one run at a time: two would compute and append the same pairs
+        notes = list(dataset.notes)
+        samples = dataset.samples
+        listed = len(dataset.listed[:limit])
+        input_boxes = {key(s.path): _input_boxes(s, loaded, notes) for s in samples}
+        if any(m in LOCALISATION for m in wanted):
+            boxless = sum(not boxes for boxes in input_boxes.values())
+            if boxless:
+                notes.append(f"{boxless} of {len(samples)} images have no box the model sees: the box metrics are "
+                             f"over the other {len(samples) - boxless}")
+        weights_digest, layer = module_digest(loaded.module), _layer_name(loaded, target_layer)
+        model = loaded.module.to(torch_device)
+        objects = method_objects(model, chosen, target_layer, batch_size, seed, fc=fc)
+        config = _identity(data, model_args, loaded, weights_digest, mapping, boxes, chosen, objects, wanted, steps,
+                           layer, torch_device)
+        store = ResultStore(out_dir, config, {key(path) for path in dataset.listed})
+        _refuse_changed_images(store, samples, key, out_dir)
+        chunk = batch_size or 32
 
-    pending = [(s, m) for s in samples for m in chosen if not store.done(key(s.path), m)]
-    skipped = list(dataset.skipped)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console("stderr"), transient=True) as bar:
-        task = bar.add_task("evaluating", total=len(pending))
-        current = None
-        for sample, name in pending:
-            if current is None or current[0] is not sample:
-                try:
-                    digest = file_digest(sample.path)
-                    image = load_image(sample.path)
-                except CamlensError as error:
-                    skipped.append(f"{error} (skipped)")
-                    current = (sample, None, None)
-                else:
-                    current = (sample, loaded.preprocess(image).to(torch_device), digest)
-            if current[1] is None:
+        pending = [(s, m) for s in samples for m in chosen if not store.done(key(s.path), m)]
+        skipped = list(dataset.skipped)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console("stderr"), transient=True) as bar:
+            task = bar.add_task("evaluating", total=len(pending))
+            current = None
+            for sample, name in pending:
+                if current is None or current[0] is not sample:
+                    try:
+                        digest = file_digest(sample.path)
+                        image = load_image(sample.path)
+                    except CamlensError as error:
+                        skipped.append(f"{error} (skipped)")
+                        current = (sample, None, None)
+                    else:
+                        current = (sample, loaded.preprocess(image).to(torch_device), digest)
+                if current[1] is None:
+                    bar.advance(task)
+                    continue
+                bar.update(task, description=f"{printable(sample.path.name)} {METHODS[name].display_name}")
+                tick = time.perf_counter()
+                record = evaluate_image(objects[name], current[1], sample.label, input_boxes[key(sample.path)], wanted,
+                                        steps, chunk)
+                record.update(image=key(sample.path), method=name, label=sample.label, sha256=current[2],
+                              boxes=[list(b) for b in sample.boxes], seconds=round(time.perf_counter() - tick, 4))
+                store.add(record)
                 bar.advance(task)
-                continue
-            bar.update(task, description=f"{printable(sample.path.name)} {METHODS[name].display_name}")
-            tick = time.perf_counter()
-            record = evaluate_image(objects[name], current[1], sample.label, input_boxes[key(sample.path)], wanted,
-                                    steps, chunk)
-            record.update(image=key(sample.path), method=name, label=sample.label, sha256=current[2],
-                          boxes=[list(b) for b in sample.boxes], seconds=round(time.perf_counter() - tick, 4))
-            store.add(record)
-            bar.advance(task)
 
-    keys = {key(s.path) for s in samples}
-    records = [r for r in store.records.values() if r["image"] in keys and r["method"] in chosen]
-    counted = len({r["image"] for r in records})
-    for metric in wanted:
-        undefined = sum(not math.isfinite(r[metric]) for r in records if metric in r)
-        if undefined:
-            notes.append(f"{TITLES[metric]}: {undefined} value(s) undefined (not a number, e.g. a class probability "
-                         "of 0 on the image), left out of the mean and of n")
-    summary = summarise(records, chosen, wanted)
-    speed = {m: mean_interval(r["seconds"] for r in records if r["method"] == m) for m in chosen}
-    set_aside = [f"{store.path.name} {line}; set aside in {store.aside_path.name} and computed again"
-                 for line in store.set_aside]
-    report = {"config": store.config, "images": counted, "images_listed": listed, "statistic": STATISTIC,
-              "summary": summary, "seconds_per_image": {m: speed[m]["mean"] for m in chosen},
-              "skipped": [printable(p) for p in skipped], "notes": [printable(p) for p in [*notes, *set_aside]]}
-    write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    lines = ["method,metric,mean,ci95_half_width,n"] + [
-        f"{m},{metric},{_csv(v['mean'])},{_csv(v['ci95'])},{v['n']}" for m in chosen for metric, v in summary[m].items()
-    ]
-    write_atomic(out_dir / "summary.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
-    names = {m: METHODS[m].display_name for m in chosen}
-    curves = {kind: mean_curves(records, chosen, f"{kind}_curve") for kind in ("deletion", "insertion")}
-    if any(curves.values()):
-        write_atomic(out_dir / "curves.png", lambda p: curve_plot(curves, p, names, counted))
-    write_atomic(out_dir / "metrics.png",
-                 lambda p: bar_chart(summary, wanted, TITLES, p, names, HIGHER_IS_BETTER, RANGES))
-
-    for line in [*notes, *set_aside]:
-        echo_error(f"note: {printable(line)}")
-    for line in skipped:
-        echo_error(f"skipped: {printable(line)}")
-    shown = f"{counted} images" if counted == listed else f"{counted} of {listed} images"
-    table = Table(title=f"camlens evaluate: {shown} -> {printable(out_dir)}", title_justify="left",
-                  caption=f"{STATISTIC}; n per column", caption_justify="left")
-    table.add_column("method")
-    for metric in wanted:
-        arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
-        counts = sorted({summary[m][metric]["n"] for m in chosen})
-        table.add_column(f"{TITLES[metric]}\n{arrow}\nn = {'/'.join(map(str, counts))}", justify="right")
-    table.add_column("s / image", justify="right")
-    for m in chosen:
-        cells = []
+        keys = {key(s.path) for s in samples}
+        records = [r for r in store.records.values() if r["image"] in keys and r["method"] in chosen]
+        counted = len({r["image"] for r in records})
         for metric in wanted:
-            v = summary[m][metric]
-            cells.append("-" if v["mean"] is None else f"{v['mean']:.3g}" + (f" ± {v['ci95']:.2g}" if v["ci95"] is not None else ""))
-        seconds = speed[m]["mean"]
-        table.add_row(m, *cells, "-" if seconds is None else f"{seconds:.2f}")
-    try:
-        console("stdout").print(table)
-    except BrokenPipeError:
-        pass
-    if skipped:
-        sys.exit(1)
+            undefined = sum(not math.isfinite(r[metric]) for r in records if metric in r)
+            if undefined:
+                notes.append(f"{TITLES[metric]}: {undefined} value(s) undefined (not a number, e.g. a class probability "
+                             "of 0 on the image), left out of the mean and of n")
+        summary = summarise(records, chosen, wanted)
+        speed = {m: mean_interval(r["seconds"] for r in records if r["method"] == m) for m in chosen}
+        set_aside = [f"{store.path.name} {line}; set aside in {store.aside_path.name} and computed again"
+                     for line in store.set_aside]
+        report = {"config": store.config, "images": counted, "images_listed": listed, "statistic": STATISTIC,
+                  "summary": summary, "seconds_per_image": {m: speed[m]["mean"] for m in chosen},
+                  "skipped": [printable(p) for p in skipped], "notes": [printable(p) for p in [*notes, *set_aside]]}
+        write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+        lines = ["method,metric,mean,ci95_half_width,n"] + [
+            f"{m},{metric},{_csv(v['mean'])},{_csv(v['ci95'])},{v['n']}" for m in chosen for metric, v in summary[m].items()
+        ]
+        write_atomic(out_dir / "summary.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
+        names = {m: METHODS[m].display_name for m in chosen}
+        curves = {kind: mean_curves(records, chosen, f"{kind}_curve") for kind in ("deletion", "insertion")}
+        if any(curves.values()):
+            write_atomic(out_dir / "curves.png", lambda p: curve_plot(curves, p, names, counted))
+        write_atomic(out_dir / "metrics.png",
+                     lambda p: bar_chart(summary, wanted, TITLES, p, names, HIGHER_IS_BETTER, RANGES))
+
+        for line in [*notes, *set_aside]:
+            echo_error(f"note: {printable(line)}")
+        for line in skipped:
+            echo_error(f"skipped: {printable(line)}")
+        shown = f"{counted} images" if counted == listed else f"{counted} of {listed} images"
+        table = Table(title=f"camlens evaluate: {shown} -> {printable(out_dir)}", title_justify="left",
+                      caption=f"{STATISTIC}; n per column", caption_justify="left")
+        table.add_column("method")
+        for metric in wanted:
+            arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
+            counts = sorted({summary[m][metric]["n"] for m in chosen})
+            table.add_column(f"{TITLES[metric]}\n{arrow}\nn = {'/'.join(map(str, counts))}", justify="right")
+        table.add_column("s / image", justify="right")
+        for m in chosen:
+            cells = []
+            for metric in wanted:
+                v = summary[m][metric]
+                interval = "" if v["ci95"] is None else f" ± {v['ci95']:.2g}"
+                cells.append("-" if v["mean"] is None else f"{v['mean']:.3g}{interval}")
+            seconds = speed[m]["mean"]
+            table.add_row(m, *cells, "-" if seconds is None else f"{seconds:.2f}")
+        try:
+            console("stdout").print(table)
+        except BrokenPipeError:
+            pass
+        if skipped:
+            sys.exit(1)
 
 
 def _csv(value: float | None) -> str:
