@@ -18,14 +18,6 @@ import click
 import numpy as np
 import torch
 from PIL import Image
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from .. import __version__
@@ -66,6 +58,7 @@ from .common import (
     run_options,
     slug,
 )
+from .progress import LogProgress
 
 
 @dataclass
@@ -236,7 +229,6 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
                           fc=fc, colormap=colormap, caption=caption)
     run_record = {"created": now(), "command": command_line(), "methods": chosen, "model": loaded.name}
     results = [ImageResult(path, status="failed", error=reason) for path, reason in unreadable.items()]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
 
     with locked_output_dir(out_dir):
         # A manifest from an earlier run would describe folders this run replaces: it goes first.
@@ -255,7 +247,7 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
             return kept
 
         try:
-            with Progress(*columns, console=console("stderr"), transient=True) as bar:
+            with LogProgress() as bar:
                 overall = bar.add_task("images", total=len(files))
                 step = bar.add_task("", total=1, visible=False)
 
