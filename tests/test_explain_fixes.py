@@ -251,6 +251,7 @@ def test_leftovers_of_killed_runs_are_removed(tiny_models, photo, tmp_path, caps
     (out / ".camlens-staging-dead" / "maps.npz").write_bytes(b"half")
     (out / ".camlens-old-dead" / "old").mkdir(parents=True)
     (out / ".manifest.json.dead.json").write_text("{")
+    (out / ".camlens-partial-summary.json.dead.json").write_text("{")
     (out / ".mine").write_text("the user's own hidden file")
     code, _, err = run(["explain", photo, *TINY, "-m", "gradcam", "--out", out], capsys)
     assert code == 0, err

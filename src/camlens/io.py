@@ -145,7 +145,9 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
 LOCK_NAME = ".camlens-lock"
 # What a run leaves in the output folder only when it is killed: staging and replaced folders,
 # a half-written manifest (atomic_path). Only the lock holder makes these.
-LEFTOVER_PATTERNS = (".camlens-staging-*", ".camlens-old-*", ".manifest.json.*")
+# What a killed run leaves: staging folders, replaced folders, and half-written files of
+# write_atomic (".manifest.json.*" is how releases before 0.2 named those).
+LEFTOVER_PATTERNS = (".camlens-staging-*", ".camlens-old-*", ".camlens-partial-*", ".manifest.json.*")
 
 
 @contextmanager
@@ -196,7 +198,7 @@ def atomic_path(target: Path):
 
     So a reader never finds a half-written file under the final name.
     """
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".camlens-partial-{target.name}.", suffix=target.suffix)
     os.close(handle)
     try:
         yield Path(temporary)

@@ -14,6 +14,7 @@ import click
 
 from .. import __version__
 from ..errors import CamlensError
+from ..io import os_reason
 from .common import echo_error
 from .evaluate import evaluate
 from .explain import explain
@@ -58,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         echo_error("camlens: interrupted")
         sys.exit(130)
     except BrokenPipeError:
+        sys.exit(1)
+    except OSError as error:  # the file system failed mid-run (disk full, permissions changed)
+        where = f"{error.filename}: " if error.filename else ""
+        echo_error(f"camlens: error: {where}{os_reason(error)}")
         sys.exit(1)
 
 

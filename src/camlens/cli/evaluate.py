@@ -67,7 +67,7 @@ from .common import (
 STATISTIC = "mean ± 95% confidence interval (Student's t) over n images"
 
 
-@click.command()
+@click.command(short_help="The Score-CAM paper's metrics over a labelled dataset.")
 @click.argument("data")
 @method_option
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(METRICS),

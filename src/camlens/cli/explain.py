@@ -195,7 +195,7 @@ def output_names(paths: Sequence[Path], out_dir: Path) -> list[str]:
     return names
 
 
-@click.command()
+@click.command(short_help="Overlays, a comparison figure and maps for each image.")
 @click.argument("inputs", nargs=-1, required=True)
 @method_option
 @click.option("--target-layer", metavar="NAME", help="Layer to explain (default: the last feature map before pooling). See `camlens layers`.")

@@ -16,7 +16,7 @@ from ..methods import list_methods
 from .common import console, echo_error, first_line, model_options, open_model
 
 
-@click.command()
+@click.command(short_help="Hookable layers, their output shapes, the default target layer.")
 @model_options
 def layers(**model_args) -> None:
     """List the hookable layers with their output shapes; mark the default target layer."""

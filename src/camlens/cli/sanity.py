@@ -47,7 +47,7 @@ from .progress import LogProgress
 DEFAULT_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++")
 
 
-@click.command()
+@click.command(short_help="Randomise the model layer by layer: do the maps change?")
 @click.argument("image")
 @click.option("--method", "-m", "methods", multiple=True, metavar="M",
               help="A method (repeatable; default: CAM, Grad-CAM, Grad-CAM++ and Smooth Grad-CAM++). "
