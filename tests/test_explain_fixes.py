@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image
 
 from camlens.cli.common import prepare, run_options
 from camlens.errors import CamlensError
@@ -185,15 +185,29 @@ def test_jpegs_are_decoded_in_full(tmp_path):
     assert np.array_equal(np.asarray(load_image(path)), np.asarray(Image.open(path).convert("RGB")))
 
 
-def test_command_line_and_python_api_agree_on_jpegs(tmp_path, capsys):
-    paths = [SAMPLES / "rocket.jpg", detailed_jpeg(tmp_path / "portrait.jpg", (512, 600))]
+def odd_images(folder: Path) -> list[Path]:
+    """A JPEG stored sideways with an EXIF orientation, and greyscale, RGBA and palette PNGs."""
+    rocket = Image.open(SAMPLES / "rocket.jpg").convert("RGB")
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # viewers turn it 90 degrees clockwise
+    rocket.transpose(Image.Transpose.ROTATE_90).save(folder / "sideways.jpg", exif=exif, quality=95)
+    chelsea = Image.open(SAMPLES / "chelsea.png").convert("RGB")
+    rgba = chelsea.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(chelsea.size))
+    rgba.save(folder / "rgba.png")
+    chelsea.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    return [folder / "sideways.jpg", SAMPLES / "cameraman.png", folder / "rgba.png", folder / "palette.png"]
+
+
+def test_command_line_and_python_api_agree(tmp_path, capsys):
+    paths = [SAMPLES / "rocket.jpg", detailed_jpeg(tmp_path / "portrait.jpg", (512, 600)), *odd_images(tmp_path)]
     out = tmp_path / "out"
     code, _, err = run(["explain", *paths, "-m", "cam", "--device", "cpu", "--out", out], capsys)
     assert code == 0, err
     model = efficientnet_lite0()
     for path, entry in zip(paths, manifest(out)["images"]):
-        with torch.no_grad():
-            probabilities = model(model.preprocess(Image.open(path).convert("RGB"))[None]).softmax(dim=1)[0]
+        with torch.no_grad():  # the image as Pillow opens it: model.preprocess takes any mode
+            probabilities = model(model.preprocess(Image.open(path))[None]).softmax(dim=1)[0]
         top = probabilities.topk(5)
         assert [p["class"] for p in entry["predictions"]] == top.indices.tolist()
         np.testing.assert_allclose([p["probability"] for p in entry["predictions"]], top.values.numpy(), atol=1e-6)

@@ -12,7 +12,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import CamlensError
 
@@ -52,8 +52,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
                         f"(limit {MAX_PIXELS // 1_000_000} megapixels)"
                     )
                 image.load()
-                # Photos store their orientation in EXIF: show the model what viewers show.
-                return to_rgb(ImageOps.exif_transpose(image))
+                return upright_rgb(image)
     except CamlensError:
         raise
     except UnidentifiedImageError:
@@ -71,6 +70,19 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
 
 def os_reason(error: OSError) -> str:
     return error.strerror or str(error) or type(error).__name__
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """The image as viewers show it, in RGB: EXIF orientation applied, any mode converted.
+
+    ``Preprocess`` applies it too, so ``model.preprocess(Image.open(path))`` and the command
+    line give the model the same pixels; applying it twice changes nothing.
+    """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import CamlensError
+from ..io import upright_rgb
 from .efficientnet import EfficientNetLite0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,7 +72,12 @@ class Preprocess:
         return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
     def view(self, image: Image.Image) -> Image.Image:
-        """The RGB image, size x size, exactly as the model sees it before normalisation."""
+        """The RGB image, size x size, exactly as the model sees it before normalisation.
+
+        Any Pillow image: its EXIF orientation is applied and it is converted to RGB first
+        (greyscale, palette, transparency on white), as the command line does.
+        """
+        image = upright_rgb(image)
         resample = getattr(Image.Resampling, self.interpolation.upper())
         box = self.crop_box(*image.size)
         return image.resize((self.size, self.size), resample, box=box, reducing_gap=3.0)
