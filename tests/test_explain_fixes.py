@@ -259,6 +259,22 @@ def test_sequential_runs_keep_and_list_earlier_folders(tiny_models, photo, tmp_p
     assert listed == {p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")}
 
 
+def test_another_image_of_the_same_name_never_replaces_a_folder(tiny_models, photo, tmp_path, capsys):
+    out = tmp_path / "out"
+    namesake = tmp_path / "elsewhere" / Path(photo).name
+    namesake.parent.mkdir()
+    Image.open(photo).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(namesake)
+    assert run(["explain", photo, *TINY, "-m", "gradcam", "--out", out], capsys)[0] == 0
+    first = (out / "photo" / "maps.npz").read_bytes()
+    assert run(["explain", namesake, *TINY, "-m", "gradcam", "--out", out], capsys)[0] == 0
+    data = manifest(out)
+    assert [i["output"] for i in data["images"]] == ["photo-2"] and [k["output"] for k in data["kept"]] == ["photo"]
+    assert data["kept"][0]["input"] == str(photo) and (out / "photo" / "maps.npz").read_bytes() == first
+    # The same file again reuses its own folder.
+    assert run(["explain", namesake, *TINY, "-m", "gradcam", "--out", out], capsys)[0] == 0
+    assert [i["output"] for i in manifest(out)["images"]] == ["photo-2"]
+
+
 def test_leftovers_of_killed_runs_are_removed(tiny_models, photo, tmp_path, capsys):
     out = tmp_path / "out"
     (out / ".camlens-staging-dead" / "sub").mkdir(parents=True)

@@ -181,18 +181,33 @@ def label(target: dict) -> str:
 
 
 def output_names(paths: Sequence[Path], out_dir: Path) -> list[str]:
-    """A distinct output folder per input, named after the file; never one camlens did not make."""
+    """A distinct output folder per input, named after the file. An existing folder is reused
+    only when camlens made it for the same file: never a folder of the user's, and never the
+    outputs of another image that happens to have the same name."""
     taken: set[str] = set()
     names = []
     for path in paths:
         stem = slug(path.stem, "image")
         name, count = stem, 1
-        while name in taken or ((out_dir / name).exists() and not (out_dir / name / MARKER).is_file()):
+        while name in taken or ((out_dir / name).exists() and not made_for(out_dir / name, path)):
             count += 1
             name = f"{stem}-{count}"
         taken.add(name)
         names.append(name)
     return names
+
+
+def made_for(folder: Path, path: Path) -> bool:
+    """Whether camlens made ``folder`` for the image file ``path`` (markers of camlens 0.1 do
+    not say which file: those folders are replaced, as that version did)."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        source = json.loads(marker.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return source is None or source == str(path.resolve())
 
 
 @click.command(short_help="Overlays, a comparison figure and maps for each image.")
@@ -290,7 +305,8 @@ def explain_one(explainer: Explainer, path: Path, out_dir: Path, name: str, repo
         result.output = name
         # The marker says camlens made the folder, and which run: a later run into the same
         # --out lists the folder from it.
-        record = {"run": {**run_record, "target_layers": list(explainer.target_layers)}, "image": result.to_dict()}
+        record = {"run": {**run_record, "target_layers": list(explainer.target_layers)}, "image": result.to_dict(),
+                  "source": str(path.resolve())}
         (staging / MARKER).write_text(json.dumps(record, indent=1) + "\n")
         publish(staging, out_dir / name)
         return result
