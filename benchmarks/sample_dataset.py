@@ -3,7 +3,9 @@
 Four photos are too few for stable means, so each gives eight views: the photo, its mirror
 image, four corner crops and a centre crop (each 80% / 70% of the side) and the centre crop's
 mirror image. Labels are the ImageNet classes closest to what each photo shows (ImageNet has no
-rocket class: a Falcon 9 launch is labelled "missile"). The set is written as class folders:
+rocket class: a Falcon 9 launch is labelled "missile", class 657; its folder is named by that
+index because "missile" is also a synonym of class 744, projectile). The set is written as
+class folders:
 
     .venv/bin/python benchmarks/sample_dataset.py eval-data
     .venv/bin/camlens evaluate eval-data --out eval-out
@@ -17,7 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-LABELS = {"chelsea.png": "tabby", "coffee.png": "espresso", "rocket.jpg": "missile", "cameraman.png": "tripod"}
+LABELS = {"chelsea.png": "tabby", "coffee.png": "espresso", "rocket.jpg": "657", "cameraman.png": "tripod"}
 
 
 def views(image: Image.Image) -> dict[str, Image.Image]:

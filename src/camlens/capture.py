@@ -15,7 +15,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .errors import CamlensError
+from .errors import CamlensError, first_line
 
 LayerSpec = Union[str, int, nn.Module]
 LayersSpec = Union[LayerSpec, Sequence[LayerSpec]]
@@ -191,10 +191,8 @@ def model_failures(model: nn.Module, inputs: Tensor) -> Iterator[None]:
             )
             got = f"(N, {', '.join(map(str, shape[1:]))})"
             raise CamlensError(f"the model expects (N, {expected}, H, W) images, got {got}: {fix}") from error
-        lines = str(error).strip().splitlines()
-        detail = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
         raise CamlensError(
-            f"the model failed on an input of shape {shape}: {detail} "
+            f"the model failed on an input of shape {shape}: {first_line(error)} "
             "(check the input's shape and preprocessing, or the model)"
         ) from error
 

@@ -8,3 +8,9 @@ class CamlensError(Exception):
 
     The command line prints the message alone (no traceback) and exits non-zero.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

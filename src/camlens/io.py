@@ -156,9 +156,8 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
 
 LOCK_NAME = ".camlens-lock"
 # What a run leaves in the output folder only when it is killed: staging and replaced folders,
-# a half-written manifest (atomic_path). Only the lock holder makes these.
-# What a killed run leaves: staging folders, replaced folders, and half-written files of
-# write_atomic (".manifest.json.*" is how releases before 0.2 named those).
+# half-written files of atomic_path (".manifest.json.*" is how camlens 0.1 named those).
+# Only the lock holder makes these.
 LEFTOVER_PATTERNS = (".camlens-staging-*", ".camlens-old-*", ".camlens-partial-*", ".manifest.json.*")
 
 

@@ -211,7 +211,7 @@ def made_for(folder: Path, path: Path) -> bool:
 
 
 @click.command(short_help="Overlays, a comparison figure and maps for each image.")
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1, required=True, metavar="IMAGE_OR_DIR...")
 @method_option
 @click.option("--target-layer", metavar="NAME", help="Layer to explain (default: the last feature map before pooling). See `camlens layers`.")
 @click.option("--class", "class_", metavar="C", help="Explain this class (index or name) instead of the top-1.")
