@@ -113,6 +113,33 @@ def test_boxes_that_are_missing_empty_or_given_twice(tmp_path):
     assert dataset.notes == [f"{tmp_path / 'cup' / 'x.png'}: box (1.0, 2.0, 3.0, 4.0) is given twice (counted once)"]
 
 
+def test_a_boxes_csv_that_matches_no_image_stops_and_says_how_paths_resolve(tmp_path):
+    """Paths written relative to the working directory (data/cup/x.png) match nothing: not one
+    box would be used, so the run stops instead of going on without box metrics."""
+    data = tmp_path / "data"
+    image(data / "cup" / "x.png")
+    (tmp_path / "boxes.csv").write_text("path,xmin,ymin,xmax,ymax\ndata/cup/x.png,0,0,4,4\nbad,a,b,c,d\n")
+    with pytest.raises(CamlensError) as caught:
+        load_dataset(data, NAMES, 3, boxes=tmp_path / "boxes.csv")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "no row names an image of the dataset; its paths are relative to the dataset folder " + str(data) in message
+    assert f"'data/cup/x.png' is {data / 'data' / 'cup' / 'x.png'}, which the dataset does not list" in message
+    # A labels CSV: relative to its folder.
+    (tmp_path / "labels.csv").write_text("data/cup/x.png,cup\n")
+    (tmp_path / "rel.csv").write_text("cup/x.png,0,0,4,4\n")
+    with pytest.raises(CamlensError, match=f"relative to the labels CSV's folder {tmp_path}.*'cup/x.png' is "):
+        load_dataset(tmp_path / "labels.csv", NAMES, 3, boxes=tmp_path / "rel.csv")
+    (tmp_path / "words.csv").write_text("data/cup/x.png,a,b,c,d\n")
+    with pytest.raises(CamlensError, match="no row has numeric box edges"):
+        load_dataset(tmp_path / "labels.csv", NAMES, 3, boxes=tmp_path / "words.csv")
+    # One matching row is enough: the others are notes.
+    (tmp_path / "some.csv").write_text("data/cup/x.png,0,0,4,4\nelsewhere.png,0,0,1,1\n")
+    dataset = load_dataset(tmp_path / "labels.csv", NAMES, 3, boxes=tmp_path / "some.csv")
+    assert dataset.samples[0].boxes == [(0.0, 0.0, 4.0, 4.0)]
+    assert dataset.notes == [f"{tmp_path / 'some.csv'}: box for elsewhere.png, which is not in the dataset (skipped)"]
+
+
 def test_mapping_checked_up_front(tmp_path):
     image(tmp_path / "kitty" / "x.png")
     (tmp_path / "far.json").write_text('{"kitty": 0, "unused": 3}')

@@ -4,6 +4,7 @@ losses, and what the figures and tables say. A tiny factory model keeps every ru
 from __future__ import annotations
 
 import itertools
+import re
 import json
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 import camlens
 from camlens.charts import bar_chart, curve_plot
-from camlens.evaluate import HIGHER_IS_BETTER, RANGES, TITLES, evaluate_image
+from camlens.evaluate import HIGHER_IS_BETTER, RANGES, TITLES, ResultStore, evaluate_image, file_digest
 
 from conftest import make_tiny
 from test_cli import one_line_error, run
@@ -168,8 +169,8 @@ def test_a_run_with_other_settings_is_refused_naming_what_changed(setup, change,
     one_line_error(code, err, 1, text)
 
 
-def test_changed_mapping_boxes_and_labels_files_are_refused(setup, capsys):
-    """The same paths with new content: --mapping, --boxes and a labels CSV."""
+def test_changed_mapping_and_boxes_files_are_refused(setup, capsys):
+    """The same paths with new content: --mapping and --boxes (a labels CSV is checked image by image)."""
     (setup.root / "labels.csv").write_text("path,label\ndata/cat/0.png,kitty\ndata/dog/0.png,dog\n")
     (setup.root / "map.csv").write_text("kitty,0\ndog,1\n")
     (setup.root / "boxes.csv").write_text("data/cat/0.png,0,0,20,20\n")
@@ -177,12 +178,11 @@ def test_changed_mapping_boxes_and_labels_files_are_refused(setup, capsys):
                       "--metric", "energy", data=setup.root / "labels.csv")
     code, _, err = run(args, capsys)
     assert code == 0, err
-    for name, text in (("map.csv", "kitty,2\ndog,1\n"), ("boxes.csv", "data/cat/0.png,0,0,30,30\n"),
-                       ("labels.csv", "path,label\ndata/cat/0.png,kitty\ndata/dog/0.png,0\n")):
+    for name, text in (("map.csv", "kitty,2\ndog,1\n"), ("boxes.csv", "data/cat/0.png,0,0,30,30\n")):
         saved = (setup.root / name).read_text()
         (setup.root / name).write_text(text)
         code, _, err = run(args, capsys)
-        what = {"map.csv": "--mapping", "boxes.csv": "--boxes", "labels.csv": "labels CSV"}[name]
+        what = {"map.csv": "--mapping", "boxes.csv": "--boxes"}[name]
         one_line_error(code, err, 1, f"holds results of other settings ({what}: other content)")
         (setup.root / name).write_text(saved)
     code, _, err = run(args, capsys)
@@ -205,7 +205,7 @@ def test_a_replaced_model_file_is_refused(setup, capsys):
 
 # -- 4: damaged results and config -------------------------------------------------------------------
 
-def test_damaged_and_foreign_lines_are_set_aside_and_recomputed(setup, capsys):
+def test_damaged_and_foreign_lines_are_set_aside_and_said_truthfully(setup, capsys):
     code, _, err = run(setup.args(), capsys)
     assert code == 0, err
     good = (setup.out / "results.jsonl").read_text().splitlines()
@@ -218,27 +218,50 @@ def test_damaged_and_foreign_lines_are_set_aside_and_recomputed(setup, capsys):
         json.dumps({**first, "deletion_curve": "flat"}),  # a field of the wrong type
         json.dumps({**first, "image": "cat/elsewhere.png"}),  # an image not in the dataset
         json.dumps({**first, "method": "scorecam"}),  # a method not in this run
-        good[0],  # a pair recorded twice
+        json.dumps({**first, "seconds": 99.0}),  # a pair recorded twice: the first copy stays
     ]
     bad = [line.encode() for line in bad] + [b"\xff\xfe"]  # not UTF-8
     # Lines 2 and 5 of the good ones are lost (overwritten) and must be computed again.
     good = [line.encode() for line in good]
     damaged = [good[0], bad[0], bad[1], good[2], good[3], *bad[2:], *good[5:]]
     (setup.out / "results.jsonl").write_bytes(b"\n".join(damaged) + b"\n")
+    saved_config = json.loads((setup.out / "config.json").read_text())
     code, _, err = run(setup.args(), capsys)
     assert code == 0, err
     assert "Traceback" not in err
-    notes = [line for line in err.splitlines() if "set aside" in line]
-    assert len(notes) == len(bad)
-    for text in ("line 2: not JSON", "line 3: a JSON list, not a record", "line 6: field 'drop' is missing",
-                 "line 7: field 'deletion_curve' is missing or not 3 numbers",
-                 "line 8: image 'cat/elsewhere.png' is not in this dataset", "line 9: method 'scorecam' is not in this run",
-                 "line 10: a second result for the same image and method", "line 11: not JSON"):
-        assert any(text in note for note in notes), text
+    # Five lines said one by one, then the total:
+    single = [line for line in err.splitlines() if "set aside in results.set-aside.jsonl" in line]
+    assert [line.split(";")[0] for line in single] == [
+        "note: results.jsonl line 2: not JSON", "note: results.jsonl line 3: a JSON list, not a record",
+        "note: results.jsonl line 6: field 'drop' is missing or not a number",
+        "note: results.jsonl line 7: field 'deletion_curve' is missing or not 3 numbers",
+        "note: results.jsonl line 8: image 'cat/elsewhere.png' is not in this dataset",
+    ]
+    assert all(line.endswith("its result is computed again if this run needs it") for line in single)
+    assert "note: and 3 more line(s) of results.jsonl set aside; all in results.set-aside.jsonl" in err.splitlines()
+    report = summary(setup.out)
+    assert report["set_aside_lines"] == len(bad)
+    assert report["notes"][-1] == "and 3 more line(s) of results.jsonl set aside; all in results.set-aside.jsonl"
     got = records(setup.out)
     assert len(got) == 8 and len({(r["image"], r["method"]) for r in got}) == 8
-    assert summary(setup.out)["summary"] == expected
+    assert first in got  # the first copy of the pair kept, not the second
+    assert report["summary"] == expected
     assert len((setup.out / "results.set-aside.jsonl").read_bytes().splitlines()) == len(bad)
+    # Every line's reason, the three not shown above included:
+    again = setup.root / "again"
+    again.mkdir()
+    (again / "config.json").write_text(json.dumps(saved_config))
+    (again / "results.jsonl").write_bytes(b"\n".join(damaged) + b"\n")
+    store = ResultStore(again, saved_config, {"cat/0.png", "cat/1.png", "dog/0.png", "cup/0.png"})
+    assert store.set_aside[5:] == [
+        "results.jsonl line 9: method 'scorecam' is not in this run; set aside in results.set-aside.jsonl, "
+        "its result is computed again if this run needs it",
+        "results.jsonl line 10: a second result for the same image and method; set aside in "
+        "results.set-aside.jsonl, the first one is kept",
+        "results.jsonl line 11: not JSON; set aside in results.set-aside.jsonl, "
+        "its result is computed again if this run needs it",
+    ]
+    assert store.records[(first["image"], first["method"])] == first
 
 
 def test_undefined_values_are_said_not_dropped(setup, capsys):
@@ -373,3 +396,158 @@ def test_one_run_at_a_time_per_output_folder(setup, capsys):
     assert not (setup.out / "results.jsonl").exists()
     code, _, err = run(setup.args("--limit", "1"), capsys)
     assert code == 0, err
+
+
+# -- issue 7 review: what the first hour still hit ---------------------------------------------------
+
+def test_a_boxes_csv_with_paths_relative_to_the_working_directory_stops_the_run(setup, capsys, monkeypatch):
+    monkeypatch.chdir(setup.root)
+    (setup.root / "boxes.csv").write_text("data/cat/0.png,0,0,20,20\ndata/dog/0.png,0,0,20,20\n")
+    code, _, err = run(setup.args("--boxes", "boxes.csv"), capsys)
+    one_line_error(code, err, 1, f"--boxes boxes.csv: no row names an image of the dataset; its paths are relative "
+                                 f"to the dataset folder {setup.data}")
+    assert f"'data/cat/0.png' is {setup.data / 'data' / 'cat' / '0.png'}" in err
+    assert not (setup.out / "results.jsonl").exists()
+
+
+def test_progress_in_a_log_is_lines_and_no_blank_line(setup, capsys):
+    code, _, err = run(setup.args(), capsys)  # capsys: stderr is not a terminal
+    assert code == 0, err
+    lines = err.splitlines()
+    assert "" not in lines and not err.startswith("\n"), repr(err)
+    progress = [line for line in lines if re.search(r": \d+/8 \(\d+ s", line)]
+    assert progress and re.search(r"\.png (CAM|Grad-CAM): 8/8 \(\d+ s\)$", progress[-1]), err
+
+
+def test_cam_left_out_of_the_default_methods_is_said_in_the_summary_and_under_the_table(setup, capsys):
+    """features.1 does not feed the pooling: CAM cannot explain it, the other four run."""
+    code, out, err = run(setup.args("--limit", "1", "--target-layer", "features.1", methods=()), capsys)
+    assert code == 0, err
+    reason = ("the model's output is not fc(global average pool of layer 'features.1'): CAM needs a head "
+              "'features -> global average pooling -> linear' with that layer as the features")
+    assert f"note: CAM skipped: {reason}" in err.splitlines()
+    assert "camlens: note" not in err
+    report = summary(setup.out)
+    assert report["skipped_methods"] == {"cam": reason}
+    assert f"CAM skipped: {reason}" in report["notes"]
+    assert sorted(report["summary"]) == ["gradcam", "gradcam++", "scorecam", "smoothgradcam++"]
+    caption = out[out.index("mean ± 95% confidence interval"):]
+    assert "note: CAM skipped: the model's output is not fc(global average pool of layer 'features.1')" in caption
+
+
+def test_a_row_added_to_a_labels_csv_resumes_and_a_changed_label_is_refused(setup, capsys):
+    labels = setup.root / "labels.csv"
+    labels.write_text("path,label\ndata/cat/0.png,cat\ndata/dog/0.png,dog\n")
+    args = setup.args(data=labels)
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    before = records(setup.out)
+    assert sorted({r["image"] for r in before}) == ["data/cat/0.png", "data/dog/0.png"]
+    labels.write_text("path,label\ndata/cat/0.png,cat\ndata/dog/0.png,dog\ndata/cup/0.png,cup\n")
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    after = records(setup.out)
+    assert after[:len(before)] == before  # nothing recomputed
+    assert [(r["image"], r["method"]) for r in after[len(before):]] == [("data/cup/0.png", "cam"),
+                                                                          ("data/cup/0.png", "gradcam")]
+    assert summary(setup.out)["images"] == 3 and "3 images" in out
+    labels.write_text("path,label\ndata/cat/0.png,cat\ndata/dog/0.png,cup\ndata/cup/0.png,cup\n")
+    code, _, err = run(args, capsys)
+    one_line_error(code, err, 1, "holds results of 1 image(s) that changed since: data/dog/0.png (label); "
+                                 "use another --out")
+
+
+def test_a_model_file_is_known_by_its_path_not_by_how_it_is_described(setup, capsys, monkeypatch):
+    """The run's identity holds the model file's content whatever words LoadedModel.source uses."""
+    import camlens.cli.common as common
+
+    path = setup.root / "net.pt2"
+    example = (torch.randn(2, 3, 16, 16),)
+    torch.export.save(torch.export.export(_build(setup, 0), example,
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    load = common.load_model
+
+    def reworded(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        loaded.source = f"exported program from {path}"
+        return loaded
+
+    monkeypatch.setattr(common, "load_model", reworded)
+    args = ["evaluate", setup.data, "--model", path, "--class-names", setup.names, "--input-size", "16",
+            "--steps", "2", "-m", "gradcam", "--limit", "1", "--out", setup.out]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    config = json.loads((setup.out / "config.json").read_text())
+    assert config["model file"] == file_digest(path)
+    code, _, err = run(setup.args("--limit", "1", out=setup.root / "factory"), capsys)
+    assert code == 0, err
+    config = json.loads((setup.root / "factory" / "config.json").read_text())
+    assert config["model file"] is None and setup.module in config["model code"]
+
+
+class InPlaceHead(torch.nn.Module):
+    """A ReLU applied in place after the feature block: logits = fc(GAP(relu(A))), not fc(GAP(A))."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 8, 3, padding=1))
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu_(self.features(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("layer, fits", [(None, True), ("features", True), ("features.1", False)])
+def test_one_blank_forward_checks_the_model_finds_the_layer_and_tells_whether_cam_fits(setup, layer, fits,
+                                                                                        monkeypatch):
+    from camlens.capture import find_default_layer
+    from camlens.cli.common import prepare
+
+    import camlens.cli.common as common
+
+    calls = []
+    open_model = common.open_model
+
+    def counted(**args):
+        loaded = open_model(**args)
+        loaded.module.register_forward_pre_hook(lambda module, inputs: calls.append(tuple(inputs[0].shape)))
+        return loaded
+
+    monkeypatch.setattr(common, "open_model", counted)
+    model_args = {"model_spec": f"{setup.module}:build", "weights": None, "input_size": 16, "resize": None,
+                  "mean": None, "std": None, "class_names": str(setup.names)}
+    skipped, layers = {}, []
+    chosen, _, loaded, classes = prepare([], "out", "cpu", layer, model_args, on_skip=skipped.__setitem__,
+                                         on_layer=layers.append)
+    assert calls == [(2, 3, 16, 16)]  # one forward pass of the blank batch of two, no more
+    assert classes == 3
+    expected = layer or find_default_layer(loaded.module, torch.zeros(1, 3, 16, 16))
+    assert layers == [expected] == [layer or "features"]
+    assert ("cam" in chosen) == fits and (skipped == {}) == fits
+
+
+def test_an_in_place_operation_after_the_layer_does_not_fool_the_cam_check(monkeypatch):
+    """The probe keeps a copy of the layer's output, as CAM's own capture does."""
+    from camlens.cli.common import cam_misfit, probe
+    from camlens.models import LoadedModel, Preprocess
+
+    model = InPlaceHead().eval()
+    loaded = LoadedModel(model, Preprocess(size=16), None, "inplace", "test")
+    found = probe(loaded, None)
+    assert found.layer == "features"
+    assert "is not fc(global average pool of layer 'features')" in cam_misfit(loaded, found, None)
+    with pytest.raises(camlens.CamlensError, match="is not fc"):  # the method agrees on a real image
+        camlens.CAM(model)(torch.randn(1, 3, 16, 16))
+
+
+def test_an_os_error_without_a_reason_is_still_named(tmp_path, monkeypatch):
+    import camlens.evaluate as evaluate
+
+    def fail(*args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(evaluate, "open", fail, raising=False)
+    with pytest.raises(camlens.CamlensError, match=r"x.png: cannot be read \(OSError\)$"):
+        file_digest(tmp_path / "x.png")

@@ -263,6 +263,7 @@ def _boxes(data: Path, labelled: list[tuple[Path, int]], source: Path | None,
             rows = rows[1:]
         if not rows:
             raise CamlensError(f"--boxes {source}: the CSV has no box rows (path,xmin,ymin,xmax,ymax)")
+        unmatched: list[tuple[str, Path]] = []
         for row in rows:
             try:
                 box = tuple(float(v) for v in row[1:5])
@@ -271,9 +272,20 @@ def _boxes(data: Path, labelled: list[tuple[Path, int]], source: Path | None,
                 continue
             image = (root / row[0]).resolve()
             if image not in known:
-                problems.append(f"{source}: box for {row[0]}, which is not in the dataset (skipped)")
+                unmatched.append((row[0], root / row[0]))
                 continue
             table[image].append(box)
+        if not table and unmatched:
+            # Typically paths written relative to the working directory: every row misses.
+            where = f"the dataset folder {data}" if data.is_dir() else f"the labels CSV's folder {root}"
+            path, resolved = unmatched[0]
+            raise CamlensError(
+                f"--boxes {source}: no row names an image of the dataset; its paths are relative to {where} "
+                f"(e.g. {path!r} is {resolved}, which the dataset does not list)"
+            )
+        if not table:
+            raise CamlensError(f"--boxes {source}: no row has numeric box edges (path,xmin,ymin,xmax,ymax)")
+        problems.extend(f"{source}: box for {path}, which is not in the dataset (skipped)" for path, _ in unmatched)
         return dict(table)
     found = 0
     for path, _ in labelled:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import CamlensError
-from .io import write_atomic
+from .io import os_reason, write_atomic
 from .methods.base import CAMMethod
 from .metrics import (
     area_under_curve,
@@ -109,8 +109,9 @@ class ResultStore:
     a result; it must equal the one the folder was started with, else the store refuses, naming
     what changed. A line that is damaged (cut short, not JSON, not a record with this run's
     fields) or foreign (an image not in ``images``, a method not in the config, a second record
-    of a pair) is moved to ``results.set-aside.jsonl`` and described in ``set_aside``; its pair
-    is then computed again.
+    of a pair) is moved to ``results.set-aside.jsonl`` and described in ``set_aside``: a damaged
+    line's pair is computed again if the run needs it, and of two records of a pair the first is
+    kept.
     """
 
     def __init__(self, folder: Path, config: dict, images: Collection[str]) -> None:
@@ -143,7 +144,7 @@ class ResultStore:
         try:
             saved = json.loads(self.config_path.read_text(encoding="utf-8"))
         except OSError as error:
-            raise CamlensError(f"cannot read {self.config_path} ({error.strerror or error})") from None
+            raise CamlensError(f"cannot read {self.config_path} ({os_reason(error)})") from None
         except (UnicodeDecodeError, ValueError, RecursionError):
             saved = None
         if not isinstance(saved, dict):
@@ -157,7 +158,7 @@ class ResultStore:
         try:
             raw = self.path.read_bytes()
         except OSError as error:
-            raise CamlensError(f"cannot read {self.path} ({error.strerror or error})") from None
+            raise CamlensError(f"cannot read {self.path} ({os_reason(error)})") from None
         lines = raw.split(b"\n")
         kept: list[bytes] = []
         aside: list[bytes] = []
@@ -168,16 +169,18 @@ class ResultStore:
             if isinstance(record, str) and number == len(lines):  # the last line, without its newline
                 record = "cut short (an interrupted run)"
             problem = record_problem(record, self.config) if isinstance(record, dict) else record
+            outcome = "its result is computed again if this run needs it"
             if problem is None and record["image"] not in images:
                 problem = f"image {record['image']!r} is not in this dataset"
             if problem is None and (record["image"], record["method"]) in self.records:
-                problem = "a second result for the same image and method"
+                problem, outcome = "a second result for the same image and method", "the first one is kept"
             if problem is None:
                 self.records[(record["image"], record["method"])] = record
                 kept.append(line)
             else:
                 aside.append(line)
-                self.set_aside.append(f"line {number}: {problem}")
+                self.set_aside.append(f"{self.path.name} line {number}: {problem}; "
+                                      f"set aside in {self.aside_path.name}, {outcome}")
         if aside or not raw.endswith(b"\n"):
             with self.aside_path.open("ab") as handle:
                 handle.write(b"".join(line + b"\n" for line in aside))
@@ -284,7 +287,7 @@ def file_digest(path: str | os.PathLike[str]) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     except OSError as error:
-        raise CamlensError(f"{path}: cannot be read ({error.strerror or error})") from None
+        raise CamlensError(f"{path}: cannot be read ({os_reason(error)})") from None
     return f"sha256:{digest.hexdigest()}"
 
 

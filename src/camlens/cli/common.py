@@ -7,17 +7,21 @@ import difflib
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import click
 import torch
 from PIL import Image
 from rich.console import Console
+from torch import Tensor, nn
 
 from ..capture import (
     check_finite,
     check_hookable,
-    find_default_layer,
+    default_layer,
+    display_name,
+    forward,
     record,
     resolve_layer,
 )
@@ -194,12 +198,14 @@ def slug(text: str, fallback: str) -> str:
 
 def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | None,
             model_args: dict, fc: str | None = None,
-            on_skip: Callable[[str, str], None] | None = None) -> tuple[list[str], torch.device, LoadedModel, int]:
+            on_skip: Callable[[str, str], None] | None = None,
+            on_layer: Callable[[str], None] | None = None) -> tuple[list[str], torch.device, LoadedModel, int]:
     """What every command checks before any work: methods, output, device, model, layer.
 
     CAM fits only a layer that feeds a global-average-pool + linear head. When the user named
     no method (and no --fc), CAM is left out where it does not fit and ``on_skip(method,
     reason)`` is called (default: a note on stderr); when CAM was asked for, its error stands.
+    ``on_layer`` receives the target layer's name, the default one found.
     """
     chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
     if fc is not None and "cam" not in chosen:
@@ -208,14 +214,16 @@ def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | N
         raise CamlensError("--out is empty: name an output directory")
     torch_device = choose_device(device)
     loaded = open_model(**model_args)
-    classes = probe(loaded, target_layer)
-    if "cam" in chosen and (reason := cam_misfit(loaded, target_layer, fc)) is not None:
+    found = probe(loaded, target_layer)
+    if on_layer is not None:
+        on_layer(found.layer)
+    if "cam" in chosen and (reason := cam_misfit(loaded, found, fc)) is not None:
         if methods or fc is not None:
             raise CamlensError(reason)
         chosen.remove("cam")
         # What is wrong, without the library's advice (name fc=, use Grad-CAM): the others run.
         (on_skip or note_skip)("cam", reason.split("; ")[0])
-    return chosen, torch_device, loaded, classes
+    return chosen, torch_device, loaded, found.classes
 
 
 def note_skip(method: str, reason: str) -> None:
@@ -236,12 +244,22 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
 
 
 
-def probe(loaded: LoadedModel, target_layer: str | None) -> int:
+@dataclass
+class Probe:
+    """What one forward pass of a blank grey batch tells about the model."""
+
+    classes: int
+    layer: str  # the target layer's name, the default one found
+    activation: Tensor  # its output on the blank batch
+    logits: Tensor
+
+
+def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
     """Check the model, preprocessing and target layer once, on a blank grey photo.
 
     A batch of two, because Score-CAM and Smooth Grad-CAM++ forward batches: a model exported
-    with a fixed batch size of one fails here rather than on every image. Returns the number
-    of classes.
+    with a fixed batch size of one fails here rather than on every image. The one forward pass
+    also finds the default layer and gives what :func:`cam_misfit` needs.
     """
     check_hookable(loaded.module)
     preprocess = loaded.preprocess
@@ -249,9 +267,11 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> int:
     example = blank.unsqueeze(0).expand(2, -1, -1, -1).contiguous()
     layers = dict([resolve_layer(loaded.module, target_layer)]) if target_layer is not None else {}
     try:
-        output, _ = record(loaded.module, example, layers)
-        if target_layer is None:
-            find_default_layer(loaded.module, example[:1])
+        if layers:
+            output, outputs = record(loaded.module, example, layers)
+            layer, activation = next(iter(outputs.items()))
+        else:
+            output, layer, activation = _default_layer_pass(loaded.module, example)
     except CamlensError as error:
         raise CamlensError(f"{error} (checked on a blank {preprocess.size}x{preprocess.size} input)") from None
     except Exception as error:
@@ -264,24 +284,54 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> int:
     check_finite(output, "model outputs on a blank input (check --mean and --std)")
     if loaded.class_names is not None and len(loaded.class_names) != output.shape[1]:
         raise CamlensError(f"{len(loaded.class_names)} class names for a model with {output.shape[1]} classes")
-    return int(output.shape[1])
+    return Probe(int(output.shape[1]), layer, activation, output)
 
 
-def cam_misfit(loaded: LoadedModel, target_layer: str | None, fc: str | None) -> str | None:
-    """Why CAM cannot explain this layer of this model, or None when it can.
+def _default_layer_pass(model: nn.Module, example: Tensor) -> tuple[Tensor, str, Tensor]:
+    """One forward pass that finds the default target layer (:func:`camlens.capture.default_layer`,
+    the last 4-D map larger than 1x1) and keeps its output: (logits, layer name, output)."""
+    trace: list[tuple[str, torch.Size | str]] = []
+    last: dict[str, Tensor] = {}
 
-    Whether the head suits CAM does not depend on the image: a blank input tells.
-    """
-    preprocess = loaded.preprocess
-    blank = preprocess(Image.new("RGB", (preprocess.size, preprocess.size), (128, 128, 128))).unsqueeze(0)
+    def hook(name: str) -> Callable:
+        def keep(module: nn.Module, inputs: object, output: object) -> None:
+            trace.append((name, output.shape if isinstance(output, Tensor) else type(output).__name__))
+            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+                # A copy, as Recorder keeps: an in-place operation after the layer must not change it.
+                last.clear()
+                last[name] = output.clone()
+
+        return keep
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
     try:
-        cam = METHODS["cam"](loaded.module, target_layer=target_layer, fc=fc)
+        with torch.no_grad():
+            logits = forward(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layer = default_layer(trace)
+    if sum(name == layer for name, _ in trace) > 1:
+        raise CamlensError(f"layer {display_name(layer)!r} runs more than once in one forward pass; "
+                           "name a layer that is used once (--target-layer)")
+    return logits, layer, last[layer]
+
+
+def cam_misfit(loaded: LoadedModel, found: Probe, fc: str | None) -> str | None:
+    """Why CAM cannot explain the probed layer of this model, or None when it can.
+
+    Whether the head suits CAM does not depend on the image: the probe's blank batch tells,
+    checked as CAM checks it on every image (its classifier, logits = fc(GAP(layer))).
+    """
+    try:
+        cam = METHODS["cam"](loaded.module, target_layer=found.layer, fc=fc)
     except CamlensError as error:
         raise CamlensError(f"--fc {fc}: {error}") from None
     try:
-        cam(blank)
+        with torch.no_grad():
+            head = cam.fc if cam.fc is not None else cam._find_fc(found.activation.shape[1], found.layer)
+            cam._check_head(head, found.activation, found.logits, found.layer)
     except CamlensError as error:
         # The library's hint names the Python argument; on the command line it is --fc.
         return str(error).replace("(fc=)", "(--fc)")
     return None
-

@@ -10,19 +10,9 @@ from pathlib import Path
 
 import click
 import torch
-from PIL import Image
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from .. import __version__
-from ..capture import find_default_layer, resolve_layer
 from ..charts import (
     bar_chart,
     curve_plot,
@@ -51,7 +41,7 @@ from ..io import (
     write_atomic,
 )
 from ..methods import METHODS
-from ..models import LoadedModel
+from ..models import REGISTRY, LoadedModel
 from .common import (
     console,
     echo_error,
@@ -63,8 +53,10 @@ from .common import (
     printable,
     run_options,
 )
+from .progress import LogProgress
 
 STATISTIC = "mean ± 95% confidence interval (Student's t) over n images"
+SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the rest
 
 
 @click.command(short_help="The Score-CAM paper's metrics over a labelled dataset.")
@@ -88,7 +80,10 @@ STATISTIC = "mean ± 95% confidence interval (Student's t) over n images"
 def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, device, batch_size, seed,
              **model_args) -> None:
     """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
-    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc)
+    skipped_methods: dict[str, str] = {}
+    layers: list[str] = []
+    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
+                                                    on_skip=skipped_methods.__setitem__, on_layer=layers.append)
     dataset = load_dataset(data, loaded.class_names, classes, loaded.class_labels, mapping, boxes, limit)
     wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
     if any(m in LOCALISATION for m in wanted) and not dataset.has_boxes:
@@ -103,7 +98,8 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
             return str(path)
 
     with locked_output_dir(out_dir):  # one run at a time: two would compute and append the same pairs
-        notes = list(dataset.notes)
+        method_notes = [f"{METHODS[m].display_name} skipped: {reason}" for m, reason in skipped_methods.items()]
+        notes = [*method_notes, *dataset.notes]
         samples = dataset.samples
         listed = len(dataset.listed[:limit])
         input_boxes = {key(s.path): _input_boxes(s, loaded, notes) for s in samples}
@@ -112,20 +108,18 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
             if boxless:
                 notes.append(f"{boxless} of {len(samples)} images have no box the model sees: the box metrics are "
                              f"over the other {len(samples) - boxless}")
-        weights_digest, layer = module_digest(loaded.module), _layer_name(loaded, target_layer)
+        weights_digest = module_digest(loaded.module)
         model = loaded.module.to(torch_device)
         objects = method_objects(model, chosen, target_layer, batch_size, seed, fc=fc)
         config = _identity(data, model_args, loaded, weights_digest, mapping, boxes, chosen, objects, wanted, steps,
-                           layer, torch_device)
+                           layers[0], torch_device)
         store = ResultStore(out_dir, config, {key(path) for path in dataset.listed})
         _refuse_changed_images(store, samples, key, out_dir)
         chunk = batch_size or 32
 
         pending = [(s, m) for s in samples for m in chosen if not store.done(key(s.path), m)]
         skipped = list(dataset.skipped)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=console("stderr"), transient=True) as bar:
+        with LogProgress() as bar:
             task = bar.add_task("evaluating", total=len(pending))
             current = None
             for sample, name in pending:
@@ -160,11 +154,14 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                              "of 0 on the image), left out of the mean and of n")
         summary = summarise(records, chosen, wanted)
         speed = {m: mean_interval(r["seconds"] for r in records if r["method"] == m) for m in chosen}
-        set_aside = [f"{store.path.name} {line}; set aside in {store.aside_path.name} and computed again"
-                     for line in store.set_aside]
+        set_aside = store.set_aside[:SET_ASIDE_SHOWN]
+        if len(store.set_aside) > SET_ASIDE_SHOWN:
+            set_aside.append(f"and {len(store.set_aside) - SET_ASIDE_SHOWN} more line(s) of {store.path.name} set "
+                             f"aside; all in {store.aside_path.name}")
         report = {"config": store.config, "images": counted, "images_listed": listed, "statistic": STATISTIC,
                   "summary": summary, "seconds_per_image": {m: speed[m]["mean"] for m in chosen},
-                  "skipped": [printable(p) for p in skipped], "notes": [printable(p) for p in [*notes, *set_aside]]}
+                  "skipped": [printable(p) for p in skipped], "skipped_methods": skipped_methods,
+                  "set_aside_lines": len(store.set_aside), "notes": [printable(p) for p in [*notes, *set_aside]]}
         write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
         lines = ["method,metric,mean,ci95_half_width,n"] + [
             f"{m},{metric},{_csv(v['mean'])},{_csv(v['ci95'])},{v['n']}" for m in chosen for metric, v in summary[m].items()
@@ -183,7 +180,8 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
             echo_error(f"skipped: {printable(line)}")
         shown = f"{counted} images" if counted == listed else f"{counted} of {listed} images"
         table = Table(title=f"camlens evaluate: {shown} -> {printable(out_dir)}", title_justify="left",
-                      caption=f"{STATISTIC}; n per column", caption_justify="left")
+                      caption="\n".join([f"{STATISTIC}; n per column", *(f"note: {n}" for n in method_notes)]),
+                      caption_justify="left")
         table.add_column("method")
         for metric in wanted:
             arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
@@ -227,10 +225,14 @@ def _identity(data, model_args: dict, loaded: LoadedModel, weights_digest: str, 
     """Every setting and input file that can change a result (the run's identity, in config.json).
 
     The batch size is left out on purpose: it changes how inputs are grouped, not the numbers,
-    so a run stopped for lack of memory can resume with a smaller one.
+    so a run stopped for lack of memory can resume with a smaller one. So is the labels CSV's
+    content: each result records its image's label, checked image by image, so that rows can
+    be added to the CSV as images can to a folder.
     """
     spec = model_args["model_spec"]
-    is_file = " archive " in loaded.source
+    # As load_model reads --model: a registered name first, then an existing file, else a factory.
+    is_file = spec not in REGISTRY and Path(spec).is_file()
+    factory = None if spec in REGISTRY or is_file else spec.partition(":")[0]
     boxes_path = Path(boxes) if boxes else None
     if boxes_path is not None and boxes_path.is_dir():
         boxes_digest = {p.name: file_digest(p) for p in sorted(boxes_path.glob("*.xml"))}
@@ -240,10 +242,9 @@ def _identity(data, model_args: dict, loaded: LoadedModel, weights_digest: str, 
         "camlens version": __version__,
         "torch version": torch.__version__,
         "DATA": str(Path(data).resolve()),
-        "labels CSV": file_digest(data) if Path(data).is_file() else None,
         "--model": spec,
         "model file": file_digest(spec) if is_file else None,
-        "model code": _code_digests(loaded, spec.partition(":")[0] if loaded.source.startswith("factory") else None),
+        "model code": _code_digests(loaded, factory),
         "--weights": file_digest(model_args["weights"]) if model_args.get("weights") else None,
         "model weights": weights_digest,
         "--class-names": file_digest(model_args["class_names"]) if model_args.get("class_names") else None,
@@ -257,15 +258,6 @@ def _identity(data, model_args: dict, loaded: LoadedModel, weights_digest: str, 
         "--target-layer": layer,
         "device": torch_device.type,
     }
-
-
-def _layer_name(loaded: LoadedModel, target_layer: str | None) -> str:
-    """The target layer's name, the default one included, so that naming it changes nothing."""
-    if target_layer is not None:
-        return resolve_layer(loaded.module, target_layer)[0]
-    size = loaded.preprocess.size
-    blank = loaded.preprocess(Image.new("RGB", (size, size), (128, 128, 128)))
-    return find_default_layer(loaded.module, blank[None])
 
 
 def _code_digests(loaded: LoadedModel, factory_module: str | None) -> dict[str, str]:
