@@ -25,7 +25,7 @@ from ..capture import (
     record,
     resolve_layer,
 )
-from ..errors import CamlensError
+from ..errors import CamlensError, first_line
 from ..methods import METHODS, get_method
 from ..models import LoadedModel, Preprocess, class_names_from_file, load_model
 
@@ -48,12 +48,6 @@ def echo_error(text: str) -> None:
         click.echo(text, err=True)
     except (BrokenPipeError, OSError):
         pass
-
-
-def first_line(error: BaseException) -> str:
-    """An exception in one line: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def printable(text: object) -> str:
