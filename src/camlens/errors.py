@@ -14,3 +14,9 @@ def first_line(error: BaseException) -> str:
     """An exception in one line: its type and the first line of its message."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Refuse anything but an integer >= 1 (a bool is not a count)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CamlensError(f"{name} must be a positive integer, got {value!r}")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import LayersSpec
-from ..errors import CamlensError
+from ..errors import CamlensError, check_positive_int
 from .base import CAMMethod, Context
 
 
@@ -105,8 +105,8 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         batch_size: int = 32,
     ) -> None:
         super().__init__(model, target_layer)
-        _check_positive_int("n_samples", n_samples)
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("n_samples", n_samples)
+        check_positive_int("batch_size", batch_size)
         if (
             not isinstance(noise_level, numbers.Real)
             or isinstance(noise_level, bool)
@@ -179,8 +179,3 @@ class SmoothGradCAMPlusPlus(CAMMethod):
             )
             for name, totals in moments.items()
         }
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CamlensError(f"{name} must be a positive integer, got {value!r}")

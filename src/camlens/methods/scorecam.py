@@ -9,10 +9,9 @@ from torch import Tensor, nn
 
 from ..capture import LayersSpec
 from ..combine import is_constant, upsample_normalise
-from ..errors import CamlensError
+from ..errors import CamlensError, check_positive_int
 from ..targets import SCORE_KINDS
 from .base import CAMMethod, Context
-from .gradcam import _check_positive_int
 
 
 def scorecam_weights(increase: Tensor, channel_softmax: bool = False) -> Tensor:
@@ -66,7 +65,7 @@ class ScoreCAM(CAMMethod):
             raise CamlensError(f"unknown score {score!r}: choose one of {', '.join(SCORE_KINDS)}")
         if not (baseline is None or baseline == "zeros" or isinstance(baseline, Tensor)):
             raise CamlensError("baseline must be None, 'zeros' or a tensor in the model's input space")
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         if not isinstance(channel_softmax, bool):
             raise CamlensError(f"channel_softmax must be True or False, got {channel_softmax!r}")
         self.score = score

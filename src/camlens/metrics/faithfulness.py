@@ -15,12 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..capture import forward, model_failures, preserved
-from ..errors import CamlensError
-
-
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CamlensError(f"{name} must be a positive integer, got {value!r}")
+from ..errors import CamlensError, check_positive_int
 
 
 def _check_images(images: object) -> None:
@@ -57,7 +52,7 @@ def class_probabilities(model: nn.Module, inputs: Tensor, classes: Tensor, batch
     """Softmax probability of ``classes[b]`` for each row b of ``inputs``, in batches: (B,)."""
     _check_images(inputs)
     classes = _check_classes(classes, inputs.shape[0]).to(inputs.device)
-    _positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     with preserved(model):
         parts = []
         for start in range(0, inputs.shape[0], batch_size):
@@ -142,8 +137,8 @@ def _ranked_curve(
     Returns (N, steps + 1).
     """
     _check_maps(images, maps)
-    _positive_int("steps", steps)
-    _positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
     classes = _check_classes(classes, images.shape[0]).to(images.device)
     count, _, height, width = images.shape
     pixels = height * width
