@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import re
 
-from camlens.cli import main
-
-
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from test_cli import run
 
 
 def test_layers_table_names_every_column(capsys):
