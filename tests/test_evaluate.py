@@ -114,8 +114,9 @@ def test_sanity_command(tmp_path, capsys):
                          capsys)
     assert code == 0, err
     assert err.startswith("camlens sanity: 2 method(s) x 22 maps (trained + 21 steps) = 44 explanations, "
-                          "about 44 forward passes")
+                          "about 44 forward passes; estimated about ")
     report = json.loads((tmp_path / "sanity.json").read_text())
+    assert report["skipped_methods"] == {} and report["seconds"]["maps_estimated"] > 0
     assert report["class_name"] == "espresso"
     assert report["groups"][0] == "_fc" and report["groups"][-1] == "_conv_stem" and len(report["groups"]) == 21
     assert report["steps"] == report["groups"]

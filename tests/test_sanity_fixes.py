@@ -3,6 +3,7 @@ a coarser cascade on request, the planned cost and progress lines in logs, and t
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -26,6 +27,8 @@ from conftest import count_rows, make_tiny
 from test_cli import run
 
 NAN = math.nan
+# The module itself: the attribute camlens.cli.sanity is the click command of the same name.
+command = importlib.import_module("camlens.cli.sanity")
 GROUPS = [f"g{i}" for i in range(21)]
 
 
@@ -172,7 +175,8 @@ def test_the_plan_is_printed_first_and_progress_shows_in_a_log(tiny_cli, tmp_pat
     lines = err.splitlines()
     # Score-CAM: the clean forward + 8 channels; Smooth Grad-CAM++: the clean forward + 8 copies.
     assert re.match(r"camlens sanity: 2 method\(s\) x 3 maps \(trained \+ 2 steps\) = 6 explanations, "
-                    r"about 54 forward passes \(a map: Score-CAM 9, Smooth Grad-CAM\+\+ 9\); estimated \d+ s on cpu",
+                    r"about 54 forward passes; estimated about \d+ s on cpu, then the figures \(a map, timed on "
+                    r"the trained model: Score-CAM 9 forwards, [\d.]+ s; Smooth Grad-CAM\+\+ 9 forwards, [\d.]+ s; ",
                     lines[0]), lines[0]
     # Off a terminal rich draws nothing: plain lines, at least one per method when it completes.
     assert "Score-CAM: 3/3 (" in err and "Smooth Grad-CAM++: 3/3 (" in err
@@ -282,3 +286,146 @@ def test_similarity_plot_marks_blank_steps_instead_of_dropping_them(figures, tmp
     labels = [text.get_text() for text in spearman_axes.get_legend().get_texts()]
     assert labels == ["A = C: PASS", "B: LATE", "threshold 0.5", "blank map (counts as changed)"]
     assert isinstance(spearman_axes.get_legend().legend_handles[0], Line2D)
+
+
+# -- the planned cost: measured, not counted (review of issue 7) -----------------------------------
+
+def test_the_estimate_is_built_from_timed_explanations_of_each_method(images, monkeypatch):
+    """With a clock that moves only when the model forwards (1 ms an image) or a group is
+    re-initialised (1 s), a map costs what one real explanation forwards, and a cascade's fixed
+    part is one re-initialisation of every group."""
+    from camlens.metrics.sanity import randomisation_groups, reinitialise
+
+    now = [0.0]
+    model = make_tiny()
+    x = images[:1]
+    model.register_forward_pre_hook(lambda module, args: now.__setitem__(0, now[0] + 0.001 * args[0].shape[0]))
+    monkeypatch.setattr(command, "_clock", lambda: now[0])
+
+    def slow_reinitialise(module):
+        now[0] += 1.0
+        reinitialise(module)
+
+    monkeypatch.setattr(command, "reinitialise", slow_reinitialise)
+    names = ["cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam"]
+    objects = command.method_objects(model, names, "features", None, 0)
+    groups = randomisation_groups(model, x)
+    forward = command._timed_forward(model, x)[1]
+    assert forward == pytest.approx(0.001)
+    per_map, per_cascade = command._measure(model, x, 0, "features", objects, groups, 4, torch.device("cpu"), forward)
+    for name in names:  # an independent count: the images one real explanation forwards
+        rows, handle = count_rows(model)
+        METHODS[name](model, "features")(x, 0)
+        handle.remove()
+        assert per_map[name] == pytest.approx(0.001 * sum(rows)), name
+    assert per_map["smoothgradcam++"] == pytest.approx(0.009)
+    assert per_cascade == pytest.approx(len(groups) * 1.0) and len(groups) == 5
+    # Each method: the trained model and every step, plus its own cascade's fixed part.
+    assert command._estimate(per_map, per_cascade, 4) == pytest.approx(5 * sum(per_map.values()) + 5 * per_cascade)
+    assert command._estimate({"a": 0.5, "b": 2.0}, 1.5, 4) == pytest.approx(5 * 2.5 + 2 * 1.5)
+
+
+def test_the_plan_line_gives_the_estimate_before_any_cascade_work_and_the_end_compares(tiny_cli, tmp_path,
+                                                                                        monkeypatch, capsys):
+
+    events = []
+    original_echo, original_cascade = command.echo_error, command.cascading_randomisation
+    monkeypatch.setattr(command, "echo_error", lambda text: (events.append(text), original_echo(text)))
+    monkeypatch.setattr(command, "cascading_randomisation",
+                        lambda *a, **k: (events.append("cascade"), original_cascade(*a, **k))[1])
+    monkeypatch.setattr(command, "_measure", lambda *a: ({"gradcam": 1.5, "cam": 0.5}, 2.0))
+    code, out, err = run([*tiny_cli, "-m", "gradcam", "-m", "cam", "--steps", "2", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert events[0].startswith("camlens sanity: 2 method(s) x 3 maps") and events.index("cascade") == 1
+    # 3 maps x (1.5 + 0.5) s + 2 cascades x 2 s
+    assert "estimated about 10 s on cpu, then the figures" in events[0]
+    assert "Grad-CAM 1 forward, 1.50 s; CAM 1 forward, 0.50 s" in events[0] and "comparisons: 2.00 s)" in events[0]
+    seconds = json.loads((tmp_path / "o" / "sanity.json").read_text())["seconds"]
+    assert seconds["maps_estimated"] == 10.0 and seconds["maps"] >= 0 and seconds["figures"] > 0
+    assert re.search(r"2 steps: maps in \d+ s \(estimated about 10 s\), figures in \d+ s", " ".join(out.split()))
+
+
+# -- one run at a time per output folder -----------------------------------------------------------
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_leftovers_are_cleared(tiny_cli, tmp_path, capsys):
+    from camlens.io import locked_output_dir
+    from test_cli import one_line_error
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with locked_output_dir(out):
+        code, _, err = run([*tiny_cli, "-m", "gradcam", "--out", out], capsys)
+    one_line_error(code, err, 1, f"another camlens run is writing to {out}")
+    assert not (out / "sanity.json").exists()
+    # What a killed run's write_atomic left behind.
+    leftover = out / ".camlens-partial-sanity.png.x1y2.png"
+    leftover.write_bytes(b"half a png")
+    code, _, err = run([*tiny_cli, "-m", "gradcam", "--out", out], capsys)
+    assert code == 0, err
+    assert not leftover.exists() and (out / "sanity.json").exists()
+    assert not list(out.glob(".camlens-partial-*"))
+
+
+# -- more steps than groups, CAM skipped, help --------------------------------------------------------
+
+def test_more_steps_than_layer_groups_is_noted_and_the_steps_used_are_recorded(tiny_cli, tmp_path, capsys):
+    code, out, err = run([*tiny_cli, "-m", "gradcam", "--steps", "9", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert notes == ["camlens: note: --steps 9 is more than the model's 3 layer groups: one step per group, 3 steps"]
+    report = json.loads((tmp_path / "o" / "sanity.json").read_text())
+    assert report["steps"] == ["fc", "body.0", "stem"] and len(report["methods"]["gradcam"]["spearman"]) == 3
+    code, out, err = run([*tiny_cli, "-m", "gradcam", "--steps", "3", "--out", tmp_path / "o"], capsys)
+    assert code == 0 and "note:" not in err
+
+
+def test_cam_skipped_from_the_defaults_is_recorded_in_the_json_and_under_the_table(tiny_cli, tmp_path, capsys):
+    # The stem's 6 channels do not feed the 8-input classifier: CAM does not fit there.
+    code, out, err = run([*tiny_cli, "--target-layer", "stem", "--steps", "1", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "sanity.json").read_text())
+    assert list(report["skipped_methods"]) == ["cam"] and report["skipped_methods"]["cam"]
+    assert list(report["methods"]) == ["gradcam", "gradcam++", "smoothgradcam++"]
+    reason = report["skipped_methods"]["cam"]
+    assert f"camlens: note: CAM skipped: {reason}" in err.splitlines()
+    assert f"CAM skipped: {reason}" in " ".join(out.split())
+    code, out, err = run([*tiny_cli, "-m", "gradcam", "--out", tmp_path / "o"], capsys)
+    assert code == 0 and json.loads((tmp_path / "o" / "sanity.json").read_text())["skipped_methods"] == {}
+
+
+def test_help_states_score_cams_cost_in_forwards_not_in_this_machines_seconds(capsys):
+    code, out, _ = run(["sanity", "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    assert "1,281 forwards a map on the embedded model" in text
+    assert not re.search(r"\bCPU\b|minute|\d s\b|seconds", text), text
+
+
+def test_ssim_matches_a_direct_two_dimensional_window():
+    """The separable blur gives the Gaussian-window SSIM computed position by position."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from camlens.metrics.sanity import ssim
+
+    generator = np.random.default_rng(4)
+    first, second = generator.random((2, 19, 23)), generator.random((2, 19, 23))
+    second[1] = first[1] * 0.7 + 0.1
+    offsets = np.arange(11) - 5
+    window = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * 1.5**2))
+    window /= window.sum()
+    expected = []
+    for a, b in zip(first, second):
+        pa, pb = sliding_window_view(a, (11, 11)), sliding_window_view(b, (11, 11))
+
+        def mean(t):
+            return (t * window).sum(axis=(-2, -1))
+
+        mu_a, mu_b = mean(pa), mean(pb)
+        var_a, var_b = mean(pa * pa) - mu_a**2, mean(pb * pb) - mu_b**2
+        cov = mean(pa * pb) - mu_a * mu_b
+        c1, c2 = 0.01**2, 0.03**2
+        expected.append((((2 * mu_a * mu_b + c1) * (2 * cov + c2)) /
+                         ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean())
+    result = ssim(torch.from_numpy(first), torch.from_numpy(second))
+    np.testing.assert_allclose(result.numpy(), expected, rtol=1e-10)
+    assert 0.9 < expected[1] < 1 and expected[0] < 0.2

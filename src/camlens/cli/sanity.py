@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import torch
 from rich.table import Table
 
-from ..capture import find_default_layer, record, resolve_layer
+from ..capture import record, resolve_layer
 from ..charts import (
     sanity_figure,
     similarity_plot,
@@ -21,12 +23,21 @@ from ..combine import is_constant
 from ..io import (
     ensure_writable_dir,
     load_image,
+    locked_output_dir,
     write_atomic,
 )
 from ..methods import METHODS
 from ..methods.gradcam import SmoothGradCAMPlusPlus
 from ..methods.scorecam import ScoreCAM
-from ..metrics.sanity import cascade_steps, cascading_randomisation, randomisation_groups, sanity_verdict
+from ..metrics.sanity import (
+    cascade_steps,
+    cascading_randomisation,
+    randomisation_groups,
+    reinitialise,
+    sanity_verdict,
+    spearman,
+    ssim,
+)
 from ..render import model_view
 from .common import (
     console,
@@ -34,6 +45,7 @@ from .common import (
     fc_option,
     method_objects,
     model_options,
+    note_skip,
     prepare,
     printable,
     resolve_class,
@@ -42,17 +54,19 @@ from .common import (
 from .progress import LogProgress
 
 # Score-CAM is left out: it forwards the image once per channel of the layer at every step
-# (1,281 forwards a map on the embedded model: 90 s a map, half an hour for the 22 maps of the
-# whole cascade, on a busy 2-core CPU), where the four below take seconds in all.
+# (1,281 forwards a map on the embedded model), where the four below take one to nine.
 DEFAULT_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++")
+
+T = TypeVar("T")
+_clock = time.perf_counter  # the timer of the planned cost (a test gives it a fake)
 
 
 @click.command(short_help="Randomise the model layer by layer: do the maps change?")
 @click.argument("image")
 @click.option("--method", "-m", "methods", multiple=True, metavar="M",
               help="A method (repeatable; default: CAM, Grad-CAM, Grad-CAM++ and Smooth Grad-CAM++). "
-                   "Score-CAM (-m scorecam) forwards the image once per channel at every step: 1,281 "
-                   "forwards a map on the embedded model, over a minute on a 2-core CPU; see --steps.")
+                   "Score-CAM (-m scorecam) forwards the image once per channel at every step (1,281 "
+                   "forwards a map on the embedded model, against 1 to 9 for the others): see --steps.")
 @click.option("--target-layer", help="Layer to explain (default: the last feature map before pooling).")
 @click.option("--class", "class_", metavar="C", help="Class to explain (default: the trained model's top-1).")
 @click.option("--steps", type=click.IntRange(min=1), metavar="N",
@@ -71,86 +85,105 @@ DEFAULT_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++")
 def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, out, fc, device, batch_size, seed,
            **model_args) -> None:
     """The model-randomisation test: re-initialise layers from the top, watch the maps change."""
-    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc)
+    skipped: dict[str, str] = {}
+
+    def skip(method: str, reason: str) -> None:
+        skipped[method] = reason
+        note_skip(method, reason)  # now, before a long run, and again under the table
+
+    # The layer, the default one found once: each model copy would look for it again.
+    layers: list[str] = []
+    chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
+                                                    on_skip=skip, on_layer=layers.append)
+    layer = layers[0]
     if not methods:
         chosen = [name for name in chosen if name in DEFAULT_METHODS]
     out_dir = ensure_writable_dir(out)
     photo = load_image(image)
-    model = loaded.module.to(torch_device)
-    x = loaded.preprocess(photo).unsqueeze(0).to(torch_device)
-    logits, seconds = _timed_forward(model, x)
-    target = resolve_class(class_, loaded, classes) if class_ is not None else int(logits.argmax(dim=1)[0])
-    groups = randomisation_groups(model, x)
-    plan = cascade_steps(groups, steps)
-    labels = [names[-1] for names in plan]
-    objects = method_objects(model, chosen, target_layer, batch_size, seed, fc)
-    scorecam = next((method for method in objects.values() if isinstance(method, ScoreCAM)), None)
-    channels = _channels(model, x, target_layer) if scorecam else 0
-    passes = {name: _passes(method, channels) for name, method in objects.items()}
-    estimate = sum(passes.values()) * seconds
-    if scorecam:  # its masked inputs go in batches, which cost less an image: time one
-        size = scorecam.batch_size
-        each = _timed_forward(model, x.expand(size, -1, -1, -1).contiguous())[1] / size
-        estimate -= channels * (seconds - each)
-    echo_error(_plan_line(passes, len(plan), estimate, seconds, torch_device))
+    with locked_output_dir(out_dir):  # one run at a time; clears what killed runs left
+        model = loaded.module.to(torch_device)
+        x = loaded.preprocess(photo).unsqueeze(0).to(torch_device)
+        logits, forward_seconds = _timed_forward(model, x)
+        target = resolve_class(class_, loaded, classes) if class_ is not None else int(logits.argmax(dim=1)[0])
+        groups = randomisation_groups(model, x)
+        plan = cascade_steps(groups, steps)
+        if steps is not None and steps > len(groups):
+            echo_error(f"camlens: note: --steps {steps} is more than the model's {len(groups)} layer groups: "
+                       f"one step per group, {len(groups)} steps")
+        labels = [names[-1] for names in plan]
+        objects = method_objects(model, chosen, layer, batch_size, seed, fc)
+        channels = _channels(model, x, layer) if any(isinstance(m, ScoreCAM) for m in objects.values()) else 0
+        passes = {name: _passes(method, channels) for name, method in objects.items()}
+        per_map, per_cascade = _measure(model, x, target, layer, objects, groups, len(plan), torch_device,
+                                        forward_seconds)
+        estimate = _estimate(per_map, per_cascade, len(plan))
+        echo_error(_plan_line(passes, per_map, per_cascade, len(plan), estimate, torch_device))
 
-    started = time.monotonic()
-    results = {}
-    with LogProgress() as bar:
-        for name in chosen:
-            task = bar.add_task(METHODS[name].display_name, total=len(plan) + 1)
-            built: dict[int, Any] = {}  # one method object per model copy: its layer lookup is cached
-            done = [0]
+        started = time.monotonic()
+        results = {}
+        with LogProgress() as bar:
+            for name in chosen:
+                task = bar.add_task(METHODS[name].display_name, total=len(plan) + 1)
+                built: dict[int, Any] = {}  # one method object per model copy: its layer lookup is cached
+                done = [0]
 
-            def within(part, whole, task=task, done=done):
-                bar.update(task, completed=done[0] + round(part / max(whole, 1), 2))
+                def within(part, whole, task=task, done=done):
+                    bar.update(task, completed=done[0] + round(part / max(whole, 1), 2))
 
-            def explain_with(m, name=name, built=built, within=within):
-                if id(m) not in built:
-                    built[id(m)] = method_objects(m, [name], target_layer, batch_size, seed, fc)[name]
-                return built[id(m)](x, target, progress=within).maps
+                def explain_with(m, name=name, built=built, within=within):
+                    if id(m) not in built:
+                        built[id(m)] = method_objects(m, [name], layer, batch_size, seed, fc)[name]
+                    return built[id(m)](x, target, progress=within).maps
 
-            def finished(count, total, task=task, done=done):
-                done[0] = count
-                bar.update(task, completed=count)
+                def finished(count, total, task=task, done=done):
+                    done[0] = count
+                    bar.update(task, completed=count)
 
-            results[name] = cascading_randomisation(explain_with, model, x, groups=groups, seed=seed,
-                                                    progress=finished, steps=steps)
-    elapsed = time.monotonic() - started
+                results[name] = cascading_randomisation(explain_with, model, x, groups=groups, seed=seed,
+                                                        progress=finished, steps=steps)
+        elapsed = time.monotonic() - started
 
-    verdicts = {}
-    for name, r in results.items():
-        # NaN: the map is blank (constant), which differs from the trained model's map.
-        rho = [None if math.isnan(v) else v for v in map(float, r["spearman"][:, 0, 0])]
-        judged = sanity_verdict(rho, threshold, max_similar, trained_blank=bool(is_constant(r["maps"][0, 0, 0])))
-        changed = judged["changed_from"]
-        verdicts[name] = {
-            **judged, "changed_from": None if changed is None else labels[changed],
-            "spearman": rho, "ssim": [float(v) for v in r["ssim"][:, 0, 0]], "final_spearman": rho[-1],
-            "passed": judged["verdict"] == "PASS",
-        }
-    criterion = (f"a step is similar when Spearman >= {threshold} (a blank map counts as changed); "
-                 f"PASS: similar at <= {max_similar:.0%} of the steps and not at the last; "
-                 f"LATE: similar at more; FAIL: still similar with the whole model randomised")
-    report = {"image": printable(image), "class": target, "class_name": loaded.class_name(target),
-              "threshold": threshold, "max_similar": max_similar, "criterion": criterion,
-              "groups": groups, "steps": labels, "step_groups": plan, "methods": verdicts}
+        verdicts = {}
+        for name, r in results.items():
+            # NaN: the map is blank (constant), which differs from the trained model's map.
+            rho = [None if math.isnan(v) else v for v in map(float, r["spearman"][:, 0, 0])]
+            judged = sanity_verdict(rho, threshold, max_similar, trained_blank=bool(is_constant(r["maps"][0, 0, 0])))
+            changed = judged["changed_from"]
+            verdicts[name] = {
+                **judged, "changed_from": None if changed is None else labels[changed],
+                "spearman": rho, "ssim": [float(v) for v in r["ssim"][:, 0, 0]], "final_spearman": rho[-1],
+                "passed": judged["verdict"] == "PASS",
+            }
+        criterion = (f"a step is similar when Spearman >= {threshold} (a blank map counts as changed); "
+                     f"PASS: similar at <= {max_similar:.0%} of the steps and not at the last; "
+                     f"LATE: similar at more; FAIL: still similar with the whole model randomised")
 
-    names = {n: METHODS[n].display_name for n in chosen}
-    view = model_view(photo, loaded.preprocess.crop_box(*photo.size), max_side=224)
-    rows = {names[n]: [m[0, 0].cpu().numpy() for m in r["maps"]] for n, r in results.items()}
-    notes = {names[n]: ["reference", *("blank" if v is None else f"ρ {v:.2f}" for v in verdicts[n]["spearman"])]
-             for n in chosen}
-    write_atomic(out_dir / "sanity.png", lambda p: sanity_figure(view, rows, ["trained", *labels], notes, p))
-    similarity = {names[n]: {"spearman": [math.nan if s is None else s for s in v["spearman"]], "ssim": v["ssim"]}
-                  for n, v in verdicts.items()}
-    write_atomic(out_dir / "similarity.png", lambda p: similarity_plot(
-        similarity, labels, threshold, p, {names[n]: v["verdict"] for n, v in verdicts.items()}))
-    write_atomic(out_dir / "sanity.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+        drawing = time.monotonic()
+        names = {n: METHODS[n].display_name for n in chosen}
+        view = model_view(photo, loaded.preprocess.crop_box(*photo.size), max_side=224)
+        rows = {names[n]: [m[0, 0].cpu().numpy() for m in r["maps"]] for n, r in results.items()}
+        notes = {names[n]: ["reference", *("blank" if v is None else f"ρ {v:.2f}" for v in verdicts[n]["spearman"])]
+                 for n in chosen}
+        write_atomic(out_dir / "sanity.png", lambda p: sanity_figure(view, rows, ["trained", *labels], notes, p))
+        similarity = {names[n]: {"spearman": [math.nan if s is None else s for s in v["spearman"]], "ssim": v["ssim"]}
+                      for n, v in verdicts.items()}
+        write_atomic(out_dir / "similarity.png", lambda p: similarity_plot(
+            similarity, labels, threshold, p, {names[n]: v["verdict"] for n, v in verdicts.items()}))
+        figures = time.monotonic() - drawing
+        report = {"image": printable(image), "class": target, "class_name": loaded.class_name(target),
+                  "threshold": threshold, "max_similar": max_similar, "criterion": criterion,
+                  "groups": groups, "steps": labels, "step_groups": plan, "skipped_methods": skipped,
+                  "seconds": {"maps_estimated": round(estimate, 1), "maps": round(elapsed, 1),
+                              "figures": round(figures, 1)},
+                  "methods": verdicts}
+        write_atomic(out_dir / "sanity.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
 
+    caption = [f"Criterion: {criterion}.",
+               *(f"{METHODS[n].display_name} skipped: {reason}" for n, reason in skipped.items())]
     table = Table(title=f"camlens sanity: {printable(Path(image).name)}, class {loaded.class_name(target)}, "
-                        f"{len(plan)} steps in {elapsed:.0f} s -> {printable(out_dir)}",
-                  caption=f"Criterion: {criterion}.", title_justify="left", caption_justify="left")
+                        f"{len(plan)} steps: maps in {elapsed:.0f} s (estimated {_duration(estimate)}), "
+                        f"figures in {figures:.0f} s -> {printable(out_dir)}",
+                  caption="\n".join(caption), title_justify="left", caption_justify="left")
     for column in ("method", "similar at", "changed for good from", "Spearman, fully random",
                    "SSIM, fully random", "verdict"):
         table.add_column(column)
@@ -161,29 +194,34 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
     console("stdout").print(table)
 
 
+def _timed(work: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    start = _clock()
+    result = work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, _clock() - start
+
+
 def _timed_forward(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The model's logits and the seconds of one forward pass: the faster of two, after one
     that pays the one-off costs (the faster is the less disturbed by other work)."""
-    times = []
     with torch.no_grad():
-        for _ in range(3):
-            start = time.perf_counter()
-            logits = model(x)
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-            times.append(time.perf_counter() - start)
-    return logits, min(times[1:])
+        runs = [_timed(lambda: model(x), x.device) for _ in range(3)]
+    return runs[0][0], min(seconds for _, seconds in runs[1:])
 
 
-def _channels(model: torch.nn.Module, x: torch.Tensor, target_layer: str | None) -> int:
-    name, module = resolve_layer(model, target_layer or find_default_layer(model, x))
-    return int(record(model, x, {name: module})[1][name].shape[1])
+def _channels(model: torch.nn.Module, x: torch.Tensor, layer: str) -> int:
+    return int(_activation(model, x, layer).shape[1])
+
+
+def _activation(model: torch.nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
+    name, module = resolve_layer(model, layer)
+    return record(model, x, {name: module})[1][name]
 
 
 def _passes(method: Any, channels: int) -> int:
     """Forward passes of one map. Score-CAM's is at most: a constant channel is not forwarded,
-    though the all-zero input is, once. The backward of a gradient method stops at the target
-    layer, near the output: it is not counted."""
+    though the all-zero input is, once. The backward of a gradient method is not counted."""
     passes = 1
     if isinstance(method, SmoothGradCAMPlusPlus):
         passes += method.n_samples
@@ -192,21 +230,64 @@ def _passes(method: Any, channels: int) -> int:
     return passes
 
 
-def _plan_line(passes: dict[str, int], steps: int, seconds_a_map: float, seconds: float,
-               device: torch.device) -> str:
+def _measure(model: torch.nn.Module, x: torch.Tensor, target: int, layer: str, objects: dict[str, Any],
+             groups: list[str], steps: int, device: torch.device, forward: float) -> tuple[dict[str, float], float]:
+    """Seconds of one map of each method, and of the rest of one cascade: copying the model,
+    re-initialising every group, comparing the maps.
+
+    A map is timed as a real explanation on the trained model (backward passes, upsampling and
+    all), the faster of two: the first may pay one-off costs, the faster is the less disturbed
+    by other work. Score-CAM's is not, as that would cost a whole map: its clean forward pass
+    (and the all-zero input's, if a channel is constant), plus its non-constant channels at the
+    cost of an image in a timed batch of its masked inputs. The count is the trained model's; a
+    randomised model may have a few more or fewer constant channels.
+    """
+    per_map = {}
+    with torch.random.fork_rng(devices=[]):  # the re-initialisation below leaves the caller's random state alone
+        for name, method in objects.items():
+            if isinstance(method, ScoreCAM):
+                constant = is_constant(_activation(model, x, layer))
+                batch = x.expand(method.batch_size, -1, -1, -1).contiguous()
+                each = _timed_forward(model, batch)[1] / method.batch_size
+                per_map[name] = forward * (1 + bool(constant.any())) + int((~constant).sum()) * each
+            else:
+                per_map[name] = min(_timed(lambda method=method: method(x, target).maps, device)[1] for _ in range(2))
+        work, copying = _timed(lambda: copy.deepcopy(model), device)
+        modules = dict(work.named_modules())
+        resetting = _timed(lambda: [reinitialise(modules[g]) for g in groups], device)[1]
+        maps = torch.rand(steps, 1, 1, *x.shape[-2:]).to(device)
+        reference = maps[:1].expand_as(maps)
+        comparing = _timed(lambda: (spearman(maps, reference), ssim(maps, reference)), device)[1]
+    return per_map, copying + resetting + comparing
+
+
+def _estimate(per_map: dict[str, float], per_cascade: float, steps: int) -> float:
+    """Seconds of the cascades: each method explains the trained model and every step, once per
+    cascade of its own (every group is re-initialised in each, whatever the number of steps)."""
+    return sum((steps + 1) * seconds + per_cascade for seconds in per_map.values())
+
+
+def _plan_line(passes: dict[str, int], per_map: dict[str, float], per_cascade: float, steps: int,
+               estimate: float, device: torch.device) -> str:
     maps = steps + 1
-    each = ", ".join(f"{METHODS[n].display_name} {p:,}" for n, p in passes.items())
+    each = "; ".join(f"{METHODS[n].display_name} {p:,} forward{'s' if p > 1 else ''}, {_seconds(per_map[n])}"
+                     for n, p in passes.items())
     return (f"camlens sanity: {len(passes)} method(s) x {maps} maps (trained + {steps} steps) = "
-            f"{len(passes) * maps} explanations, about {maps * sum(passes.values()):,} forward passes "
-            f"(a map: {each}); estimated {_duration(maps * seconds_a_map)} on {device.type} "
-            f"({seconds:.3f} s a forward)")
+            f"{len(passes) * maps} explanations, about {maps * sum(passes.values()):,} forward passes; "
+            f"estimated {_duration(estimate)} on {device.type}, then the figures (a map, timed on the "
+            f"trained model: {each}; a method's model copy, re-initialisation and comparisons: "
+            f"{_seconds(per_cascade)})")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.2f} s" if value < 10 else f"{value:.0f} s"
 
 
 def _duration(seconds: float) -> str:
     if seconds < 90:
-        return f"{max(1, round(seconds))} s"
+        return f"about {max(1, round(seconds))} s"
     minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+    return f"about {minutes} min" if minutes < 90 else f"about {minutes / 60:.1f} h"
 
 
 def _verdict_text(v: dict, steps: int) -> str:
