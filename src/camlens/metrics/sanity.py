@@ -63,7 +63,7 @@ def ssim(first: Tensor, second: Tensor, window: int = 11, sigma: float = 1.5, da
 
     def blur(t: Tensor) -> Tensor:
         # The Gaussian window is separable: two 1-D passes, 2 x 11 products a pixel instead of
-        # 11 x 11 (a default cascade's SSIM took 6 s a method on a 2-core CPU, now about 1 s).
+        # 11 x 11 (21 maps of 224 x 224: 6.1 s, now 1.7 s, on a busy 2-core CPU).
         return F.conv2d(F.conv2d(t, kernel.view(1, 1, size, 1)), kernel.view(1, 1, 1, size))
 
     mu_x, mu_y = blur(x), blur(y)
