@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import numbers
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Union
 
 import torch
@@ -208,7 +208,11 @@ def _input_channels(model: nn.Module) -> int | None:
 
 def forward(model: nn.Module, inputs: Tensor) -> Tensor:
     """Run the model and check that it returns class scores of shape (N, classes)."""
-    output = model(inputs)
+    return check_scores(model(inputs), inputs)
+
+
+def check_scores(output: object, inputs: Tensor) -> Tensor:
+    """``output`` if it is class scores (N, classes) for ``inputs``, else a clear error."""
     if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != inputs.shape[0]:
         raise CamlensError(
             f"the model returned {describe(output)}; camlens needs class scores of shape "
@@ -237,7 +241,12 @@ def record(
 
 
 def gradients(
-    scores: Tensor, activations: Mapping[str, Tensor], rows: Tensor | None = None
+    scores: Tensor,
+    activations: Mapping[str, Tensor],
+    rows: Tensor | None = None,
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
 ) -> dict[str, Tensor]:
     """Gradients of every target score with respect to each recorded activation.
 
@@ -245,7 +254,9 @@ def gradients(
     Row b of the scores depends only on row b of the activations (the model is in eval mode),
     so one backward of the column sum gives every image's gradient; the T targets share one
     vmapped backward (``is_grads_batched``) instead of T separate ones. ``rows`` (B,): the
-    image each row is a version of, for error messages.
+    image each row is a version of, for error messages. ``create_graph`` and ``retain_graph``
+    go to ``torch.autograd.grad``: a training step (GGAM) keeps the graph for its own backward,
+    and differentiates through the gradients when they are not detached.
     """
     names = list(activations)
     tensors = [activations[name] for name in names]
@@ -256,13 +267,21 @@ def gradients(
         )
     count = scores.shape[1]
     if count == 1:
-        grads = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
+        grads = torch.autograd.grad(
+            scores.sum(), tensors, allow_unused=True, create_graph=create_graph, retain_graph=retain_graph
+        )
         grads = tuple(None if g is None else g.unsqueeze(1) for g in grads)
     else:
         selector = torch.eye(count, dtype=scores.dtype, device=scores.device)
         selector = selector.unsqueeze(1).expand(count, scores.shape[0], count)
         grads = torch.autograd.grad(
-            scores, tensors, grad_outputs=selector, is_grads_batched=True, allow_unused=True
+            scores,
+            tensors,
+            grad_outputs=selector,
+            is_grads_batched=True,
+            allow_unused=True,
+            create_graph=create_graph,
+            retain_graph=retain_graph,
         )
         grads = tuple(None if g is None else g.movedim(0, 1) for g in grads)
     result: dict[str, Tensor] = {}
@@ -294,28 +313,54 @@ def check_finite(values: Tensor, what: str, rows: Tensor | None = None) -> None:
     )
 
 
+def hooked_pass(model: nn.Module, example: Tensor, seen: Callable[[str, object], None]) -> object:
+    """One forward pass without gradients, every submodule hooked: ``seen(name, output)`` is
+    called for each in order of completion. Returns what the model returned."""
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(lambda m, i, output, name=name: seen(name, output)))
+        with torch.no_grad():
+            return model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _shape(output: object) -> torch.Size | str:
+    return output.shape if isinstance(output, Tensor) else type(output).__name__
+
+
 def trace_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, torch.Size | str]]:
     """One forward pass with every submodule hooked: ``(name, output shape)`` in order of
     completion (the type name for outputs that are not tensors)."""
     trace: list[tuple[str, torch.Size | str]] = []
-    handles = []
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, inputs: object, output: object) -> None:
-            trace.append((name, output.shape if isinstance(output, Tensor) else type(output).__name__))
-
-        return hook
-
-    try:
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(make_hook(name)))
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooked_pass(model, example, lambda name, output: trace.append((name, _shape(output))))
     return trace
+
+
+def default_layer_output(model: nn.Module, example: Tensor) -> tuple[Tensor, str, Tensor]:
+    """One forward pass that finds :func:`default_layer` and keeps its output:
+    ``(class scores, layer name, a copy of the layer's output)``.
+
+    A layer that runs more than once in a forward pass has no single output to explain: refused.
+    """
+    trace: list[tuple[str, torch.Size | str]] = []
+    kept: dict[str, Tensor] = {}
+
+    def seen(name: str, output: object) -> None:
+        trace.append((name, _shape(output)))
+        if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+            kept.clear()  # the default layer is the last such map: keep that one only
+            kept[name] = output.clone()  # a copy: an in-place operation after the layer must not change it
+
+    scores = hooked_pass(model, example, seen)
+    layer = default_layer(trace)
+    if sum(name == layer for name, _ in trace) > 1:
+        raise CamlensError(f"layer {display_name(layer)!r} runs more than once in one forward pass; "
+                           "name a layer that is used once (target_layer= or --target-layer)")
+    return check_scores(scores, example), layer, kept[layer]
 
 
 def default_layer(trace: Sequence[tuple[str, torch.Size | str]]) -> str:

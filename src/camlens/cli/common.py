@@ -14,14 +14,12 @@ import click
 import torch
 from PIL import Image
 from rich.console import Console
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..capture import (
     check_finite,
     check_hookable,
-    default_layer,
-    display_name,
-    forward,
+    default_layer_output,
     record,
     resolve_layer,
 )
@@ -265,7 +263,7 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
             output, outputs = record(loaded.module, example, layers)
             layer, activation = next(iter(outputs.items()))
         else:
-            output, layer, activation = _default_layer_pass(loaded.module, example)
+            output, layer, activation = default_layer_output(loaded.module, example)
     except CamlensError as error:
         raise CamlensError(f"{error} (checked on a blank {preprocess.size}x{preprocess.size} input)") from None
     except Exception as error:
@@ -279,36 +277,6 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
     if loaded.class_names is not None and len(loaded.class_names) != output.shape[1]:
         raise CamlensError(f"{len(loaded.class_names)} class names for a model with {output.shape[1]} classes")
     return Probe(int(output.shape[1]), layer, activation, output)
-
-
-def _default_layer_pass(model: nn.Module, example: Tensor) -> tuple[Tensor, str, Tensor]:
-    """One forward pass that finds the default target layer (:func:`camlens.capture.default_layer`,
-    the last 4-D map larger than 1x1) and keeps its output: (logits, layer name, output)."""
-    trace: list[tuple[str, torch.Size | str]] = []
-    last: dict[str, Tensor] = {}
-
-    def hook(name: str) -> Callable:
-        def keep(module: nn.Module, inputs: object, output: object) -> None:
-            trace.append((name, output.shape if isinstance(output, Tensor) else type(output).__name__))
-            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
-                # A copy, as Recorder keeps: an in-place operation after the layer must not change it.
-                last.clear()
-                last[name] = output.clone()
-
-        return keep
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
-    try:
-        with torch.no_grad():
-            logits = forward(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    layer = default_layer(trace)
-    if sum(name == layer for name, _ in trace) > 1:
-        raise CamlensError(f"layer {display_name(layer)!r} runs more than once in one forward pass; "
-                           "name a layer that is used once (--target-layer)")
-    return logits, layer, last[layer]
 
 
 def cam_misfit(loaded: LoadedModel, found: Probe, fc: str | None) -> str | None:
