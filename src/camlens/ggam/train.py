@@ -1,0 +1,424 @@
+"""Training a GGAM classifier into a run folder: deterministic, resumable, explainable.
+
+The run folder ``out`` holds ``train.json`` (the settings; a resume must repeat them),
+``history.jsonl`` and ``history.csv`` (one row per epoch), ``last.pt`` (model, optimiser,
+epoch, random states and history, for ``resume=True``), the best model by validation accuracy
+as a run (``run.json`` + ``best.pt``, which ``camlens explain --model out`` loads once the
+training finished) and, when the validation images have boxes, ``localisation.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import numbers
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..api import explain
+from ..datasets import Dataset, _entries, load_dataset
+from ..errors import CamlensError, check_positive_int
+from ..io import load_image, locked_output_dir, write_atomic
+from ..metrics import box_mask, energy_pointing_game, localisation_correct
+from ..models import Preprocess
+from .loss import ggam_training_loss
+from .model import GGAMNet, ggam_efficientnet_lite0
+from .run import FINISHED, RUN_FILE, save_run
+
+BACKBONES = {"efficientnet_lite0": ("ggam_efficientnet_lite0", ggam_efficientnet_lite0)}
+# attention -> (channel_attention, spatial_attention) of the GGAM head.
+ATTENTION = {"both": (True, True), "channel": (True, False), "spatial": (False, True), "none": (False, False)}
+SETTINGS_FILE = "train.json"
+LAST = "last.pt"
+BEST = "best.pt"
+LOCALISATION = "localisation.json"
+HISTORY_COLUMNS = ("epoch", "train_ce", "train_ggam", "train_accuracy", "val_accuracy", "val_ce", "seconds")
+# Files that make a folder a training run (refused without resume).
+RUN_MARKERS = (SETTINGS_FILE, RUN_FILE, LAST)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_ggam` did: the run folder, one history row per epoch, the best epoch
+    (the model saved in the run) and its validation accuracy, the last epoch's validation
+    accuracy, the localisation report (None without boxes) and the images it could not use."""
+
+    folder: Path
+    history: list[dict]
+    best_epoch: int
+    best_val_accuracy: float
+    final_val_accuracy: float
+    localisation: dict | None
+    problems: list[str]
+
+
+def train_ggam(
+    data: str | Path,
+    out: str | Path,
+    *,
+    backbone: str = "efficientnet_lite0",
+    lam: float = 1.0,
+    attention: str = "both",
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    val_split: float = 0.2,
+    val_data: str | Path | None = None,
+    boxes: str | Path | None = None,
+    val_boxes: str | Path | None = None,
+    flip: bool = True,
+    resume: bool = False,
+    device: str = "cpu",
+    pretrained: bool = True,
+    class_names: Sequence[str] | None = None,
+    preprocess: Preprocess | None = None,
+    detach: bool = True,
+    renormalise: bool = True,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> TrainResult:
+    """Train GGAM on ``backbone`` with loss ``CE + lam * L_GGAM`` and keep the run in ``out``.
+
+    Data: ``data`` is a folder of class folders or a ``path,label`` CSV (as
+    :func:`camlens.datasets.load_dataset` reads them); the classes are ``class_names`` if given,
+    else the folder names / labels, sorted. Validation uses ``val_data`` if given, else a
+    stratified split of ``val_split`` of each class of ``data``, drawn with ``seed``. ``boxes``
+    and ``val_boxes``: box CSVs of either set (VOC XML files beside the images are found
+    without them); boxes of the validation images give the localisation report. All images are
+    loaded and preprocessed once, in memory (fine for a few thousand images). ``preprocess``
+    defaults to the backbone's; ``flip`` mirrors each training image with probability 1/2.
+
+    ``attention``: ``both``, ``channel``, ``spatial`` or ``none`` (the GGAM head's channel and
+    spatial attention). ``lam`` weighs the GGAM loss, which compares the *channel* attention
+    with Grad-CAM's weights: without channel attention (``spatial``, ``none``) it has no effect.
+    ``detach``, ``renormalise``: as in :func:`camlens.ggam.ggam_training_loss`.
+
+    Optimiser: AdamW (weight decay 0.01) at a constant ``lr`` on all parameters: it needs no
+    schedule tuned per dataset for the new head beside the pretrained backbone, and a constant
+    rate makes a run extended by a resume the same as one planned that long. Batches are drawn
+    with a generator seeded by ``seed``, the head is initialised from ``seed``, and the global
+    random state is left as it was: the same call on the CPU gives the same weights, and
+    ``resume=True`` continues from ``last.pt`` to exactly the weights of an uninterrupted run
+    (``epochs`` may grow; every other setting must be the same).
+
+    ``progress(epoch, batch, batches)`` is called after each training batch (1-based).
+    Bad settings or data raise :class:`CamlensError` before anything is trained.
+    """
+    kind = _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data,
+                           device, progress)
+    channel, spatial = ATTENTION[attention]
+    builder_name, builder = BACKBONES[backbone]
+    out = Path(out)
+    names, train, val, problems = _datasets(data, val_data, boxes, val_boxes, class_names, val_split, seed)
+    kwargs = {"num_classes": len(names), "reduction": 16, "channel_attention": channel, "spatial_attention": spatial}
+    with torch.random.fork_rng(devices=[]):  # the user's global random state is left untouched
+        torch.manual_seed(seed)
+        model = builder(**kwargs, pretrained=pretrained, class_names=names, preprocess=preprocess)
+    preprocess = model.preprocess
+    settings = {
+        "backbone": backbone, "attention": attention, "lam": float(lam), "lr": float(lr),
+        "batch size": batch_size, "seed": seed, "val split": None if val_data is not None else float(val_split),
+        "flip": bool(flip), "pretrained": bool(pretrained), "detach": bool(detach),
+        "renormalise": bool(renormalise), "class names": names, "preprocessing": preprocess.to_dict(),
+        "data": str(Path(data).resolve()), "val data": None if val_data is None else str(Path(val_data).resolve()),
+        "training images": _digest(train), "validation images": _digest(val),
+    }
+    if out.exists() and not out.is_dir():
+        raise CamlensError(f"{out}: not a folder; choose another out")
+    out.mkdir(parents=True, exist_ok=True)
+    with locked_output_dir(out):
+        done = _prepare(out, settings, epochs, resume)
+        x_train, y_train = _tensors(train.samples, preprocess)
+        x_val, y_val = _tensors(val.samples, preprocess)
+        if not resume:  # written once the images loaded: a failed start leaves the folder reusable
+            text = json.dumps(settings, indent=2) + "\n"
+            write_atomic(out / SETTINGS_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+        model.to(kind)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        history: list[dict] = []
+        best = {"epoch": 0, "accuracy": -1.0}
+        best_state = None
+        with torch.random.fork_rng(devices=[]):
+            if done:
+                checkpoint = _load(out / LAST)
+                model.load_state_dict(checkpoint["model"])
+                optimiser.load_state_dict(checkpoint["optimizer"])
+                generator.set_state(checkpoint["generator"])
+                torch.set_rng_state(checkpoint["torch rng"])
+                history = checkpoint["history"]
+                best = {"epoch": checkpoint["best epoch"], "accuracy": checkpoint["best val accuracy"]}
+                best_state = _load(out / BEST)
+            else:
+                torch.manual_seed(seed)
+            _write_history(out, history)
+            extra = lambda: {"epochs": epochs, "epochs done": len(history), "best epoch": best["epoch"],
+                             "best val accuracy": best["accuracy"],
+                             "to finish": f"camlens.ggam.train_ggam(..., out={str(out)!r}, resume=True)"}
+            try:
+                for epoch in range(done + 1, epochs + 1):
+                    start = time.perf_counter()
+                    row = _train_epoch(model, optimiser, generator, x_train, y_train, batch_size, lam, detach,
+                                       renormalise, flip, kind, epoch, progress)
+                    row.update(_validate(model, x_val, y_val, batch_size, kind))
+                    row = {"epoch": epoch, **row, "seconds": time.perf_counter() - start}
+                    history.append(row)
+                    status = FINISHED if epoch == epochs else "running"
+                    if row["val_accuracy"] > best["accuracy"]:
+                        best = {"epoch": epoch, "accuracy": row["val_accuracy"]}
+                        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                        save_run(out, model, builder_name, kwargs, names, preprocess, BEST, extra(), status)
+                    elif status == FINISHED:
+                        _set_status(out, status, extra())
+                    state = {
+                        "model": model.state_dict(), "optimizer": optimiser.state_dict(), "epoch": epoch,
+                        "generator": generator.get_state(), "torch rng": torch.get_rng_state(),
+                        "best epoch": best["epoch"], "best val accuracy": best["accuracy"], "history": history,
+                    }
+                    write_atomic(out / LAST, lambda path: torch.save(state, path))
+                    _append_history(out, row, history)
+            except BaseException:
+                # Killed outright, the run stays "running"; stopped by an error or Ctrl-C, it says so.
+                if (out / RUN_FILE).is_file():
+                    _set_status(out, "interrupted", extra())
+                raise
+            if done == epochs:  # resumed a run that had all its epochs: finish it
+                _set_status(out, FINISHED, extra())
+        model.load_state_dict(best_state)
+        model.eval()
+        report = _localisation(model, x_val, y_val, val.samples, preprocess, batch_size, kind)
+        if report is not None:
+            text = json.dumps(report, indent=2) + "\n"
+            write_atomic(out / LOCALISATION, lambda path: path.write_text(text, encoding="utf-8"))
+    return TrainResult(out, history, best["epoch"], best["accuracy"], history[-1]["val_accuracy"], report, problems)
+
+
+def _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data, device,
+                    progress) -> torch.device:
+    if backbone not in BACKBONES:
+        raise CamlensError(f"unknown backbone {backbone!r}: use one of {', '.join(BACKBONES)}")
+    if attention not in ATTENTION:
+        raise CamlensError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    for name, value, low in (("lam", lam, "finite number >= 0"), ("lr", lr, "finite number > 0")):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) \
+                or value < 0 or (name == "lr" and value == 0):
+            raise CamlensError(f"{name} must be a {low}, got {value!r}")
+    check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise CamlensError(f"seed must be an integer >= 0, got {seed!r}")
+    if val_data is None and (not isinstance(val_split, numbers.Real) or isinstance(val_split, bool)
+                             or not 0 < val_split < 1):
+        raise CamlensError(f"val_split must be a fraction between 0 and 1 (exclusive), got {val_split!r}; "
+                           "or give val_data")
+    if progress is not None and not callable(progress):
+        raise CamlensError("progress must be a callable progress(epoch, batch, batches) or None")
+    try:
+        kind = torch.device(device)
+        torch.empty(0, device=kind)
+    except (RuntimeError, TypeError, AssertionError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CamlensError(f"device {device!r} is not usable here ({reason})") from None
+    return kind
+
+
+def _datasets(data, val_data, boxes, val_boxes, class_names, val_split, seed):
+    """Class names, training and validation datasets, and the problems found in them."""
+    data = Path(data)
+    if not data.exists():
+        raise CamlensError(f"{data}: no such dataset (a folder of class folders, or a CSV of path,label)")
+    if class_names is None:
+        names = sorted({label for _, label in _entries(data, [])})
+    else:
+        names = list(class_names)
+        if not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+            raise CamlensError("class_names must be distinct strings")
+    if len(names) < 2:
+        raise CamlensError(f"{data}: a classifier needs at least two classes, the dataset has {len(names)}")
+    train = load_dataset(data, names, len(names), boxes=boxes)
+    problems = list(train.problems)
+    if val_data is not None:
+        val = load_dataset(val_data, names, len(names), boxes=val_boxes)
+        problems += val.problems
+    else:
+        train, val = _split(train, len(names), val_split, seed)
+    counts = [sum(s.label == c for s in train.samples) for c in range(len(names))]
+    empty = [names[c] for c, count in enumerate(counts) if count == 0]
+    if empty:
+        why = "" if val_data is not None else f" after the validation split of {val_split}"
+        raise CamlensError(f"class(es) with no training image{why}: {', '.join(empty[:10])}; "
+                           "add images or lower val_split")
+    if not val.samples:
+        raise CamlensError(f"no validation image: with val_split {val_split} every class is too small; "
+                           "raise val_split or give val_data")
+    return names, train, val, problems
+
+
+def _split(dataset: Dataset, classes: int, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A stratified split: round(fraction x count) images of each class, drawn with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    val_indices = set()
+    for c in range(classes):
+        members = [i for i, s in enumerate(dataset.samples) if s.label == c]
+        order = torch.randperm(len(members), generator=generator).tolist()
+        val_indices.update(members[i] for i in order[:round(fraction * len(members))])
+    parts = ([s for i, s in enumerate(dataset.samples) if i not in val_indices],
+             [s for i, s in enumerate(dataset.samples) if i in val_indices])
+    return tuple(Dataset(part, [], [], dataset.has_boxes) for part in parts)
+
+
+def _digest(dataset: Dataset) -> str:
+    listing = "\n".join(f"{s.path.resolve()}\t{s.label}" for s in dataset.samples)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def _prepare(out: Path, settings: dict, epochs: int, resume: bool) -> int:
+    """Check ``out`` against ``resume``; return the epochs already done."""
+    present = [p.name for p in out.iterdir() if not p.name.startswith(".camlens-")]
+    if not resume:
+        if any(name in RUN_MARKERS for name in present):
+            raise CamlensError(f"{out}: holds a previous training run; continue it with resume=True (--resume) "
+                               "or choose another out")
+        if present:
+            raise CamlensError(f"{out}: not empty; choose a new or empty folder for the run")
+        return 0
+    try:
+        before = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CamlensError(f"{out}: no training run to resume (no {SETTINGS_FILE}); train without resume") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CamlensError(f"{out / SETTINGS_FILE}: damaged ({type(error).__name__}); start a new run") from None
+    changed = [f"{key} ({before.get(key)!r} then, {value!r} now)" for key, value in settings.items()
+               if before.get(key) != value]
+    if changed:
+        raise CamlensError(f"cannot resume {out}: settings changed: {'; '.join(changed)}; "
+                           "resume with the same settings or train into another out")
+    if not (out / LAST).is_file():
+        return 0
+    done = int(_load(out / LAST)["epoch"])
+    if epochs < done:
+        raise CamlensError(f"cannot resume {out}: {done} epochs are done, epochs={epochs} asks for fewer")
+    return done
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds for a damaged file
+        raise CamlensError(f"{path}: cannot be read ({type(error).__name__}); start a new run") from None
+
+
+def _tensors(samples, preprocess: Preprocess) -> tuple[Tensor, Tensor]:
+    x = torch.stack([preprocess(load_image(s.path)) for s in samples])
+    return x, torch.tensor([s.label for s in samples])
+
+
+def _train_epoch(model, optimiser, generator, x, y, batch_size, lam, detach, renormalise, flip, kind, epoch,
+                 progress) -> dict:
+    model.train()
+    order = torch.randperm(len(y), generator=generator)
+    flips = torch.rand(len(y), generator=generator) < 0.5
+    batches = math.ceil(len(y) / batch_size)
+    totals = {"ce": 0.0, "ggam": 0.0, "correct": 0}
+    for b in range(batches):
+        index = order[b * batch_size:(b + 1) * batch_size]
+        images = x[index]
+        if flip:
+            images = torch.where(flips[index, None, None, None], images.flip(-1), images)
+        images, labels = images.to(kind), y[index].to(kind)
+        optimiser.zero_grad()
+        result = model.attend(images)
+        loss = ggam_training_loss(result, labels, lam, detach, renormalise)
+        loss.total.backward()
+        optimiser.step()
+        totals["ce"] += float(loss.ce.detach()) * len(index)
+        totals["ggam"] += float(loss.ggam.detach()) * len(index)
+        totals["correct"] += int((result.logits.argmax(1) == labels).sum())
+        if progress is not None:
+            progress(epoch, b + 1, batches)
+    n = len(y)
+    return {"train_ce": totals["ce"] / n, "train_ggam": totals["ggam"] / n, "train_accuracy": totals["correct"] / n}
+
+
+def _validate(model, x, y, batch_size, kind) -> dict:
+    model.eval()
+    ce, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            logits = model(x[start:start + batch_size].to(kind))
+            labels = y[start:start + batch_size].to(kind)
+            ce += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(1) == labels).sum())
+    return {"val_accuracy": correct / len(y), "val_ce": ce / len(y)}
+
+
+def _set_status(out: Path, status: str, extra: dict) -> None:
+    """Rewrite run.json's status and extra; the weights file stays as it is."""
+    record = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    record.update(status=status, extra=extra)
+    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
+    write_atomic(out / RUN_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    text = "".join(json.dumps(row) + "\n" for row in history)
+    write_atomic(out / "history.jsonl", lambda path: path.write_text(text, encoding="utf-8"))
+    _write_csv(out, history)
+
+
+def _append_history(out: Path, row: dict, history: list[dict]) -> None:
+    with (out / "history.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    _write_csv(out, history)
+
+
+def _write_csv(out: Path, history: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    text = buffer.getvalue()
+    write_atomic(out / "history.csv", lambda path: path.write_text(text, encoding="utf-8"))
+
+
+def localisation_report(maps: Tensor, boxes: Sequence[Sequence[Sequence[float]]]) -> dict:
+    """Mean energy-based pointing game, mean best box IoU and the share of IoU >= 0.5 of
+    ``maps`` (N, H, W) against each image's ``boxes`` (model-input pixels)."""
+    height, width = maps.shape[-2:]
+    masks = torch.stack([box_mask(b, height, width, maps.device) for b in boxes])
+    energy = energy_pointing_game(maps, masks)
+    iou, correct = localisation_correct(maps, boxes)
+    return {"images": len(boxes), "energy pointing game": float(energy.double().mean()),
+            "box iou": float(iou.mean()), "localisation accuracy (iou >= 0.5)": float(correct.mean())}
+
+
+def _localisation(model: GGAMNet, x, y, samples, preprocess: Preprocess, batch_size: int, kind) -> dict | None:
+    """Grad-CAM maps of the true class on the validation images with boxes, scored against them."""
+    chosen, boxes = [], []
+    for i, sample in enumerate(samples):
+        mapped = [preprocess.map_box(b, *sample.size) for b in sample.boxes]
+        mapped = [b for b in mapped if b is not None]
+        if mapped:
+            chosen.append(i)
+            boxes.append(mapped)
+    if not chosen:
+        return None
+    index = torch.tensor(chosen)
+    batches = [index[s:s + batch_size] for s in range(0, len(chosen), batch_size)]
+    # The default target layer is the backbone: the map GGAM attends to.
+    maps = torch.cat([explain(model, x[b].to(kind), "gradcam", targets=y[b].tolist()).maps[:, 0].cpu() for b in batches])
+    report = localisation_report(maps, boxes)
+    report["method"] = "gradcam, true class, best model"
+    return report

@@ -1,0 +1,272 @@
+"""train_ggam on tiny data (64 px, 3 classes, no pretrained weights): files, exact resume,
+refusals, the saved run, the localisation report, and lam = 0."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import camlens
+from camlens.cli import main
+from camlens.errors import CamlensError
+from camlens.ggam import ggam_efficientnet_lite0, train_ggam
+from camlens.metrics import localisation_correct
+from camlens.models import LITE_MEAN, LITE_STD, Preprocess, load_model
+
+SIZE = 64
+PRE = Preprocess(size=SIZE, resize=SIZE, mean=LITE_MEAN, std=LITE_STD)
+NAMES = ["circle", "square", "stripe"]
+TINY = dict(pretrained=False, preprocess=PRE, batch_size=4, seed=3)
+
+
+def make_split(root, per_class, seed, with_boxes=True):
+    """Class folders of noisy images, each with a bright patch of the class's colour; its box in boxes.csv."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, name in enumerate(NAMES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 120, (SIZE, SIZE, 3), dtype=np.uint8)
+            x0, y0 = (int(v) for v in rng.integers(0, SIZE - 20, 2))
+            pixels[y0:y0 + 20, x0:x0 + 20] = 0
+            pixels[y0:y0 + 20, x0:x0 + 20, label] = 255
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+            rows.append((f"{name}/{i}.png", x0, y0, x0 + 20, y0 + 20))
+    if with_boxes:
+        with (root / "boxes.csv").open("w", newline="") as handle:
+            csv.writer(handle).writerows([("path", "xmin", "ymin", "xmax", "ymax"), *rows])
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return make_split(root / "train", 3, 0), make_split(root / "val", 1, 1)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    train, val = data
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    calls = []
+    result = train_ggam(train, out, epochs=3, val_data=val, val_boxes=val / "boxes.csv",
+                        progress=lambda *a: calls.append(a), **TINY)
+    return result, calls
+
+
+def state(path, key="model"):
+    loaded = torch.load(path, weights_only=True)
+    return loaded[key] if key else loaded
+
+
+def test_history_files_and_checkpoints(straight):
+    result, calls = straight
+    out = result.folder
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert calls == [(e, b, 3) for e in (1, 2, 3) for b in (1, 2, 3)]  # 9 images, batches of 4
+    lines = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert lines == result.history
+    with (out / "history.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [float(r["val_accuracy"]) for r in table] == [r["val_accuracy"] for r in result.history]
+    assert set(table[0]) == {"epoch", "train_ce", "train_ggam", "train_accuracy", "val_accuracy", "val_ce", "seconds"}
+    for row in result.history:
+        assert row["train_ce"] > 0 and row["train_ggam"] >= 0 and 0 <= row["train_accuracy"] <= 1
+        assert row["val_accuracy"] in (0, 1 / 3, 2 / 3, 1)  # 3 validation images
+    accuracies = [r["val_accuracy"] for r in result.history]
+    assert result.best_epoch == accuracies.index(max(accuracies)) + 1
+    assert result.best_val_accuracy == max(accuracies) and result.final_val_accuracy == accuracies[-1]
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 3 and last["history"] == result.history and "optimizer" in last
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "finished" and record["class names"] == NAMES
+    assert record["extra"]["best epoch"] == result.best_epoch and record["extra"]["epochs done"] == 3
+    assert json.loads((out / "train.json").read_text())["lam"] == 1.0
+
+
+def test_resume_equals_the_uninterrupted_run(straight, data, tmp_path):
+    result, _ = straight
+    train, val = data
+    out = tmp_path / "resumed"
+    first = train_ggam(train, out, epochs=1, val_data=val, val_boxes=val / "boxes.csv", **TINY)
+    assert len(first.history) == 1
+    resumed = train_ggam(train, out, epochs=3, resume=True, val_data=val, val_boxes=val / "boxes.csv", **TINY)
+    for name in ("last.pt", "best.pt"):
+        key = "model" if name == "last.pt" else None
+        a, b = state(result.folder / name, key), state(out / name, key)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(resumed.history) == strip(result.history)
+    assert len((out / "history.jsonl").read_text().splitlines()) == 3
+    assert resumed.best_epoch == result.best_epoch and resumed.localisation == result.localisation
+
+
+def test_resume_with_other_settings_is_refused(straight, data):
+    result, _ = straight
+    train, val = data
+    out = result.folder
+    before = (out / "last.pt").stat().st_mtime_ns
+    common = dict(val_data=val, val_boxes=val / "boxes.csv", **TINY)
+    cases = [
+        (dict(epochs=3, resume=True, lam=0.5), "cannot resume.*lam \\(1.0 then, 0.5 now\\)"),
+        (dict(epochs=3, resume=True, attention="spatial"), "attention"),
+        (dict(epochs=2, resume=True), "3 epochs are done"),
+        (dict(epochs=3), "previous training run; continue it with resume=True"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(CamlensError, match=message) as error:
+            train_ggam(train, out, **{**common, **kwargs})
+        assert "\n" not in str(error.value)
+    with pytest.raises(CamlensError, match="validation images"):  # other data
+        train_ggam(train, out, epochs=3, resume=True, val_data=train, **TINY)
+    assert (out / "last.pt").stat().st_mtime_ns == before
+
+
+def test_bad_input_is_refused_before_training(data, tmp_path):
+    train, val = data
+    one = make_split(tmp_path / "one", 2, 0, with_boxes=False)
+    for name in NAMES[1:]:
+        shutil.rmtree(one / name)
+    lonely = make_split(tmp_path / "lonely", 1, 0, with_boxes=False)
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (train, dict(backbone="resnet50"), "unknown backbone 'resnet50'"),
+        (train, dict(attention="both-ways"), "attention must be one of both, channel, spatial, none"),
+        (train, dict(epochs=0), "epochs must be a positive integer"),
+        (train, dict(lr=0.0), "lr must be a finite number > 0"),
+        (train, dict(lam=-1.0), "lam must be a finite number >= 0"),
+        (train, dict(val_split=1.0), "val_split must be a fraction"),
+        (train, dict(device="nonsense"), "device 'nonsense' is not usable"),
+        (tmp_path / "missing", {}, "no such dataset"),
+        (tmp_path / "empty", {}, "at least two classes, the dataset has 0"),
+        (one, {}, "at least two classes, the dataset has 1"),
+        (lonely, dict(val_split=0.9), "class\\(es\\) with no training image after the validation split"),
+        (lonely, dict(val_split=0.2), "no validation image"),
+        (train, dict(class_names=["circle", "square"]), "label\\(s\\) the model does not know: stripe"),
+    ]
+    for folder, kwargs, message in cases:
+        out = tmp_path / "out"
+        with pytest.raises(CamlensError, match=message) as error:
+            train_ggam(folder, out, **{**TINY, "epochs": 1, **kwargs})
+        assert "\n" not in str(error.value)
+        assert not out.exists() or not any((out / name).exists() for name in ("train.json", "last.pt", "run.json"))
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    with pytest.raises(CamlensError, match="not empty"):
+        train_ggam(train, tmp_path / "used", **TINY)
+    with pytest.raises(CamlensError, match="no training run to resume"):
+        train_ggam(train, tmp_path / "fresh", resume=True, **TINY)
+
+
+def test_the_finished_run_loads_and_explains(straight, data, tmp_path, capsys):
+    result, _ = straight
+    loaded = load_model(str(result.folder))
+    assert loaded.class_names == NAMES and loaded.preprocess == PRE and not loaded.module.training
+    best = state(result.folder / "best.pt", None)
+    assert all(torch.equal(v, loaded.module.state_dict()[k]) for k, v in best.items())
+    image = data[1] / "square" / "0.png"
+    try:
+        main(["explain", "--model", str(result.folder), str(image), "-m", "gradcam", "--out", str(tmp_path / "x"),
+              "--device", "cpu"])
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    assert code in (0, None), capsys.readouterr().err
+    assert json.loads((tmp_path / "x" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_an_interrupted_run_does_not_load_and_resumes_exactly(straight, data, tmp_path):
+    result, _ = straight
+    train, val = data
+    out = tmp_path / "stopped"
+    common = dict(epochs=3, val_data=val, val_boxes=val / "boxes.csv", **TINY)
+
+    def stop(epoch, batch, batches):
+        if epoch == 2 and batch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_ggam(train, out, progress=stop, **common)
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    with pytest.raises(CamlensError, match="did not finish \\(status 'interrupted'\\).*resume=True") as error:
+        load_model(str(out))
+    assert "\n" not in str(error.value)
+    train_ggam(train, out, resume=True, **common)
+    a, b = state(result.folder / "last.pt"), state(out / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_model(str(out)).class_names == NAMES
+
+
+def test_localisation_report_matches_an_independent_computation(straight, data):
+    result, _ = straight
+    _, val = data
+    report = result.localisation
+    assert report == json.loads((result.folder / "localisation.json").read_text())
+    model = load_model(str(result.folder)).module
+    rows = list(csv.reader((val / "boxes.csv").open()))[1:]
+    images = torch.stack([PRE(Image.open(val / path)) for path, *_ in rows])
+    labels = [NAMES.index(path.split("/")[0]) for path, *_ in rows]
+    boxes = [[tuple(float(v) for v in box)] for _, *box in rows]  # 64 px images: input pixels as they are
+    maps = camlens.explain(model, images, "gradcam", targets=labels).maps[:, 0]
+    energy = []
+    for m, ((x0, y0, x1, y1),) in zip(maps, boxes):
+        inside = m[int(y0):int(y1), int(x0):int(x1)].sum()
+        energy.append(float(inside / m.sum()) if m.sum() > 0 else 0.0)
+    iou, correct = localisation_correct(maps, boxes)
+    assert report["images"] == 3
+    assert report["energy pointing game"] == pytest.approx(np.mean(energy), abs=1e-6)
+    assert report["box iou"] == pytest.approx(float(iou.mean()), abs=1e-9)
+    assert report["localisation accuracy (iou >= 0.5)"] == pytest.approx(float(correct.mean()))
+
+
+def test_no_boxes_no_report_and_a_stratified_split(data, tmp_path):
+    train, _ = data
+    result = train_ggam(train, tmp_path / "run", epochs=1, val_split=0.34, **TINY)
+    assert result.localisation is None and not (tmp_path / "run" / "localisation.json").exists()
+    assert result.history[0]["val_accuracy"] in (0, 1 / 3, 2 / 3, 1)  # one image of each class held out
+
+
+def test_lam_zero_is_plain_cross_entropy_and_lam_matters(data, tmp_path):
+    train, val = data
+    common = dict(epochs=2, val_data=val, flip=False, **{**TINY, "batch_size": 16})
+    zero = train_ggam(train, tmp_path / "zero", lam=0.0, **common)
+    one = train_ggam(train, tmp_path / "one", lam=1.0, **common)
+    # By hand: the same initial model, one batch of all 9 images per epoch in train_ggam's order
+    # (its generator draws a permutation, then the flips), cross-entropy only.
+    torch.manual_seed(TINY["seed"])
+    model = ggam_efficientnet_lite0(3, pretrained=False, class_names=NAMES, preprocess=PRE)
+    x = torch.stack([PRE(Image.open(p)) for name in NAMES for p in sorted((train / name).glob("*.png"))])
+    y = torch.arange(3).repeat_interleave(3)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(TINY["seed"])
+    model.train()
+    for _ in range(2):
+        order = torch.randperm(9, generator=generator)
+        torch.rand(9, generator=generator)
+        optimiser.zero_grad()
+        F.cross_entropy(model(x[order]), y[order]).backward()
+        optimiser.step()
+    trained = state(tmp_path / "zero" / "last.pt")
+    assert all(torch.equal(trained[key], value) for key, value in model.state_dict().items())
+    other = state(tmp_path / "one" / "last.pt")
+    assert not torch.allclose(other["head.attention.0.weight"], trained["head.attention.0.weight"])
+    assert zero.history[0]["train_ggam"] == pytest.approx(one.history[0]["train_ggam"])  # same first batch
+
+
+def test_lam_has_no_effect_without_channel_attention(data, tmp_path):
+    train, val = data
+    common = dict(epochs=1, val_data=val, attention="spatial", **TINY)
+    train_ggam(train, tmp_path / "a", lam=0.0, **common)
+    run = train_ggam(train, tmp_path / "b", lam=5.0, **common)
+    assert run.history[0]["train_ggam"] == 0
+    a, b = state(tmp_path / "a" / "last.pt"), state(tmp_path / "b" / "last.pt")
+    assert "head.attention.0.weight" not in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
