@@ -191,3 +191,37 @@ def similarity_plot(similarity: dict[str, dict[str, list[float]]], groups: Seque
                   title_fontsize=7)
     figure.tight_layout()
     figure.savefig(path, format="png")
+
+
+def training_curves(history: Sequence[dict], path: Path) -> None:
+    """A training run's history: losses (train CE, train L_GGAM) and accuracies (train,
+    validation) per epoch, the best epoch (highest validation accuracy, the first of equals,
+    as the run keeps it) marked on both panels."""
+    epochs = [row["epoch"] for row in history]
+    figure = new_figure(10.0, 4.0)
+    from matplotlib.ticker import MaxNLocator  # matplotlib is imported only when a chart is drawn
+    loss_ax, accuracy_ax = figure.subplots(1, 2)
+    loss_ax.plot(epochs, [row["train_ce"] for row in history], marker="o", markersize=3, label="train CE")
+    loss_ax.plot(epochs, [row["train_ggam"] for row in history], marker="s", markersize=3, linestyle="--",
+                 label="train L_GGAM")
+    loss_ax.set_ylabel("loss (mean over the training images)")
+    loss_ax.set_title("loss per epoch", fontsize=9)
+    accuracy_ax.plot(epochs, [row["train_accuracy"] for row in history], marker="o", markersize=3,
+                     label="train")
+    accuracy_ax.plot(epochs, [row["val_accuracy"] for row in history], marker="s", markersize=3,
+                     linestyle="--", label="validation")
+    accuracy_ax.set_ylim(-0.02, 1.02)
+    accuracy_ax.set_ylabel("accuracy")
+    accuracy_ax.set_title("accuracy per epoch", fontsize=9)
+    if history:
+        best = max(history, key=lambda row: row["val_accuracy"])
+        for ax in (loss_ax, accuracy_ax):
+            ax.axvline(best["epoch"], color="grey", linestyle=":", label=f"best epoch ({best['epoch']})")
+        accuracy_ax.plot([best["epoch"]], [best["val_accuracy"]], marker="*", markersize=12, color="C1",
+                         linestyle="none")
+    for ax in (loss_ax, accuracy_ax):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, format="png")

@@ -2,7 +2,7 @@
 
 click parses the arguments; rich draws the progress bars and tables. Every user error ends
 as one line ``camlens: error: ...`` and a non-zero exit, never a traceback. One module per
-command (``explain``, ``evaluate``, ``sanity``, ``info``) over a shared core (``common``).
+command (``explain``, ``evaluate``, ``sanity``, ``info``, ``train_ggam``) over a shared core (``common``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .evaluate import evaluate
 from .explain import explain
 from .info import layers, methods
 from .sanity import sanity
+from .train_ggam import train_ggam_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +29,7 @@ def cli() -> None:
     """camlens: what a convolutional network looks at when it decides."""
 
 
-for command in (explain, evaluate, sanity, layers, methods):
+for command in (explain, evaluate, sanity, layers, methods, train_ggam_command):
     cli.add_command(command)
 
 

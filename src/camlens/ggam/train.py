@@ -395,13 +395,28 @@ def _write_csv(out: Path, history: list[dict]) -> None:
 
 def localisation_report(maps: Tensor, boxes: Sequence[Sequence[Sequence[float]]]) -> dict:
     """Mean energy-based pointing game, mean best box IoU and the share of IoU >= 0.5 of
-    ``maps`` (N, H, W) against each image's ``boxes`` (model-input pixels)."""
+    ``maps`` (N, H, W) against each image's ``boxes`` (model-input pixels).
+
+    A blank map (all zero: Grad-CAM when every channel of the true class weighs negatively)
+    points nowhere and scores 0 on every measure. The top-level means are over all images,
+    blank ones included; ``blank maps`` counts them and ``non-blank`` holds the same means over
+    the other images only (None when every map is blank), so that a model whose maps are often
+    blank is not mistaken for one that localises badly, nor the other way round.
+    """
     height, width = maps.shape[-2:]
     masks = torch.stack([box_mask(b, height, width, maps.device) for b in boxes])
-    energy = energy_pointing_game(maps, masks)
+    energy = energy_pointing_game(maps, masks).double()
     iou, correct = localisation_correct(maps, boxes)
-    return {"images": len(boxes), "energy pointing game": float(energy.double().mean()),
-            "box iou": float(iou.mean()), "localisation accuracy (iou >= 0.5)": float(correct.mean())}
+    blank = ~(maps.flatten(1) > 0).any(1).cpu()
+    energy, iou, correct = energy.cpu(), iou.cpu(), correct.cpu()
+
+    def means(keep: Tensor) -> dict:
+        return {"images": int(keep.sum()), "energy pointing game": float(energy[keep].mean()),
+                "box iou": float(iou[keep].mean()), "localisation accuracy (iou >= 0.5)": float(correct[keep].mean())}
+
+    everything = torch.ones_like(blank)
+    return {**means(everything), "blank maps": int(blank.sum()),
+            "non-blank": means(~blank) if not blank.all() else None}
 
 
 def _localisation(model: GGAMNet, x, y, samples, preprocess: Preprocess, batch_size: int, kind) -> dict | None:

@@ -1,0 +1,169 @@
+"""``camlens train-ggam``: train a GGAM classifier into a run folder that ``explain --model`` loads."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..charts import training_curves
+from ..ggam.train import ATTENTION, BACKBONES, _check_settings, _datasets, _prepare, train_ggam
+from ..io import write_atomic
+from ..models import LITE_MEAN, LITE_STD, Preprocess, class_names_from_file
+from .common import MAX_INPUT_SIZE, choose_device, console, printable, run_options
+from .progress import LogProgress
+
+CURVES = "curves.png"
+
+
+@click.command("train-ggam", short_help="Train a GGAM classifier on a labelled dataset.")
+@click.argument("data")
+@click.option("--val-data", type=click.Path(), help="Validation set (default: a stratified --val-split of DATA).")
+@click.option("--boxes", type=click.Path(), help="Boxes of DATA: a CSV path,xmin,ymin,xmax,ymax.")
+@click.option("--val-boxes", type=click.Path(), help="Boxes of --val-data (they give the localisation report).")
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="efficientnet_lite0", show_default=True)
+@click.option("--lambda", "lam", type=float, default=1.0, show_default=True,
+              help="Weight of the GGAM loss: CE + lambda x L_GGAM.")
+@click.option("--attention", type=click.Choice(list(ATTENTION)), default="both", show_default=True,
+              help="The GGAM head's attention (the GGAM loss needs the channel attention).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Epochs in all (with --resume: the total, not more epochs).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW's learning rate (constant).")
+@run_options(batch_size_help="Images per training step (default 32).",
+             seed_help="Seed of the new head, the batches, the flips and the validation split.")
+@click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each class of DATA held out to validate, without --val-data.")
+@click.option("--input-size", type=click.IntRange(1, MAX_INPUT_SIZE), help="Side of the square model input (default 224).")
+@click.option("--resize", type=click.IntRange(1, 2 * MAX_INPUT_SIZE), help="Shorter side before the centre crop (default: input size x 8/7).")
+@click.option("--class-names", type=click.Path(dir_okay=False), help="Class names and their order: a text file (one per line) or a JSON list.")
+@click.option("--out", default="camlens-ggam", show_default=True, help="Run folder (new or empty, unless --resume).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out (same settings; --epochs may grow).")
+@click.option("--no-pretrained", "pretrained", flag_value=False, default=True,
+              help="Start the backbone from random weights instead of the embedded ImageNet ones.")
+def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attention, epochs, lr, device, batch_size,
+                       seed, val_split, input_size, resize, class_names, out, resume, pretrained) -> None:
+    """Train GGAM (CE + lambda x L_GGAM) on DATA, a folder of class folders or a path,label CSV.
+
+    The run folder keeps the settings, the history (history.csv, curves.png), the last state
+    (--resume continues it, also after Ctrl-C) and the best model by validation accuracy, which
+    `camlens explain --model RUN_DIR IMAGE` explains once the training finished.
+    """
+    batch_size = batch_size or 32
+    names = class_names_from_file(class_names) if class_names else None
+    preprocess = None
+    if input_size is not None or resize is not None:
+        size = input_size or 224
+        preprocess = Preprocess(size=size, resize=resize or round(size * 8 / 7), mean=LITE_MEAN, std=LITE_STD)
+    torch_device = choose_device(device)
+    # train_ggam checks all this again; here it comes before the plan line, so that a refusal is one line.
+    _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data, str(torch_device),
+                    None)
+    # Listing the data first (train_ggam lists it again) gives the plan and refuses bad data before any model is built.
+    found, train, val, _ = _datasets(data, val_data, boxes, val_boxes, names, val_split, seed)
+    batches = -(-len(train.samples) // batch_size)
+    out_dir = Path(out)
+    if not resume and out_dir.is_dir():
+        _prepare(out_dir, {}, epochs, resume)  # a used folder is refused now, not after the plan line
+    shown: list[dict] = _history(out_dir) if resume else []  # epochs done: not printed again
+    done = len(shown)
+    stderr = console("stderr")
+    stderr.print(f"train-ggam: {len(train.samples)} training and {len(val.samples)} validation images, "
+                 f"{len(found)} classes, {epochs} epochs{f' ({done} done, resuming)' if done else ''}, "
+                 f"{batches} batches of up to {batch_size} per epoch, on {torch_device} -> {printable(out_dir)}",
+                 markup=False, soft_wrap=True)
+
+    with LogProgress() as bar:
+        task = None
+
+        def report(rows: list[dict]) -> None:
+            for row in rows[len(shown):]:
+                bar.console.print(
+                    f"epoch {row['epoch']}/{epochs}: train CE {row['train_ce']:.4f}, L_GGAM {row['train_ggam']:.4f}, "
+                    f"train acc {row['train_accuracy']:.1%}, val acc {row['val_accuracy']:.1%}, "
+                    f"{row['seconds']:.1f} s", markup=False, soft_wrap=True)
+                shown.append(row)
+            if rows:
+                write_atomic(out_dir / CURVES, lambda path: training_curves(rows, path))
+
+        def progress(epoch: int, batch: int, total: int) -> None:
+            nonlocal task
+            if batch == 1:
+                # The epoch before is in the history now: train_ggam appends it before the next one starts.
+                report(_history(out_dir))
+                if task is not None:
+                    bar.remove_task(task)
+                task = bar.add_task(f"epoch {epoch}/{epochs}", total=total)
+            bar.advance(task)
+
+        try:
+            result = train_ggam(data, out_dir, backbone=backbone, lam=lam, attention=attention, epochs=epochs,
+                                lr=lr, batch_size=batch_size, seed=seed, val_split=val_split, val_data=val_data,
+                                boxes=boxes, val_boxes=val_boxes, resume=resume, device=str(torch_device),
+                                pretrained=pretrained, class_names=names, preprocess=preprocess, progress=progress)
+        except KeyboardInterrupt:
+            if (out_dir / "last.pt").is_file():
+                bar.stop()
+                click.echo(f"camlens: interrupted; the run in {printable(out_dir)} continues with the same command and --resume",
+                           err=True)
+                sys.exit(130)
+            raise
+        report(result.history)
+        if task is not None:
+            bar.remove_task(task)
+
+    for problem in result.problems:
+        stderr.print(f"note: {printable(problem)}", markup=False, soft_wrap=True)
+    _print_summary(result, out_dir)
+
+
+def _history(out_dir: Path) -> list[dict]:
+    try:
+        text = (out_dir / "history.jsonl").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill; train_ggam rewrites the file from last.pt
+            break
+    return rows
+
+
+def _print_summary(result, out_dir: Path) -> None:
+    table = Table(title=f"camlens train-ggam: {len(result.history)} epochs -> {printable(out_dir)}",
+                  title_justify="left", caption=f"*: the best epoch by validation accuracy, the model kept in the run; "
+                                                f"curves in {printable(out_dir / CURVES)}", caption_justify="left")
+    for column in ("epoch", "train CE", "L_GGAM", "train acc", "val acc", "val CE", "s"):
+        table.add_column(column, justify="right")
+    for row in result.history:
+        mark = "*" if row["epoch"] == result.best_epoch else ""
+        table.add_row(f"{row['epoch']}{mark}", f"{row['train_ce']:.4f}", f"{row['train_ggam']:.4f}",
+                      f"{row['train_accuracy']:.1%}", f"{row['val_accuracy']:.1%}", f"{row['val_ce']:.4f}",
+                      f"{row['seconds']:.1f}")
+    lines = [f"best epoch: {result.best_epoch} (validation accuracy {result.best_val_accuracy:.1%}; "
+             f"last epoch {result.final_val_accuracy:.1%})"]
+    report = result.localisation
+    if report is not None:
+        lines.append(f"localisation (Grad-CAM of the true class, best model, {report['images']} validation images "
+                     f"with boxes): {_figures(report)}")
+        lines.append(f"  blank maps: {report['blank maps']} of {report['images']}"
+                     + (f"; over the non-blank ones: {_figures(report['non-blank'])}" if report["non-blank"] else ""))
+    lines.append(f"run folder: {printable(out_dir)}")
+    lines.append(f"explain with it: camlens explain --model {shlex.quote(printable(out_dir))} IMAGE")
+    stdout = console("stdout")
+    try:
+        stdout.print(table)
+        for line in lines:
+            stdout.print(line, markup=False, soft_wrap=True)
+    except BrokenPipeError:
+        pass
+
+
+def _figures(report: dict) -> str:
+    return (f"energy pointing game {report['energy pointing game']:.3f}, box IoU {report['box iou']:.3f}, "
+            f"IoU >= 0.5 {report['localisation accuracy (iou >= 0.5)']:.1%}")
