@@ -12,10 +12,10 @@ from torch import nn
 import camlens
 from camlens import __version__
 from camlens.capture import find_default_layer
-from camlens.cli import main
 from camlens.errors import CamlensError
 from camlens.ggam import GGAMNet, ggam_efficientnet_lite0, label_gradcam_weights, load_run, save_run
 from camlens.models import Preprocess, load_model
+from test_cli import SAMPLES, run
 
 NAMES = ["sparrow", "finch", "wren"]
 KWARGS = {"num_classes": 3, "reduction": 8, "spatial_attention": False}
@@ -178,19 +178,9 @@ def test_bad_run_folders(run_dir, tmp_path, model):
     assert not (tmp_path / "nan").exists() and not (tmp_path / "x").exists()
 
 
-def _run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_cli_explains_and_lists_a_run(run_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, stderr = _run_cli(["explain", "--model", run_dir, "samples/chelsea.png", "-m", "gradcam",
+    code, stdout, stderr = run(["explain", "--model", run_dir, SAMPLES / "chelsea.png", "-m", "gradcam",
                                      "--out", out, "--device", "cpu"], capsys)
     assert code == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -199,10 +189,10 @@ def test_cli_explains_and_lists_a_run(run_dir, tmp_path, capsys):
     text = json.dumps(manifest)
     assert any(name in text for name in NAMES) and "tabby" not in text
     assert manifest["target_layers"] == ["backbone"]
-    code, stdout, stderr = _run_cli(["layers", "--model", run_dir], capsys)
+    code, stdout, stderr = run(["layers", "--model", run_dir], capsys)
     assert code == 0, stderr
     assert "backbone" in stdout and "head.classifier" in stdout
-    code, _, stderr = _run_cli(["layers", "--model", tmp_path], capsys)
+    code, _, stderr = run(["layers", "--model", tmp_path], capsys)
     assert code != 0 and stderr.startswith("camlens: error:") and "no run.json" in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert Image.open(next(out.rglob("*.png"))).size[0] > 0
