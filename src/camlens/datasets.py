@@ -139,7 +139,7 @@ def load_dataset(
         raise CamlensError(f"--boxes {boxes}: no such file or folder (a CSV path,xmin,ymin,xmax,ymax or a folder of VOC XML files)")
     lookup = class_index_lookup(class_names or [], class_labels, Path(mapping) if mapping else None, classes)
     notes: list[str] = []
-    entries = _entries(data, notes)
+    entries = dataset_entries(data, notes)
     if not entries:
         raise CamlensError(f"{data}: the dataset has no images")
     labelled = _labelled(data, entries, lookup, classes, notes)
@@ -217,7 +217,9 @@ def _labelled(data: Path, entries: list[tuple[Path, str]], lookup: dict[str, lis
     return labelled
 
 
-def _entries(data: Path, notes: list[str]) -> list[tuple[Path, str]]:
+def dataset_entries(data: Path, notes: list[str]) -> list[tuple[Path, str]]:
+    """The (image path, label) pairs a dataset lists, in its order: the rows of a ``path,label``
+    CSV, or the images of each class folder (sorted). What is not an entry goes into ``notes``."""
     if data.is_file():
         rows = _read_csv(data, 2)
         if rows and rows[0][0].lower() == "path":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import click
 from rich.table import Table
 
 from ..charts import training_curves
-from ..ggam.train import ATTENTION, BACKBONES, _check_settings, _datasets, _prepare, train_ggam
+from ..ggam.train import ATTENTION, BACKBONES, TrainPlan, train_ggam
 from ..io import write_atomic
 from ..models import LITE_MEAN, LITE_STD, Preprocess, class_names_from_file
 from .common import MAX_INPUT_SIZE, choose_device, console, printable, run_options
@@ -59,25 +58,21 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
         size = input_size or 224
         preprocess = Preprocess(size=size, resize=resize or round(size * 8 / 7), mean=LITE_MEAN, std=LITE_STD)
     torch_device = choose_device(device)
-    # train_ggam checks all this again; here it comes before the plan line, so that a refusal is one line.
-    _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data, str(torch_device),
-                    None)
-    # Listing the data first (train_ggam lists it again) gives the plan and refuses bad data before any model is built.
-    found, train, val, _ = _datasets(data, val_data, boxes, val_boxes, names, val_split, seed)
-    batches = -(-len(train.samples) // batch_size)
     out_dir = Path(out)
-    if not resume and out_dir.is_dir():
-        _prepare(out_dir, {}, epochs, resume)  # a used folder is refused now, not after the plan line
-    shown: list[dict] = _history(out_dir) if resume else []  # epochs done: not printed again
-    done = len(shown)
-    stderr = console("stderr")
-    stderr.print(f"train-ggam: {len(train.samples)} training and {len(val.samples)} validation images, "
-                 f"{len(found)} classes, {epochs} epochs{f' ({done} done, resuming)' if done else ''}, "
-                 f"{batches} batches of up to {batch_size} per epoch, on {torch_device} -> {printable(out_dir)}",
-                 markup=False, soft_wrap=True)
-
+    shown: list[dict] = []  # the history rows printed (on a resume, the epochs done: not printed again)
     with LogProgress() as bar:
         task = None
+
+        def plan(found: TrainPlan) -> None:
+            # Every check has passed by now, so a refusal before this line stays one line.
+            shown.extend(found.history)
+            done = len(found.history)
+            batches = -(-found.training_images // batch_size)
+            bar.console.print(
+                f"train-ggam: {found.training_images} training and {found.validation_images} validation images, "
+                f"{len(found.classes)} classes, {epochs} epochs{f' ({done} done, resuming)' if done else ''}, "
+                f"{batches} batches of up to {batch_size} per epoch, on {torch_device} -> {printable(out_dir)}",
+                markup=False, soft_wrap=True)
 
         def report(rows: list[dict]) -> None:
             for row in rows[len(shown):]:
@@ -86,14 +81,11 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
                     f"train acc {row['train_accuracy']:.1%}, val acc {row['val_accuracy']:.1%}, "
                     f"{row['seconds']:.1f} s", markup=False, soft_wrap=True)
                 shown.append(row)
-            if rows:
-                write_atomic(out_dir / CURVES, lambda path: training_curves(rows, path))
+            write_atomic(out_dir / CURVES, lambda path: training_curves(rows, path))
 
         def progress(epoch: int, batch: int, total: int) -> None:
             nonlocal task
             if batch == 1:
-                # The epoch before is in the history now: train_ggam appends it before the next one starts.
-                report(_history(out_dir))
                 if task is not None:
                     bar.remove_task(task)
                 task = bar.add_task(f"epoch {epoch}/{epochs}", total=total)
@@ -103,7 +95,8 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
             result = train_ggam(data, out_dir, backbone=backbone, lam=lam, attention=attention, epochs=epochs,
                                 lr=lr, batch_size=batch_size, seed=seed, val_split=val_split, val_data=val_data,
                                 boxes=boxes, val_boxes=val_boxes, resume=resume, device=str(torch_device),
-                                pretrained=pretrained, class_names=names, preprocess=preprocess, progress=progress)
+                                pretrained=pretrained, class_names=names, preprocess=preprocess, progress=progress,
+                                on_plan=plan, on_epoch=report)
         except KeyboardInterrupt:
             if (out_dir / "last.pt").is_file():
                 bar.stop()
@@ -111,27 +104,12 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
                            err=True)
                 sys.exit(130)
             raise
-        report(result.history)
         if task is not None:
             bar.remove_task(task)
 
     for problem in result.problems:
-        stderr.print(f"note: {printable(problem)}", markup=False, soft_wrap=True)
+        console("stderr").print(f"note: {printable(problem)}", markup=False, soft_wrap=True)
     _print_summary(result, out_dir)
-
-
-def _history(out_dir: Path) -> list[dict]:
-    try:
-        text = (out_dir / "history.jsonl").read_text(encoding="utf-8")
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill; train_ggam rewrites the file from last.pt
-            break
-    return rows
 
 
 def _print_summary(result, out_dir: Path) -> None:

@@ -12,7 +12,7 @@ from .loss import GGAMLoss, ggam_loss, ggam_training_loss, label_gradcam_weights
 from .model import EfficientNetLite0Features, GGAMNet, ggam_efficientnet_lite0
 from .module import GGAM, GGAMOutput, spatial_weights
 from .run import BUILDERS, load_run, save_run
-from .train import TrainResult, localisation_report, train_ggam
+from .train import TrainPlan, TrainResult, localisation_report, train_ggam
 
 __all__ = [
     "BUILDERS",
@@ -28,6 +28,7 @@ __all__ = [
     "load_run",
     "save_run",
     "spatial_weights",
+    "TrainPlan",
     "TrainResult",
     "localisation_report",
     "train_ggam",

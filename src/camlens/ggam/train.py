@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import explain
-from ..datasets import Dataset, _entries, load_dataset
+from ..datasets import Dataset, dataset_entries, load_dataset
 from ..errors import CamlensError, check_positive_int
 from ..io import load_image, locked_output_dir, write_atomic
 from ..metrics import box_mask, energy_pointing_game, localisation_correct
@@ -62,6 +62,17 @@ class TrainResult:
     problems: list[str]
 
 
+@dataclass
+class TrainPlan:
+    """What :func:`train_ggam` is about to do, once every check passed and the images loaded:
+    the images of each set, the classes, and the history of the epochs a resumed run has done."""
+
+    training_images: int
+    validation_images: int
+    classes: list[str]
+    history: list[dict]
+
+
 def train_ggam(
     data: str | Path,
     out: str | Path,
@@ -86,6 +97,8 @@ def train_ggam(
     detach: bool = True,
     renormalise: bool = True,
     progress: Callable[[int, int, int], None] | None = None,
+    on_plan: Callable[[TrainPlan], None] | None = None,
+    on_epoch: Callable[[list[dict]], None] | None = None,
 ) -> TrainResult:
     """Train GGAM on ``backbone`` with loss ``CE + lam * L_GGAM`` and keep the run in ``out``.
 
@@ -111,7 +124,9 @@ def train_ggam(
     ``resume=True`` continues from ``last.pt`` to exactly the weights of an uninterrupted run
     (``epochs`` may grow; every other setting must be the same).
 
-    ``progress(epoch, batch, batches)`` is called after each training batch (1-based).
+    ``progress(epoch, batch, batches)`` is called after each training batch (1-based);
+    ``on_plan(TrainPlan)`` once, after every check and before the first batch;
+    ``on_epoch(history)`` after each epoch, once its row and checkpoint are written.
     Bad settings or data raise :class:`CamlensError` before anything is trained.
     """
     kind = _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data,
@@ -162,6 +177,8 @@ def train_ggam(
             else:
                 torch.manual_seed(seed)
             _write_history(out, history)
+            if on_plan is not None:
+                on_plan(TrainPlan(len(train.samples), len(val.samples), list(names), list(history)))
             extra = lambda: {"epochs": epochs, "epochs done": len(history), "best epoch": best["epoch"],
                              "best val accuracy": best["accuracy"],
                              "to finish": f"camlens.ggam.train_ggam(..., out={str(out)!r}, resume=True)"}
@@ -187,6 +204,8 @@ def train_ggam(
                     }
                     write_atomic(out / LAST, lambda path: torch.save(state, path))
                     _append_history(out, row, history)
+                    if on_epoch is not None:
+                        on_epoch(list(history))
             except BaseException:
                 # Killed outright, the run stays "running"; stopped by an error or Ctrl-C, it says so.
                 if (out / RUN_FILE).is_file():
@@ -238,7 +257,7 @@ def _datasets(data, val_data, boxes, val_boxes, class_names, val_split, seed):
     if not data.exists():
         raise CamlensError(f"{data}: no such dataset (a folder of class folders, or a CSV of path,label)")
     if class_names is None:
-        names = sorted({label for _, label in _entries(data, [])})
+        names = sorted({label for _, label in dataset_entries(data, [])})
     else:
         names = list(class_names)
         if not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
