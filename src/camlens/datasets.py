@@ -9,6 +9,13 @@ relative to the dataset (the DATA folder, or the folder of the labels CSV) and a
 inclusive boxes are converted to that. Boxes are in the pixels of the image as viewers show it
 (EXIF orientation applied).
 
+A CUB-200-2011 folder in its native layout (``images.txt``, ``image_class_labels.txt``,
+``train_test_split.txt``, ``classes.txt``, ``images/``, optionally ``bounding_boxes.txt``) is read
+with its official split and boxes as they are: :func:`load_cub` reads either split,
+:func:`load_dataset` its test split (the one evaluation uses). Its labels are the class names of
+``classes.txt`` (``001.Black_footed_Albatross``, ...); its boxes, ``<x> <y> <width> <height>`` in
+pixels from the top-left corner, become the edges ``(x, y, x + width, y + height)``.
+
 Problems with single entries (a missing or unreadable file, a box outside its image, an entry
 listed twice) are collected in ``Dataset.problems`` and the entry is skipped or counted once:
 never silently counted, never silently lost. What makes the dataset ambiguous stops the loading
@@ -23,7 +30,7 @@ import csv
 import json
 import xml.etree.ElementTree as ElementTree
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +62,7 @@ class Dataset:
     notes: list[str]  # boxes that could not be used and entries listed twice, with the reason
     has_boxes: bool
     listed: list[Path] = field(default_factory=list)  # every labelled image, before the limit
+    split: str | None = None  # the CUB-200-2011 split read ("train" or "test"); None for other datasets
 
     @property
     def problems(self) -> list[str]:
@@ -126,24 +134,42 @@ def load_dataset(
     boxes: str | Path | None = None,
     limit: int | None = None,
 ) -> Dataset:
-    """Load labels (and boxes) from a folder of class sub-folders or a ``path,label`` CSV.
+    """Load labels (and boxes) from a folder of class sub-folders, a ``path,label`` CSV, or the
+    test split of a CUB-200-2011 folder (see :func:`load_cub`; ``Dataset.split`` is then "test",
+    which callers may state: it is not put in the notes, which they show as problems).
 
     ``boxes`` is a CSV of boxes or a folder of VOC XML files; when omitted, XML files beside
-    the images are used if there are any. Every label is checked; only the first ``limit``
-    listed images are opened (folder order: class folders and files sorted by name; CSV order).
+    the images are used if there are any (a CUB-200-2011 folder has its own, so it takes none).
+    Every label is checked; only the first ``limit`` listed images are opened (folder order: class
+    folders and files sorted by name; CSV order; CUB order: by image id).
     """
     data = Path(data)
     if not data.exists():
-        raise CamlensError(f"{data}: no such dataset (a folder of class folders, or a CSV of path,label)")
+        raise CamlensError(f"{data}: no such dataset (a folder of class folders, a CSV of path,label, "
+                           "or a CUB-200-2011 folder)")
+    if is_cub(data):
+        if boxes is not None:
+            raise CamlensError(f"--boxes {boxes}: {data} is a CUB-200-2011 folder, whose boxes are its "
+                               "bounding_boxes.txt; leave out --boxes")
+        return load_cub(data, "test", class_names, classes, class_labels, mapping, limit)
     if boxes is not None and not Path(boxes).exists():
         raise CamlensError(f"--boxes {boxes}: no such file or folder (a CSV path,xmin,ymin,xmax,ymax or a folder of VOC XML files)")
     lookup = class_index_lookup(class_names or [], class_labels, Path(mapping) if mapping else None, classes)
     notes: list[str] = []
     entries = dataset_entries(data, notes)
     if not entries:
-        raise CamlensError(f"{data}: the dataset has no images")
+        inner = [path for path in sorted(data.iterdir()) if is_cub(path)] if data.is_dir() else []
+        hint = f" (did you mean the CUB-200-2011 folder {inner[0]}?)" if inner else ""
+        raise CamlensError(f"{data}: the dataset has no images{hint}")
     labelled = _labelled(data, entries, lookup, classes, notes)
     box_table = _boxes(data, labelled, Path(boxes) if boxes else None, notes)
+    return _opened(data, labelled, box_table, notes, limit, bool(box_table))
+
+
+def _opened(data: Path, labelled: list[tuple[Path, int]], box_table: dict[Path, list[Box]], notes: list[str],
+            limit: int | None, has_boxes: bool) -> Dataset:
+    """The dataset of the first ``limit`` labelled images that open, each with its boxes that
+    fit in it (``box_table`` is keyed by resolved path); the others are reported."""
     skipped: list[str] = []
     samples = []
     for path, index in labelled[:limit]:
@@ -170,7 +196,7 @@ def load_dataset(
         samples.append(Sample(path, index, kept, (width, height)))
     if not samples:
         raise CamlensError(f"{data}: no readable image in the dataset ({len(skipped)} skipped)")
-    return Dataset(samples, skipped, notes, bool(box_table), [path for path, _ in labelled])
+    return Dataset(samples, skipped, notes, has_boxes, [path for path, _ in labelled])
 
 
 def _labelled(data: Path, entries: list[tuple[Path, str]], lookup: dict[str, list[int]], classes: int,
@@ -219,7 +245,11 @@ def _labelled(data: Path, entries: list[tuple[Path, str]], lookup: dict[str, lis
 
 def dataset_entries(data: Path, notes: list[str]) -> list[tuple[Path, str]]:
     """The (image path, label) pairs a dataset lists, in its order: the rows of a ``path,label``
-    CSV, or the images of each class folder (sorted). What is not an entry goes into ``notes``."""
+    CSV, the images of each class folder (sorted), or every image of a CUB-200-2011 folder, both
+    splits, by image id, labelled with its ``classes.txt`` name. What is not an entry goes into
+    ``notes``."""
+    if is_cub(data):
+        return [(path, label) for _, path, label, _ in _cub_images(Path(data))]
     if data.is_file():
         rows = _read_csv(data, 2)
         if rows and rows[0][0].lower() == "path":
@@ -305,3 +335,152 @@ def _boxes(data: Path, labelled: list[tuple[Path, int]], source: Path | None,
     if source is not None and not found:
         raise CamlensError(f"--boxes {source}: no VOC XML file there is named after an image of the dataset (<image stem>.xml)")
     return dict(table)
+
+
+# CUB-200-2011. A damaged list (a line that is not in the list's form, an id given twice, an image
+# id one list has and another lacks, a class id classes.txt does not name) stops the loading with
+# one error naming the file and line: reading past it would change the official split or labels.
+# What concerns one image only (its file missing or unreadable, its box missing from
+# bounding_boxes.txt or outside the image) is a problem of that entry, as for other datasets.
+_CUB_LISTS = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
+
+
+def is_cub(path: str | Path) -> bool:
+    """Whether ``path`` is a CUB-200-2011 folder: images.txt, image_class_labels.txt and
+    train_test_split.txt side by side. (Its images/ folder is not part of the test, so that a
+    missing one is reported as such rather than the folder being read as class folders.)"""
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in _CUB_LISTS)
+
+
+def cub_class_names(root: str | Path) -> list[str]:
+    """The class names of a CUB-200-2011 folder, from its classes.txt in class-id order."""
+    return list(_cub_classes(Path(root)).values())
+
+
+def load_cub(
+    root: str | Path,
+    split: str,
+    class_names: Sequence[str] | None,
+    classes: int,
+    class_labels: Sequence[str] | None = None,
+    mapping: str | Path | None = None,
+    limit: int | None = None,
+) -> Dataset:
+    """One split ("train" or "test") of a CUB-200-2011 folder, as train_test_split.txt has it,
+    by image id. Labels are the classes.txt names of the images' classes, mapped to the model's
+    classes as :func:`load_dataset` maps labels; boxes are from bounding_boxes.txt (``has_boxes``
+    when that file is there), ``<x> <y> <width> <height>`` becoming ``(x, y, x + width, y + height)``.
+    A damaged list file stops with one error naming the file and line; an image without a box,
+    a missing or unreadable image, a box outside its image are reported in ``Dataset.problems``."""
+    root = Path(root)
+    if split not in ("train", "test"):
+        raise CamlensError(f"CUB-200-2011 split must be 'train' or 'test', got {split!r}")
+    if not is_cub(root):
+        raise CamlensError(f"{root}: not a CUB-200-2011 folder (it needs {', '.join(_CUB_LISTS)})")
+    if not (root / "images").is_dir():
+        raise CamlensError(f"{root / 'images'}: no such folder; a CUB-200-2011 folder keeps its images there")
+    lookup = class_index_lookup(class_names or [], class_labels, Path(mapping) if mapping else None, classes)
+    every = _cub_images(root)
+    table = [row for row in every if row[3] == (split == "train")]
+    if not table:
+        raise CamlensError(f"{root / 'train_test_split.txt'}: no image is in the {split} split")
+    boxes = _cub_boxes(root, {image_id for image_id, *_ in every})
+    notes: list[str] = []
+    labelled = _labelled(root, [(path, label) for _, path, label, _ in table], lookup, classes, notes)
+    box_table = {path.resolve(): [boxes[image_id]] for image_id, path, *_ in table if image_id in (boxes or {})}
+    if boxes is not None:
+        ids = {path.resolve(): image_id for image_id, path, *_ in table}
+        notes += [f"{path}: bounding_boxes.txt has no box for image id {ids[path.resolve()]} (no box)"
+                  for path, _ in labelled[:limit] if path.resolve() not in box_table]
+    dataset = _opened(root, labelled, box_table, notes, limit, boxes is not None)
+    dataset.split = split
+    return dataset
+
+
+def _cub_rows(root: Path, name: str, form: str) -> dict[int, tuple[int, list[str]]]:
+    """Image or class id -> (line number, other fields) of a CUB list whose lines are ``form``;
+    a last field ending in ``_name`` may hold spaces, the others are single words."""
+    path = root / name
+    fields = len(form.split())
+    named = form.endswith("_name>")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise CamlensError(f"{path}: missing; a CUB-200-2011 folder has {name} with lines {form}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CamlensError(f"{path}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
+    rows: dict[int, tuple[int, list[str]]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=fields - 1) if named else line.split()
+        if len(parts) != fields or not (parts[0].isascii() and parts[0].isdigit()):
+            raise CamlensError(f"{path}: line {number} is not {form}: {line.strip()[:80]!r}")
+        key = int(parts[0])
+        if key in rows:
+            raise CamlensError(f"{path}: line {number} repeats id {key} of line {rows[key][0]}")
+        rows[key] = (number, parts[1:])
+    if not rows:
+        raise CamlensError(f"{path}: empty; a CUB-200-2011 folder has {name} with lines {form}")
+    return rows
+
+
+def _cub_classes(root: Path) -> dict[int, str]:
+    rows = _cub_rows(root, "classes.txt", "<class_id> <class_name>")
+    first: dict[str, int] = {}
+    for number, (name,) in rows.values():  # in line order
+        if first.setdefault(name, number) != number:
+            raise CamlensError(f"{root / 'classes.txt'}: line {number} repeats the class name {name!r} "
+                               f"of line {first[name]}")
+    return {class_id: name for class_id, (_, (name,)) in sorted(rows.items())}
+
+
+def _cub_ids(root: Path, images: Iterable[int], rows: dict, name: str, complete: bool = True) -> None:
+    """Refuse a list naming an image id images.txt lacks, or (``complete``) lacking one it has."""
+    extra = sorted(set(rows) - set(images))
+    if extra:
+        raise CamlensError(f"{root / name}: line {rows[extra[0]][0]}: image id {extra[0]} is not in images.txt")
+    missing = sorted(set(images) - set(rows))
+    if complete and missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CamlensError(f"{root / name}: no line for image id {missing[0]}{more} of images.txt")
+
+
+def _cub_images(root: Path) -> list[tuple[int, Path, str, bool]]:
+    """(image id, image file, class name, is a training image) of every image, by image id."""
+    class_of = _cub_classes(root)
+    images = _cub_rows(root, "images.txt", "<image_id> <image_name>")
+    labels = _cub_rows(root, "image_class_labels.txt", "<image_id> <class_id>")
+    split = _cub_rows(root, "train_test_split.txt", "<image_id> <is_training_image>")
+    _cub_ids(root, images, labels, "image_class_labels.txt")
+    _cub_ids(root, images, split, "train_test_split.txt")
+    table = []
+    for image_id, (_, (name,)) in sorted(images.items()):
+        number, (class_id,) = labels[image_id]
+        if not (class_id.isascii() and class_id.isdigit() and int(class_id) in class_of):
+            raise CamlensError(f"{root / 'image_class_labels.txt'}: line {number}: class id {class_id!r} "
+                               "is not in classes.txt")
+        number, (flag,) = split[image_id]
+        if flag not in ("0", "1"):
+            raise CamlensError(f"{root / 'train_test_split.txt'}: line {number}: is_training_image must be "
+                               f"1 or 0, not {flag!r}")
+        table.append((image_id, root / "images" / name, class_of[int(class_id)], flag == "1"))
+    return table
+
+
+def _cub_boxes(root: Path, images: set[int]) -> dict[int, Box] | None:
+    """Image id -> box edges from bounding_boxes.txt; None without that file."""
+    if not (root / "bounding_boxes.txt").is_file():
+        return None
+    rows = _cub_rows(root, "bounding_boxes.txt", "<image_id> <x> <y> <width> <height>")
+    _cub_ids(root, images, rows, "bounding_boxes.txt", complete=False)
+    boxes = {}
+    for image_id, (number, values) in rows.items():
+        try:
+            x, y, width, height = (float(value) for value in values)
+        except ValueError:
+            raise CamlensError(f"{root / 'bounding_boxes.txt'}: line {number}: x, y, width and height must be "
+                               f"numbers, not {' '.join(values)!r}") from None
+        boxes[image_id] = (x, y, x + width, y + height)  # corner and size -> pixel edges, x1 exclusive
+    return boxes
