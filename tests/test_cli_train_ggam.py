@@ -69,6 +69,30 @@ def test_writes_the_run_and_prints_the_plan_each_epoch_and_a_summary(data, tmp_p
     assert any((tmp_path / "maps").rglob("*.png"))
 
 
+def test_a_frozen_run_evaluates_with_no_extra_flags(data, tmp_path, capsys):
+    """--freeze-backbone and --keep last reach the trainer; `camlens evaluate --model RUN_DIR` loads the run
+    (class names, preprocessing) and its energy pointing game is the run's own report."""
+    out = tmp_path / "run"
+    code, stdout, stderr = run(args(data, out, "--freeze-backbone", "--keep", "last"), capsys)
+    assert code == 0, stderr
+    settings = json.loads((out / "train.json").read_text())
+    assert settings["freeze backbone"] is True and settings["keep"] == "last"
+    last, kept = torch.load(out / "last.pt", weights_only=True)["model"], torch.load(out / "best.pt", weights_only=True)
+    assert all(torch.equal(last[k], kept[k]) for k in last)  # --keep last: the last epoch's model
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert f"kept: the last epoch, 2 (validation accuracy {history[-1]['val_accuracy']:.1%}" in stdout
+    assert "*: the last epoch (--keep last)" in stdout
+    val = data[1]
+    code, stdout, stderr = run(["evaluate", val, "--model", out, "--boxes", val / "boxes.csv", "-m", "gradcam",
+                                "--metric", "energy", "--out", tmp_path / "eval", "--device", "cpu"], capsys)
+    assert code == 0, stderr
+    records = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    report = json.loads((out / "localisation.json").read_text())
+    energies = [r["energy"] for r in records]
+    assert np.mean(energies) == pytest.approx(report["energy pointing game"], abs=1e-5)
+
+
 def test_ctrl_c_leaves_a_run_that_resume_finishes(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     real = command.train_ggam

@@ -79,6 +79,26 @@ def test_spatial_weights_never_nan_for_zero_or_negative_maps():
     assert torch.isfinite(b.grad).all()
 
 
+def test_attention_on_dead_channels_falls_back_instead_of_overflowing():
+    """S collapsed onto a channel that is ~1e-38 in the image: T is scale-free, so its exact
+    gradient is ~1/sum(P) (3e34 here without the guard); the relative floor makes T uniform."""
+    torch.manual_seed(0)
+    head = GGAM(8, 3, reduction=2)
+    with torch.no_grad():
+        head.attention[2].bias.zero_()
+        head.attention[2].bias[0] = 200.0  # S = (1, 0, ..., 0)
+    a = torch.rand(2, 8, 4, 4) + 0.5
+    a[:, 0] = 1e-38 * (1 + torch.rand(2, 4, 4))
+    out = head(a.requires_grad_(True))
+    torch.testing.assert_close(out.spatial_weights, torch.full((2, 4, 4), 1 / 16))
+    beta = label_gradcam_weights(out, torch.tensor([0, 1]))
+    assert torch.isfinite(beta).all() and beta.abs().max() < 1e3
+    # A map with ordinary mass is untouched by the floor.
+    b = torch.rand(2, 8, 4, 4)
+    reference = b.abs().mean(1).sum((1, 2))
+    torch.testing.assert_close(spatial_weights(b, reference), b.sum(1) / b.sum((1, 2, 3))[:, None, None])
+
+
 def test_both_off_is_the_plain_classifier():
     torch.manual_seed(2)
     head = GGAM(C, CLASSES, channel_attention=False, spatial_attention=False).double()

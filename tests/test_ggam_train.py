@@ -118,6 +118,7 @@ def test_resume_with_other_settings_is_refused(straight, data):
     cases = [
         (dict(epochs=3, resume=True, lam=0.5), "cannot resume.*lam \\(1.0 then, 0.5 now\\)"),
         (dict(epochs=3, resume=True, attention="spatial"), "attention"),
+        (dict(epochs=3, resume=True, freeze_backbone=True), "freeze backbone \\(False then, True now\\)"),
         (dict(epochs=2, resume=True), "3 epochs are done"),
         (dict(epochs=3), "previous training run; continue it with resume=True"),
     ]
@@ -270,3 +271,73 @@ def test_lam_has_no_effect_without_channel_attention(data, tmp_path):
     a, b = state(tmp_path / "a" / "last.pt"), state(tmp_path / "b" / "last.pt")
     assert "head.attention.0.weight" not in a
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_frozen_backbone_trains_the_head_on_cached_features(data, tmp_path):
+    """freeze_backbone: the backbone keeps its weights; the head is what a plain loop on the
+    eval-mode backbone's features gives; the feature cache changes nothing but the cost."""
+    train, val = data
+    cache: dict = {}
+    common = dict(epochs=2, val_data=val, val_boxes=val / "boxes.csv", flip=False, freeze_backbone=True,
+                  feature_cache=cache, **{**TINY, "batch_size": 16})
+    frozen = train_ggam(train, tmp_path / "frozen", lam=0.0, **common)
+    assert len(cache) == 1
+    torch.manual_seed(TINY["seed"])
+    model = ggam_efficientnet_lite0(3, pretrained=False, class_names=NAMES, preprocess=PRE)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.stack([PRE(Image.open(p)) for name in NAMES for p in sorted((train / name).glob("*.png"))])
+    y = torch.arange(3).repeat_interleave(3)
+    model.eval()
+    with torch.no_grad():
+        features = model.backbone(x)
+    optimiser = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(TINY["seed"])
+    for _ in range(2):
+        order = torch.randperm(9, generator=generator)
+        torch.rand(9, generator=generator)
+        optimiser.zero_grad()
+        F.cross_entropy(model.head(features[order]).logits, y[order]).backward()
+        optimiser.step()
+    trained = state(tmp_path / "frozen" / "last.pt")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=1e-6)
+        if key.startswith("backbone."):
+            assert torch.equal(trained[key], initial[key])
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial if k.startswith("head."))
+    # Through the cache (a hit: no new entry), the same run to the bit.
+    again = train_ggam(train, tmp_path / "again", lam=0.0, **common)
+    assert len(cache) == 1 and again.history == [
+        {**row, "seconds": again_row["seconds"]} for row, again_row in zip(frozen.history, again.history)]
+    second = state(tmp_path / "again" / "last.pt")
+    assert all(torch.equal(second[k], trained[k]) for k in trained)
+    # The head-only localisation report is the whole model's Grad-CAM (explained end to end).
+    model = load_model(str(frozen.folder)).module
+    rows = list(csv.reader((val / "boxes.csv").open()))[1:]
+    images = torch.stack([PRE(Image.open(val / path)) for path, *_ in rows])
+    labels = [NAMES.index(path.split("/")[0]) for path, *_ in rows]
+    maps = camlens.explain(model, images, "gradcam", targets=labels).maps[:, 0]
+    boxes = [[tuple(float(v) for v in box)] for _, *box in rows]
+    iou, _ = localisation_correct(maps, boxes)
+    energy = [float(m[int(y0):int(y1), int(x0):int(x1)].sum() / m.sum()) if m.sum() > 0 else 0.0
+              for m, ((x0, y0, x1, y1),) in zip(maps, boxes)]
+    assert frozen.localisation["energy pointing game"] == pytest.approx(np.mean(energy), abs=1e-5)
+    assert frozen.localisation["box iou"] == pytest.approx(float(iou.mean()), abs=1e-6)
+
+
+def test_cub_trains_on_its_official_split_with_its_boxes(tmp_path):
+    """A CUB-200-2011 folder: classes.txt's classes in id order, the training split trains,
+    the test split validates, bounding_boxes.txt gives the localisation report; no boxes option."""
+    from test_datasets_cub import CLASSES, IMAGES, write_cub
+
+    root = write_cub(tmp_path / "CUB_200_2011")
+    plans = []
+    result = train_ggam(root, tmp_path / "run", epochs=1, on_plan=plans.append, **TINY)
+    train_ids = [i for i, (_, is_train, _, _) in IMAGES.items() if is_train]
+    assert plans[0].classes == list(CLASSES.values())
+    assert (plans[0].training_images, plans[0].validation_images) == (len(train_ids), len(IMAGES) - len(train_ids))
+    assert result.localisation["images"] == len(IMAGES) - len(train_ids)
+    settings = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert settings["val split"] is None and settings["class names"] == list(CLASSES.values())
+    assert load_model(str(tmp_path / "run")).class_names == list(CLASSES.values())
+    with pytest.raises(CamlensError, match="CUB-200-2011 folder.*bounding_boxes.txt; leave out boxes"):
+        train_ggam(root, tmp_path / "other", epochs=1, boxes=root / "bounding_boxes.txt", **TINY)

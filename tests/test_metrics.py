@@ -141,6 +141,30 @@ def test_connected_components_and_localisation_box():
     assert best.item() == 0.0 and correct.item() == 0.0
 
 
+def test_connected_components_match_a_flood_fill():
+    """Same partition as a plain breadth-first flood fill over the 8 neighbours, on random masks."""
+    generator = torch.Generator().manual_seed(5)
+    masks = torch.rand(4, 17, 23, generator=generator) < 0.45
+    labels = connected_components(masks)
+    for mask, label in zip(masks.tolist(), labels.tolist()):
+        seen: dict[tuple[int, int], int] = {}
+        for start in ((i, j) for i in range(17) for j in range(23) if mask[i][j]):
+            if start in seen:
+                continue
+            seen[start], queue = len(seen) + 1, [start]
+            ident = seen[start]
+            while queue:
+                i, j = queue.pop()
+                for a in range(i - 1, i + 2):
+                    for b in range(j - 1, j + 2):
+                        if 0 <= a < 17 and 0 <= b < 23 and mask[a][b] and (a, b) not in seen:
+                            seen[(a, b)] = ident
+                            queue.append((a, b))
+        pairs = {(seen[(i, j)], label[i][j]) for (i, j) in seen}
+        assert len({x for x, _ in pairs}) == len({y for _, y in pairs}) == len(pairs)  # a bijection
+        assert all(label[i][j] == 0 for i in range(17) for j in range(23) if not mask[i][j])
+
+
 def test_spearman_with_ties_and_ssim():
     first = torch.tensor([[1.0, 2.0], [2.0, 3.0]])
     second = torch.tensor([[1.0, 2.0], [3.0, 4.0]])

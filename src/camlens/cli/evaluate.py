@@ -65,7 +65,8 @@ SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the r
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(METRICS),
               help="A metric (repeatable; default: all, the box metrics when the data has boxes).")
 @click.option("--limit", type=click.IntRange(min=1),
-              help="Evaluate the first N images of DATA only (folders and files in name order, or CSV order); "
+              help="Evaluate the first N images of DATA only (folders and files in name order, CSV order, or image id "
+                   "order for CUB-200-2011, whose test split is evaluated); "
                    "a larger N later resumes and adds the rest.")
 @click.option("--out", default="camlens-eval", show_default=True,
               help="Output directory; a run with the same settings resumes from it.")

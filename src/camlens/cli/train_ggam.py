@@ -43,9 +43,16 @@ CURVES = "curves.png"
 @click.option("--resume", is_flag=True, help="Continue the run in --out (same settings; --epochs may grow).")
 @click.option("--no-pretrained", "pretrained", flag_value=False, default=True,
               help="Start the backbone from random weights instead of the embedded ImageNet ones.")
+@click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="The model the run keeps: the best epoch by validation accuracy, or the last (when the "
+                   "validation set is a test set that must not choose the model).")
+@click.option("--freeze-backbone", is_flag=True,
+              help="Train the head only, on feature maps computed once (much faster on a CPU; the paper fine-tunes all).")
 def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attention, epochs, lr, device, batch_size,
-                       seed, val_split, input_size, resize, class_names, out, resume, pretrained) -> None:
-    """Train GGAM (CE + lambda x L_GGAM) on DATA, a folder of class folders or a path,label CSV.
+                       seed, val_split, input_size, resize, class_names, out, resume, pretrained,
+                       keep, freeze_backbone) -> None:
+    """Train GGAM (CE + lambda x L_GGAM) on DATA: a folder of class folders, a path,label CSV,
+    or a CUB-200-2011 folder as distributed (its official split, classes and boxes).
 
     The run folder keeps the settings, the history (history.csv, curves.png), the last state
     (--resume continues it, also after Ctrl-C) and the best model by validation accuracy, which
@@ -95,7 +102,8 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
             result = train_ggam(data, out_dir, backbone=backbone, lam=lam, attention=attention, epochs=epochs,
                                 lr=lr, batch_size=batch_size, seed=seed, val_split=val_split, val_data=val_data,
                                 boxes=boxes, val_boxes=val_boxes, resume=resume, device=str(torch_device),
-                                pretrained=pretrained, class_names=names, preprocess=preprocess, progress=progress,
+                                pretrained=pretrained, class_names=names, preprocess=preprocess,
+                                freeze_backbone=freeze_backbone, keep=keep, progress=progress,
                                 on_plan=plan, on_epoch=report)
         except KeyboardInterrupt:
             if (out_dir / "last.pt").is_file():
@@ -113,8 +121,9 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
 
 
 def _print_summary(result, out_dir: Path) -> None:
+    which = "the best epoch by validation accuracy" if result.kept == "best" else "the last epoch (--keep last)"
     table = Table(title=f"camlens train-ggam: {len(result.history)} epochs -> {printable(out_dir)}",
-                  title_justify="left", caption=f"*: the best epoch by validation accuracy, the model kept in the run; "
+                  title_justify="left", caption=f"*: {which}, the model kept in the run; "
                                                 f"curves in {printable(out_dir / CURVES)}", caption_justify="left")
     for column in ("epoch", "train CE", "L_GGAM", "train acc", "val acc", "val CE", "s"):
         table.add_column(column, justify="right")
@@ -123,11 +132,16 @@ def _print_summary(result, out_dir: Path) -> None:
         table.add_row(f"{row['epoch']}{mark}", f"{row['train_ce']:.4f}", f"{row['train_ggam']:.4f}",
                       f"{row['train_accuracy']:.1%}", f"{row['val_accuracy']:.1%}", f"{row['val_ce']:.4f}",
                       f"{row['seconds']:.1f}")
-    lines = [f"best epoch: {result.best_epoch} (validation accuracy {result.best_val_accuracy:.1%}; "
-             f"last epoch {result.final_val_accuracy:.1%})"]
+    if result.kept == "best":
+        lines = [f"best epoch: {result.best_epoch} (validation accuracy {result.best_val_accuracy:.1%}; "
+                 f"last epoch {result.final_val_accuracy:.1%})"]
+    else:
+        top = max(result.history, key=lambda row: row["val_accuracy"])
+        lines = [f"kept: the last epoch, {result.best_epoch} (validation accuracy {result.final_val_accuracy:.1%}; "
+                 f"highest {top['val_accuracy']:.1%}, epoch {top['epoch']})"]
     report = result.localisation
     if report is not None:
-        lines.append(f"localisation (Grad-CAM of the true class, best model, {report['images']} validation images "
+        lines.append(f"localisation (Grad-CAM of the true class, {result.kept} model, {report['images']} validation images "
                      f"with boxes): {_figures(report)}")
         lines.append(f"  blank maps: {report['blank maps']} of {report['images']}"
                      + (f"; over the non-blank ones: {_figures(report['non-blank'])}" if report["non-blank"] else ""))

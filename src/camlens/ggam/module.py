@@ -32,7 +32,7 @@ class GGAMOutput(NamedTuple):
     channel_attention: bool
 
 
-def spatial_weights(b: Tensor) -> Tensor:
+def spatial_weights(b: Tensor, reference: Tensor | None = None) -> Tensor:
     r"""Spatial attention of a channel-weighted map ``B`` (N, C, H, W), as (N, H, W).
 
     .. math::
@@ -44,10 +44,20 @@ def spatial_weights(b: Tensor) -> Tensor:
     :math:`T = \sum_c B_c / \sum_{cij} B_{cij}`. The ReLU and the uniform fallback keep ``T`` a
     distribution (never NaN, never negative) for feature maps that can be negative (a backbone
     that does not end with a ReLU) or that are all zero.
+
+    ``T`` does not change when ``B`` is scaled, so its gradient grows as ``1 / sum P``: when the
+    channel attention puts nearly all its weight on channels that are (nearly) zero in an image,
+    the gradient overflows to inf. "All zero" is therefore read relative to the map's own scale:
+    the fallback applies when :math:`\sum P` is at most ``eps`` (the dtype's machine epsilon)
+    times :math:`\sum_{cij} |B_{cij}|` of the same map with ``S`` uniform, i.e. the mean
+    absolute feature map of the image; this bounds the gradient and leaves every other map as
+    the formula says. ``reference`` (N,) gives that scale; without it, the fallback is for
+    :math:`\sum P = 0` only.
     """
     p = torch.relu(b.sum(dim=1))
     total = p.sum(dim=(1, 2), keepdim=True)
-    positive = total > 0
+    floor = 0 if reference is None else torch.finfo(total.dtype).eps * reference.detach()[:, None, None]
+    positive = total > floor
     # The safe denominator: no 0/0 is computed even in the discarded branch, so no NaN appears
     # in the backward pass (where autograd's anomaly detection would stop on it).
     return torch.where(positive, p / torch.where(positive, total, 1), 1 / p[0].numel())
@@ -121,7 +131,7 @@ class GGAM(nn.Module):
             s = features.new_full((n, c), 1 / c)
             b = features
         if self.spatial_attention:
-            t = spatial_weights(b)
+            t = spatial_weights(b, features.abs().mean(dim=1).sum(dim=(1, 2)))
             pooled = (features * t[:, None]).sum(dim=(2, 3))
         else:
             t = features.new_full((n, h, w), 1 / (h * w))

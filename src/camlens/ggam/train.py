@@ -17,16 +17,18 @@ import math
 import numbers
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..api import explain
-from ..datasets import Dataset, dataset_entries, load_dataset
+from ..combine import upsample_normalise
+from ..datasets import Dataset, cub_class_names, dataset_entries, is_cub, load_cub, load_dataset
 from ..errors import CamlensError, check_positive_int
 from ..io import load_image, locked_output_dir, write_atomic
 from ..metrics import box_mask, energy_pointing_game, localisation_correct
@@ -60,6 +62,7 @@ class TrainResult:
     final_val_accuracy: float
     localisation: dict | None
     problems: list[str]
+    kept: str = "best"  # which model the run keeps: "best" by validation accuracy, or "last"
 
 
 @dataclass
@@ -96,6 +99,9 @@ def train_ggam(
     preprocess: Preprocess | None = None,
     detach: bool = True,
     renormalise: bool = True,
+    freeze_backbone: bool = False,
+    feature_cache: dict | None = None,
+    keep: str = "best",
     progress: Callable[[int, int, int], None] | None = None,
     on_plan: Callable[[TrainPlan], None] | None = None,
     on_epoch: Callable[[list[dict]], None] | None = None,
@@ -107,7 +113,11 @@ def train_ggam(
     else the folder names / labels, sorted. Validation uses ``val_data`` if given, else a
     stratified split of ``val_split`` of each class of ``data``, drawn with ``seed``. ``boxes``
     and ``val_boxes``: box CSVs of either set (VOC XML files beside the images are found
-    without them); boxes of the validation images give the localisation report. All images are
+    without them); boxes of the validation images give the localisation report. ``data`` may
+    also be a CUB-200-2011 folder in its native layout (images.txt, train_test_split.txt ...):
+    its official training split trains, its test split validates (unless ``val_data`` is given),
+    its classes are those of classes.txt in id order and its boxes those of bounding_boxes.txt,
+    all used as they are (:func:`camlens.datasets.load_cub`). All images are
     loaded and preprocessed once, in memory (fine for a few thousand images). ``preprocess``
     defaults to the backbone's; ``flip`` mirrors each training image with probability 1/2.
 
@@ -115,6 +125,20 @@ def train_ggam(
     spatial attention). ``lam`` weighs the GGAM loss, which compares the *channel* attention
     with Grad-CAM's weights: without channel attention (``spatial``, ``none``) it has no effect.
     ``detach``, ``renormalise``: as in :func:`camlens.ggam.ggam_training_loss`.
+
+    ``freeze_backbone=True`` trains the head only, on a backbone fixed in evaluation mode: the
+    feature map of every image (and of its mirror image, with ``flip``) is computed once before
+    the first epoch and kept in memory (C x H x W floats per image: 250 KB for
+    EfficientNet-Lite0 at 224 x 224), so an epoch costs the head's forwards and backwards only,
+    typically hundreds of times less than fine-tuning on a CPU. The Grad-CAM weights of the GGAM
+    loss are the same either way: they are gradients at ``A``, above the backbone. The paper
+    fine-tunes the whole network; freezing is the cheap variant for small data and small machines.
+    ``keep``: the model the run keeps (``best.pt``, what ``--model RUN_DIR`` loads, and what
+    the localisation report measures): ``"best"`` by validation accuracy (the default), or
+    ``"last"``, the last epoch's, for when the validation set is a test set that must not choose
+    the model.
+    ``feature_cache``: a dict to keep those feature maps in across calls (several heads trained
+    on the same images, backbone weights, preprocessing and device compute them once).
 
     Optimiser: AdamW (weight decay 0.01) at a constant ``lr`` on all parameters: it needs no
     schedule tuned per dataset for the new head beside the pretrained backbone, and a constant
@@ -131,6 +155,8 @@ def train_ggam(
     """
     kind = _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data,
                            device, progress)
+    if keep not in ("best", "last"):
+        raise CamlensError(f"keep must be 'best' or 'last', got {keep!r}")
     channel, spatial = ATTENTION[attention]
     builder_name, builder = BACKBONES[backbone]
     out = Path(out)
@@ -142,9 +168,10 @@ def train_ggam(
     preprocess = model.preprocess
     settings = {
         "backbone": backbone, "attention": attention, "lam": float(lam), "lr": float(lr),
-        "batch size": batch_size, "seed": seed, "val split": None if val_data is not None else float(val_split),
+        "batch size": batch_size, "seed": seed,
+        "val split": None if val_data is not None or is_cub(data) else float(val_split),
         "flip": bool(flip), "pretrained": bool(pretrained), "detach": bool(detach),
-        "renormalise": bool(renormalise), "class names": names, "preprocessing": preprocess.to_dict(),
+        "renormalise": bool(renormalise), "freeze backbone": bool(freeze_backbone), "keep": keep, "class names": names, "preprocessing": preprocess.to_dict(),
         "data": str(Path(data).resolve()), "val data": None if val_data is None else str(Path(val_data).resolve()),
         "training images": _digest(train), "validation images": _digest(val),
     }
@@ -153,13 +180,21 @@ def train_ggam(
     out.mkdir(parents=True, exist_ok=True)
     with locked_output_dir(out):
         done = _prepare(out, settings, epochs, resume)
-        x_train, y_train = _tensors(train.samples, preprocess)
-        x_val, y_val = _tensors(val.samples, preprocess)
+        y_train, y_val = (torch.tensor([s.label for s in part.samples]) for part in (train, val))
+        model.to(kind)
+        if freeze_backbone:
+            model.backbone.requires_grad_(False)
+            model.backbone.eval()
+            inputs, val_inputs = _frozen_features(model.backbone, train, val, preprocess, batch_size, kind, flip,
+                                                  feature_cache)
+            attend = lambda features: model.head(features.detach().requires_grad_())
+        else:
+            inputs = (_tensors(train.samples, preprocess), None)  # mirrored batch by batch
+            val_inputs, attend = _tensors(val.samples, preprocess), model.attend
         if not resume:  # written once the images loaded: a failed start leaves the folder reusable
             text = json.dumps(settings, indent=2) + "\n"
             write_atomic(out / SETTINGS_FILE, lambda path: path.write_text(text, encoding="utf-8"))
-        model.to(kind)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
+        optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         generator = torch.Generator().manual_seed(seed)
         history: list[dict] = []
         best = {"epoch": 0, "accuracy": -1.0}
@@ -185,13 +220,15 @@ def train_ggam(
             try:
                 for epoch in range(done + 1, epochs + 1):
                     start = time.perf_counter()
-                    row = _train_epoch(model, optimiser, generator, x_train, y_train, batch_size, lam, detach,
-                                       renormalise, flip, kind, epoch, progress)
-                    row.update(_validate(model, x_val, y_val, batch_size, kind))
+                    row = _train_epoch(model, attend, optimiser, generator, inputs, y_train, batch_size, lam,
+                                       detach, renormalise, flip, kind, epoch, progress)
+                    if freeze_backbone:
+                        model.backbone.eval()
+                    row.update(_validate(model, attend, val_inputs, y_val, batch_size, kind))
                     row = {"epoch": epoch, **row, "seconds": time.perf_counter() - start}
                     history.append(row)
                     status = FINISHED if epoch == epochs else "running"
-                    if row["val_accuracy"] > best["accuracy"]:
+                    if keep == "last" or row["val_accuracy"] > best["accuracy"]:
                         best = {"epoch": epoch, "accuracy": row["val_accuracy"]}
                         best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                         save_run(out, model, builder_name, kwargs, names, preprocess, BEST, extra(), status)
@@ -215,11 +252,12 @@ def train_ggam(
                 _set_status(out, FINISHED, extra())
         model.load_state_dict(best_state)
         model.eval()
-        report = _localisation(model, x_val, y_val, val.samples, preprocess, batch_size, kind)
+        report = _localisation(model, val_inputs, y_val, val.samples, preprocess, batch_size, kind, freeze_backbone)
         if report is not None:
             text = json.dumps(report, indent=2) + "\n"
             write_atomic(out / LOCALISATION, lambda path: path.write_text(text, encoding="utf-8"))
-    return TrainResult(out, history, best["epoch"], best["accuracy"], history[-1]["val_accuracy"], report, problems)
+    return TrainResult(out, history, best["epoch"], best["accuracy"], history[-1]["val_accuracy"], report, problems,
+                       keep)
 
 
 def _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data, device,
@@ -256,17 +294,23 @@ def _datasets(data, val_data, boxes, val_boxes, class_names, val_split, seed):
     data = Path(data)
     if not data.exists():
         raise CamlensError(f"{data}: no such dataset (a folder of class folders, or a CSV of path,label)")
+    cub = is_cub(data)
+    if cub and boxes is not None:
+        raise CamlensError(f"{data} is a CUB-200-2011 folder, whose boxes are its bounding_boxes.txt; leave out boxes")
     if class_names is None:
-        names = sorted({label for _, label in dataset_entries(data, [])})
+        names = cub_class_names(data) if cub else sorted({label for _, label in dataset_entries(data, [])})
     else:
         names = list(class_names)
         if not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
             raise CamlensError("class_names must be distinct strings")
     if len(names) < 2:
         raise CamlensError(f"{data}: a classifier needs at least two classes, the dataset has {len(names)}")
-    train = load_dataset(data, names, len(names), boxes=boxes)
+    train = load_cub(data, "train", names, len(names)) if cub else load_dataset(data, names, len(names), boxes=boxes)
     problems = list(train.problems)
-    if val_data is not None:
+    if cub and val_data is None:  # its official split, as it is
+        val = load_cub(data, "test", names, len(names))
+        problems += val.problems
+    elif val_data is not None:
         val = load_dataset(val_data, names, len(names), boxes=val_boxes)
         problems += val.problems
     else:
@@ -274,7 +318,7 @@ def _datasets(data, val_data, boxes, val_boxes, class_names, val_split, seed):
     counts = [sum(s.label == c for s in train.samples) for c in range(len(names))]
     empty = [names[c] for c, count in enumerate(counts) if count == 0]
     if empty:
-        why = "" if val_data is not None else f" after the validation split of {val_split}"
+        why = "" if val_data is not None or cub else f" after the validation split of {val_split}"
         raise CamlensError(f"class(es) with no training image{why}: {', '.join(empty[:10])}; "
                            "add images or lower val_split")
     if not val.samples:
@@ -337,14 +381,39 @@ def _load(path: Path) -> dict:
         raise CamlensError(f"{path}: cannot be read ({type(error).__name__}); start a new run") from None
 
 
-def _tensors(samples, preprocess: Preprocess) -> tuple[Tensor, Tensor]:
-    x = torch.stack([preprocess(load_image(s.path)) for s in samples])
-    return x, torch.tensor([s.label for s in samples])
+def _tensors(samples, preprocess: Preprocess) -> Tensor:
+    return torch.stack([preprocess(load_image(s.path)) for s in samples])
 
 
-def _train_epoch(model, optimiser, generator, x, y, batch_size, lam, detach, renormalise, flip, kind, epoch,
-                 progress) -> dict:
+def _frozen_features(backbone, train: Dataset, val: Dataset, preprocess: Preprocess, batch_size: int, kind,
+                     flip: bool, cache: dict | None) -> tuple[tuple[Tensor, Tensor | None], Tensor]:
+    """The frozen backbone's feature maps: ((training images, their mirror images or None),
+    validation images), from ``cache`` when it holds those of the same backbone weights,
+    preprocessing, images and device."""
+    weights = hashlib.sha256()
+    for name, value in backbone.state_dict().items():
+        weights.update(name.encode())
+        weights.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    key = (weights.hexdigest(), json.dumps(preprocess.to_dict(), sort_keys=True), _digest(train), _digest(val),
+           bool(flip), str(kind))
+    if cache is not None and key in cache:
+        return cache[key]
+    with torch.no_grad():
+        run = lambda images: torch.cat([backbone(images[s:s + batch_size].to(kind))
+                                        for s in range(0, len(images), batch_size)])
+        x = _tensors(train.samples, preprocess)
+        features = ((run(x), run(x.flip(-1)) if flip else None), run(_tensors(val.samples, preprocess)))
+    if cache is not None:
+        cache[key] = features
+    return features
+
+
+def _train_epoch(model, attend, optimiser, generator, inputs, y, batch_size, lam, detach, renormalise, flip,
+                 kind, epoch, progress) -> dict:
+    """One epoch over ``inputs``: (images or feature maps, their mirror images or None); each
+    batch goes through ``attend`` (the whole model, or the head on frozen features)."""
     model.train()
+    x, mirrored = inputs
     order = torch.randperm(len(y), generator=generator)
     flips = torch.rand(len(y), generator=generator) < 0.5
     batches = math.ceil(len(y) / batch_size)
@@ -353,10 +422,11 @@ def _train_epoch(model, optimiser, generator, x, y, batch_size, lam, detach, ren
         index = order[b * batch_size:(b + 1) * batch_size]
         images = x[index]
         if flip:
-            images = torch.where(flips[index, None, None, None], images.flip(-1), images)
+            flipped = images.flip(-1) if mirrored is None else mirrored[index]
+            images = torch.where(flips[index, None, None, None].to(images.device), flipped, images)
         images, labels = images.to(kind), y[index].to(kind)
         optimiser.zero_grad()
-        result = model.attend(images)
+        result = attend(images)
         loss = ggam_training_loss(result, labels, lam, detach, renormalise)
         loss.total.backward()
         optimiser.step()
@@ -369,12 +439,12 @@ def _train_epoch(model, optimiser, generator, x, y, batch_size, lam, detach, ren
     return {"train_ce": totals["ce"] / n, "train_ggam": totals["ggam"] / n, "train_accuracy": totals["correct"] / n}
 
 
-def _validate(model, x, y, batch_size, kind) -> dict:
+def _validate(model, attend, x, y, batch_size, kind) -> dict:
     model.eval()
     ce, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
-            logits = model(x[start:start + batch_size].to(kind))
+            logits = attend(x[start:start + batch_size].to(kind)).logits
             labels = y[start:start + batch_size].to(kind)
             ce += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
@@ -438,8 +508,13 @@ def localisation_report(maps: Tensor, boxes: Sequence[Sequence[Sequence[float]]]
             "non-blank": means(~blank) if not blank.all() else None}
 
 
-def _localisation(model: GGAMNet, x, y, samples, preprocess: Preprocess, batch_size: int, kind) -> dict | None:
-    """Grad-CAM maps of the true class on the validation images with boxes, scored against them."""
+def _localisation(model: GGAMNet, x, y, samples, preprocess: Preprocess, batch_size: int, kind,
+                  frozen: bool) -> dict | None:
+    """Grad-CAM maps of the true class on the validation images with boxes, scored against them.
+
+    ``x``: the images, or with ``frozen`` the frozen backbone's feature maps of them; the head
+    is then explained on those, at the same layer (the map ``A``), and the maps are brought to
+    the input size as ``camlens.explain`` brings them (the same maps, without the backbone)."""
     chosen, boxes = [], []
     for i, sample in enumerate(samples):
         mapped = [preprocess.map_box(b, *sample.size) for b in sample.boxes]
@@ -452,7 +527,25 @@ def _localisation(model: GGAMNet, x, y, samples, preprocess: Preprocess, batch_s
     index = torch.tensor(chosen)
     batches = [index[s:s + batch_size] for s in range(0, len(chosen), batch_size)]
     # The default target layer is the backbone: the map GGAM attends to.
-    maps = torch.cat([explain(model, x[b].to(kind), "gradcam", targets=y[b].tolist()).maps[:, 0].cpu() for b in batches])
+    if frozen:
+        head = nn.Sequential(OrderedDict(features=nn.Identity(), head=_Logits(model.head)))
+        size = (preprocess.size, preprocess.size)
+        maps = torch.cat([upsample_normalise(explain(head, x[b].to(kind), "gradcam", "features", y[b].tolist())
+                                             .raw["features"], size)[:, 0].cpu() for b in batches])
+    else:
+        maps = torch.cat([explain(model, x[b].to(kind), "gradcam", targets=y[b].tolist()).maps[:, 0].cpu()
+                          for b in batches])
     report = localisation_report(maps, boxes)
-    report["method"] = "gradcam, true class, best model"
+    report["method"] = "gradcam, true class, kept model"
     return report
+
+
+class _Logits(nn.Module):
+    """The GGAM head's logits only: a classifier camlens can explain on feature maps."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.head(features).logits
