@@ -82,6 +82,9 @@ def test_a_frozen_run_evaluates_with_no_extra_flags(data, tmp_path, capsys):
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert f"kept: the last epoch, 2 (validation accuracy {history[-1]['val_accuracy']:.1%}" in stdout
     assert "*: the last epoch (--keep last)" in stdout
+    assert stderr.splitlines()[1] == ("train-ggam: first the frozen backbone's feature maps of 15 images (the "
+                                      "training images and their mirror images, then the validation images), "
+                                      "computed once")
     val = data[1]
     code, stdout, stderr = run(["evaluate", val, "--model", out, "--boxes", val / "boxes.csv", "-m", "gradcam",
                                 "--metric", "energy", "--out", tmp_path / "eval", "--device", "cpu"], capsys)

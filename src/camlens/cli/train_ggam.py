@@ -80,6 +80,11 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
                 f"{len(found.classes)} classes, {epochs} epochs{f' ({done} done, resuming)' if done else ''}, "
                 f"{batches} batches of up to {batch_size} per epoch, on {torch_device} -> {printable(out_dir)}",
                 markup=False, soft_wrap=True)
+            if found.frozen_features:
+                images = 2 * found.training_images + found.validation_images
+                bar.console.print(f"train-ggam: first the frozen backbone's feature maps of {images} images (the "
+                                  "training images and their mirror images, then the validation images), computed "
+                                  "once", markup=False, soft_wrap=True)
 
         def report(rows: list[dict]) -> None:
             for row in rows[len(shown):]:

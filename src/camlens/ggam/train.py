@@ -67,13 +67,16 @@ class TrainResult:
 
 @dataclass
 class TrainPlan:
-    """What :func:`train_ggam` is about to do, once every check passed and the images loaded:
-    the images of each set, the classes, and the history of the epochs a resumed run has done."""
+    """What :func:`train_ggam` is about to do, once every check passed: the images of each
+    set, the classes, the history of the epochs a resumed run has done, and whether the frozen
+    backbone's feature maps are computed first."""
 
     training_images: int
     validation_images: int
     classes: list[str]
     history: list[dict]
+    # With freeze_backbone: the feature maps of every image are computed next, before the first batch.
+    frozen_features: bool = False
 
 
 def train_ggam(
@@ -185,8 +188,6 @@ def train_ggam(
         if freeze_backbone:
             model.backbone.requires_grad_(False)
             model.backbone.eval()
-            inputs, val_inputs = _frozen_features(model.backbone, train, val, preprocess, batch_size, kind, flip,
-                                                  feature_cache)
             attend = lambda features: model.head(features.detach().requires_grad_())
         else:
             inputs = (_tensors(train.samples, preprocess), None)  # mirrored batch by batch
@@ -213,7 +214,11 @@ def train_ggam(
                 torch.manual_seed(seed)
             _write_history(out, history)
             if on_plan is not None:
-                on_plan(TrainPlan(len(train.samples), len(val.samples), list(names), list(history)))
+                on_plan(TrainPlan(len(train.samples), len(val.samples), list(names), list(history),
+                                  bool(freeze_backbone)))
+            if freeze_backbone:  # after the plan: on a CPU this is most of a frozen run's time
+                inputs, val_inputs = _frozen_features(model.backbone, train, val, preprocess, batch_size, kind,
+                                                      flip, feature_cache)
             extra = lambda: {"epochs": epochs, "epochs done": len(history), "best epoch": best["epoch"],
                              "best val accuracy": best["accuracy"],
                              "to finish": f"camlens.ggam.train_ggam(..., out={str(out)!r}, resume=True)"}
