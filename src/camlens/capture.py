@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import numbers
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Union
 
@@ -382,3 +384,50 @@ def default_layer(trace: Sequence[tuple[str, torch.Size | str]]) -> str:
 def find_default_layer(model: nn.Module, example: Tensor) -> str:
     """:func:`default_layer` of one traced forward pass of ``example``."""
     return default_layer(trace_outputs(model, example))
+
+
+# model -> (its module tree when traced, {image signature: default layer name}). Weak keys: the
+# cache never keeps a model alive. The tree is held as weak references to the module objects, so
+# that a module replaced by a new one of the same type (possibly at the same address) is seen.
+_found_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_found_layers_lock = threading.Lock()
+_SHAPES_PER_MODEL = 32  # bounds the memory of a process that explains images of many sizes
+
+
+def remembered_default_layer(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]:
+    """``(name, module)`` of :func:`find_default_layer` for ``images`` (N, C, H, W), traced on
+    the first image once per model, module tree and image signature, then remembered.
+
+    The signature is (C, H, W), dtype and device, not N: every module's output for a batch of N
+    is that for one image with N rows (the trace already runs one image), while H and W can
+    bring a late map down to 1x1. Adding, removing or replacing a module under any name
+    re-traces. A forward whose shapes change with other state (an attribute set in place, such
+    as a convolution's stride) is not seen: name the target layer for such a model.
+    """
+    modules = list(model.named_modules())
+    signature = (tuple(images.shape[1:]), images.dtype, images.device)
+    name = _remember(model, modules, signature)
+    if name is None:
+        name = find_default_layer(model, images[:1])  # not under the lock: a forward can be long
+        _remember(model, modules, signature, name)
+    return name, dict(modules)[name]
+
+
+def _remember(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], signature: tuple, name: str | None = None
+) -> str | None:
+    """The default layer remembered for ``model`` with module tree ``modules`` and images of
+    ``signature``; with ``name``, remember that (replacing a record made for another module
+    tree, or one that holds too many signatures)."""
+    with _found_layers_lock:
+        tree, found = _found_layers.get(model, ((), {}))
+        same = len(tree) == len(modules) and all(
+            seen == named and ref() is module for (named, module), (seen, ref) in zip(modules, tree)
+        )
+        if name is None:
+            return found.get(signature) if same else None
+        if not same or len(found) >= _SHAPES_PER_MODEL:
+            found = {}
+            _found_layers[model] = (tuple((named, weakref.ref(module)) for named, module in modules), found)
+        found[signature] = name
+        return name

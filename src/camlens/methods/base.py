@@ -18,11 +18,11 @@ from ..capture import (
     LayersSpec,
     check_finite,
     check_hookable,
-    find_default_layer,
     gradients,
     model_failures,
     preserved,
     record,
+    remembered_default_layer,
     resolve_layer,
     resolve_layers,
 )
@@ -107,7 +107,6 @@ class CAMMethod:
         check_hookable(model)
         self.model = model
         self._layers = None if target_layer is None else resolve_layers(model, target_layer)
-        self._default_layer_cache: dict[tuple[int, ...], str] = {}
 
     # -- what a method supplies -------------------------------------------------------------
     def weigh(self, context: Context) -> dict[str, Tensor]:
@@ -256,11 +255,9 @@ class CAMMethod:
     def _target_layers(self, x: Tensor) -> tuple[dict[str, nn.Module], bool]:
         if self._layers is not None:
             return self._layers, False
-        key = tuple(x.shape[1:])
-        if key not in self._default_layer_cache:
-            self._default_layer_cache[key] = find_default_layer(self.model, x[:1])
-        name = self._default_layer_cache[key]
-        return {name: resolve_layer(self.model, name)[1]}, True
+        # Remembered across method objects: camlens.explain builds a new one on every call.
+        name, module = remembered_default_layer(self.model, x)
+        return {name: module}, True
 
     def _channel_subsets(
         self, channels: ChannelsSpec, activations: dict[str, Tensor]
