@@ -182,3 +182,16 @@ def test_the_localisation_report_counts_blank_maps_apart():
     assert float(iou[2]) == 0.0 and float(iou[0]) == pytest.approx(1.0)
     assert report["non-blank"]["localisation accuracy (iou >= 0.5)"] == pytest.approx(float(correct[:2].mean()))
     assert localisation_report(torch.zeros(1, 8, 8), boxes[:1])["non-blank"] is None
+
+
+def test_mostly_blank_maps_come_with_the_reason_and_what_to_do(tmp_path, capsys):
+    from camlens.ggam.train import TrainResult
+
+    row = {"epoch": 1, "train_ce": 1.0, "train_ggam": 0.0, "train_accuracy": 0.5, "val_accuracy": 0.5,
+           "val_ce": 1.0, "seconds": 1.0}
+    means = {"images": 10, "energy pointing game": 0.0, "box iou": 0.0, "localisation accuracy (iou >= 0.5)": 0.0}
+    for blank, attention, shown in ((6, "both", True), (6, "spatial", True), (5, "both", False), (10, "channel", False)):
+        report = {**means, "blank maps": blank, "non-blank": None}
+        command._print_summary(TrainResult(tmp_path, [row], 1, 0.5, 0.5, report, []), tmp_path, attention)
+        stdout = capsys.readouterr().out
+        assert ("most maps are blank" in stdout) == shown, (blank, attention)

@@ -122,10 +122,10 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
 
     for problem in result.problems:
         console("stderr").print(f"note: {printable(problem)}", markup=False, soft_wrap=True)
-    _print_summary(result, out_dir)
+    _print_summary(result, out_dir, attention)
 
 
-def _print_summary(result, out_dir: Path) -> None:
+def _print_summary(result, out_dir: Path, attention: str) -> None:
     which = "the best epoch by validation accuracy" if result.kept == "best" else "the last epoch (--keep last)"
     table = Table(title=f"camlens train-ggam: {len(result.history)} epochs -> {printable(out_dir)}",
                   title_justify="left", caption=f"*: {which}, the model kept in the run; "
@@ -150,6 +150,10 @@ def _print_summary(result, out_dir: Path) -> None:
                      f"with boxes): {_figures(report)}")
         lines.append(f"  blank maps: {report['blank maps']} of {report['images']}"
                      + (f"; over the non-blank ones: {_figures(report['non-blank'])}" if report["non-blank"] else ""))
+        if report["blank maps"] * 2 > report["images"] and attention in ("both", "spatial"):
+            lines.append("  most maps are blank: the gradient through the spatial attention T = P / sum P adds a "
+                         "negative term to every channel's Grad-CAM weight at the map GGAM attends to; explain a "
+                         f"layer below it (camlens layers --model {shlex.quote(printable(out_dir))}) or use -m gradcam++")
     lines.append(f"run folder: {printable(out_dir)}")
     lines.append(f"explain with it: camlens explain --model {shlex.quote(printable(out_dir))} IMAGE")
     stdout = console("stdout")
