@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 import statistics
 import sys
@@ -77,9 +78,15 @@ def main() -> int:
         parser.error(f"{args.data}: not a dataset from ggam_dataset.py (train/ and test/ with boxes.csv)")
     if args.out.exists():
         parser.error(f"{args.out}: exists; give a new folder (results are never mixed with an earlier run's)")
-    if args.seeds < 1 or args.epochs < 1 or args.lr <= 0 or any(lam < 0 for lam in args.lambdas):
-        parser.error("--seeds and --epochs must be at least 1, --lr above 0, --lambdas 0 or more")
-    with Image.open(next(iter(sorted(test.glob("*/*.png"))))) as image:
+    if args.seeds < 1 or args.epochs < 1 or not 0 < args.lr < math.inf \
+            or not all(0 <= lam < math.inf for lam in args.lambdas):
+        parser.error("--seeds and --epochs must be at least 1, --lr a finite number above 0, --lambdas finite, 0 or more")
+    if len(set(args.lambdas)) != len(args.lambdas):
+        parser.error("--lambdas: each value once")
+    images = sorted(test.glob("*/*.png"))
+    if not images:
+        parser.error(f"{test}: no images (class folders of .png files)")
+    with Image.open(images[0]) as image:
         size = image.size[0]
     preprocess = Preprocess(size=size, resize=size, mean=LITE_MEAN, std=LITE_STD)
     configs = configurations(args.lambdas)
@@ -116,10 +123,14 @@ def main() -> int:
         mine = [r for r in rows if r["config"] == name]
         accuracy, energy, ggam = (spread([r[key] for r in mine]) for key in ("accuracy", "energy", "L_GGAM"))
         summary.append({"config": name, "accuracy": accuracy, "energy": energy, "L_GGAM": ggam})
-        table.append(f"| {name} | {accuracy[0]:.1%} ± {accuracy[1]:.1%} | {energy[0]:.3f} ± {energy[1]:.3f} "
-                     f"| {ggam[0]:.4f} |")
+        if args.seeds > 1:
+            table.append(f"| {name} | {accuracy[0]:.1%} ± {accuracy[1]:.1%} | {energy[0]:.3f} ± {energy[1]:.3f} "
+                         f"| {ggam[0]:.4f} |")
+        else:  # no spread from one seed
+            table.append(f"| {name} | {accuracy[0]:.1%} | {energy[0]:.3f} | {ggam[0]:.4f} |")
     seconds = time.perf_counter() - start
-    table += ["", f"Mean ± sample standard deviation over {args.seeds} seeds; {args.epochs} epochs, lr {args.lr:g}, "
+    over = f"Mean ± sample standard deviation over {args.seeds} seeds" if args.seeds > 1 else "One seed"
+    table += ["", f"{over}; {args.epochs} epochs, lr {args.lr:g}, "
               f"{'fine-tuned' if args.fine_tune else 'frozen'} backbone, the last epoch's model. Energy of a uniform map (the box's share of the "
               f"image): {chance:.3f}. {len(rows)} runs in {seconds / 60:.1f} min."]
     args.out.mkdir(parents=True, exist_ok=True)

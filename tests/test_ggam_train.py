@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -341,3 +342,38 @@ def test_cub_trains_on_its_official_split_with_its_boxes(tmp_path):
     assert load_model(str(tmp_path / "run")).class_names == list(CLASSES.values())
     with pytest.raises(CamlensError, match="CUB-200-2011 folder.*bounding_boxes.txt; leave out boxes"):
         train_ggam(root, tmp_path / "other", epochs=1, boxes=root / "bounding_boxes.txt", **TINY)
+
+
+def test_a_frozen_start_that_fails_leaves_the_folder_reusable(data, tmp_path):
+    """An image that opens but does not decode stops the frozen run while it computes the
+    features: nothing of a run is left, so the same folder trains once the image is fixed."""
+    train, val = data
+    copy = tmp_path / "train"
+    shutil.copytree(train, copy)
+    image = copy / "circle" / "extra.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(image)
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels do not
+    out = tmp_path / "run"
+    common = dict(epochs=1, val_data=val, freeze_backbone=True, **TINY)
+    with pytest.raises(CamlensError):
+        train_ggam(copy, out, **common)
+    assert not [p.name for p in out.iterdir() if not p.name.startswith(".camlens-")]
+    image.write_bytes(whole)
+    assert train_ggam(copy, out, **common).history[0]["epoch"] == 1
+
+
+def test_the_feature_cache_sees_an_image_rewritten_in_place(data, tmp_path):
+    train, val = data
+    copy = tmp_path / "train"
+    shutil.copytree(train, copy)
+    cache: dict = {}
+    common = dict(epochs=1, val_data=val, freeze_backbone=True, feature_cache=cache, **TINY)
+    train_ggam(copy, tmp_path / "a", **common)
+    image = copy / "square" / "1.png"
+    Image.fromarray(np.full((SIZE, SIZE, 3), 77, np.uint8)).save(image)
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    train_ggam(copy, tmp_path / "b", **common)
+    assert len(cache) == 2  # a new entry, not the old image's features
+    train_ggam(copy, tmp_path / "c", **{**common, "batch_size": 5})
+    assert len(cache) == 3  # another batching: computed again

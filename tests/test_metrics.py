@@ -165,6 +165,13 @@ def test_connected_components_match_a_flood_fill():
         assert all(label[i][j] == 0 for i in range(17) for j in range(23) if not mask[i][j])
 
 
+def test_equal_largest_components_give_the_first_in_row_major_order():
+    maps = torch.zeros(1, 6, 8)
+    maps[0, 2:6, 0] = 1.0  # a vertical bar of 4, first pixel (2, 0)
+    maps[0, 1, 3:7] = 1.0  # a horizontal bar of 4, first pixel (1, 3): first in row-major order
+    torch.testing.assert_close(localisation_boxes(maps), torch.tensor([[3.0, 1.0, 7.0, 2.0]], dtype=torch.float64))
+
+
 def test_spearman_with_ties_and_ssim():
     first = torch.tensor([[1.0, 2.0], [2.0, 3.0]])
     second = torch.tensor([[1.0, 2.0], [3.0, 4.0]])

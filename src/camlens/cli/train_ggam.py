@@ -127,7 +127,8 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
 
 def _print_summary(result, out_dir: Path, attention: str) -> None:
     which = "the best epoch by validation accuracy" if result.kept == "best" else "the last epoch (--keep last)"
-    table = Table(title=f"camlens train-ggam: {len(result.history)} epochs -> {printable(out_dir)}",
+    epochs = len(result.history)
+    table = Table(title=f"camlens train-ggam: {epochs} epoch{'s' if epochs != 1 else ''} -> {printable(out_dir)}",
                   title_justify="left", caption=f"*: {which}, the model kept in the run; "
                                                 f"curves in {printable(out_dir / CURVES)}", caption_justify="left")
     for column in ("epoch", "train CE", "L_GGAM", "train acc", "val acc", "val CE", "s"):

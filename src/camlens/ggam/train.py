@@ -141,7 +141,8 @@ def train_ggam(
     ``"last"``, the last epoch's, for when the validation set is a test set that must not choose
     the model.
     ``feature_cache``: a dict to keep those feature maps in across calls (several heads trained
-    on the same images, backbone weights, preprocessing and device compute them once).
+    on the same images, backbone weights, preprocessing, batch size and device compute them
+    once; an image file rewritten in place, by its size or modification time, is a new image).
 
     Optimiser: AdamW (weight decay 0.01) at a constant ``lr`` on all parameters: it needs no
     schedule tuned per dataset for the new head beside the pretrained backbone, and a constant
@@ -192,9 +193,6 @@ def train_ggam(
         else:
             inputs = (_tensors(train.samples, preprocess), None)  # mirrored batch by batch
             val_inputs, attend = _tensors(val.samples, preprocess), model.attend
-        if not resume:  # written once the images loaded: a failed start leaves the folder reusable
-            text = json.dumps(settings, indent=2) + "\n"
-            write_atomic(out / SETTINGS_FILE, lambda path: path.write_text(text, encoding="utf-8"))
         optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         generator = torch.Generator().manual_seed(seed)
         history: list[dict] = []
@@ -212,13 +210,16 @@ def train_ggam(
                 best_state = _load(out / BEST)
             else:
                 torch.manual_seed(seed)
-            _write_history(out, history)
             if on_plan is not None:
                 on_plan(TrainPlan(len(train.samples), len(val.samples), list(names), list(history),
                                   bool(freeze_backbone)))
             if freeze_backbone:  # after the plan: on a CPU this is most of a frozen run's time
                 inputs, val_inputs = _frozen_features(model.backbone, train, val, preprocess, batch_size, kind,
                                                       flip, feature_cache)
+            if not resume:  # written once the images loaded: a failed start leaves the folder reusable
+                text = json.dumps(settings, indent=2) + "\n"
+                write_atomic(out / SETTINGS_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+            _write_history(out, history)
             extra = lambda: {"epochs": epochs, "epochs done": len(history), "best epoch": best["epoch"],
                              "best val accuracy": best["accuracy"],
                              "to finish": f"camlens.ggam.train_ggam(..., out={str(out)!r}, resume=True)"}
@@ -300,6 +301,9 @@ def _datasets(data, val_data, boxes, val_boxes, class_names, val_split, seed):
     if not data.exists():
         raise CamlensError(f"{data}: no such dataset (a folder of class folders, or a CSV of path,label)")
     cub = is_cub(data)
+    if val_data is not None and is_cub(val_data) and val_boxes is not None:
+        raise CamlensError(f"{val_data} is a CUB-200-2011 folder, whose boxes are its bounding_boxes.txt; "
+                           "leave out val_boxes")
     if cub and boxes is not None:
         raise CamlensError(f"{data} is a CUB-200-2011 folder, whose boxes are its bounding_boxes.txt; leave out boxes")
     if class_names is None:
@@ -325,7 +329,7 @@ def _datasets(data, val_data, boxes, val_boxes, class_names, val_split, seed):
     if empty:
         why = "" if val_data is not None or cub else f" after the validation split of {val_split}"
         raise CamlensError(f"class(es) with no training image{why}: {', '.join(empty[:10])}; "
-                           "add images or lower val_split")
+                           + ("add images or lower val_split" if why else "add images or leave the class out"))
     if not val.samples:
         raise CamlensError(f"no validation image: with val_split {val_split} every class is too small; "
                            "raise val_split or give val_data")
@@ -399,8 +403,12 @@ def _frozen_features(backbone, train: Dataset, val: Dataset, preprocess: Preproc
     for name, value in backbone.state_dict().items():
         weights.update(name.encode())
         weights.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    # The images by path, size and modification time (a file rewritten in place is a new image);
+    # the batch size too, since a backbone's output can differ in its last bits between batchings.
+    files = [(str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns)
+             for s in (*train.samples, *val.samples)]
     key = (weights.hexdigest(), json.dumps(preprocess.to_dict(), sort_keys=True), _digest(train), _digest(val),
-           bool(flip), str(kind))
+           json.dumps(files), bool(flip), str(kind), batch_size)
     if cache is not None and key in cache:
         return cache[key]
     with torch.no_grad():

@@ -106,7 +106,8 @@ def connected_components(masks: Tensor) -> Tensor:
 
 def localisation_boxes(maps: Tensor, threshold: float = 0.2) -> Tensor:
     """The CAM paper's box: threshold at ``threshold`` x the map's maximum, then the bounding box
-    of the largest connected component. (N, 4) as (x_min, y_min, x_max, y_max), pixel edges;
+    of the largest connected component (8-connected; of equal largest ones, the one whose first
+    pixel comes first in row-major order). (N, 4) as (x_min, y_min, x_max, y_max), pixel edges;
     an all-zero map gives an empty box (0, 0, 0, 0).
     """
     _check_maps(maps)
