@@ -26,7 +26,7 @@ reproduce: setup
 	$(BIN)/camlens evaluate eval-data --out eval-out
 
 # The GGAM ablation (README, "Training with GGAM"): the generated fine-grained data, then
-# 8 configurations x 5 seeds on the frozen embedded backbone; about 11 minutes on 2 CPU cores.
+# 8 configurations x 5 seeds on the frozen embedded backbone; 11-17 minutes on 2 shared CPU cores.
 ggam: setup
 	rm -rf ggam-data ggam-experiment
 	$(BIN)/python benchmarks/ggam_dataset.py ggam-data --size 224
