@@ -551,3 +551,16 @@ def test_an_os_error_without_a_reason_is_still_named(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "open", fail, raising=False)
     with pytest.raises(camlens.CamlensError, match=r"x.png: cannot be read \(OSError\)$"):
         file_digest(tmp_path / "x.png")
+
+
+def test_threads_option_sets_torchs_cpu_threads(setup, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, _, stderr = run(setup.args("--threads", "1", methods=("gradcam",)), capsys)
+        assert code == 0, stderr
+        assert torch.get_num_threads() == 1
+        code, _, stderr = run(setup.args("--threads", "0", methods=("gradcam",), out=setup.root / "other"), capsys)
+        one_line_error(code, stderr, 2, "--threads")
+    finally:
+        torch.set_num_threads(before)

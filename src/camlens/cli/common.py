@@ -87,18 +87,27 @@ def fc_option(command: Callable) -> Callable:
     )(command)
 
 
+def _set_threads(context: click.Context, parameter: click.Parameter, threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def run_options(
     command: Callable | None = None,
     *,
     batch_size_help: str = "Inputs per forward pass of Score-CAM and Smooth Grad-CAM++.",
     seed_help: str = "Seed of Smooth Grad-CAM++'s noise.",
 ) -> Callable:
-    """--device, --batch-size and --seed: ``@run_options``, or ``@run_options(seed_help=...)``
-    where they do more in a command than the defaults say."""
+    """--device, --batch-size, --seed and --threads: ``@run_options``, or
+    ``@run_options(seed_help=...)`` where they do more in a command than the defaults say.
+    --threads sets torch's CPU threads as it is parsed (it reaches no command function)."""
     options = [
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--batch-size", type=click.IntRange(min=1), help=batch_size_help),
         click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help=seed_help),
+        click.option("--threads", type=click.IntRange(min=1), expose_value=False, callback=_set_threads,
+                     help="CPU threads for torch (default: torch's own, one per core). On a machine busy with "
+                          "other jobs, fewer threads than cores can be many times faster."),
     ]
 
     def decorate(command: Callable) -> Callable:
