@@ -106,7 +106,7 @@ def run_options(
         click.option("--batch-size", type=click.IntRange(min=1), help=batch_size_help),
         click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help=seed_help),
         click.option("--threads", type=click.IntRange(min=1), expose_value=False, callback=_set_threads,
-                     help="CPU threads for torch (default: torch's own, one per core). On a machine busy with "
+                     help="Threads for torch's computations (default: torch's own, one per core). On a machine busy with "
                           "other jobs, fewer threads than cores can be many times faster."),
     ]
 
