@@ -192,5 +192,6 @@ def test_camlens_evaluate_on_a_cub_folder(cub, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert sorted(r["image"] for r in records) == sorted(f"images/{name(i)}" for i in (2, 6, 7))
+    assert "camlens evaluate: 3 images of its official test split" in out
     code, _, err = run(["evaluate", cub, "--boxes", cub / "bounding_boxes.txt", "--out", tmp_path / "other"], capsys)
     one_line_error(code, err, 1, "leave out --boxes")

@@ -180,6 +180,8 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         for line in skipped:
             echo_error(f"skipped: {printable(line)}")
         shown = f"{counted} images" if counted == listed else f"{counted} of {listed} images"
+        if dataset.split is not None:  # a CUB-200-2011 folder: say which of its splits was evaluated
+            shown += f" of its official {dataset.split} split"
         table = Table(title=f"camlens evaluate: {shown} -> {printable(out_dir)}", title_justify="left",
                       caption="\n".join([f"{STATISTIC}; n per column", *(f"note: {n}" for n in method_notes)]),
                       caption_justify="left")
