@@ -151,7 +151,7 @@ def _print_summary(result, out_dir: Path, attention: str) -> None:
                      f"with boxes): {_figures(report)}")
         lines.append(f"  blank maps: {report['blank maps']} of {report['images']}"
                      + (f"; over the non-blank ones: {_figures(report['non-blank'])}" if report["non-blank"] else ""))
-        if report["blank maps"] * 2 > report["images"] and attention in ("both", "spatial"):
+        if report["blank maps"] * 2 > report["images"] and ATTENTION[attention][1]:  # spatial attention
             lines.append("  most maps are blank: the gradient through the spatial attention T = P / sum P adds a "
                          "negative term to every channel's Grad-CAM weight at the map GGAM attends to; explain a "
                          f"layer below it (camlens layers --model {shlex.quote(printable(out_dir))}) or use -m gradcam++")

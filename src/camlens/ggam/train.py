@@ -158,9 +158,7 @@ def train_ggam(
     Bad settings or data raise :class:`CamlensError` before anything is trained.
     """
     kind = _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data,
-                           device, progress)
-    if keep not in ("best", "last"):
-        raise CamlensError(f"keep must be 'best' or 'last', got {keep!r}")
+                           device, progress, keep)
     channel, spatial = ATTENTION[attention]
     builder_name, builder = BACKBONES[backbone]
     out = Path(out)
@@ -228,8 +226,6 @@ def train_ggam(
                     start = time.perf_counter()
                     row = _train_epoch(model, attend, optimiser, generator, inputs, y_train, batch_size, lam,
                                        detach, renormalise, flip, kind, epoch, progress)
-                    if freeze_backbone:
-                        model.backbone.eval()
                     row.update(_validate(model, attend, val_inputs, y_val, batch_size, kind))
                     row = {"epoch": epoch, **row, "seconds": time.perf_counter() - start}
                     history.append(row)
@@ -267,11 +263,13 @@ def train_ggam(
 
 
 def _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data, device,
-                    progress) -> torch.device:
+                    progress, keep) -> torch.device:
     if backbone not in BACKBONES:
         raise CamlensError(f"unknown backbone {backbone!r}: use one of {', '.join(BACKBONES)}")
     if attention not in ATTENTION:
         raise CamlensError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    if keep not in ("best", "last"):
+        raise CamlensError(f"keep must be 'best' or 'last', got {keep!r}")
     for name, value, low in (("lam", lam, "finite number >= 0"), ("lr", lr, "finite number > 0")):
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) \
                 or value < 0 or (name == "lr" and value == 0):
@@ -398,17 +396,16 @@ def _frozen_features(backbone, train: Dataset, val: Dataset, preprocess: Preproc
                      flip: bool, cache: dict | None) -> tuple[tuple[Tensor, Tensor | None], Tensor]:
     """The frozen backbone's feature maps: ((training images, their mirror images or None),
     validation images), from ``cache`` when it holds those of the same backbone weights,
-    preprocessing, images and device."""
+    preprocessing, image files, batch size and device."""
     weights = hashlib.sha256()
     for name, value in backbone.state_dict().items():
         weights.update(name.encode())
         weights.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    # The images by path, size and modification time (a file rewritten in place is a new image);
-    # the batch size too, since a backbone's output can differ in its last bits between batchings.
-    files = [(str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns)
-             for s in (*train.samples, *val.samples)]
-    key = (weights.hexdigest(), json.dumps(preprocess.to_dict(), sort_keys=True), _digest(train), _digest(val),
-           json.dumps(files), bool(flip), str(kind), batch_size)
+    # Each set's images by path, size and modification time (a file rewritten in place is a new
+    # image); the batch size too, since a backbone's output can differ in its last bits between batchings.
+    files = [[(str(s.path.resolve()), *_size_and_time(s.path)) for s in part.samples] for part in (train, val)]
+    key = (weights.hexdigest(), json.dumps(preprocess.to_dict(), sort_keys=True), json.dumps(files), bool(flip),
+           str(kind), batch_size)
     if cache is not None and key in cache:
         return cache[key]
     with torch.no_grad():
@@ -419,6 +416,11 @@ def _frozen_features(backbone, train: Dataset, val: Dataset, preprocess: Preproc
     if cache is not None:
         cache[key] = features
     return features
+
+
+def _size_and_time(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
 
 
 def _train_epoch(model, attend, optimiser, generator, inputs, y, batch_size, lam, detach, renormalise, flip,
