@@ -85,7 +85,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 # Before tqdm is imported (by pytorch-grad-cam): no progress bars inside the timings.
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -105,8 +104,8 @@ from torch.distributions import Normal  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import camlens  # noqa: E402
-import camlens.methods.scorecam as scorecam_module  # noqa: E402
 from camlens.methods import CAM, GradCAM, GradCAMPlusPlus, ScoreCAM, SmoothGradCAMPlusPlus  # noqa: E402
+from camlens.methods.base import hooked  # noqa: E402
 from timing import CONTENTION_LIMIT, CpuMonitor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +182,9 @@ class TorchCAMSmoothGradCAMPlusPlus(SmoothGradCAMPlusPlus):
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(samples)
         is_last = torch.arange(rows.numel(), device=x.device) % samples == samples - 1
         outputs: list[Tensor] = []
-        handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))
+        # The module that runs: the layer of the same name in camlens's inference copy of the model.
+        running = hooked(context.runner, {name: layer})[name]
+        handle = running.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))
         try:
             for start in range(0, rows.numel(), self.batch_size):
                 part = slice(start, start + self.batch_size)
@@ -226,19 +227,17 @@ def pgc_masks(maps: Tensor, size: Sequence[int]) -> Tensor:
 class PeerMaskScoreCAM(ScoreCAM):
     """camlens's Score-CAM (logit, channel softmax) with a peer's masks.
 
-    camlens makes its masks with ``upsample_normalise``; this swaps that one function for the
-    peer's while ``weigh`` runs, and everything else (constant channels skipped, batching, the
-    forwards) stays camlens's. Should the engine stop using that name, ``mock.patch.object``
-    fails loudly; any other drift shows in the agreement check.
+    ``ScoreCAM.masks`` makes the masks; this subclass gives it the peer's, and everything else
+    (constant channels skipped, batching, the forwards) stays camlens's. Any drift shows in the
+    agreement check.
     """
 
-    def __init__(self, model: nn.Module, target_layer, masks: Callable[[Tensor, Sequence[int]], Tensor]):
+    def __init__(self, model: nn.Module, target_layer, peer_masks: Callable[[Tensor, Sequence[int]], Tensor]):
         super().__init__(model, target_layer, score="logit", channel_softmax=True)
-        self.masks = masks
+        self.peer_masks = peer_masks
 
-    def weigh(self, context):
-        with mock.patch.object(scorecam_module, "upsample_normalise", self.masks):
-            return super().weigh(context)
+    def masks(self, activations: Tensor, size: Sequence[int]) -> Tensor:
+        return self.peer_masks(activations, size)
 
 
 # -- the peers ----------------------------------------------------------------------------------

@@ -55,3 +55,11 @@ def count_rows(model):
     rows = []
     handle = model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     return rows, handle
+
+
+@pytest.fixture
+def no_inference_copy(monkeypatch):
+    """Explain the model itself, never its inference copy (camlens.accelerate): for tests that
+    watch the model's own forward passes through hooks on it, which the copy does not carry.
+    tests/test_accelerate.py checks that the copy gives the same numbers."""
+    monkeypatch.setattr("camlens.methods.base.inference_copy", lambda model, images: None)

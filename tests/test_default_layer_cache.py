@@ -17,6 +17,9 @@ from camlens.capture import find_default_layer
 
 from conftest import count_rows
 
+# These tests count the forwards of the model itself.
+pytestmark = pytest.mark.usefixtures("no_inference_copy")
+
 
 def make_net(seed: int = 0) -> nn.Sequential:
     """Default layer "3" (the last ReLU before the pooling) at any input size."""

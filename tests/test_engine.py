@@ -234,6 +234,7 @@ def test_channel_subset_gradcam(tiny, images):
     torch.testing.assert_close(keyed.maps, part.maps, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("no_inference_copy")  # counts the model's own forwards
 def test_channel_subset_score_cam_forwards_only_the_listed_channels(tiny, images):
     activation = tiny.features(images)
     subset = [0, 2, 5]
@@ -249,6 +250,7 @@ def test_channel_subset_score_cam_forwards_only_the_listed_channels(tiny, images
     assert (part.weights["features"][..., [1, 3, 4, 6, 7]] == 0).all()
 
 
+@pytest.mark.usefixtures("no_inference_copy")  # counts the model's own forwards
 def test_score_cam_forward_count_and_progress():
     """(non-constant channels + 1) forwards: constant channels share one forward of X * 0."""
     torch.manual_seed(0)

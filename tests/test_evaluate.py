@@ -15,6 +15,7 @@ from conftest import count_rows, make_tiny
 from test_cli import SAMPLES, one_line_error, run
 
 
+@pytest.mark.usefixtures("no_inference_copy")  # counts the model's own forwards
 @pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++"])
 def test_no_forward_pass_runs_twice(method, images):
     """The method's own forward, one of E, and `steps` each for deletion and insertion."""

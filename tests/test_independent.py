@@ -282,6 +282,7 @@ def test_scorecam_constant_channels_share_score(score_models):
 
 
 
+@pytest.mark.usefixtures("no_inference_copy")  # counts the model's own forwards
 @pytest.mark.parametrize("model_kind", ["constant", "plain"])
 def test_scorecam_forwards_constant_mask_once(score_models, model_kind):
     """SPEC: every constant channel has the masked input X * 0, forwarded once and shared; every

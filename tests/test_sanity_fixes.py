@@ -119,6 +119,7 @@ def test_a_coarse_cascade_reaches_the_same_models_as_the_full_one(images):
 
 # -- the planned cost ----------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("no_inference_copy")  # counts the model's own forwards
 @pytest.mark.parametrize("name", ["cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam"])
 def test_planned_forward_passes_match_the_counted_ones(name, images):
     model = make_tiny()
@@ -290,6 +291,7 @@ def test_similarity_plot_marks_blank_steps_instead_of_dropping_them(figures, tmp
 
 # -- the planned cost: measured, not counted (review of issue 7) -----------------------------------
 
+@pytest.mark.usefixtures("no_inference_copy")  # counts the model's own forwards
 def test_the_estimate_is_built_from_timed_explanations_of_each_method(images, monkeypatch):
     """With a clock that moves only when the model forwards (1 ms an image) or a group is
     re-initialised (1 s), a map costs what one real explanation forwards, and a cascade's fixed

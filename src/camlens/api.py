@@ -11,7 +11,7 @@ from .capture import LayersSpec
 from .errors import CamlensError
 from .explanation import Explanation
 from .methods import get_method
-from .methods.base import ChannelsSpec, Progress
+from .methods.base import CAMMethod, ChannelsSpec, Progress
 from .targets import TargetSpec
 
 
@@ -34,9 +34,11 @@ def explain(
     cls = get_method(method)
     accepted = [
         name
-        for name in inspect.signature(cls.__init__).parameters
-        if name not in ("self", "model", "target_layer")
+        for init in (cls.__init__, CAMMethod.__init__)
+        for name, parameter in inspect.signature(init).parameters.items()
+        if name not in ("self", "model", "target_layer") and parameter.kind != parameter.VAR_KEYWORD
     ]
+    accepted = list(dict.fromkeys(accepted))
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         valid = ", ".join(accepted) if accepted else "none"

@@ -3,7 +3,9 @@ a run can resume from, and the summary (mean and 95% confidence interval per met
 
 Forward passes per image and method: the method's own (its clean forward gives the prediction
 and Y), one of the explanation image for Average Drop/Increase, and ``steps`` for each of
-deletion and insertion (the unmodified image's step reuses Y). None is run twice.
+deletion and insertion (the unmodified image's step reuses Y). None is run twice; the metrics'
+inputs go through the model as one stream of full batches, the way the method runs the model
+(its inference copy, compiled with ``compile``).
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ from torch import Tensor
 from .errors import CamlensError
 from .io import os_reason, write_atomic
 from .methods.base import CAMMethod
+from .capture import preserved
 from .metrics import (
     area_under_curve,
+    average_drop,
+    average_increase,
     box_mask,
-    deletion_curve,
-    drop_and_increase,
+    class_probabilities,
     energy_pointing_game,
-    insertion_curve,
+    explanation_images,
+    gaussian_blur,
     localisation_correct,
     pointing_game,
 )
+from .metrics.faithfulness import CurvePlan
 
 FAITHFULNESS = ("drop", "increase", "deletion", "insertion")
 LOCALISATION = ("energy", "pointing", "localisation")
@@ -68,25 +74,26 @@ def evaluate_image(
     maps = explanation.maps[:, 0]
     classes = torch.tensor([label], device=x.device)
     probability = explanation.probabilities[:, 0]
-    model = method.model
     record: dict = {
         "prediction": int(explanation.logits.argmax(dim=1)[0]),
         "probability": float(probability[0]),
     }
+    wanted = [name for name in ("deletion", "insertion") if name in metrics]
     if "drop" in metrics or "increase" in metrics:
-        result = drop_and_increase(model, x, maps, classes, batch_size, probability=probability)
-        record["explained_probability"] = float(result["explained_probability"][0])
-        for name in ("drop", "increase"):
-            if name in metrics:
-                record[name] = float(result[name][0])
-    if "deletion" in metrics:
-        curve = deletion_curve(model, x, maps, classes, steps, batch_size=batch_size, probability=probability)
-        record["deletion"] = float(area_under_curve(curve)[0])
-        record["deletion_curve"] = [round(float(v), 6) for v in curve[0]]
-    if "insertion" in metrics:
-        curve = insertion_curve(model, x, maps, classes, steps, batch_size=batch_size, probability=probability)
-        record["insertion"] = float(area_under_curve(curve)[0])
-        record["insertion_curve"] = [round(float(v), 6) for v in curve[0]]
+        wanted.append("drop")
+    if wanted:
+        results = _faithfulness(method, x, maps, classes, probability, wanted, steps, batch_size)
+        if "drop" in results:
+            record["explained_probability"] = float(results["drop"][0])
+            for name in ("drop", "increase"):
+                if name in metrics:
+                    value = (average_drop if name == "drop" else average_increase)(probability, results["drop"])
+                    record[name] = float(value[0])
+        for name in ("deletion", "insertion"):
+            if name in results:
+                curve = results[name]
+                record[name] = float(area_under_curve(curve)[0])
+                record[f"{name}_curve"] = [round(float(v), 6) for v in curve[0]]
     if boxes:
         height, width = maps.shape[-2:]
         if "energy" in metrics:
@@ -99,6 +106,34 @@ def evaluate_image(
             record["iou"] = float(iou[0])
             record["localisation"] = 100.0 * float(correct[0])
     return record
+
+
+def _faithfulness(
+    method: CAMMethod, x: Tensor, maps: Tensor, classes: Tensor, probability: Tensor,
+    wanted: Sequence[str], steps: int, batch_size: int,
+) -> dict[str, Tensor]:
+    """The explanation image's probability O (``"drop"``) and the deletion and insertion curves,
+    their perturbed inputs forwarded as one stream in batches of ``batch_size`` (no batch
+    holds one metric's leftovers alone), through the method's way of running the model."""
+    plans: dict[str, CurvePlan] = {}
+    if "deletion" in wanted:
+        plans["deletion"] = CurvePlan(x, maps, classes, x, torch.zeros_like(x), steps, (0, probability))
+    if "insertion" in wanted:
+        plans["insertion"] = CurvePlan(x, maps, classes, gaussian_blur(x), x, steps, (steps, probability))
+    parts = [explanation_images(x, maps)] if "drop" in wanted else []
+    parts += [plan.inputs(torch.arange(plan.rows.numel(), device=x.device)) for plan in plans.values()]
+    inputs = torch.cat(parts)
+    with preserved(method.model):
+        scorer = method.fast_forward(x, batch_size)
+        found = class_probabilities(scorer, inputs, classes.expand(inputs.shape[0]), batch_size)
+    results, begin = {}, 0
+    if "drop" in wanted:
+        results["drop"], begin = found[:1], 1
+    for name, plan in plans.items():
+        count = plan.rows.numel()
+        plan.fill(torch.arange(count, device=x.device), found[begin : begin + count])
+        results[name], begin = plan.curves, begin + count
+    return results
 
 
 class ResultStore:

@@ -118,6 +118,45 @@ def run_options(
     return decorate if command is None else decorate(command)
 
 
+def engine_options(command: Callable | None = None, *, passes: str = "Score-CAM's masked inputs") -> Callable:
+    """--optimize/--no-optimize and --compile: how the methods run the model (camlens.accelerate).
+    ``passes``: the forward-only passes of the command that --compile speeds up."""
+    options = [
+        click.option("--optimize/--no-optimize", default=None,
+                     help="Run a verified inference copy of the model (batch norm folded into convolutions, "
+                          "channels-last memory): the same maps up to float rounding, faster [default: on with "
+                          "--device cpu]."),
+        click.option("--compile", "compile_model", is_flag=True,
+                     help=f"Also compile that copy (torch.compile) for the forward-only passes ({passes}). The "
+                          "first run compiles once per model and input size, which takes a while; the compiled "
+                          "code is cached on disk for the next runs."),
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate if command is None else decorate(command)
+
+
+def engine_settings(optimize: bool | None, compile_model: bool) -> dict[str, Any]:
+    """The methods' ``optimize`` and ``compile`` options from --optimize/--no-optimize and --compile."""
+    if compile_model and optimize is False:
+        raise CamlensError("--compile compiles the inference copy that --no-optimize turns off: give one of them")
+    if compile_model:
+        echo_error("camlens: note: --compile: the first forward passes compile the model (up to a minute per model "
+                   "and input size on a CPU; cached on disk for the next runs)")
+    return {"optimize": optimize, "compile": compile_model}
+
+
+def engine_record(engine: dict[str, Any], device: torch.device) -> dict[str, bool]:
+    """What the engine settings do on ``device``, for manifests and run identities."""
+    optimize = engine.get("optimize")
+    return {"optimize": device.type == "cpu" if optimize is None else bool(optimize),
+            "compile": bool(engine.get("compile"))}
+
+
 def open_model(
     model_spec: str,
     weights: str | None,
@@ -232,10 +271,12 @@ def note_skip(method: str, reason: str) -> None:
 
 
 def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,
-                   seed: int, fc: str | None = None) -> dict[str, Any]:
+                   seed: int, fc: str | None = None, engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The method objects; ``engine``: their ``optimize`` and ``compile`` options."""
     objects = {}
     for name in methods:
         options: dict[str, Any] = {"fc": fc} if name == "cam" else {}
+        options.update(engine or {})
         if name in BATCHED_METHODS and batch_size is not None:
             options["batch_size"] = batch_size
         if name == "smoothgradcam++":

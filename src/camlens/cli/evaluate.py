@@ -45,6 +45,9 @@ from ..models import REGISTRY, LoadedModel
 from .common import (
     console,
     echo_error,
+    engine_options,
+    engine_record,
+    engine_settings,
     fc_option,
     method_objects,
     method_option,
@@ -77,9 +80,10 @@ SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the r
 @fc_option
 @run_options(batch_size_help="Inputs per forward pass of Score-CAM, Smooth Grad-CAM++ and the metrics "
                              "(default 32 for the metrics); it may differ between runs into one --out.")
+@engine_options(passes="Score-CAM's masked inputs and the metrics' perturbed inputs")
 @model_options
 def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, device, batch_size, seed,
-             **model_args) -> None:
+             optimize, compile_model, **model_args) -> None:
     """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
     skipped_methods: dict[str, str] = {}
     layers: list[str] = []
@@ -89,6 +93,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
     wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
     if any(m in LOCALISATION for m in wanted) and not dataset.has_boxes:
         raise CamlensError("localisation metrics need boxes: give --boxes, or VOC XML files beside the images")
+    engine = engine_settings(optimize, compile_model)
     out_dir = ensure_writable_dir(out)
     root = Path(data) if Path(data).is_dir() else Path(data).parent
 
@@ -111,9 +116,9 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                              f"over the other {len(samples) - boxless}")
         weights_digest = module_digest(loaded.module)
         model = loaded.module.to(torch_device)
-        objects = method_objects(model, chosen, target_layer, batch_size, seed, fc=fc)
+        objects = method_objects(model, chosen, target_layer, batch_size, seed, fc=fc, engine=engine)
         config = _identity(data, model_args, loaded, weights_digest, mapping, boxes, chosen, objects, wanted, steps,
-                           layers[0], torch_device)
+                           layers[0], torch_device, engine)
         store = ResultStore(out_dir, config, {key(path) for path in dataset.listed})
         _refuse_changed_images(store, samples, key, out_dir)
         chunk = batch_size or 32
@@ -224,7 +229,7 @@ def _input_boxes(sample: Sample, loaded: LoadedModel, notes: list[str]) -> list[
 
 
 def _identity(data, model_args: dict, loaded: LoadedModel, weights_digest: str, mapping, boxes, chosen, objects,
-              wanted, steps, layer: str, torch_device: torch.device) -> dict:
+              wanted, steps, layer: str, torch_device: torch.device, engine: dict) -> dict:
     """Every setting and input file that can change a result (the run's identity, in config.json).
 
     The batch size is left out on purpose: it changes how inputs are grouped, not the numbers,
@@ -260,6 +265,9 @@ def _identity(data, model_args: dict, loaded: LoadedModel, weights_digest: str, 
         "--steps": steps,
         "--target-layer": layer,
         "device": torch_device.type,
+        # Like the device, the engine moves results by float rounding (about 1e-6) only, but a
+        # resumed run is all from one computation.
+        "engine": engine_record(engine, torch_device),
     }
 
 

@@ -42,6 +42,8 @@ from ..render import model_view
 from .common import (
     console,
     echo_error,
+    engine_options,
+    engine_settings,
     fc_option,
     method_objects,
     model_options,
@@ -81,9 +83,10 @@ _clock = time.perf_counter  # the timer of the planned cost (a test gives it a f
 @click.option("--out", default="camlens-sanity", show_default=True, help="Output directory.")
 @fc_option
 @run_options(seed_help="Seed of the re-initialisation (and of Smooth Grad-CAM++'s noise).")
+@engine_options
 @model_options
 def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, out, fc, device, batch_size, seed,
-           **model_args) -> None:
+           optimize, compile_model, **model_args) -> None:
     """The model-randomisation test: re-initialise layers from the top, watch the maps change."""
     skipped: dict[str, str] = {}
 
@@ -98,6 +101,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
     layer = layers[0]
     if not methods:
         chosen = [name for name in chosen if name in DEFAULT_METHODS]
+    engine = engine_settings(optimize, compile_model)
     out_dir = ensure_writable_dir(out)
     photo = load_image(image)
     with locked_output_dir(out_dir):  # one run at a time; clears what killed runs left
@@ -111,7 +115,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
             echo_error(f"camlens: note: --steps {steps} is more than the model's {len(groups)} layer groups: "
                        f"one step per group, {len(groups)} steps")
         labels = [names[-1] for names in plan]
-        objects = method_objects(model, chosen, layer, batch_size, seed, fc)
+        objects = method_objects(model, chosen, layer, batch_size, seed, fc, engine)
         channels = _channels(model, x, layer) if any(isinstance(m, ScoreCAM) for m in objects.values()) else 0
         passes = {name: _passes(method, channels) for name, method in objects.items()}
         per_map, per_cascade = _measure(model, x, target, layer, objects, groups, len(plan), torch_device,
@@ -132,7 +136,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
 
                 def explain_with(m, name=name, built=built, within=within):
                     if id(m) not in built:
-                        built[id(m)] = method_objects(m, [name], layer, batch_size, seed, fc)[name]
+                        built[id(m)] = method_objects(m, [name], layer, batch_size, seed, fc, engine)[name]
                     return built[id(m)](x, target, progress=within).maps
 
                 def finished(count, total, task=task, done=done):

@@ -14,10 +14,12 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
+from ..accelerate import CompiledForward, PlainForward, inference_copy
 from ..capture import (
     LayersSpec,
     check_finite,
     check_hookable,
+    check_scores,
     gradients,
     model_failures,
     preserved,
@@ -33,6 +35,14 @@ from ..targets import TargetSpec, Targets, resolve_targets, unit_layers
 
 Progress = Callable[[int, int], None]
 ChannelsSpec = Union[None, Sequence[int], Tensor, Mapping[Union[str, nn.Module], Sequence[int]]]
+
+
+def hooked(runner: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules of ``runner`` to hook for the model's ``layers``: those of the same names in
+    its inference copy, or the layers themselves when the runner is the model."""
+    if isinstance(runner, PlainForward):
+        return {name: runner.copy.get_submodule(name) for name in layers}
+    return dict(layers)
 
 
 @dataclass
@@ -53,6 +63,15 @@ class Context:
     channels: dict[str, Tensor | None]  # {layer: channel indices} or None for all
     gradients: dict[str, Tensor] | None  # {layer: (N, T, K', h, w)} for gradient methods
     progress: Progress | None = None
+    # The module that runs forward passes, when it is not ``model`` (its inference copy), with
+    # hookable modules of the same names; ``scorer`` gives logits of hook-free passes.
+    runner: nn.Module | None = None
+    scorer: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        self.runner = self.runner or self.model
+        self.scorer = self.scorer or self.runner
+
 
     def select(self, name: str, tensor: Tensor, dim: int) -> Tensor:
         index = self.channels[name]
@@ -64,8 +83,13 @@ class Context:
         No gradients, no hooks on the target layers. A batch of one row that stands for every
         image in ``rows`` (the all-zero input) is forwarded once and its outputs shared.
         """
+        units = self.targets.unit_layers
         with model_failures(self.model, inputs):
-            logits, outputs = record(self.model, inputs, self.targets.unit_layers)
+            if units:
+                logits, outputs = record(self.runner, inputs, hooked(self.runner, units))
+            else:
+                with torch.no_grad():
+                    logits, outputs = check_scores(self.scorer(inputs), inputs), {}
         if inputs.shape[0] == 1 and rows.numel() > 1:
             logits = logits.expand(rows.numel(), -1)
             outputs = {name: out.expand(rows.numel(), *out.shape[1:]) for name, out in outputs.items()}
@@ -77,7 +101,7 @@ class Context:
         """Gradients ``{layer: (B, T, K', h, w)}`` of the target scores of a batch of versions."""
         with model_failures(self.model, inputs):
             logits, outputs = record(
-                self.model, inputs, {**self.layers, **self.targets.unit_layers}, track_grad=True
+                self.runner, inputs, hooked(self.runner, {**self.layers, **self.targets.unit_layers}), track_grad=True
             )
         scores = self.targets.score(logits, outputs, rows)
         check_finite(scores, "target scores of noisy copies", rows)
@@ -93,6 +117,12 @@ class CAMMethod:
         target_layer: a name from ``model.named_modules()``, a module, or a list of either
             (maps fused by averaging). None chooses the last module with a 4-D output before
             the global pooling; the choice is recorded in the Explanation.
+        optimize: run the model's verified inference copy (batch norm folded into convolutions,
+            channels-last memory; see :mod:`camlens.accelerate`): the same maps up to float
+            rounding (about 1e-6), faster. None (default): on CPU only, where it was measured.
+        compile: also compile that copy for the forward-only passes (Score-CAM's masked inputs,
+            the metrics' perturbed inputs) with ``torch.compile``: faster again, after a
+            compilation of up to a minute the first time per model and input shape.
     """
 
     name: ClassVar[str] = ""
@@ -101,11 +131,25 @@ class CAMMethod:
     needs_gradients: ClassVar[bool] = False
     default_score: ClassVar[str] = "logit"
 
-    def __init__(self, model: nn.Module, target_layer: LayersSpec | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: LayersSpec | None = None,
+        *,
+        optimize: bool | None = None,
+        compile: bool = False,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise CamlensError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         check_hookable(model)
+        for flag, value in (("optimize", optimize), ("compile", compile)):
+            if not (isinstance(value, bool) or (flag == "optimize" and value is None)):
+                raise CamlensError(f"{flag} must be True or False, got {value!r}")
+        if compile and optimize is False:
+            raise CamlensError("compile=True compiles the inference copy, which optimize=False turns off")
         self.model = model
+        self.optimize = optimize
+        self.compile = compile
         self._layers = None if target_layer is None else resolve_layers(model, target_layer)
 
     # -- what a method supplies -------------------------------------------------------------
@@ -147,14 +191,16 @@ class CAMMethod:
             with model_failures(model, x):
                 layers, chosen = self._target_layers(x)
                 units = unit_layers(model, targets)
-                logits, outputs = record(model, x, {**layers, **units}, track_grad=self.needs_gradients)
+                runner, scorer = self._runners(x, [*layers, *units])
+                logits, outputs = record(
+                    runner, x, hooked(runner, {**layers, **units}), track_grad=self.needs_gradients
+                )
             check_finite(logits, "model outputs")
             resolved = resolve_targets(model, targets, logits, outputs, self.score_kind())
             rows = torch.arange(x.shape[0], device=x.device)
             scores = resolved.score(logits, outputs, rows)
             check_finite(scores, "target scores")
             full = {name: outputs[name] for name in layers}
-            subsets = self._channel_subsets(channels, full)
             context = Context(
                 model=model,
                 images=x,
@@ -163,9 +209,11 @@ class CAMMethod:
                 layers=layers,
                 activations={},
                 full_activations={},
-                channels=subsets,
+                channels=self._channel_subsets(channels, full),
                 gradients=None,
                 progress=progress,
+                runner=runner,
+                scorer=scorer,
             )
             if self.needs_gradients:
                 context.gradients = {
@@ -251,6 +299,29 @@ class CAMMethod:
             images = images.to(device=reference.device, dtype=dtype)
         check_finite(images, "input images")
         return images.detach()
+
+    def _runners(self, x: Tensor, names: Sequence[str]) -> tuple[nn.Module, nn.Module]:
+        """What runs the forward passes: ``(runner, scorer)``, the model's inference copy (the
+        scorer compiled with ``compile``) where it applies to ``names``, else the model."""
+        optimize = self.optimize if self.optimize is not None else x.device.type == "cpu"
+        if optimize or self.compile:
+            inference = inference_copy(self.model, x)
+            if inference is not None and inference.serves(names):
+                runner = PlainForward(inference)
+                batch = getattr(self, "batch_size", 16)
+                return runner, CompiledForward(inference, batch) if self.compile else runner
+        return self.model, self.model
+
+    def fast_forward(self, images: Tensor, batch_size: int = 32) -> nn.Module:
+        """A module giving the model's logits the way this method runs it (its inference copy,
+        compiled in batches of ``batch_size`` with ``compile``): for forward-only work such as
+        the metrics. Call it in eval mode with frozen weights (``capture.preserved``)."""
+        optimize = self.optimize if self.optimize is not None else images.device.type == "cpu"
+        if optimize or self.compile:
+            inference = inference_copy(self.model, images)
+            if inference is not None:
+                return CompiledForward(inference, batch_size) if self.compile else PlainForward(inference)
+        return self.model
 
     def _target_layers(self, x: Tensor) -> tuple[dict[str, nn.Module], bool]:
         if self._layers is not None:

@@ -33,9 +33,13 @@ class CAM(CAMMethod):
     summary = "CAM (Zhou et al. 2016): classifier weights of a GAP + linear head; one forward"
 
     def __init__(
-        self, model: nn.Module, target_layer: LayersSpec | None = None, fc: str | nn.Module | None = None
+        self,
+        model: nn.Module,
+        target_layer: LayersSpec | None = None,
+        fc: str | nn.Module | None = None,
+        **engine: Any,
     ) -> None:
-        super().__init__(model, target_layer)
+        super().__init__(model, target_layer, **engine)
         self.fc = None if fc is None else resolve_layer(model, fc)[1]
         if self.fc is not None and not isinstance(self.fc, nn.Linear):
             raise CamlensError(f"fc must be an nn.Linear, not {type(self.fc).__name__}")

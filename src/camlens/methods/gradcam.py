@@ -85,6 +85,7 @@ class SmoothGradCAMPlusPlus(CAMMethod):
             of shape (N, n_samples, C, H, W) on the CPU, so results do not depend on the device
             or on ``batch_size``.
         batch_size: noisy copies per forward pass.
+        optimize, compile: how the model is run (:class:`~camlens.methods.base.CAMMethod`).
     """
 
     name = "smoothgradcam++"
@@ -103,8 +104,9 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int = 32,
+        **engine: Any,
     ) -> None:
-        super().__init__(model, target_layer)
+        super().__init__(model, target_layer, **engine)
         check_positive_int("n_samples", n_samples)
         check_positive_int("batch_size", batch_size)
         if (

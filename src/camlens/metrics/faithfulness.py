@@ -136,31 +136,59 @@ def _ranked_curve(
     the others ``start``. Ties in L are broken by pixel index, so curves are reproducible.
     Returns (N, steps + 1).
     """
-    _check_maps(images, maps)
-    check_positive_int("steps", steps)
     check_positive_int("batch_size", batch_size)
-    classes = _check_classes(classes, images.shape[0]).to(images.device)
-    count, _, height, width = images.shape
-    pixels = height * width
-    order = torch.sort(maps.reshape(count, pixels), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(count, -1))
-    revealed = torch.tensor([math.floor(s * pixels / steps + 0.5) for s in range(steps + 1)], device=images.device)
-    # Rows are (image, step) pairs, built and forwarded batch_size at a time.
-    all_rows = torch.arange(count, device=images.device).repeat_interleave(steps + 1)
-    all_steps = torch.arange(steps + 1, device=images.device).repeat(count)
-    curves = images.new_empty(count, steps + 1)
-    if known is not None:
-        curves[:, known[0]] = known[1].to(curves)
-        keep = all_steps != known[0] % (steps + 1)
-        all_rows, all_steps = all_rows[keep], all_steps[keep]
-    for begin in range(0, all_rows.numel(), batch_size):
-        rows = all_rows[begin : begin + batch_size]
-        step = all_steps[begin : begin + batch_size]
-        mask = (rank[rows] < revealed[step][:, None]).view(-1, 1, height, width).to(images.dtype)
-        inputs = start[rows] * (1 - mask) + finish[rows] * mask
-        curves[rows, step] = class_probabilities(model, inputs, classes[rows], batch_size)
-    return curves
+    plan = CurvePlan(images, maps, classes, start, finish, steps, known)
+    for begin in range(0, plan.rows.numel(), batch_size):
+        index = torch.arange(begin, min(begin + batch_size, plan.rows.numel()), device=images.device)
+        plan.fill(index, class_probabilities(model, plan.inputs(index), plan.classes[plan.rows[index]], batch_size))
+    return plan.curves
+
+
+class CurvePlan:
+    """The perturbed inputs of a deletion or insertion curve, as rows (image, step) to forward.
+
+    ``inputs(index)`` builds the rows ``index`` (so that batches are built as they are
+    forwarded), ``fill(index, probabilities)`` puts their probabilities into ``curves``; the
+    step given by ``known`` (step, probabilities) is filled at once and has no row.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        maps: Tensor,
+        classes: Tensor,
+        start: Tensor,
+        finish: Tensor,
+        steps: int,
+        known: tuple[int, Tensor] | None = None,
+    ) -> None:
+        _check_maps(images, maps)
+        check_positive_int("steps", steps)
+        self.classes = _check_classes(classes, images.shape[0]).to(images.device)
+        count, _, height, width = images.shape
+        pixels = height * width
+        order = torch.sort(maps.reshape(count, pixels), dim=1, descending=True, stable=True).indices
+        self.rank = torch.empty_like(order)
+        self.rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(count, -1))
+        self.revealed = torch.tensor(
+            [math.floor(s * pixels / steps + 0.5) for s in range(steps + 1)], device=images.device
+        )
+        self.rows = torch.arange(count, device=images.device).repeat_interleave(steps + 1)
+        self.steps = torch.arange(steps + 1, device=images.device).repeat(count)
+        self.curves = images.new_empty(count, steps + 1)
+        if known is not None:
+            self.curves[:, known[0]] = known[1].to(self.curves)
+            keep = self.steps != known[0] % (steps + 1)
+            self.rows, self.steps = self.rows[keep], self.steps[keep]
+        self.start, self.finish, self.shape = start, finish, (height, width)
+
+    def inputs(self, index: Tensor) -> Tensor:
+        rows, step = self.rows[index], self.steps[index]
+        mask = (self.rank[rows] < self.revealed[step][:, None]).view(-1, 1, *self.shape).to(self.start.dtype)
+        return self.start[rows] * (1 - mask) + self.finish[rows] * mask
+
+    def fill(self, index: Tensor, probabilities: Tensor) -> None:
+        self.curves[self.rows[index], self.steps[index]] = probabilities
 
 
 def deletion_curve(
