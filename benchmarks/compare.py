@@ -232,8 +232,9 @@ class PeerMaskScoreCAM(ScoreCAM):
     agreement check.
     """
 
-    def __init__(self, model: nn.Module, target_layer, peer_masks: Callable[[Tensor, Sequence[int]], Tensor]):
-        super().__init__(model, target_layer, score="logit", channel_softmax=True)
+    def __init__(self, model: nn.Module, target_layer, peer_masks: Callable[[Tensor, Sequence[int]], Tensor],
+                 **engine: Any):
+        super().__init__(model, target_layer, score="logit", channel_softmax=True, **engine)
         self.peer_masks = peer_masks
 
     def masks(self, activations: Tensor, size: Sequence[int]) -> Tensor:
@@ -341,6 +342,12 @@ def map_difference(explanation, peer_output, peer_kind: str) -> float:
     return float((mine - theirs).abs().max())
 
 
+# How camlens runs the model (camlens.accelerate): "plain" is the library's default, the model
+# itself; "optimize" its verified inference copy (optimize=True, the command line's default on
+# CPU); "compile" that copy compiled for the forward-only passes (Score-CAM's masked inputs).
+ENGINES = {"plain": {}, "optimize": {"optimize": True}, "compile": {"compile": True}}
+
+
 class Setup:
     """The model, its images and the contenders of every method.
 
@@ -348,9 +355,10 @@ class Setup:
     the first b images of ``pool``.
     """
 
-    def __init__(self, model: nn.Module, pool: Tensor, torchcam, pgc) -> None:
+    def __init__(self, model: nn.Module, pool: Tensor, torchcam, pgc, engine: str = "optimize") -> None:
         self.model, self.pool, self.torchcam, self.pgc = model, pool, torchcam, pgc
         self.layer = dict(model.named_modules())[LAYER]
+        self.engine = engine  # how camlens runs the model: a key of ENGINES
 
     @classmethod
     def embedded(cls, image: Path, torchcam, pgc) -> Setup:
@@ -368,7 +376,7 @@ class Setup:
             return x, self.model(x).argmax(1).tolist()
 
     def pairs(self, method: str, x: Tensor, classes: list[int]) -> list[Pair]:
-        model = self.model
+        model, engine = self.model, ENGINES[self.engine]
 
         def mine(label: str, make: Callable[[], Any]) -> Contender:
             return Contender(label, make, lambda explainer: explainer(x, classes))
@@ -381,17 +389,17 @@ class Setup:
 
         formula, masks = "engine + peer's formula", "logit, channel softmax; engine + peer's masks"
         if method == "cam":
-            shipped = mine("camlens", lambda: CAM(model, LAYER))
+            shipped = mine("camlens", lambda: CAM(model, LAYER, **engine))
             candidates = [(TORCHCAM, shipped, tc("CAM", relu=True, fc_layer=FC), "as shipped; TorchCAM's + ReLU")]
         elif method == "gradcam":
-            shipped = mine("camlens", lambda: GradCAM(model, LAYER))
+            shipped = mine("camlens", lambda: GradCAM(model, LAYER, **engine))
             candidates = [
                 (TORCHCAM, shipped, tc("GradCAM"), "as shipped"),
                 (PGC, shipped, pgc("GradCAM"), "as shipped"),
             ]
         elif method == "gradcam++":
-            torchcams = mine("camlens (TorchCAM's formula)", lambda: TorchCAMGradCAMPlusPlus(model, LAYER))
-            pgcs = mine("camlens (pytorch-grad-cam's formula)", lambda: PgcGradCAMPlusPlus(model, LAYER))
+            torchcams = mine("camlens (TorchCAM's formula)", lambda: TorchCAMGradCAMPlusPlus(model, LAYER, **engine))
+            pgcs = mine("camlens (pytorch-grad-cam's formula)", lambda: PgcGradCAMPlusPlus(model, LAYER, **engine))
             candidates = [
                 (TORCHCAM, torchcams, tc("GradCAMpp"), formula),
                 (PGC, pgcs, pgc("GradCAMPlusPlus"), formula),
@@ -400,16 +408,16 @@ class Setup:
             theirs = tc("SmoothGradCAMpp", num_samples=SMOOTH_SAMPLES, std=TORCHCAM_SMOOTH_STD)
             torchcams = mine(
                 "camlens (TorchCAM's formula)",
-                lambda: TorchCAMSmoothGradCAMPlusPlus(model, LAYER, SMOOTH_SAMPLES, TORCHCAM_SMOOTH_STD),
+                lambda: TorchCAMSmoothGradCAMPlusPlus(model, LAYER, SMOOTH_SAMPLES, TORCHCAM_SMOOTH_STD, **engine),
             )
-            own = mine("camlens", lambda: SmoothGradCAMPlusPlus(model, LAYER, n_samples=SMOOTH_SAMPLES))
+            own = mine("camlens", lambda: SmoothGradCAMPlusPlus(model, LAYER, n_samples=SMOOTH_SAMPLES, **engine))
             candidates = [
                 (TORCHCAM, torchcams, theirs, formula),
                 (TORCHCAM, own, theirs, "camlens's own: other noise and formula", False),
             ]
         else:
-            torchcams = mine("camlens (TorchCAM's masks)", lambda: PeerMaskScoreCAM(model, LAYER, torchcam_masks))
-            pgcs = mine("camlens (pytorch-grad-cam's masks)", lambda: PeerMaskScoreCAM(model, LAYER, pgc_masks))
+            torchcams = mine("camlens (TorchCAM's masks)", lambda: PeerMaskScoreCAM(model, LAYER, torchcam_masks, **engine))
+            pgcs = mine("camlens (pytorch-grad-cam's masks)", lambda: PeerMaskScoreCAM(model, LAYER, pgc_masks, **engine))
             candidates = [
                 (TORCHCAM, torchcams, tc("ScoreCAM"), masks),
                 (PGC, pgcs, pgc("ScoreCAM"), masks),
@@ -577,6 +585,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch's thread count")
     parser.add_argument("--image", type=Path, default=ROOT / "samples" / "coffee.png", help="the batch-1 photo")
     parser.add_argument("--json", type=Path, help="also write every time measured to this file")
+    parser.add_argument("--engine", choices=list(ENGINES), default="optimize",
+                        help="how camlens runs the model: its inference copy (optimize, the command line's default "
+                             "on CPU), the model itself (plain, the library's default), or the copy compiled")
     args = parser.parse_args(argv)
     if min(args.repeats, args.score_cam_repeats, args.threads) < 1:
         parser.error("repeats and threads must be at least 1")
@@ -602,6 +613,7 @@ def main(argv: list[str] | None = None) -> None:
         cv2.setNumThreads(args.threads)
 
     setup = Setup.embedded(args.image.resolve(), torchcam, pgc)
+    setup.engine = args.engine
     groups = []
     for method in args.methods:
         score_cam = method == "scorecam"
@@ -620,6 +632,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     say(f"camlens {camlens.__version__}; {conditions}; peers: {', '.join(peers)}")
     say(f"embedded EfficientNet-Lite0, layer {LAYER!r}; batch 1: {args.image.name}, then the samples, mirrored")
+    say(f"camlens runs the model with --engine {args.engine}: {ENGINES[args.engine] or 'the model itself'}")
     say("plan:")
     for g in groups:
         libraries = ", ".join(c.label for c in g.contenders)

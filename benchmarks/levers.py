@@ -18,7 +18,8 @@ Every configuration is checked first against the plain one (max |map difference|
 metrics the largest difference of any value). Configurations alternate run by run in a rotating
 order, so a slow spell of a shared machine falls on all of them; medians and the quartiles of
 the per-run ratio are printed. Then a throughput curve of forward-only batches (ms per image at
-batch 1 to 64), plain, copy and compiled copy, from which the default batch sizes were chosen.
+batch 1 to 64), plain, copy and compiled copy, and Smooth Grad-CAM++'s time per batch size:
+the default batch sizes were chosen from these.
 
 Run::
 
@@ -29,7 +30,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -41,10 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import camlens  # noqa: E402
-from camlens import accelerate  # noqa: E402
+from camlens.accelerate import InferenceCopies  # noqa: E402
 from camlens.capture import preserved  # noqa: E402
 from camlens.evaluate import evaluate_image  # noqa: E402
-from camlens.methods import base  # noqa: E402
 from camlens.models import efficientnet_lite0  # noqa: E402
 from camlens.io import load_image  # noqa: E402
 from timing import CpuMonitor  # noqa: E402
@@ -52,6 +51,7 @@ from timing import CpuMonitor  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 LAYER = "features"
 METRICS = ["drop", "increase", "deletion", "insertion"]
+EVALUATE_BATCH = 33  # one image's perturbed inputs at 16 steps: 1 + 16 + 16
 # name -> (optimize, compile, inference_copy settings)
 CONFIGS = {
     "plain": (False, False, None),
@@ -72,10 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def engine(settings: dict | None):
-    """Make the methods' inference copy the one of ``settings`` (the plain config has none)."""
-    made = functools.partial(accelerate.inference_copy, **settings) if settings else (lambda model, images: None)
-    base.inference_copy = made
+def build(name: str, model, config: str, **options):
+    """The method object of ``config``: its inference copies made with the config's settings."""
+    optimize, compile, settings = CONFIGS[config]
+    method = camlens.get_method(name)(model, LAYER, optimize=optimize, compile=compile, **options)
+    if settings:
+        method._copies = InferenceCopies(**settings)
+    return method
 
 
 def photos(model) -> torch.Tensor:
@@ -85,41 +88,37 @@ def photos(model) -> torch.Tensor:
 
 
 def workloads(model, x: torch.Tensor, evaluate_images: int) -> dict[str, tuple[Callable, set[str]]]:
-    """name -> (run(optimize, compile) -> result, configurations that apply)."""
+    """name -> (run(config) -> result, configurations that apply). Method objects are built once
+    per configuration and reused, as an application would."""
     gradient = {"plain", "channels-last", "fold", "copy"}
     every = gradient | {"copy + compile"}
+    cache: dict = {}
 
-    def method(name, **options):
-        return lambda optimize, compile: camlens.get_method(name)(model, LAYER, optimize=optimize, compile=compile,
-                                                                  **options)
-
-    def maps(make, images):
-        def run(optimize, compile, make=make):
-            key = (optimize, compile)
-            if key not in cache.setdefault(id(make), {}):
-                cache[id(make)][key] = make(optimize, compile)
-            return cache[id(make)][key](images).maps
+    def maps(name, images, **options):
+        def run(config):
+            key = (name, id(images), config)
+            if key not in cache:
+                cache[key] = build(name, model, config, **options)
+            return cache[key](images).maps
         return run
 
-    def evaluate(optimize, compile):
-        key = ("evaluate", optimize, compile)
+    def evaluate(config):
+        key = ("evaluate", config)
         if key not in cache:
-            cache[key] = camlens.GradCAM(model, LAYER, optimize=optimize, compile=compile)
-        explainer, labels = cache[key], [967, 281, 834, 812]
-        values = []
+            cache[key] = build("gradcam", model, config)
+        labels, values = [967, 281, 834, 812], []
         for i in range(evaluate_images):
-            record = evaluate_image(explainer, x[i], labels[i % 4], [], METRICS, steps=16, batch_size=33)
+            record = evaluate_image(cache[key], x[i], labels[i % 4], [], METRICS, steps=16, batch_size=EVALUATE_BATCH)
             values.append([record[k] for k in ("probability", "explained_probability", "drop", "deletion",
                                                "insertion")] + record["deletion_curve"] + record["insertion_curve"])
         return torch.tensor(values)
 
-    cache: dict = {}
     return {
-        "Grad-CAM, batch 1": (maps(method("gradcam"), x[:1]), gradient),
-        "Grad-CAM, batch 8": (maps(method("gradcam"), x), gradient),
+        "Grad-CAM, batch 1": (maps("gradcam", x[:1]), gradient),
+        "Grad-CAM, batch 8": (maps("gradcam", x), gradient),
         "Smooth Grad-CAM++ (8 copies, batch_size 8), batch 1": (
-            maps(method("smoothgradcam++", seed=0, batch_size=8), x[:1]), gradient),
-        "Score-CAM, batch 1": (maps(method("scorecam"), x[:1]), every),
+            maps("smoothgradcam++", x[:1], seed=0, batch_size=8), gradient),
+        "Score-CAM, batch 1": (maps("scorecam", x[:1]), every),
         f"evaluate_image, Grad-CAM, 4 metrics ({evaluate_images} images)": (evaluate, every),
     }
 
@@ -134,24 +133,20 @@ def run_workload(name: str, run, configs: list[str], repeats: int) -> None:
     print(f"\n## {name}", flush=True)
     reference = None
     for config in ["plain", *[c for c in configs if c != "plain"]]:
-        optimize, compile, settings = CONFIGS[config]
-        engine(settings)
         first = time.perf_counter()
-        result = run(optimize, compile)
+        result = run(config)
         first = time.perf_counter() - first
         if reference is None:
             reference = result
         difference = (result - reference).abs().max().item()
-        note = f", first call (copy made, compiled) {first:.1f} s" if compile else ""
+        note = f", first call {first:.1f} s (copy made{', compiled' if 'compile' in config else ''})" if config != "plain" else ""
         print(f"  {config:15s} max |difference| against plain {difference:.1e}{note}", flush=True)
     times: dict[str, list[float]] = {c: [] for c in configs}
     with CpuMonitor() as monitor:
         for r in range(repeats):
             order = configs[r % len(configs):] + configs[: r % len(configs)]
             for config in order:
-                optimize, compile, settings = CONFIGS[config]
-                engine(settings)
-                times[config].append(timed(lambda: run(optimize, compile)))
+                times[config].append(timed(lambda: run(config)))
     plain = times["plain"]
     print(f"  {'configuration':15s} {'median':>10s} {'speed-up':>9s}  per-run speed-up (quartiles)")
     for config in configs:
@@ -167,24 +162,33 @@ def run_workload(name: str, run, configs: list[str], repeats: int) -> None:
 def throughput_curve(model, x: torch.Tensor, compile: bool) -> None:
     print("\n## Forward-only throughput, ms per image (no_grad)", flush=True)
     sizes = [1, 4, 8, 16, 32, 64]
-    print("  batch  " + "  ".join(f"{s:>6d}" for s in sizes))
+    print("  batch          " + "  ".join(f"{s:>6d}" for s in sizes))
+    configs = ["plain", "copy"] + (["copy + compile"] if compile else [])
     with preserved(model), torch.no_grad():
-        engine({"fold": True, "channels_last": True})
-        modules = {"plain": model,
-                   "copy": camlens.GradCAM(model, optimize=True).fast_forward(x, 64)}
-        if compile:
-            modules["copy + compile"] = None
-        for label, module in modules.items():
+        for config in configs:
             cells = []
             for size in sizes:
                 batch = x.repeat(size // x.shape[0] + 1, 1, 1, 1)[:size]
-                forward = module
-                if label == "copy + compile":
-                    forward = camlens.GradCAM(model, compile=True).fast_forward(batch, size)
+                forward = build("gradcam", model, config).fast_forward(batch, size)
                 forward(batch)
-                runs = [timed(lambda: forward(batch)) for _ in range(max(2, 16 // size))]
+                runs = [timed(lambda: forward(batch)) for _ in range(max(3, 32 // size))]
                 cells.append(statistics.median(runs) * 1000 / size)
-            print(f"  {label:15s}" + "  ".join(f"{c:6.1f}" for c in cells), flush=True)
+            print(f"  {config:15s}" + "  ".join(f"{c:6.1f}" for c in cells), flush=True)
+
+
+def smooth_batch_curve(model, x: torch.Tensor) -> None:
+    """Smooth Grad-CAM++'s 64 noisy copies of 8 images (forward and backward) per batch size."""
+    print("\n## Smooth Grad-CAM++ on 8 images (64 noisy copies), seconds per call by batch_size (copy)", flush=True)
+    sizes = [4, 8, 16, 32, 64]
+    methods = {size: build("smoothgradcam++", model, "copy", seed=0, batch_size=size) for size in sizes}
+    reference = methods[8](x).maps
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for size, method in methods.items():
+        assert torch.equal(method(x).maps, reference) or (method(x).maps - reference).abs().max() < 1e-5
+    for _ in range(3):
+        for size, method in methods.items():
+            times[size].append(timed(lambda method=method: method(x)))
+    print("  " + "  ".join(f"{size}: {statistics.median(times[size]):.2f} s" for size in sizes), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         run_workload(name, run, configs, args.slow_repeats if slow else args.repeats)
     if not args.skip_curve:
         throughput_curve(model, x, not args.skip_compile)
-    engine({"fold": True, "channels_last": True})
+        smooth_batch_curve(model, x)
 
 
 if __name__ == "__main__":

@@ -62,4 +62,4 @@ def no_inference_copy(monkeypatch):
     """Explain the model itself, never its inference copy (camlens.accelerate): for tests that
     watch the model's own forward passes through hooks on it, which the copy does not carry.
     tests/test_accelerate.py checks that the copy gives the same numbers."""
-    monkeypatch.setattr("camlens.methods.base.inference_copy", lambda model, images: None)
+    monkeypatch.setattr("camlens.accelerate.InferenceCopies.get", lambda self, model, images: None)

@@ -10,13 +10,14 @@ import copy
 import gc
 import os
 import threading
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
 import camlens
-from camlens.accelerate import CompiledForward, inference_copy
+from camlens.accelerate import CompiledForward, InferenceCopies, inference_copy
 from camlens.capture import preserved
 from camlens.errors import CamlensError
 from camlens.evaluate import evaluate_image
@@ -69,38 +70,36 @@ def test_folds_each_conv_batch_norm_pair_and_keeps_names(images):
 
 
 def test_copy_is_remembered_and_remade_when_the_model_changes(images):
-    model = make_tiny()
-    with preserved(model):
-        first = inference_copy(model, images)
-        assert inference_copy(model, images) is first
+    model, copies = make_tiny(), InferenceCopies()
+    first = copies.get(model, images)
+    assert first is not None and copies.get(model, images) is first
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
     model(images).sum().backward()  # also updates the batch norms' running statistics
     optimizer.step()
     model.eval()
-    with preserved(model):
-        second = inference_copy(model, images)
-        assert second is not first
-        with torch.no_grad():
-            assert torch.allclose(second.module(second.prepare(images)), model(images), atol=1e-12)
+    second = copies.get(model, images)
+    assert second is not first
+    with torch.no_grad():
+        assert torch.allclose(second.module(second.prepare(images)), model(images), atol=1e-12)
     model.fc = nn.Linear(8, 5).double()  # a replaced module
-    with preserved(model):
-        third = inference_copy(model, images)
-        assert third is not second
-        with torch.no_grad():
-            assert torch.allclose(third.module(third.prepare(images)), model(images), atol=1e-12)
+    third = copies.get(model, images)
+    assert third is not second
+    with torch.no_grad():
+        assert torch.allclose(third.module(third.prepare(images)), model(images), atol=1e-12)
 
 
-def test_remembered_copy_does_not_keep_the_model_alive(images):
-    from camlens import accelerate
-
+def test_a_method_object_reuses_its_copy_and_keeps_nothing_alive(images):
     model = make_tiny()
-    with preserved(model):
-        inference_copy(model, images)
-    before = len(accelerate._copies)
-    del model
+    method = camlens.GradCAM(model, "features", optimize=True)
+    method(images)
+    made = method._copies.get(model, images)
+    method(images[:2])
+    assert method._copies.get(model, images) is made  # another batch size: the same copy
+    alive = weakref.ref(model)
+    del model, method, made
     gc.collect()
-    assert len(accelerate._copies) == before - 1
+    assert alive() is None
 
 
 class SharedConvOutput(nn.Module):
@@ -207,13 +206,12 @@ def test_a_model_in_training_mode_is_restored_and_explained_in_eval_mode(images)
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_bad_engine_options(images, value):
     model = make_tiny()
-    if value is not None:
-        with pytest.raises(CamlensError, match="optimize must be True or False"):
-            camlens.GradCAM(model, optimize=value)
-        with pytest.raises(CamlensError, match="compile must be True or False"):
-            camlens.GradCAM(model, compile=value)
-    with pytest.raises(CamlensError, match="optimize=False"):
-        camlens.GradCAM(model, optimize=False, compile=True)
+    with pytest.raises(CamlensError, match="optimize must be True or False"):
+        camlens.GradCAM(model, optimize=value)
+    with pytest.raises(CamlensError, match="compile must be True or False"):
+        camlens.GradCAM(model, compile=value)
+    assert camlens.GradCAM(model, compile=True).optimize  # compiling runs the copy
+    assert not camlens.GradCAM(model).optimize  # the library runs the model itself unless asked
 
 
 class Identity(nn.Module):

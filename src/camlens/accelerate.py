@@ -16,11 +16,20 @@ inference instead of the model itself:
   batches padded to one fixed size so that it compiles once per input shape; inductor's cache
   on disk lets the next process skip most of the compilation.
 
-The copy is **verified** before use: one forward pass of the first image through the model and
-through the copy, every submodule hooked; every output but the folded convolutions' must agree
-to 1e-4 of its own largest magnitude (float rounding leaves about 1e-6). A model that cannot be
-copied or does not agree is run as it is. The copy is remembered per model (never keeping the
-model alive) and made again when any module, parameter or buffer of the model changes.
+The copy is **verified** before use, for each input signature (size, dtype, device): one
+forward pass of the first image through the model and through the copy, every submodule
+hooked; every output but the folded convolutions' must agree to ``1000 eps`` of the dtype
+(at most 1e-3) relative to its own largest magnitude (folding leaves about ``50 eps``). A model
+that cannot be copied, fails, or does not agree is run as it is.
+
+**A copy is a snapshot** held by one method object (:class:`InferenceCopies`): it is made at its
+first use and made again when a module, parameter or buffer of the model is replaced or updated
+in place (through the tensor itself: an optimizer step, ``load_state_dict``, batch norm
+statistics); changes it cannot see (through ``.data``, to a module's attributes, hooks added
+later) call for a new method object. Hooks on the model do not run on the copy. A forward that
+branches on the values of its input is verified on the first image only. That is why the
+library leaves it off unless asked (``optimize=True``), and the command line, which owns its
+model, turns it on for CPU.
 """
 
 from __future__ import annotations
@@ -38,8 +47,9 @@ from torch import Tensor, nn
 from .capture import preserved
 
 
-# Agreement asked of the copy, relative to each output's largest magnitude.
-TOLERANCE = 1e-4
+# Agreement asked of the copy, in epsilons of the dtype, relative to each output's magnitude.
+TOLERANCE_EPS = 1000
+TOLERANCE_MAX = 1e-3
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
@@ -62,6 +72,9 @@ class InferenceCopy:
     module: nn.Module
     folded: frozenset[str]
     channels_last: bool
+    # False when a batch norm uses the batch's own statistics in eval mode: padding a batch
+    # would change its rows, so the compiled forward is not used.
+    rows_independent: bool = True
     _compiled: dict = field(default_factory=dict, repr=False)
 
     def serves(self, names: Iterable[str]) -> bool:
@@ -101,7 +114,7 @@ class CompiledForward(nn.Module):
         self.copy = inference.module  # a submodule, so that preserved() and .to() see it
 
     def forward(self, inputs: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not self.inference.rows_independent:
             return self.copy(self.inference.prepare(inputs))
         compiled = self.inference.compiled()
         parts = []
@@ -126,41 +139,46 @@ class PlainForward(nn.Module):
         return self.copy(self.inference.prepare(inputs))
 
 
-def fast_forward(model: nn.Module, example: Tensor, compile: bool = False, batch: int = 32) -> nn.Module:
-    """A module whose forward gives ``model``'s logits faster: its verified inference copy
-    (compiled when ``compile``, in batches of ``batch``), or ``model`` itself when there is none.
-    Call it in eval mode with frozen weights (inside ``capture.preserved(model)``)."""
-    inference = inference_copy(model, example)
-    if inference is None:
-        return model
-    return CompiledForward(inference, batch) if compile else PlainForward(inference)
+class InferenceCopies:
+    """The inference copies of one owner (a method object): at most one per model and settings,
+    verified per input signature, made again when the model changes (see the module docstring).
 
+    ``fold`` and ``channels_last`` turn each change off (to measure what each buys).
+    """
 
-# model -> {settings: (state signature, InferenceCopy or None)}. Weak keys: never keeps a model alive.
-_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_copies_lock = threading.Lock()
+    def __init__(self, fold: bool = True, channels_last: bool = True) -> None:
+        self.fold = fold
+        self.channels_last = channels_last
+        # model -> (state signature, InferenceCopy or None, {input signature: verified}). Weak
+        # keys: the owner keeps a model alive only as long as the owner itself does.
+        self._made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, model: nn.Module, example: Tensor) -> InferenceCopy | None:
+        """The copy of ``model`` for inputs like ``example``, or None where there is none.
+        The model is in eval mode with frozen weights while the copy is made and verified."""
+        state = _state(model)
+        signature = (tuple(example.shape[1:]), example.dtype, example.device)
+        with self._lock:
+            remembered = self._made.get(model)
+        with preserved(model):
+            if remembered is None or not _same_state(remembered[0], state):
+                made = _make(model, example[:1], self.fold, self.channels_last)
+                remembered = (state, made, {})
+            made, verified = remembered[1], remembered[2]
+            if made is not None and signature not in verified:
+                verified[signature] = _agrees(model, made, example[:1])
+        with self._lock:
+            self._made[model] = remembered
+        return made if made is not None and verified[signature] else None
 
 
 def inference_copy(
     model: nn.Module, example: Tensor, *, fold: bool = True, channels_last: bool = True
 ) -> InferenceCopy | None:
-    """The verified inference copy of ``model`` (see the module's docstring), made on the first
-    call and remembered while the model's modules, parameters and buffers stay the same; None
-    when the model cannot be copied or its copy does not agree on ``example``. ``fold`` and
-    ``channels_last`` turn each change off (to measure what each buys).
-
-    The model is put in eval mode with frozen weights while the copy is made, as when explaining.
-    """
-    state, settings = _state(model), (fold, channels_last)
-    with _copies_lock:
-        remembered = _copies.get(model, {}).get(settings)
-    if remembered is not None and _same_state(remembered[0], state):
-        return remembered[1]
-    with preserved(model):
-        made = _make(model, example[:1], fold, channels_last)
-    with _copies_lock:
-        _copies.setdefault(model, {})[settings] = (state, made)
-    return made
+    """A new verified inference copy of ``model`` for inputs like ``example`` (see the module
+    docstring), or None where there is none. :class:`InferenceCopies` remembers them."""
+    return InferenceCopies(fold, channels_last).get(model, example)
 
 
 def _state(model: nn.Module) -> tuple:
@@ -182,35 +200,42 @@ def _same_state(old: tuple, new: tuple) -> bool:
 
 
 def _make(model: nn.Module, example: Tensor, fold: bool, channels_last: bool) -> InferenceCopy | None:
-    expected, pairs = _trace(model, example)
-    if not fold:
-        pairs = {}
+    """The copy, unverified; None where the model cannot be traced, copied or folded."""
     try:
+        _, pairs = _trace(model, example)
         clone = copy.deepcopy(model)
-    except Exception:  # a model holding something that cannot be copied: run it as it is
-        return None
-    for module in clone.modules():
-        for attribute in _HOOK_DICTS:
-            hooks = getattr(module, attribute, None)
-            if hooks:
-                hooks.clear()
-    for parameter in clone.parameters():
-        parameter.requires_grad_(False)
-    _fold_batch_norms(clone, pairs)
-    channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in clone.modules())
-    if channels_last:
-        clone = clone.to(memory_format=torch.channels_last)
-    made = InferenceCopy(clone, frozenset(pairs), channels_last)
+        for module in clone.modules():
+            for attribute in _HOOK_DICTS:
+                hooks = getattr(module, attribute, None)
+                if hooks:
+                    hooks.clear()
+        for parameter in clone.parameters():
+            parameter.requires_grad_(False)
+        pairs = pairs if fold else {}
+        _fold_batch_norms(clone, pairs)
+        channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in clone.modules())
+        if channels_last:
+            clone = clone.to(memory_format=torch.channels_last)
+    except Exception:  # e.g. a parametrized weight, an attribute that cannot be copied, a model
+        return None  # that fails on one image: run the model as it is
+    independent = not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in clone.modules()
+    )
+    return InferenceCopy(clone, frozenset(pairs), channels_last, independent)
+
+
+def _agrees(model: nn.Module, made: InferenceCopy, example: Tensor) -> bool:
+    """Every submodule output (but the folded convolutions') and the model's output agree."""
     try:
+        expected, _ = _trace(model, example)
         got, _ = _trace(made.module, made.prepare(example))
     except Exception:
-        return None
-    agrees = set(expected) == set(got) and all(
+        return False
+    return set(expected) == set(got) and all(
         len(values) == len(got[name]) and all(map(_close, values, got[name]))
         for name, values in expected.items()
         if name not in made.folded
     )
-    return made if agrees else None
 
 
 def _trace(model: nn.Module, example: Tensor) -> tuple[dict[str, list], dict[str, str]]:
@@ -281,7 +306,8 @@ def _close(expected: object, got: object) -> bool:
         if expected.numel() == 0:
             return True
         scale = float(expected.abs().max()) if bool(torch.isfinite(expected).all()) else float("nan")
-        return bool((expected - got).abs().max() <= TOLERANCE * scale + 1e-30)
+        tolerance = min(TOLERANCE_EPS * torch.finfo(expected.dtype).eps, TOLERANCE_MAX)
+        return bool((expected - got).abs().max() <= tolerance * scale + torch.finfo(expected.dtype).tiny)
     if isinstance(expected, (tuple, list)):
         return isinstance(got, (tuple, list)) and len(expected) == len(got) and all(map(_close, expected, got))
     if isinstance(expected, dict):

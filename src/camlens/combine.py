@@ -27,25 +27,40 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+# A map is flat when its values differ by no more than float rounding: at most this many
+# epsilons of its dtype, relative to its largest magnitude. (Two computations of the same map,
+# e.g. channels-last and contiguous convolutions, differ by a few epsilons where it is flat.)
+FLAT_EPS = 64
+
+
+def _flat(low: Tensor, high: Tensor) -> Tensor:
+    eps = torch.finfo(low.dtype).eps if low.is_floating_point() else 0.0
+    return (high - low) <= FLAT_EPS * eps * torch.maximum(low.abs(), high.abs())
+
+
 def normalise(maps: Tensor, constant: Tensor | None = None) -> Tensor:
     r"""Min-max normalisation ``s`` of each map over its last two dimensions.
 
-    :math:`s(M) = (M - \min M) / (\max M - \min M)`; a constant map becomes all zeros.
+    :math:`s(M) = (M - \min M) / (\max M - \min M)`; a map that is constant (up to float
+    rounding: a spread of at most ``FLAT_EPS`` epsilons of its magnitude) becomes all zeros.
     ``constant`` (broadcastable to ``maps.shape[:-2]``) marks maps known to be constant.
     """
     flat = maps.flatten(-2)
     low = flat.amin(-1)[..., None, None]
-    span = flat.amax(-1)[..., None, None] - low
-    zero = span == 0
+    high = flat.amax(-1)[..., None, None]
+    span = high - low
+    zero = (span == 0) | _flat(low, high)
     if constant is not None:
         zero = zero | constant[..., None, None]
     return torch.where(zero, torch.zeros_like(maps), (maps - low) / torch.where(zero, 1, span))
 
 
 def is_constant(maps: Tensor) -> Tensor:
-    """True for each (h, w) map whose values are all equal (shape ``maps.shape[:-2]``)."""
+    """True for each (h, w) map whose values are all equal, up to float rounding (see
+    :func:`normalise`); shape ``maps.shape[:-2]``."""
     flat = maps.flatten(-2)
-    return flat.amax(dim=-1) == flat.amin(dim=-1)
+    low, high = flat.amin(dim=-1), flat.amax(dim=-1)
+    return (high == low) | _flat(low, high)
 
 
 def upsample_normalise(maps: Tensor, size: Sequence[int]) -> Tensor:

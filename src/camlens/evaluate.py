@@ -112,27 +112,42 @@ def _faithfulness(
     method: CAMMethod, x: Tensor, maps: Tensor, classes: Tensor, probability: Tensor,
     wanted: Sequence[str], steps: int, batch_size: int,
 ) -> dict[str, Tensor]:
-    """The explanation image's probability O (``"drop"``) and the deletion and insertion curves,
-    their perturbed inputs forwarded as one stream in batches of ``batch_size`` (no batch
-    holds one metric's leftovers alone), through the method's way of running the model."""
+    """The explanation image's probability O (``"drop"``) and the deletion and insertion curves.
+
+    Their perturbed inputs form one stream, built and forwarded ``batch_size`` rows at a time
+    (so no batch holds one metric's leftovers alone, and memory does not grow with ``steps``),
+    the way the method runs the model (its inference copy with ``optimize``)."""
     plans: dict[str, CurvePlan] = {}
     if "deletion" in wanted:
         plans["deletion"] = CurvePlan(x, maps, classes, x, torch.zeros_like(x), steps, (0, probability))
     if "insertion" in wanted:
         plans["insertion"] = CurvePlan(x, maps, classes, gaussian_blur(x), x, steps, (steps, probability))
-    parts = [explanation_images(x, maps)] if "drop" in wanted else []
-    parts += [plan.inputs(torch.arange(plan.rows.numel(), device=x.device)) for plan in plans.values()]
-    inputs = torch.cat(parts)
+    # Rows of the stream: (source, its row count, the builder of some of its rows).
+    sources: list[tuple[str, int, object]] = []
+    if "drop" in wanted:
+        sources.append(("drop", 1, lambda index: explanation_images(x, maps)))
+    sources += [(name, plan.rows.numel(), plan.inputs) for name, plan in plans.items()]
+    total = sum(count for _, count, _ in sources)
+    found = x.new_empty(total)
     with preserved(method.model):
         scorer = method.fast_forward(x, batch_size)
-        found = class_probabilities(scorer, inputs, classes.expand(inputs.shape[0]), batch_size)
-    results, begin = {}, 0
-    if "drop" in wanted:
-        results["drop"], begin = found[:1], 1
-    for name, plan in plans.items():
-        count = plan.rows.numel()
-        plan.fill(torch.arange(count, device=x.device), found[begin : begin + count])
-        results[name], begin = plan.curves, begin + count
+        for begin in range(0, total, batch_size):
+            end, parts, offset = min(begin + batch_size, total), [], 0
+            for _, count, build in sources:  # the rows of each source that fall in [begin, end)
+                low, high = max(begin, offset), min(end, offset + count)
+                if low < high:
+                    parts.append(build(torch.arange(low - offset, high - offset, device=x.device)))
+                offset += count
+            inputs = torch.cat(parts)
+            found[begin:end] = class_probabilities(scorer, inputs, classes.expand(inputs.shape[0]), batch_size)
+    results, offset = {}, 0
+    for name, count, _ in sources:
+        if name == "drop":
+            results[name] = found[:1]
+        else:
+            plans[name].fill(torch.arange(count, device=x.device), found[offset : offset + count])
+            results[name] = plans[name].curves
+        offset += count
     return results
 
 

@@ -140,21 +140,38 @@ def engine_options(command: Callable | None = None, *, passes: str = "Score-CAM'
     return decorate if command is None else decorate(command)
 
 
-def engine_settings(optimize: bool | None, compile_model: bool) -> dict[str, Any]:
-    """The methods' ``optimize`` and ``compile`` options from --optimize/--no-optimize and --compile."""
+def _top_channels(context: click.Context, parameter: click.Parameter, value: str | None) -> int | float | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is neither a count of channels nor a fraction") from None
+
+
+def top_channels_option(command: Callable) -> Callable:
+    """--top-channels N|F: Faster Score-CAM, opt-in (ScoreCAM's ``top_channels``)."""
+    return click.option(
+        "--top-channels", metavar="N|F", callback=_top_channels,
+        help="Score-CAM only: Faster Score-CAM, an approximation. Forward only the N channels (an integer), or the "
+             "fraction F (0 < F <= 1) of the target layer's channels, with the largest spatial variance; the others "
+             "weigh 0. Default: every channel (exact).")(command)
+
+
+def engine_settings(optimize: bool | None, compile_model: bool, device: torch.device) -> dict[str, bool]:
+    """The methods' ``optimize`` and ``compile`` options from --optimize/--no-optimize and
+    --compile on ``device`` (the copy is on by default for CPU, where it was measured; the
+    command line owns its model, so the copy, a snapshot, cannot go stale)."""
     if compile_model and optimize is False:
         raise CamlensError("--compile compiles the inference copy that --no-optimize turns off: give one of them")
     if compile_model:
         echo_error("camlens: note: --compile: the first forward passes compile the model (up to a minute per model "
                    "and input size on a CPU; cached on disk for the next runs)")
-    return {"optimize": optimize, "compile": compile_model}
-
-
-def engine_record(engine: dict[str, Any], device: torch.device) -> dict[str, bool]:
-    """What the engine settings do on ``device``, for manifests and run identities."""
-    optimize = engine.get("optimize")
-    return {"optimize": device.type == "cpu" if optimize is None else bool(optimize),
-            "compile": bool(engine.get("compile"))}
+    return {"optimize": device.type == "cpu" if optimize is None else optimize or compile_model,
+            "compile": compile_model}
 
 
 def open_model(
@@ -271,12 +288,18 @@ def note_skip(method: str, reason: str) -> None:
 
 
 def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,
-                   seed: int, fc: str | None = None, engine: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The method objects; ``engine``: their ``optimize`` and ``compile`` options."""
+                   seed: int, fc: str | None = None, engine: dict[str, Any] | None = None,
+                   top_channels: int | float | None = None) -> dict[str, Any]:
+    """The method objects; ``engine``: their ``optimize`` and ``compile`` options;
+    ``top_channels``: Score-CAM's (refused without Score-CAM)."""
+    if top_channels is not None and "scorecam" not in methods:
+        raise CamlensError("--top-channels applies to Score-CAM: add -m scorecam")
     objects = {}
     for name in methods:
         options: dict[str, Any] = {"fc": fc} if name == "cam" else {}
         options.update(engine or {})
+        if name == "scorecam" and top_channels is not None:
+            options["top_channels"] = top_channels
         if name in BATCHED_METHODS and batch_size is not None:
             options["batch_size"] = batch_size
         if name == "smoothgradcam++":

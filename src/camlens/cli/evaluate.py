@@ -46,7 +46,6 @@ from .common import (
     console,
     echo_error,
     engine_options,
-    engine_record,
     engine_settings,
     fc_option,
     method_objects,
@@ -55,6 +54,7 @@ from .common import (
     prepare,
     printable,
     run_options,
+    top_channels_option,
 )
 from .progress import LogProgress
 
@@ -78,12 +78,13 @@ SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the r
 @click.option("--steps", type=click.IntRange(2, 1024), default=16, show_default=True, help="Deletion/insertion steps.")
 @click.option("--target-layer", help="Layer to explain (default: the last feature map before pooling).")
 @fc_option
+@top_channels_option
 @run_options(batch_size_help="Inputs per forward pass of Score-CAM, Smooth Grad-CAM++ and the metrics "
                              "(default 32 for the metrics); it may differ between runs into one --out.")
 @engine_options(passes="Score-CAM's masked inputs and the metrics' perturbed inputs")
 @model_options
-def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, device, batch_size, seed,
-             optimize, compile_model, **model_args) -> None:
+def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, top_channels, device,
+             batch_size, seed, optimize, compile_model, **model_args) -> None:
     """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
     skipped_methods: dict[str, str] = {}
     layers: list[str] = []
@@ -93,7 +94,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
     wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
     if any(m in LOCALISATION for m in wanted) and not dataset.has_boxes:
         raise CamlensError("localisation metrics need boxes: give --boxes, or VOC XML files beside the images")
-    engine = engine_settings(optimize, compile_model)
+    engine = engine_settings(optimize, compile_model, torch_device)
     out_dir = ensure_writable_dir(out)
     root = Path(data) if Path(data).is_dir() else Path(data).parent
 
@@ -116,7 +117,8 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                              f"over the other {len(samples) - boxless}")
         weights_digest = module_digest(loaded.module)
         model = loaded.module.to(torch_device)
-        objects = method_objects(model, chosen, target_layer, batch_size, seed, fc=fc, engine=engine)
+        objects = method_objects(model, chosen, target_layer, batch_size, seed, fc=fc, engine=engine,
+                                 top_channels=top_channels)
         config = _identity(data, model_args, loaded, weights_digest, mapping, boxes, chosen, objects, wanted, steps,
                            layers[0], torch_device, engine)
         store = ResultStore(out_dir, config, {key(path) for path in dataset.listed})
@@ -267,7 +269,7 @@ def _identity(data, model_args: dict, loaded: LoadedModel, weights_digest: str, 
         "device": torch_device.type,
         # Like the device, the engine moves results by float rounding (about 1e-6) only, but a
         # resumed run is all from one computation.
-        "engine": engine_record(engine, torch_device),
+        "engine": engine,
     }
 
 

@@ -48,7 +48,6 @@ from .common import (
     console,
     echo_error,
     engine_options,
-    engine_record,
     engine_settings,
     fc_option,
     first_line,
@@ -60,6 +59,7 @@ from .common import (
     resolve_class,
     run_options,
     slug,
+    top_channels_option,
 )
 from .progress import LogProgress
 
@@ -93,7 +93,8 @@ class Explainer:
     def __init__(self, loaded: LoadedModel, methods: Sequence[str], target_layer: str | None,
                  class_index: int | None, top_k: int, device: torch.device,
                  batch_size: int | None, seed: int, fc: str | None = None,
-                 colormap: str = DEFAULT_COLORMAP, caption: bool = True, engine: dict | None = None) -> None:
+                 colormap: str = DEFAULT_COLORMAP, caption: bool = True, engine: dict | None = None,
+                 top_channels: int | float | None = None) -> None:
         self.loaded = loaded
         self.engine = engine or {}
         self.model = loaded.module.to(device)
@@ -104,7 +105,8 @@ class Explainer:
         self.caption = caption
         self.target_layers: tuple[str, ...] = ()
         self.default_layer: bool | None = None
-        self.methods = method_objects(self.model, methods, target_layer, batch_size, seed, fc=fc, engine=engine)
+        self.methods = method_objects(self.model, methods, target_layer, batch_size, seed, fc=fc, engine=engine,
+                                      top_channels=top_channels)
 
     def targets(self):
         return self.class_index if self.class_index is not None else TopK(self.top_k)
@@ -227,11 +229,12 @@ def made_for(folder: Path, path: Path) -> bool:
 @click.option("--caption/--no-caption", default=True, show_default=True,
               help="Write the method, class and layer under each overlay image.")
 @fc_option
+@top_channels_option
 @run_options
 @engine_options
 @model_options
-def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption, fc, device, batch_size, seed,
-            optimize, compile_model, **model_args) -> None:
+def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption, fc, top_channels, device,
+            batch_size, seed, optimize, compile_model, **model_args) -> None:
     """Explain IMAGE_OR_DIR... with each method: overlays, a comparison figure, maps and a manifest."""
     started = time.perf_counter()
     if class_ is not None and top_k is not None:
@@ -246,7 +249,8 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
     if top_k is not None and top_k > classes:
         raise CamlensError(f"--top-k {top_k} is more than the model's {classes} classes")
     explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or 1, torch_device, batch_size, seed,
-                          fc=fc, colormap=colormap, caption=caption, engine=engine_settings(optimize, compile_model))
+                          fc=fc, colormap=colormap, caption=caption, engine=engine_settings(optimize, compile_model, torch_device),
+                          top_channels=top_channels)
     run_record = {"created": now(), "command": command_line(), "methods": chosen, "model": loaded.name}
     results = [ImageResult(path, status="failed", error=reason) for path, reason in unreadable.items()]
 
@@ -380,7 +384,7 @@ def build_manifest(loaded, classes, explainer, methods, skipped_methods, results
         "targets": {"class": class_index} if class_index is not None else {"top_k": top_k or 1},
         "seed": seed,
         "batch_size": batch_size,
-        "engine": engine_record(explainer.engine, device),
+        "engine": explainer.engine,
         "render": {"colormap": explainer.colormap, "captions": explainer.caption},
         "images": [r.to_dict() for r in results],
         "kept": kept,

@@ -101,7 +101,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
     layer = layers[0]
     if not methods:
         chosen = [name for name in chosen if name in DEFAULT_METHODS]
-    engine = engine_settings(optimize, compile_model)
+    engine = engine_settings(optimize, compile_model, torch_device)
     out_dir = ensure_writable_dir(out)
     photo = load_image(image)
     with locked_output_dir(out_dir):  # one run at a time; clears what killed runs left

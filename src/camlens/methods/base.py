@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from ..accelerate import CompiledForward, PlainForward, inference_copy
+from ..accelerate import CompiledForward, InferenceCopies, PlainForward
 from ..capture import (
     LayersSpec,
     check_finite,
@@ -117,12 +117,15 @@ class CAMMethod:
         target_layer: a name from ``model.named_modules()``, a module, or a list of either
             (maps fused by averaging). None chooses the last module with a 4-D output before
             the global pooling; the choice is recorded in the Explanation.
-        optimize: run the model's verified inference copy (batch norm folded into convolutions,
-            channels-last memory; see :mod:`camlens.accelerate`): the same maps up to float
-            rounding (about 1e-6), faster. None (default): on CPU only, where it was measured.
-        compile: also compile that copy for the forward-only passes (Score-CAM's masked inputs,
-            the metrics' perturbed inputs) with ``torch.compile``: faster again, after a
-            compilation of up to a minute the first time per model and input shape.
+        optimize: run a verified inference copy of the model (batch norm folded into
+            convolutions, channels-last memory; see :mod:`camlens.accelerate`): the same maps up
+            to float rounding (about 1e-6), faster. The copy is a snapshot that this object
+            makes at its first call: reuse the object, and build a new one after changing the
+            model other than through its tensors (its attributes, hooks, ``.data``).
+        compile: run that copy compiled (``torch.compile``) for the forward-only passes
+            (Score-CAM's masked inputs, the metrics' perturbed inputs): faster again, after a
+            compilation of up to a minute the first time per model and input shape (cached on
+            disk). Implies ``optimize``.
     """
 
     name: ClassVar[str] = ""
@@ -136,20 +139,19 @@ class CAMMethod:
         model: nn.Module,
         target_layer: LayersSpec | None = None,
         *,
-        optimize: bool | None = None,
+        optimize: bool = False,
         compile: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise CamlensError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         check_hookable(model)
         for flag, value in (("optimize", optimize), ("compile", compile)):
-            if not (isinstance(value, bool) or (flag == "optimize" and value is None)):
+            if not isinstance(value, bool):
                 raise CamlensError(f"{flag} must be True or False, got {value!r}")
-        if compile and optimize is False:
-            raise CamlensError("compile=True compiles the inference copy, which optimize=False turns off")
         self.model = model
-        self.optimize = optimize
+        self.optimize = optimize or compile
         self.compile = compile
+        self._copies = InferenceCopies()
         self._layers = None if target_layer is None else resolve_layers(model, target_layer)
 
     # -- what a method supplies -------------------------------------------------------------
@@ -303,9 +305,8 @@ class CAMMethod:
     def _runners(self, x: Tensor, names: Sequence[str]) -> tuple[nn.Module, nn.Module]:
         """What runs the forward passes: ``(runner, scorer)``, the model's inference copy (the
         scorer compiled with ``compile``) where it applies to ``names``, else the model."""
-        optimize = self.optimize if self.optimize is not None else x.device.type == "cpu"
-        if optimize or self.compile:
-            inference = inference_copy(self.model, x)
+        if self.optimize:
+            inference = self._copies.get(self.model, x)
             if inference is not None and inference.serves(names):
                 runner = PlainForward(inference)
                 batch = getattr(self, "batch_size", 16)
@@ -316,9 +317,8 @@ class CAMMethod:
         """A module giving the model's logits the way this method runs it (its inference copy,
         compiled in batches of ``batch_size`` with ``compile``): for forward-only work such as
         the metrics. Call it in eval mode with frozen weights (``capture.preserved``)."""
-        optimize = self.optimize if self.optimize is not None else images.device.type == "cpu"
-        if optimize or self.compile:
-            inference = inference_copy(self.model, images)
+        if self.optimize:
+            inference = self._copies.get(self.model, images)
             if inference is not None:
                 return CompiledForward(inference, batch_size) if self.compile else PlainForward(inference)
         return self.model
