@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from test_cli import SAMPLES, one_line_error, run
@@ -60,3 +61,29 @@ def test_top_channels_runs_faster_score_cam_and_records_its_channels(tmp_path, c
     options = data["options"]["scorecam"]
     assert options["top_channels"] == 6
     assert "chosen_channels" not in options or len(options["chosen_channels"]["features"][0]) == 6
+
+
+def test_the_methods_of_a_run_share_one_inference_copy():
+    from camlens.cli.common import method_objects
+    from conftest import make_tiny
+
+    model = make_tiny()
+    objects = method_objects(model, ["gradcam", "gradcam++", "scorecam"], "features", None, 0,
+                             engine={"optimize": True, "compile": False})
+    copies = {id(method._copies) for method in objects.values()}
+    assert len(copies) == 1
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    for method in objects.values():
+        method(x)
+    (shared,) = {method._copies for method in objects.values()}
+    assert shared.get(model, x) is not None and len(shared._made) == 1
+
+
+def test_sanity_leaves_the_copy_off_unless_asked():
+    from camlens.cli.common import engine_settings
+
+    cpu = torch.device("cpu")
+    assert engine_settings(None, False, cpu, default=False) == {"optimize": False, "compile": False}
+    assert engine_settings(True, False, cpu, default=False) == {"optimize": True, "compile": False}
+    assert engine_settings(None, False, cpu) == {"optimize": True, "compile": False}
+    assert engine_settings(None, False, torch.device("meta")) == {"optimize": False, "compile": False}

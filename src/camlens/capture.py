@@ -100,18 +100,23 @@ def preserved(model: nn.Module) -> Iterator[None]:
     """
     modes = [(module, module.training) for module in model.modules()]
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    # Only what differs is set (nn.Module.__setattr__ is slow, and this runs on every call).
     try:
-        for module, _ in modes:
-            module.training = False
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
+        for module, mode in modes:
+            if mode:
+                module.training = False
+        for parameter, flag in flags:
+            if flag:
+                parameter.requires_grad_(False)
         yield
     finally:
         # Set the attribute directly: a model may override train() with side effects.
         for module, mode in modes:
-            module.training = mode
+            if module.training != mode:
+                module.training = mode
         for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+            if parameter.requires_grad != flag:
+                parameter.requires_grad_(flag)
 
 
 class Recorder:

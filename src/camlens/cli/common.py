@@ -24,6 +24,7 @@ from ..capture import (
     resolve_layer,
 )
 from ..errors import CamlensError, first_line
+from ..accelerate import InferenceCopies
 from ..methods import METHODS, get_method
 from ..models import LoadedModel, Preprocess, class_names_from_file, load_model
 
@@ -118,14 +119,19 @@ def run_options(
     return decorate if command is None else decorate(command)
 
 
-def engine_options(command: Callable | None = None, *, passes: str = "Score-CAM's masked inputs") -> Callable:
+def engine_options(
+    command: Callable | None = None,
+    *,
+    passes: str = "Score-CAM's masked inputs",
+    default: str = "on with --device cpu",
+) -> Callable:
     """--optimize/--no-optimize and --compile: how the methods run the model (camlens.accelerate).
-    ``passes``: the forward-only passes of the command that --compile speeds up."""
+    ``passes``: the forward-only passes of the command that --compile speeds up; ``default``:
+    what no flag does, in words."""
     options = [
         click.option("--optimize/--no-optimize", default=None,
                      help="Run a verified inference copy of the model (batch norm folded into convolutions, "
-                          "channels-last memory): the same maps up to float rounding, faster [default: on with "
-                          "--device cpu]."),
+                          f"channels-last memory): the same maps up to float rounding, faster [default: {default}]."),
         click.option("--compile", "compile_model", is_flag=True,
                      help=f"Also compile that copy (torch.compile) for the forward-only passes ({passes}). The "
                           "first run compiles once per model and input size, which takes a while; the compiled "
@@ -161,16 +167,18 @@ def top_channels_option(command: Callable) -> Callable:
              "weigh 0. Default: every channel (exact).")(command)
 
 
-def engine_settings(optimize: bool | None, compile_model: bool, device: torch.device) -> dict[str, bool]:
+def engine_settings(optimize: bool | None, compile_model: bool, device: torch.device,
+                    default: bool = True) -> dict[str, bool]:
     """The methods' ``optimize`` and ``compile`` options from --optimize/--no-optimize and
-    --compile on ``device`` (the copy is on by default for CPU, where it was measured; the
-    command line owns its model, so the copy, a snapshot, cannot go stale)."""
+    --compile on ``device`` (the copy is on by default for CPU, where it was measured, unless
+    ``default`` is False; the command line owns its model, so the copy, a snapshot, cannot go
+    stale)."""
     if compile_model and optimize is False:
         raise CamlensError("--compile compiles the inference copy that --no-optimize turns off: give one of them")
     if compile_model:
         echo_error("camlens: note: --compile: the first forward passes compile the model (up to a minute per model "
                    "and input size on a CPU; cached on disk for the next runs)")
-    return {"optimize": device.type == "cpu" if optimize is None else optimize or compile_model,
+    return {"optimize": default and device.type == "cpu" if optimize is None else optimize or compile_model,
             "compile": compile_model}
 
 
@@ -295,6 +303,7 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
     if top_channels is not None and "scorecam" not in methods:
         raise CamlensError("--top-channels applies to Score-CAM: add -m scorecam")
     objects = {}
+    shared = InferenceCopies()  # one inference copy of the model for all the methods of a run
     for name in methods:
         options: dict[str, Any] = {"fc": fc} if name == "cam" else {}
         options.update(engine or {})
@@ -305,6 +314,7 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
         if name == "smoothgradcam++":
             options["seed"] = seed
         objects[name] = METHODS[name](model, target_layer=target_layer, **options)
+        objects[name]._copies = shared
     return objects
 
 

@@ -83,7 +83,7 @@ _clock = time.perf_counter  # the timer of the planned cost (a test gives it a f
 @click.option("--out", default="camlens-sanity", show_default=True, help="Output directory.")
 @fc_option
 @run_options(seed_help="Seed of the re-initialisation (and of Smooth Grad-CAM++'s noise).")
-@engine_options
+@engine_options(default="off: each re-initialised model is explained once, which does not repay making its copy")
 @model_options
 def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, out, fc, device, batch_size, seed,
            optimize, compile_model, **model_args) -> None:
@@ -101,7 +101,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
     layer = layers[0]
     if not methods:
         chosen = [name for name in chosen if name in DEFAULT_METHODS]
-    engine = engine_settings(optimize, compile_model, torch_device)
+    engine = engine_settings(optimize, compile_model, torch_device, default=False)
     out_dir = ensure_writable_dir(out)
     photo = load_image(image)
     with locked_output_dir(out_dir):  # one run at a time; clears what killed runs left

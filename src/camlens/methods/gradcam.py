@@ -158,13 +158,20 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         noise = self.noise(x).flatten(0, 1)
         rows = torch.arange(count, device=x.device).repeat_interleave(self.n_samples)
         moments: dict[str, list[Tensor]] = {}
-        for start in range(0, rows.numel(), self.batch_size):
+        def noisy(start: int) -> tuple[Tensor, Tensor]:
             chunk = rows[start : start + self.batch_size]
             step = noise[start : start + self.batch_size].to(x.device)
-            copies = x[chunk] + step * sigma[chunk].view(-1, 1, 1, 1)
-            finite = torch.isfinite(copies).flatten(1).all(1)
-            if not bool(finite.all()):
-                bad = chunk[~finite].unique().tolist()
+            return chunk, x[chunk] + step * sigma[chunk].view(-1, 1, 1, 1)
+
+        for start in range(0, rows.numel(), self.batch_size):
+            chunk, copies = noisy(start)
+            if not bool(torch.isfinite(copies).all()):
+                bad = sorted({  # every image whose copies overflow, not only this batch's
+                    int(image)
+                    for begin in range(start, rows.numel(), self.batch_size)
+                    for part, made in [noisy(begin)]
+                    for image in part[~torch.isfinite(made).flatten(1).all(1)]
+                })
                 raise CamlensError(
                     f"noise_level {self.noise_level} makes noisy copies of image(s) {bad} overflow "
                     f"{x.dtype}: use a smaller noise_level (it is a fraction of the value range)"
