@@ -64,7 +64,7 @@ def evaluate_image(
     boxes: Sequence[Sequence[float]],
     metrics: Sequence[str],
     steps: int = 16,
-    batch_size: int = 32,
+    batch_size: int = 8,
 ) -> dict:
     """All requested metrics for one preprocessed image (C, H, W) and its label, explained for
     the label's class. ``boxes`` are in model-input pixels; box metrics are skipped without them.

@@ -80,7 +80,7 @@ SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the r
 @fc_option
 @top_channels_option
 @run_options(batch_size_help="Inputs per forward pass of Score-CAM, Smooth Grad-CAM++ and the metrics "
-                             "(default 32 for the metrics); it may differ between runs into one --out.")
+                             "(default 8 for the metrics); it may differ between runs into one --out.")
 @engine_options(passes="Score-CAM's masked inputs and the metrics' perturbed inputs")
 @model_options
 def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, top_channels, device,
@@ -123,7 +123,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                            layers[0], torch_device, engine)
         store = ResultStore(out_dir, config, {key(path) for path in dataset.listed})
         _refuse_changed_images(store, samples, key, out_dir)
-        chunk = batch_size or 32
+        chunk = batch_size or 8
 
         pending = [(s, m) for s in samples for m in chosen if not store.done(key(s.path), m)]
         skipped = list(dataset.skipped)
