@@ -93,6 +93,16 @@ def _set_threads(context: click.Context, parameter: click.Parameter, threads: in
         torch.set_num_threads(threads)
 
 
+def _stacked(options: list[Callable], command: Callable | None) -> Callable:
+    """The click options as one decorator: applied to ``command``, or returned when it is None."""
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate if command is None else decorate(command)
+
+
 def run_options(
     command: Callable | None = None,
     *,
@@ -111,12 +121,7 @@ def run_options(
                           "other jobs, fewer threads than cores can be many times faster."),
     ]
 
-    def decorate(command: Callable) -> Callable:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate if command is None else decorate(command)
+    return _stacked(options, command)
 
 
 def engine_options(
@@ -138,12 +143,7 @@ def engine_options(
                           "code is cached on disk for the next runs."),
     ]
 
-    def decorate(command: Callable) -> Callable:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate if command is None else decorate(command)
+    return _stacked(options, command)
 
 
 def _top_channels(context: click.Context, parameter: click.Parameter, value: str | None) -> int | float | None:
