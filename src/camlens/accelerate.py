@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .capture import preserved
+from .capture import hooked_pass, preserved
 
 
 # Agreement asked of the copy, in epsilons of the dtype, relative to each output's magnitude.
@@ -75,7 +75,7 @@ class InferenceCopy:
     # False when a batch norm uses the batch's own statistics in eval mode: padding a batch
     # would change its rows, so the compiled forward is not used.
     rows_independent: bool = True
-    _compiled: dict = field(default_factory=dict, repr=False)
+    _compiled: nn.Module | None = field(default=None, repr=False)
 
     def serves(self, names: Iterable[str]) -> bool:
         """Whether observing the layers ``names`` on the copy is observing them on the model."""
@@ -88,10 +88,10 @@ class InferenceCopy:
 
     def compiled(self) -> nn.Module:
         """The copy compiled for inference (inductor, frozen weights): call it under no_grad only."""
-        if "module" not in self._compiled:
+        if self._compiled is None:
             _persistent_cache()
-            self._compiled["module"] = torch.compile(self.module, dynamic=False, options={"freezing": True})
-        return self._compiled["module"]
+            self._compiled = torch.compile(self.module, dynamic=False, options={"freezing": True})
+        return self._compiled
 
 
 def _persistent_cache() -> None:
@@ -248,7 +248,7 @@ def _trace(model: nn.Module, example: Tensor) -> tuple[dict[str, list], dict[str
     conv_outputs: dict[str, tuple[Tensor, int]] = {}
     bn_inputs: dict[str, object] = {}
 
-    def hook(module: nn.Module, inputs: tuple, output: object, name: str) -> None:
+    def seen(name: str, output: object, module: nn.Module, inputs: tuple) -> None:
         if isinstance(module, nn.Conv2d) and isinstance(output, Tensor):
             conv_outputs[name] = (output, output._version)
         elif isinstance(module, nn.BatchNorm2d) and inputs:
@@ -256,16 +256,7 @@ def _trace(model: nn.Module, example: Tensor) -> tuple[dict[str, list], dict[str
         # A copy: an in-place operation after the module must not change what is compared.
         outputs.setdefault(name, []).append(output.clone() if isinstance(output, Tensor) else output)
 
-    handles = []
-    try:
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)))
-        with torch.no_grad():
-            outputs[""] = [model(example)]
-    finally:
-        for handle in handles:
-            handle.remove()
+    outputs[""] = [hooked_pass(model, example, seen)]
     modules = dict(model.named_modules())
     pairs = {}
     for bn, given in bn_inputs.items():

@@ -320,14 +320,17 @@ def check_finite(values: Tensor, what: str, rows: Tensor | None = None) -> None:
     )
 
 
-def hooked_pass(model: nn.Module, example: Tensor, seen: Callable[[str, object], None]) -> object:
-    """One forward pass without gradients, every submodule hooked: ``seen(name, output)`` is
-    called for each in order of completion. Returns what the model returned."""
+def hooked_pass(
+    model: nn.Module, example: Tensor, seen: Callable[[str, object, nn.Module, tuple], None]
+) -> object:
+    """One forward pass without gradients, every submodule hooked: ``seen(name, output, module,
+    inputs)`` is called for each in order of completion. Returns what the model returned."""
     handles = []
     try:
         for name, module in model.named_modules():
             if name:
-                handles.append(module.register_forward_hook(lambda m, i, output, name=name: seen(name, output)))
+                handles.append(module.register_forward_hook(
+                    lambda m, inputs, output, name=name: seen(name, output, m, inputs)))
         with torch.no_grad():
             return model(example)
     finally:
@@ -343,7 +346,7 @@ def trace_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, torch.Si
     """One forward pass with every submodule hooked: ``(name, output shape)`` in order of
     completion (the type name for outputs that are not tensors)."""
     trace: list[tuple[str, torch.Size | str]] = []
-    hooked_pass(model, example, lambda name, output: trace.append((name, _shape(output))))
+    hooked_pass(model, example, lambda name, output, *_: trace.append((name, _shape(output))))
     return trace
 
 
@@ -356,7 +359,7 @@ def default_layer_output(model: nn.Module, example: Tensor) -> tuple[Tensor, str
     trace: list[tuple[str, torch.Size | str]] = []
     kept: dict[str, Tensor] = {}
 
-    def seen(name: str, output: object) -> None:
+    def seen(name: str, output: object, *_: object) -> None:
         trace.append((name, _shape(output)))
         if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
             kept.clear()  # the default layer is the last such map: keep that one only

@@ -23,7 +23,6 @@ from torch import Tensor
 from .errors import CamlensError
 from .io import os_reason, write_atomic
 from .methods.base import CAMMethod
-from .capture import preserved
 from .metrics import (
     area_under_curve,
     average_drop,
@@ -129,17 +128,16 @@ def _faithfulness(
     sources += [(name, plan.rows.numel(), plan.inputs) for name, plan in plans.items()]
     total = sum(count for _, count, _ in sources)
     found = x.new_empty(total)
-    with preserved(method.model):
-        scorer = method.fast_forward(x, batch_size)
-        for begin in range(0, total, batch_size):
-            end, parts, offset = min(begin + batch_size, total), [], 0
-            for _, count, build in sources:  # the rows of each source that fall in [begin, end)
-                low, high = max(begin, offset), min(end, offset + count)
-                if low < high:
-                    parts.append(build(torch.arange(low - offset, high - offset, device=x.device)))
-                offset += count
-            inputs = torch.cat(parts)
-            found[begin:end] = class_probabilities(scorer, inputs, classes.expand(inputs.shape[0]), batch_size)
+    scorer = method.fast_forward(x, batch_size)  # class_probabilities puts it in eval mode
+    for begin in range(0, total, batch_size):
+        end, parts, offset = min(begin + batch_size, total), [], 0
+        for _, count, build in sources:  # the rows of each source that fall in [begin, end)
+            low, high = max(begin, offset), min(end, offset + count)
+            if low < high:
+                parts.append(build(torch.arange(low - offset, high - offset, device=x.device)))
+            offset += count
+        inputs = torch.cat(parts)
+        found[begin:end] = class_probabilities(scorer, inputs, classes.expand(inputs.shape[0]), batch_size)
     results, offset = {}, 0
     for name, count, _ in sources:
         if name == "drop":

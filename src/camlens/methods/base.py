@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from ..accelerate import CompiledForward, InferenceCopies, PlainForward
+from ..accelerate import CompiledForward, InferenceCopies, InferenceCopy, PlainForward
 from ..capture import (
     LayersSpec,
     check_finite,
@@ -69,8 +69,11 @@ class Context:
     scorer: nn.Module | None = None
 
     def __post_init__(self) -> None:
-        self.runner = self.runner or self.model
-        self.scorer = self.scorer or self.runner
+        # "is None", not "or": a model may define __len__ (nn.Sequential) and so its truth.
+        if self.runner is None:
+            self.runner = self.model
+        if self.scorer is None:
+            self.scorer = self.runner
 
 
     def select(self, name: str, tensor: Tensor, dim: int) -> Tensor:
@@ -302,26 +305,29 @@ class CAMMethod:
         check_finite(images, "input images")
         return images.detach()
 
+    def _inference(self, x: Tensor, names: Sequence[str] = ()) -> InferenceCopy | None:
+        """The inference copy to run for inputs like ``x`` when observing layers ``names``:
+        None without ``optimize``, or where the copy does not apply."""
+        inference = self._copies.get(self.model, x) if self.optimize else None
+        return inference if inference is not None and inference.serves(names) else None
+
     def _runners(self, x: Tensor, names: Sequence[str]) -> tuple[nn.Module, nn.Module]:
         """What runs the forward passes: ``(runner, scorer)``, the model's inference copy (the
         scorer compiled with ``compile``) where it applies to ``names``, else the model."""
-        if self.optimize:
-            inference = self._copies.get(self.model, x)
-            if inference is not None and inference.serves(names):
-                runner = PlainForward(inference)
-                batch = getattr(self, "batch_size", 16)
-                return runner, CompiledForward(inference, batch) if self.compile else runner
-        return self.model, self.model
+        inference = self._inference(x, names)
+        if inference is None:
+            return self.model, self.model
+        runner = PlainForward(inference)
+        return runner, CompiledForward(inference, getattr(self, "batch_size", 16)) if self.compile else runner
 
     def fast_forward(self, images: Tensor, batch_size: int = 32) -> nn.Module:
         """A module giving the model's logits the way this method runs it (its inference copy,
         compiled in batches of ``batch_size`` with ``compile``): for forward-only work such as
-        the metrics. Call it in eval mode with frozen weights (``capture.preserved``)."""
-        if self.optimize:
-            inference = self._copies.get(self.model, images)
-            if inference is not None:
-                return CompiledForward(inference, batch_size) if self.compile else PlainForward(inference)
-        return self.model
+        the metrics."""
+        inference = self._inference(images)
+        if inference is None:
+            return self.model
+        return CompiledForward(inference, batch_size) if self.compile else PlainForward(inference)
 
     def _target_layers(self, x: Tensor) -> tuple[dict[str, nn.Module], bool]:
         if self._layers is not None:
