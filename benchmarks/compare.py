@@ -269,11 +269,10 @@ def import_pgc() -> types.ModuleType | None:
         "sklearn.decomposition": dict.fromkeys(("KernelPCA", "NMF"), unavailable),
     }
     missing = {root for root in ("torchvision", "sklearn") if importlib.util.find_spec(root) is None}
-    for name, attributes in stand_ins.items():
-        if name.split(".")[0] not in missing:
-            continue
+    added = [name for name in stand_ins if name.split(".")[0] in missing]
+    for name in added:
         module = types.ModuleType(name)
-        module.__dict__.update(attributes)
+        module.__dict__.update(stand_ins[name])
         sys.modules[name] = module
         parent, _, child = name.rpartition(".")
         if parent:
@@ -282,6 +281,11 @@ def import_pgc() -> types.ModuleType | None:
         return importlib.import_module("pytorch_grad_cam")
     except ImportError:
         return None
+    finally:
+        # pytorch_grad_cam keeps what it imported; torch.compile, which probes for torchvision
+        # and scikit-learn when it is first used, must not find the stand-ins.
+        for name in added:
+            sys.modules.pop(name, None)
 
 
 # -- what is timed -------------------------------------------------------------------------------

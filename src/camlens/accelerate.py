@@ -15,6 +15,13 @@ inference instead of the model itself:
   masked inputs, the metrics' perturbed inputs), ``torch.compile`` with inductor's freezing, on
   batches padded to one fixed size so that it compiles once per input shape; inductor's cache
   on disk lets the next process skip most of the compilation.
+- **Split at the target layer** (with ``compile=True``, for the passes that observe one layer,
+  gradients included): every gradient a method takes is that of a score with respect to the
+  target layer's output, so nothing below that layer needs autograd. The copy's graph
+  (``torch.fx``, every module without children a leaf) is cut there: the part up to the layer is
+  compiled and frozen like the forward above (one compilation per batch size), the rest runs
+  eagerly from the layer's output, which autograd sees as a leaf. Models that ``torch.fx`` cannot
+  trace, or where the layer runs more than once, use the copy as it is.
 
 The copy is **verified** before use, for each input signature (size, dtype, device): one
 forward pass of the first image through the model and through the copy, every submodule
@@ -42,6 +49,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from .capture import hooked_pass, preserved
@@ -76,6 +84,8 @@ class InferenceCopy:
     # would change its rows, so the compiled forward is not used.
     rows_independent: bool = True
     _compiled: nn.Module | None = field(default=None, repr=False)
+    # layer -> its SplitForward, or None where the copy cannot be split there.
+    _splits: dict = field(default_factory=dict, repr=False)
 
     def serves(self, names: Iterable[str]) -> bool:
         """Whether observing the layers ``names`` on the copy is observing them on the model."""
@@ -90,8 +100,21 @@ class InferenceCopy:
         """The copy compiled for inference (inductor, frozen weights): call it under no_grad only."""
         if self._compiled is None:
             _persistent_cache()
-            self._compiled = torch.compile(self.module, dynamic=False, options={"freezing": True})
+            self._compiled = _compile(self.module)
         return self._compiled
+
+    def split(self, layer: str, example: Tensor) -> SplitForward | None:
+        """The copy cut at ``layer`` (see the module docstring), verified for inputs like
+        ``example`` against the copy itself; None where it cannot be cut or does not agree."""
+        if layer not in self._splits:
+            self._splits[layer] = SplitForward.make(self, layer)
+        split = self._splits[layer]
+        return split if split is not None and split.verified(example) else None
+
+
+def _compile(module: nn.Module) -> nn.Module:
+    _persistent_cache()
+    return torch.compile(module, dynamic=False, options={"freezing": True})
 
 
 def _persistent_cache() -> None:
@@ -139,6 +162,134 @@ class PlainForward(nn.Module):
         return self.copy(self.inference.prepare(inputs))
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """Traces through containers only: a module without children, or the layer cut at, is one
+    node (its own forward may do anything: it is called, not traced)."""
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name == self.layer or next(module.children(), None) is None
+
+
+def cut(module: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None:
+    """``module`` cut in two at its submodule ``layer``: ``(before, after)`` with
+    ``before(x) = (a, *rest)``, ``a`` the layer's output and ``rest`` what else the part after
+    it needs (a skip connection from below, the input), and ``after(a, *rest)`` the module's
+    output. Traced by ``torch.fx`` with every module without children a leaf (called, not
+    traced); None where the module cannot be traced or the layer is not exactly one call in
+    its graph. Both parts share ``module``'s submodules and parameters."""
+    try:
+        graph = _LeafTracer(layer).trace(module)
+    except Exception:  # data-dependent control flow, an untraceable container: no cut
+        return None
+    nodes = list(graph.nodes)
+    found = [node for node in nodes if node.op == "call_module" and node.target == layer]
+    if len(found) != 1:
+        return None
+    # Before the cut: the layer's node and everything it depends on.
+    before_nodes, stack = set(), [found[0]]
+    while stack:
+        node = stack.pop()
+        if node not in before_nodes:
+            before_nodes.add(node)
+            stack.extend(node.all_input_nodes)
+    # What the rest uses of it: the layer's output first, then the rest in graph order.
+    crossing = [found[0]] + [
+        node
+        for node in nodes
+        if node in before_nodes
+        and node is not found[0]
+        and node.op != "get_attr"
+        and any(user not in before_nodes for user in node.users)
+    ]
+    first, env = torch.fx.Graph(), {}
+    for node in nodes:
+        if node in before_nodes:
+            env[node] = first.node_copy(node, env.__getitem__)
+    first.output(tuple(env[node] for node in crossing))
+    second = torch.fx.Graph()
+    env = {node: second.placeholder(f"{node.name}_given") for node in crossing}
+
+    def value(node: torch.fx.Node) -> torch.fx.Node:
+        if node not in env:  # a parameter read before the cut, and after it too
+            env[node] = second.node_copy(node, value)
+        return env[node]
+
+    for node in nodes:
+        if node not in before_nodes:
+            env[node] = second.node_copy(node, value)
+    try:
+        return torch.fx.GraphModule(module, first), torch.fx.GraphModule(module, second)
+    except Exception:
+        return None
+
+
+class SplitForward(nn.Module):
+    """An inference copy cut at one layer: ``before`` (input -> the layer's output and whatever
+    the rest still needs, e.g. a skip connection) runs compiled without gradients; the layer's
+    output goes through ``tap`` (an identity: hook it to observe the layer, or to make the output
+    a leaf of autograd); ``after`` computes the model's output from there, eagerly."""
+
+    def __init__(
+        self, inference: InferenceCopy, layer: str, before: torch.fx.GraphModule, after: torch.fx.GraphModule
+    ) -> None:
+        super().__init__()
+        self.inference = inference
+        self.layer = layer
+        self.copy = inference.module  # a submodule, so that preserved() and .to() see it
+        self.before = before
+        self.after = after
+        self.tap = nn.Identity()
+        self._compiled = None
+        self._verified: dict = {}
+
+    @classmethod
+    def make(cls, inference: InferenceCopy, layer: str) -> SplitForward | None:
+        """The copy cut at ``layer`` (:func:`cut`), or None where it cannot be cut there."""
+        parts = cut(inference.module, layer)
+        return None if parts is None else cls(inference, layer, *parts)
+
+    def forward(self, inputs: Tensor) -> object:
+        if self._compiled is None:
+            self._compiled = _compile(self.before)
+        with torch.no_grad():
+            given = self._compiled(self.inference.prepare(inputs))
+        return self.after(self.tap(given[0]), *given[1:])
+
+    def verified(self, example: Tensor) -> bool:
+        """Whether the split agrees with the copy (the layer's output and the model's) for
+        inputs like ``example``; checked once per input signature."""
+        signature = (tuple(example.shape[1:]), example.dtype, example.device)
+        if signature not in self._verified:
+            self._verified[signature] = self._agrees(example[:1])
+        return self._verified[signature]
+
+    def _agrees(self, example: Tensor) -> bool:
+        seen: dict[str, object] = {}
+
+        def keep(name: str):
+            def hook(module: nn.Module, inputs: object, output: object) -> None:
+                seen[name] = output.clone() if isinstance(output, Tensor) else output
+
+            return hook
+
+        handles = [self.copy.get_submodule(self.layer).register_forward_hook(keep("expected")),
+                   self.tap.register_forward_hook(keep("got"))]
+        try:
+            with torch.no_grad():
+                expected = self.copy(self.inference.prepare(example))
+                got = self(example)
+        except Exception:
+            return False
+        finally:
+            for handle in handles:
+                handle.remove()
+        return "expected" in seen and "got" in seen and _close(seen["expected"], seen["got"]) and _close(expected, got)
+
+
 class InferenceCopies:
     """The inference copies of one owner (a method object): at most one per model and settings,
     verified per input signature, made again when the model changes (see the module docstring).
@@ -165,7 +316,7 @@ class InferenceCopies:
             return remembered[1] if remembered[2][signature] else None
         with preserved(model):
             if remembered is None or not _same_state(remembered[0], state):
-                remembered = (state, _make(model, example[:1], self.fold, self.channels_last), {})
+                remembered = (_remembered(state), _make(model, example[:1], self.fold, self.channels_last), {})
             made, verified = remembered[1], remembered[2]
             verified[signature] = made is not None and _agrees(model, made, example[:1])
         with self._lock:
@@ -181,22 +332,31 @@ def inference_copy(
     return InferenceCopies(fold, channels_last).get(model, example)
 
 
-def _state(model: nn.Module) -> tuple:
-    """What a change of the model changes: each module's and tensor's identity, and each
-    tensor's storage, shape, dtype, device and version counter (bumped by in-place updates)."""
-    modules = tuple((name, weakref.ref(module)) for name, module in model.named_modules())
-    tensors = tuple(
-        (name, weakref.ref(tensor), tensor.data_ptr(), tensor._version, tensor.shape, tensor.dtype, tensor.device)
-        for name, tensor in (*model.named_parameters(), *model.named_buffers())
+def _state(model: nn.Module) -> list[tuple]:
+    """What a change of the model changes: each module and tensor (held here only while
+    compared; :func:`_remembered` keeps weak references), and each tensor's storage, shape,
+    dtype, device and version counter (bumped by in-place updates). One walk of the modules:
+    this runs on every call."""
+    state: list[tuple] = []
+    for name, module in model.named_modules():
+        state.append((name, module))
+        for tensors in (module._parameters, module._buffers):
+            for key, tensor in tensors.items():
+                if tensor is not None:
+                    state.append(
+                        (key, tensor, tensor.data_ptr(), tensor._version, tensor.shape, tensor.dtype, tensor.device)
+                    )
+    return state
+
+
+def _remembered(state: list[tuple]) -> tuple:
+    return tuple((entry[0], weakref.ref(entry[1]), *entry[2:]) for entry in state)
+
+
+def _same_state(old: tuple, new: list[tuple]) -> bool:
+    return len(old) == len(new) and all(
+        o[0] == n[0] and o[1]() is n[1] and o[2:] == n[2:] for o, n in zip(old, new)
     )
-    return modules, tensors
-
-
-def _same_state(old: tuple, new: tuple) -> bool:
-    def same(a: tuple, b: tuple) -> bool:
-        return a[0] == b[0] and a[1]() is b[1]() is not None and a[2:] == b[2:]
-
-    return all(len(o) == len(n) and all(map(same, o, n)) for o, n in zip(old, new))
 
 
 def _make(model: nn.Module, example: Tensor, fold: bool, channels_last: bool) -> InferenceCopy | None:

@@ -98,9 +98,15 @@ def preserved(model: nn.Module) -> Iterator[None]:
     batch (batch norm uses its running statistics, dropout is off). Freezing the parameters
     means autograd records nothing below the target layer and never computes a weight gradient.
     """
-    modes = [(module, module.training) for module in model.modules()]
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    # Only what differs is set (nn.Module.__setattr__ is slow, and this runs on every call).
+    # One walk of the modules, and only what differs is set: this runs on every call.
+    modules = list(model.modules())
+    modes = [(module, module.training) for module in modules]
+    flags = [
+        (parameter, parameter.requires_grad)
+        for module in modules
+        for parameter in module._parameters.values()
+        if parameter is not None
+    ]
     try:
         for module, mode in modes:
             if mode:

@@ -138,9 +138,10 @@ def engine_options(
                      help="Run a verified inference copy of the model (batch norm folded into convolutions, "
                           f"channels-last memory): the same maps up to float rounding, faster [default: {default}]."),
         click.option("--compile", "compile_model", is_flag=True,
-                     help=f"Also compile that copy (torch.compile) for the forward-only passes ({passes}). The "
-                          "first run compiles once per model and input size, which takes a while; the compiled "
-                          "code is cached on disk for the next runs."),
+                     help=f"Also compile that copy (torch.compile): whole for the forward-only passes ({passes}), "
+                          "up to the target layer for the passes that observe it (gradients included). The first "
+                          "run compiles once per model and input size, which takes a while; the compiled code is "
+                          "cached on disk for the next runs."),
     ]
 
     return _stacked(options, command)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from ..accelerate import CompiledForward, InferenceCopies, InferenceCopy, PlainForward
+from ..accelerate import CompiledForward, InferenceCopies, InferenceCopy, PlainForward, SplitForward
 from ..capture import (
     LayersSpec,
     check_finite,
@@ -39,7 +39,10 @@ ChannelsSpec = Union[None, Sequence[int], Tensor, Mapping[Union[str, nn.Module],
 
 def hooked(runner: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
     """The modules of ``runner`` to hook for the model's ``layers``: those of the same names in
-    its inference copy, or the layers themselves when the runner is the model."""
+    its inference copy (the tap of a copy split at the one layer), or the layers themselves when
+    the runner is the model."""
+    if isinstance(runner, SplitForward):
+        return {name: runner.tap for name in layers}
     if isinstance(runner, PlainForward):
         return {name: runner.copy.get_submodule(name) for name in layers}
     return dict(layers)
@@ -125,10 +128,12 @@ class CAMMethod:
             to float rounding (about 1e-6), faster. The copy is a snapshot that this object
             makes at its first call: reuse the object, and build a new one after changing the
             model other than through its tensors (its attributes, hooks, ``.data``).
-        compile: run that copy compiled (``torch.compile``) for the forward-only passes
-            (Score-CAM's masked inputs, the metrics' perturbed inputs): faster again, after a
-            compilation of up to a minute the first time per model and input shape (cached on
-            disk). Implies ``optimize``.
+        compile: run that copy compiled (``torch.compile``): whole for the forward-only passes
+            (Score-CAM's masked inputs, the metrics' perturbed inputs), and up to the target
+            layer for the passes that observe it, gradients included (nothing below the layer
+            needs autograd; the rest runs eagerly). Faster again, after a compilation of up to a
+            minute the first time per model and input shape (cached on disk). Implies
+            ``optimize``.
     """
 
     name: ClassVar[str] = ""
@@ -312,13 +317,19 @@ class CAMMethod:
         return inference if inference is not None and inference.serves(names) else None
 
     def _runners(self, x: Tensor, names: Sequence[str]) -> tuple[nn.Module, nn.Module]:
-        """What runs the forward passes: ``(runner, scorer)``, the model's inference copy (the
-        scorer compiled with ``compile``) where it applies to ``names``, else the model."""
+        """What runs the forward passes: ``(runner, scorer)``, the model's inference copy where it
+        applies to ``names``, else the model. With ``compile``, the scorer (hook-free passes) is
+        the copy compiled, and the runner the copy split at the one layer observed, where there
+        is one (see :class:`~camlens.accelerate.SplitForward`)."""
         inference = self._inference(x, names)
         if inference is None:
             return self.model, self.model
-        runner = PlainForward(inference)
-        return runner, CompiledForward(inference, getattr(self, "batch_size", 16)) if self.compile else runner
+        if not self.compile:
+            runner = PlainForward(inference)
+            return runner, runner
+        split = inference.split(names[0], x) if len(set(names)) == 1 else None
+        runner = split if split is not None else PlainForward(inference)
+        return runner, CompiledForward(inference, getattr(self, "batch_size", 16))
 
     def fast_forward(self, images: Tensor, batch_size: int = 32) -> nn.Module:
         """A module giving the model's logits the way this method runs it (its inference copy,
