@@ -4,6 +4,7 @@ model and device set-up, and the up-front checks that run before any work."""
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -29,7 +30,6 @@ from ..methods import METHODS, get_method
 from ..models import LoadedModel, Preprocess, class_names_from_file, load_model
 
 SEED_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam")
-BATCHED_METHODS = {"smoothgradcam++", "scorecam"}
 MARKER = ".camlens"  # in every output folder camlens made: only those are ever replaced
 MAX_INPUT_SIZE = 4096
 
@@ -310,9 +310,11 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
         options.update(engine or {})
         if name == "scorecam" and top_channels is not None:
             options["top_channels"] = top_channels
-        if name in BATCHED_METHODS and batch_size is not None:
+        # --batch-size and --seed reach every method that takes them (its constructor's keywords).
+        accepted = inspect.signature(METHODS[name]).parameters
+        if "batch_size" in accepted and batch_size is not None:
             options["batch_size"] = batch_size
-        if name == "smoothgradcam++":
+        if "seed" in accepted:
             options["seed"] = seed
         objects[name] = METHODS[name](model, target_layer=target_layer, **options)
         objects[name]._copies = shared
