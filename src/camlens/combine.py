@@ -12,12 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-def weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
-    r"""Raw map :math:`L = \mathrm{ReLU}(\sum_k w_k A^k)`.
+def channel_sum(weights: Tensor, activations: Tensor) -> Tensor:
+    r""":math:`\sum_k w_k A^k`, before the ReLU of :func:`weighted_sum`.
 
-    ``weights`` (N, T, K) and ``activations`` (N, K, h, w) give (N, T, h, w).
+    ``weights`` (N, T, K), one per channel, or (N, T, K, h, w), one per activation (then
+    :math:`\sum_k w_k \odot A^k`), and ``activations`` (N, K, h, w) give (N, T, h, w).
     """
-    return torch.relu(torch.einsum("ntk,nkhw->nthw", weights, activations))
+    pattern = "ntkhw,nkhw->nthw" if weights.dim() == 5 else "ntk,nkhw->nthw"
+    return torch.einsum(pattern, weights, activations)
+
+
+def weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
+    r"""Raw map :math:`L = \mathrm{ReLU}(\sum_k w_k A^k)`, or
+    :math:`\mathrm{ReLU}(\sum_k w_k \odot A^k)` for weights per activation: the shapes of
+    :func:`channel_sum`."""
+    return torch.relu(channel_sum(weights, activations))
 
 
 def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:

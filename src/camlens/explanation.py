@@ -19,8 +19,9 @@ class Explanation:
         maps: (N, T, H, W) float tensor in [0, 1] at input resolution; the per-layer maps
             ``s(Up(raw))`` averaged over the target layers.
         raw: ``{layer: (N, T, h, w)}`` at layer resolution, after ReLU, before normalisation.
-        weights: ``{layer: (N, T, K)}`` channel weights; channels left out by a channel
-            subset have weight 0.
+        weights: ``{layer: (N, T, K)}`` channel weights, or ``{layer: (N, T, K, h, w)}``
+            weights per activation (HiResCAM, LayerCAM, ...: see the method); channels left
+            out by a channel subset have weight 0.
         targets: (N, T) class indices; -1 where the targets are units (see ``units``).
         scores: (N, T) the model's score for each target on the clean images, of kind
             ``score_kind`` ("logit", "probability" or "unit").

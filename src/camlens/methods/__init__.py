@@ -14,10 +14,36 @@ from .gradcam import (
     gradcam_weights,
     gradcampp_weights,
 )
+from .family import (
+    EigenCAM,
+    EigenGradCAM,
+    GradCAMElementWise,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+    gradcam_elementwise_weights,
+    hirescam_weights,
+    layercam_weights,
+    principal_axis,
+    xgradcam_weights,
+)
 from .scorecam import ScoreCAM, scorecam_weights
 
 METHODS: dict[str, type[CAMMethod]] = {
-    cls.name: cls for cls in (CAM, GradCAM, GradCAMPlusPlus, SmoothGradCAMPlusPlus, ScoreCAM)
+    cls.name: cls
+    for cls in (
+        CAM,
+        GradCAM,
+        GradCAMPlusPlus,
+        SmoothGradCAMPlusPlus,
+        ScoreCAM,
+        XGradCAM,
+        EigenCAM,
+        HiResCAM,
+        LayerCAM,
+        GradCAMElementWise,
+        EigenGradCAM,
+    )
 }
 
 
@@ -36,8 +62,9 @@ def get_method(name: str) -> type[CAMMethod]:
     if not isinstance(name, str):
         raise CamlensError(f"a method is named by a string, not {type(name).__name__}")
     key = _key(name)
-    if key in METHODS:
-        return METHODS[key]
+    for registered, cls in METHODS.items():
+        if _key(registered) == key:  # registry names may hold '-' (gradcam-elementwise)
+            return cls
     close = difflib.get_close_matches(key, list(METHODS), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     raise CamlensError(f"unknown method {name!r}{hint} (available: {', '.join(METHODS)})")
@@ -47,15 +74,26 @@ __all__ = [
     "CAM",
     "CAMMethod",
     "Context",
+    "EigenCAM",
+    "EigenGradCAM",
     "GradCAM",
+    "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "HiResCAM",
+    "LayerCAM",
     "METHODS",
     "ScoreCAM",
     "SmoothGradCAMPlusPlus",
+    "XGradCAM",
     "cam_weights",
     "get_method",
+    "gradcam_elementwise_weights",
     "gradcam_weights",
     "gradcampp_weights",
+    "hirescam_weights",
+    "layercam_weights",
     "list_methods",
+    "principal_axis",
     "scorecam_weights",
+    "xgradcam_weights",
 ]

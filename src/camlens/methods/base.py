@@ -164,12 +164,20 @@ class CAMMethod:
 
     # -- what a method supplies -------------------------------------------------------------
     def weigh(self, context: Context) -> dict[str, Tensor]:
-        """Channel weights ``{layer: (N, T, K')}`` for the channels in ``context.activations``."""
+        """Weights ``{layer: (N, T, K')}`` per channel, or ``{layer: (N, T, K', h, w)}`` per
+        activation, for the channels in ``context.activations``."""
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
         """The method's options, recorded in every Explanation."""
         return {}
+
+    def raw_map(self, name: str, weight: Tensor, activation: Tensor) -> Tensor:
+        """The raw map (N, T, h, w) of layer ``name`` from the weights ``weigh`` gave, (N, T, K')
+        or (N, T, K', h, w), and the activation (N, K', h, w): by default
+        :func:`~camlens.combine.weighted_sum`. A method whose map is not a weighted sum of
+        channels overrides it."""
+        return weighted_sum(weight, activation)
 
     def score_kind(self) -> str:
         """The score of class targets that do not name one."""
@@ -244,8 +252,8 @@ class CAMMethod:
         raw, full_weights, maps = {}, {}, []
         for name, activation in context.activations.items():
             weight = weights[name]
-            check_finite(weight, f"channel weights at layer {name!r}")
-            raw[name] = weighted_sum(weight, activation)
+            check_finite(weight, f"weights at layer {name!r}")
+            raw[name] = self.raw_map(name, weight, activation)
             maps.append(upsample_normalise(raw[name], size))
             full_weights[name] = self._scatter(weight, context, name)
         targets = context.targets
@@ -277,9 +285,10 @@ class CAMMethod:
         index = context.channels[name]
         if index is None:
             return weight
-        full = weight.new_zeros(*weight.shape[:-1], context.full_activations[name].shape[1])
-        full[..., index] = weight
-        return full
+        # Dimension 2 holds the channels of (N, T, K) and (N, T, K, h, w) weights alike.
+        shape = list(weight.shape)
+        shape[2] = context.full_activations[name].shape[1]
+        return weight.new_zeros(shape).index_copy_(2, index, weight)
 
     def _prepare(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor):
