@@ -22,7 +22,9 @@ _EXPORTS = {
     "explain": "camlens.api",
     "CamlensError": "camlens.errors",
     "Explanation": "camlens.explanation",
+    "AugmentSmooth": "camlens.methods",
     "CAM": "camlens.methods",
+    "EigenSmooth": "camlens.methods",
     "CAMMethod": "camlens.methods",
     "EigenCAM": "camlens.methods",
     "EigenGradCAM": "camlens.methods",
@@ -43,12 +45,14 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AugmentSmooth",
     "CAM",
     "CAMMethod",
     "CamlensError",
     "ClassTarget",
     "EigenCAM",
     "EigenGradCAM",
+    "EigenSmooth",
     "Explanation",
     "GradCAM",
     "GradCAMElementWise",
@@ -94,10 +98,12 @@ if TYPE_CHECKING:
     from .explanation import Explanation
     from .methods import (
         CAM,
+        AugmentSmooth,
         METHODS,
         CAMMethod,
         EigenCAM,
         EigenGradCAM,
+        EigenSmooth,
         GradCAM,
         GradCAMElementWise,
         GradCAMPlusPlus,

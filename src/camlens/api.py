@@ -12,6 +12,7 @@ from .errors import CamlensError
 from .explanation import Explanation
 from .methods import get_method
 from .methods.base import CAMMethod, ChannelsSpec, Progress
+from .methods.meta import smoothed
 from .targets import TargetSpec
 
 
@@ -24,12 +25,16 @@ def explain(
     *,
     channels: ChannelsSpec = None,
     progress: Progress | None = None,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
     **options: Any,
 ) -> Explanation:
     """Explain ``images`` with ``method`` for ``targets``; ``options`` go to the method.
 
     Equivalent to ``get_method(method)(model, target_layer, **options)(images, targets, ...)``;
-    build the method object yourself to reuse it across calls.
+    build the method object yourself to reuse it across calls. ``aug_smooth`` and
+    ``eigen_smooth`` wrap it in :class:`~camlens.methods.meta.AugmentSmooth` (its default
+    augmentations) and :class:`~camlens.methods.meta.EigenSmooth`.
     """
     cls = get_method(method)
     accepted = [
@@ -45,6 +50,5 @@ def explain(
         raise CamlensError(
             f"unknown option(s) {', '.join(unknown)} for method {cls.name!r} (its options: {valid})"
         )
-    return cls(model, target_layer=target_layer, **options)(
-        images, targets, channels=channels, progress=progress
-    )
+    method_object = smoothed(cls(model, target_layer=target_layer, **options), aug_smooth, eigen_smooth)
+    return method_object(images, targets, channels=channels, progress=progress)

@@ -27,6 +27,7 @@ from ..capture import (
 from ..errors import CamlensError, first_line
 from ..accelerate import InferenceCopies
 from ..methods import METHODS, get_method
+from ..methods.meta import smoothed
 from ..models import LoadedModel, Preprocess, class_names_from_file, load_model
 
 SEED_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam")
@@ -168,6 +169,18 @@ def top_channels_option(command: Callable) -> Callable:
              "weigh 0. Default: every channel (exact).")(command)
 
 
+def smooth_options(command: Callable) -> Callable:
+    """--aug-smooth and --eigen-smooth: the meta-methods around every method (camlens.methods.meta)."""
+    return _stacked([
+        click.option("--aug-smooth", is_flag=True,
+                     help="Average each map over augmented copies of the image, mapped back: flipped or not, input "
+                          "values multiplied by 0.9, 1 and 1.1 (pytorch-grad-cam's aug_smooth); 6 times the cost."),
+        click.option("--eigen-smooth", is_flag=True,
+                     help="Make each raw map the first principal component of the method's weighted activations "
+                          "instead of their sum (pytorch-grad-cam's eigen_smooth)."),
+    ], command)
+
+
 def engine_settings(optimize: bool | None, compile_model: bool, device: torch.device,
                     default: bool = True) -> dict[str, bool]:
     """The methods' ``optimize`` and ``compile`` options from --optimize/--no-optimize and
@@ -298,9 +311,10 @@ def note_skip(method: str, reason: str) -> None:
 
 def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,
                    seed: int, fc: str | None = None, engine: dict[str, Any] | None = None,
-                   top_channels: int | float | None = None) -> dict[str, Any]:
+                   top_channels: int | float | None = None, smooth: dict[str, bool] | None = None) -> dict[str, Any]:
     """The method objects; ``engine``: their ``optimize`` and ``compile`` options;
-    ``top_channels``: Score-CAM's (refused without Score-CAM)."""
+    ``top_channels``: Score-CAM's (refused without Score-CAM); ``smooth``: ``aug_smooth`` and
+    ``eigen_smooth`` (camlens.methods.meta.smoothed) for every method."""
     if top_channels is not None and "scorecam" not in methods:
         raise CamlensError("--top-channels applies to Score-CAM: add -m scorecam")
     objects = {}
@@ -316,8 +330,9 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
             options["batch_size"] = batch_size
         if "seed" in accepted:
             options["seed"] = seed
-        objects[name] = METHODS[name](model, target_layer=target_layer, **options)
-        objects[name]._copies = shared
+        method = METHODS[name](model, target_layer=target_layer, **options)
+        method._copies = shared
+        objects[name] = smoothed(method, **(smooth or {}))
     return objects
 
 

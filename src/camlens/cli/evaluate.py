@@ -54,6 +54,7 @@ from .common import (
     prepare,
     printable,
     run_options,
+    smooth_options,
     top_channels_option,
 )
 from .progress import LogProgress
@@ -79,12 +80,13 @@ SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the r
 @click.option("--target-layer", help="Layer to explain (default: the last feature map before pooling).")
 @fc_option
 @top_channels_option
+@smooth_options
 @run_options(batch_size_help="Inputs per forward pass of Score-CAM, Smooth Grad-CAM++ and the metrics "
                              "(default 8 for the metrics); it may differ between runs into one --out.")
 @engine_options(passes="Score-CAM's masked inputs and the metrics' perturbed inputs")
 @model_options
-def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, top_channels, device,
-             batch_size, seed, optimize, compile_model, **model_args) -> None:
+def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, top_channels, aug_smooth,
+             eigen_smooth, device, batch_size, seed, optimize, compile_model, **model_args) -> None:
     """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
     skipped_methods: dict[str, str] = {}
     layers: list[str] = []
@@ -118,7 +120,8 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         weights_digest = module_digest(loaded.module)
         model = loaded.module.to(torch_device)
         objects = method_objects(model, chosen, target_layer, batch_size, seed, fc=fc, engine=engine,
-                                 top_channels=top_channels)
+                                 top_channels=top_channels,
+                                 smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
         config = _identity(data, model_args, loaded, weights_digest, mapping, boxes, chosen, objects, wanted, steps,
                            layers[0], torch_device, engine)
         store = ResultStore(out_dir, config, {key(path) for path in dataset.listed})

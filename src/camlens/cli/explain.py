@@ -59,6 +59,7 @@ from .common import (
     resolve_class,
     run_options,
     slug,
+    smooth_options,
     top_channels_option,
 )
 from .progress import LogProgress
@@ -94,7 +95,7 @@ class Explainer:
                  class_index: int | None, top_k: int, device: torch.device,
                  batch_size: int | None, seed: int, fc: str | None = None,
                  colormap: str = DEFAULT_COLORMAP, caption: bool = True, engine: dict | None = None,
-                 top_channels: int | float | None = None) -> None:
+                 top_channels: int | float | None = None, smooth: dict[str, bool] | None = None) -> None:
         self.loaded = loaded
         self.engine = engine or {}
         self.model = loaded.module.to(device)
@@ -106,7 +107,7 @@ class Explainer:
         self.target_layers: tuple[str, ...] = ()
         self.default_layer: bool | None = None
         self.methods = method_objects(self.model, methods, target_layer, batch_size, seed, fc=fc, engine=engine,
-                                      top_channels=top_channels)
+                                      top_channels=top_channels, smooth=smooth)
 
     def targets(self):
         return self.class_index if self.class_index is not None else TopK(self.top_k)
@@ -230,11 +231,12 @@ def made_for(folder: Path, path: Path) -> bool:
               help="Write the method, class and layer under each overlay image.")
 @fc_option
 @top_channels_option
+@smooth_options
 @run_options
 @engine_options
 @model_options
-def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption, fc, top_channels, device,
-            batch_size, seed, optimize, compile_model, **model_args) -> None:
+def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption, fc, top_channels, aug_smooth,
+            eigen_smooth, device, batch_size, seed, optimize, compile_model, **model_args) -> None:
     """Explain IMAGE_OR_DIR... with each method: overlays, a comparison figure, maps and a manifest."""
     started = time.perf_counter()
     if class_ is not None and top_k is not None:
@@ -250,7 +252,7 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
         raise CamlensError(f"--top-k {top_k} is more than the model's {classes} classes")
     explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or 1, torch_device, batch_size, seed,
                           fc=fc, colormap=colormap, caption=caption, engine=engine_settings(optimize, compile_model, torch_device),
-                          top_channels=top_channels)
+                          top_channels=top_channels, smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
     run_record = {"created": now(), "command": command_line(), "methods": chosen, "model": loaded.name}
     results = [ImageResult(path, status="failed", error=reason) for path, reason in unreadable.items()]
 

@@ -52,6 +52,7 @@ from .common import (
     printable,
     resolve_class,
     run_options,
+    smooth_options,
 )
 from .progress import LogProgress
 
@@ -82,11 +83,12 @@ _clock = time.perf_counter  # the timer of the planned cost (a test gives it a f
                    "(and changed at the last); more is LATE; similar at the last step is FAIL.")
 @click.option("--out", default="camlens-sanity", show_default=True, help="Output directory.")
 @fc_option
+@smooth_options
 @run_options(seed_help="Seed of the re-initialisation (and of Smooth Grad-CAM++'s noise).")
 @engine_options(default="off: each re-initialised model is explained once, which does not repay making its copy")
 @model_options
-def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, out, fc, device, batch_size, seed,
-           optimize, compile_model, **model_args) -> None:
+def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, out, fc, aug_smooth, eigen_smooth,
+           device, batch_size, seed, optimize, compile_model, **model_args) -> None:
     """The model-randomisation test: re-initialise layers from the top, watch the maps change."""
     skipped: dict[str, str] = {}
 
@@ -115,7 +117,8 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
             echo_error(f"camlens: note: --steps {steps} is more than the model's {len(groups)} layer groups: "
                        f"one step per group, {len(groups)} steps")
         labels = [names[-1] for names in plan]
-        objects = method_objects(model, chosen, layer, batch_size, seed, fc, engine)
+        smooth = {"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth}
+        objects = method_objects(model, chosen, layer, batch_size, seed, fc, engine, smooth=smooth)
         channels = _channels(model, x, layer) if any(isinstance(m, ScoreCAM) for m in objects.values()) else 0
         passes = {name: _passes(method, channels) for name, method in objects.items()}
         per_map, per_cascade = _measure(model, x, target, layer, objects, groups, len(plan), torch_device,
@@ -136,7 +139,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
 
                 def explain_with(m, name=name, built=built, within=within):
                     if id(m) not in built:
-                        built[id(m)] = method_objects(m, [name], layer, batch_size, seed, fc, engine)[name]
+                        built[id(m)] = method_objects(m, [name], layer, batch_size, seed, fc, engine, smooth=smooth)[name]
                     return built[id(m)](x, target, progress=within).maps
 
                 def finished(count, total, task=task, done=done):
@@ -176,7 +179,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
         figures = time.monotonic() - drawing
         report = {"image": printable(image), "class": target, "class_name": loaded.class_name(target),
                   "threshold": threshold, "max_similar": max_similar, "criterion": criterion,
-                  "groups": groups, "steps": labels, "step_groups": plan, "skipped_methods": skipped,
+                  "groups": groups, "steps": labels, "step_groups": plan, "skipped_methods": skipped, "smoothing": smooth,
                   "seconds": {"maps_estimated": round(estimate, 1), "maps": round(elapsed, 1),
                               "figures": round(figures, 1)},
                   "methods": verdicts}

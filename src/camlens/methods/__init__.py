@@ -27,6 +27,7 @@ from .family import (
     principal_axis,
     xgradcam_weights,
 )
+from .meta import AugmentSmooth, EigenSmooth
 from .scorecam import ScoreCAM, scorecam_weights
 
 METHODS: dict[str, type[CAMMethod]] = {
@@ -71,9 +72,11 @@ def get_method(name: str) -> type[CAMMethod]:
 
 
 __all__ = [
+    "AugmentSmooth",
     "CAM",
     "CAMMethod",
     "Context",
+    "EigenSmooth",
     "EigenCAM",
     "EigenGradCAM",
     "GradCAM",
