@@ -28,6 +28,7 @@ from .family import (
     xgradcam_weights,
 )
 from .meta import AugmentSmooth, EigenSmooth
+from .gradient_free import SSCAM, AblationCAM, ISCAM, ReciproCAM, ablation_weights
 from .scorecam import ScoreCAM, scorecam_weights
 
 METHODS: dict[str, type[CAMMethod]] = {
@@ -38,6 +39,10 @@ METHODS: dict[str, type[CAMMethod]] = {
         GradCAMPlusPlus,
         SmoothGradCAMPlusPlus,
         ScoreCAM,
+        SSCAM,
+        ISCAM,
+        AblationCAM,
+        ReciproCAM,
         XGradCAM,
         EigenCAM,
         HiResCAM,
@@ -72,6 +77,7 @@ def get_method(name: str) -> type[CAMMethod]:
 
 
 __all__ = [
+    "AblationCAM",
     "AugmentSmooth",
     "CAM",
     "CAMMethod",
@@ -85,6 +91,9 @@ __all__ = [
     "HiResCAM",
     "LayerCAM",
     "METHODS",
+    "ISCAM",
+    "ReciproCAM",
+    "SSCAM",
     "ScoreCAM",
     "SmoothGradCAMPlusPlus",
     "XGradCAM",
@@ -97,6 +106,7 @@ __all__ = [
     "layercam_weights",
     "list_methods",
     "principal_axis",
+    "ablation_weights",
     "scorecam_weights",
     "xgradcam_weights",
 ]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,9 @@ from ..errors import CamlensError, check_positive_int
 from ..explanation import Explanation
 from ..targets import SCORE_KINDS
 from .base import CAMMethod, Context
+
+# make(images, masks, version) -> masked inputs: see ScoreCAM.perturbation.
+Perturb = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def scorecam_weights(increase: Tensor, channel_softmax: bool = False, chosen: Tensor | None = None) -> Tensor:
@@ -87,6 +90,8 @@ class ScoreCAM(CAMMethod):
         "one forward per non-constant channel, batched"
     )
     default_score = "probability"
+    # Whether every version of a zero mask is the all-zero input, whatever the image.
+    blank_zero_mask: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -155,22 +160,47 @@ class ScoreCAM(CAMMethod):
             count = min(self.top_channels, channels)
         return top_variance_channels(activations, count)
 
+    def perturbation(self, context: Context) -> tuple[int, Perturb]:
+        r"""How each mask makes masked inputs: ``(S, make)``, each mask forwarded in S versions,
+        ``make(images, masks, version)`` giving those of the versions ``version`` (B,) of
+        ``images`` (B, C, H, W) under ``masks`` (B, 1, H, W); a channel's score is the mean of
+        theirs. Score-CAM: one version, :math:`X \circ H^k`. (SS-CAM and IS-CAM make others.)"""
+        return 1, lambda images, masks, version: images * masks
+
     def weigh(self, context: Context) -> dict[str, Tensor]:
         x = context.images
         rows = torch.arange(x.shape[0], device=x.device)
+        versions, make = self.perturbation(context)
         constant = {name: is_constant(a) for name, a in context.activations.items()}
         chosen = {name: self._chosen(a) for name, a in context.activations.items()}
-        needs_zero = self.baseline == "zeros" or any(bool((chosen[n] & constant[n]).any()) for n in chosen)
+        # Constant channels have the mask H^k = 0, hence the same masked inputs: forwarded once
+        # for all images where a zero mask blanks the input, else once per image (through the
+        # first of its constant channels), and shared.
+        shared = {name: chosen[name] & constant[name] for name in chosen}
+        forwarded = {name: chosen[name] & ~constant[name] for name in chosen}
+        if not self.blank_zero_mask:
+            for name, same in shared.items():
+                forwarded[name] |= same & (same.cumsum(dim=1) == 1)
+        needs_zero = self.baseline == "zeros" or (
+            self.blank_zero_mask and any(bool(same.any()) for same in shared.values())
+        )
         zero_scores = context.forward_scores(torch.zeros_like(x[:1]), rows) if needs_zero else None
         baseline_scores = self._baseline_scores(context, rows, zero_scores)
-        forwarded = {name: chosen[name] & ~constant[name] for name in chosen}
-        total = sum(int(f.sum()) for f in forwarded.values()) + int(needs_zero)
+        total = versions * sum(int(f.sum()) for f in forwarded.values()) + int(needs_zero)
         done = int(needs_zero)
         if context.progress is not None:
             context.progress(done, total)
         weights = {}
         for name, activation in context.activations.items():
-            scores, done = self._masked_scores(context, activation, forwarded[name], zero_scores, done, total)
+            scores, done = self._masked_scores(context, activation, forwarded[name], (versions, make), done, total)
+            same = shared[name]
+            if bool(same.any()):
+                if self.blank_zero_mask:
+                    fill = zero_scores.unsqueeze(-1)
+                else:
+                    first = same.int().argmax(dim=1).view(-1, 1, 1).expand(-1, scores.shape[1], 1)
+                    fill = scores.gather(2, first)
+                scores = torch.where(same.unsqueeze(1), fill, scores)
             if baseline_scores is not None:
                 scores = scores - baseline_scores.unsqueeze(-1)
             subset = None if self.top_channels is None else chosen[name]
@@ -218,24 +248,25 @@ class ScoreCAM(CAMMethod):
         context: Context,
         activation: Tensor,
         forwarded: Tensor,
-        zero_scores: Tensor | None,
+        perturbation: tuple[int, Perturb],
         done: int,
         total: int,
     ) -> tuple[Tensor, int]:
-        """f(X * H^k) (N, T, K) for the ``forwarded`` (N, K) channels; the others get f(X * 0)
-        where it was forwarded (chosen constant channels), else 0 (unchosen ones weigh 0)."""
+        """The mean over the versions of f(make(X, H^k, version)) (N, T, K) for the ``forwarded``
+        (N, K) channels, 0 for the others: ``batch_size`` masked inputs at a time."""
         x = context.images
-        images, channels = forwarded.shape
-        scores = x.new_zeros(images, context.targets.count, channels)
-        if zero_scores is not None:
-            scores[:] = zero_scores.unsqueeze(-1)
+        versions, make = perturbation
+        sums = x.new_zeros(*forwarded.shape, context.targets.count)
         image_index, channel_index = forwarded.nonzero(as_tuple=True)
-        for start in range(0, image_index.numel(), self.batch_size):
-            rows = image_index[start : start + self.batch_size]
-            cols = channel_index[start : start + self.batch_size]
+        count = image_index.numel() * versions
+        for start in range(0, count, self.batch_size):
+            flat = torch.arange(start, min(start + self.batch_size, count), device=x.device)
+            pair, version = flat // versions, flat % versions
+            rows, cols = image_index[pair], channel_index[pair]
             masks = self.masks(activation[rows, cols].unsqueeze(1), x.shape[-2:])
-            scores[rows, :, cols] = context.forward_scores(x[rows] * masks, rows)
-            done += rows.numel()
+            scores = context.forward_scores(make(x[rows], masks, version), rows)
+            sums.index_put_((rows, cols), scores, accumulate=True)
+            done += flat.numel()
             if context.progress is not None:
                 context.progress(done, total)
-        return scores, done
+        return (sums / versions).transpose(1, 2), done
