@@ -20,8 +20,12 @@ inference instead of the model itself:
   target layer's output, so nothing below that layer needs autograd. The copy's graph
   (``torch.fx``, every module without children a leaf) is cut there: the part up to the layer is
   compiled and frozen like the forward above (one compilation per batch size), the rest runs
-  eagerly from the layer's output, which autograd sees as a leaf. Models that ``torch.fx`` cannot
-  trace, or where the layer runs more than once, use the copy as it is.
+  eagerly from the layer's output, which autograd sees as a leaf. The cut is verified against the
+  copy per input signature: the layer's output, the logits and their gradient with respect to
+  the layer's output (torch.fx records no ``torch.no_grad()`` block and traces into custom
+  autograd functions), and the compiled part against the same part run eagerly; a shape at which
+  the compiled part fails runs that part eagerly. Models that ``torch.fx`` cannot trace, where the
+  layer runs more than once, or where the cut does not agree, use the copy as it is.
 
 The copy is **verified** before use, for each input signature (size, dtype, device): one
 forward pass of the first image through the model and through the copy, every submodule
@@ -45,11 +49,12 @@ import copy
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+import torch.utils._pytree
 from torch import Tensor, nn
 
 from .capture import hooked_pass, preserved
@@ -178,9 +183,13 @@ def cut(module: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.G
     """``module`` cut in two at its submodule ``layer``: ``(before, after)`` with
     ``before(x) = (a, *rest)``, ``a`` the layer's output and ``rest`` what else the part after
     it needs (a skip connection from below, the input), and ``after(a, *rest)`` the module's
-    output. Traced by ``torch.fx`` with every module without children a leaf (called, not
-    traced); None where the module cannot be traced or the layer is not exactly one call in
-    its graph. Both parts share ``module``'s submodules and parameters."""
+    output. ``before`` is everything the graph runs before the layer, in its order, not only
+    what the layer depends on: an in-place update whose result is not used by name
+    (``a.mul_(2)``) is no ancestor of the layer in the graph, yet must run before it. Traced by
+    ``torch.fx`` with every module without children a leaf (called, not traced); None where the
+    module cannot be traced or the layer is not exactly one call in its graph. Both parts share
+    ``module``'s submodules and parameters. (torch.fx records neither grad mode nor custom
+    autograd functions: :meth:`SplitForward.verified` compares the gradients.)"""
     try:
         graph = _LeafTracer(layer).trace(module)
     except Exception:  # data-dependent control flow, an untraceable container: no cut
@@ -189,13 +198,8 @@ def cut(module: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.G
     found = [node for node in nodes if node.op == "call_module" and node.target == layer]
     if len(found) != 1:
         return None
-    # Before the cut: the layer's node and everything it depends on.
-    before_nodes, stack = set(), [found[0]]
-    while stack:
-        node = stack.pop()
-        if node not in before_nodes:
-            before_nodes.add(node)
-            stack.extend(node.all_input_nodes)
+    # Before the cut: every node up to the layer's, in the graph's (execution) order.
+    before_nodes = set(nodes[: nodes.index(found[0]) + 1])
     # What the rest uses of it: the layer's output first, then the rest in graph order.
     crossing = [found[0]] + [
         node
@@ -245,6 +249,7 @@ class SplitForward(nn.Module):
         self.tap = nn.Identity()
         self._compiled = None
         self._verified: dict = {}
+        self._eager: set = set()  # input shapes where the compiled part failed
 
     @classmethod
     def make(cls, inference: InferenceCopy, layer: str) -> SplitForward | None:
@@ -253,41 +258,88 @@ class SplitForward(nn.Module):
         return None if parts is None else cls(inference, layer, *parts)
 
     def forward(self, inputs: Tensor) -> object:
-        if self._compiled is None:
-            self._compiled = _compile(self.before)
+        inputs = self.inference.prepare(inputs)
         with torch.no_grad():
-            given = self._compiled(self.inference.prepare(inputs))
+            given = self._before(inputs)
         return self.after(self.tap(given[0]), *given[1:])
 
+    def _before(self, inputs: Tensor) -> tuple:
+        """``before`` compiled; eagerly for input shapes where the compiled code failed (the
+        compiler may fail at a shape the verification did not see: the eager part is what
+        the copy computes, and raises the model's own error if the model fails)."""
+        if self._compiled is None:
+            self._compiled = _compile(self.before)
+        shape = tuple(inputs.shape)
+        if shape not in self._eager:
+            try:
+                return self._compiled(inputs)
+            except Exception:
+                self._eager.add(shape)
+        return self.before(inputs)
+
     def verified(self, example: Tensor) -> bool:
-        """Whether the split agrees with the copy (the layer's output and the model's) for
-        inputs like ``example``; checked once per input signature."""
+        """Whether the split agrees with the copy for inputs like ``example`` (see
+        :meth:`_agrees`); checked once per input signature."""
         signature = (tuple(example.shape[1:]), example.dtype, example.device)
         if signature not in self._verified:
             self._verified[signature] = self._agrees(example[:1])
         return self._verified[signature]
 
     def _agrees(self, example: Tensor) -> bool:
-        seen: dict[str, object] = {}
-
-        def keep(name: str):
-            def hook(module: nn.Module, inputs: object, output: object) -> None:
-                seen[name] = output.clone() if isinstance(output, Tensor) else output
-
-            return hook
-
-        handles = [self.copy.get_submodule(self.layer).register_forward_hook(keep("expected")),
-                   self.tap.register_forward_hook(keep("got"))]
+        """The cut run eagerly gives the copy's layer output, logits and gradient of the logits
+        (a fixed random combination) with respect to the layer's output; the compiled part
+        before the layer gives what the eager one gives. Each is observed on its own run: a
+        hook on the copy's layer would also fire inside ``before``, which calls that module.
+        Gradients, because torch.fx records no grad mode (``torch.no_grad()`` blocks) and
+        traces into custom autograd functions, so the part after the cut can differentiate
+        otherwise than the model while computing the same values."""
         try:
+            inputs = self.inference.prepare(example)
+            expected = _observed(lambda: self.copy(inputs), self.copy.get_submodule(self.layer))
             with torch.no_grad():
-                expected = self.copy(self.inference.prepare(example))
-                got = self(example)
+                given = self.before(inputs)
+                compiled = self._before(inputs)
+            got = _observed(lambda: self.after(self.tap(given[0]), *given[1:]), self.tap)
         except Exception:
             return False
-        finally:
-            for handle in handles:
-                handle.remove()
-        return "expected" in seen and "got" in seen and _close(seen["expected"], seen["got"]) and _close(expected, got)
+        # _close passes anything that is not a tensor: a gradient against none is a difference.
+        same_kind = (expected[2] is None) == (got[2] is None)
+        return same_kind and _close(given, compiled) and all(map(_close, expected, got))
+
+
+def _observed(run: Callable[[], object], layer: nn.Module) -> tuple:
+    """``(layer output, output, gradient)`` of one run: the gradient of a fixed random
+    combination of the output with respect to the layer's output (made a leaf, as the methods
+    do), None where the output does not depend on it."""
+    leaves: list[Tensor] = []
+
+    def hook(module: nn.Module, inputs: object, output: Tensor) -> Tensor:
+        leaves.append(output.detach().requires_grad_(True))
+        return leaves[-1].clone()  # the clone onwards, so that an in-place op leaves the leaf alone
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            output = run()
+    finally:
+        handle.remove()
+    # Every floating-point tensor of what the model returns (a tensor, a tuple, a dict).
+    outputs = [
+        value for value in torch.utils._pytree.tree_leaves(output)
+        if isinstance(value, Tensor) and value.is_floating_point()
+    ]
+    if len(leaves) != 1 or not outputs:
+        raise ValueError("not one layer output, or no floating-point output")
+    generator = torch.Generator().manual_seed(0)  # not the global generator: seeds stay the user's
+    total = sum(
+        (value * torch.randn(value.shape, generator=generator, dtype=value.dtype).to(value.device)).sum()
+        for value in outputs
+    )
+    grad = None
+    if total.requires_grad:
+        (grad,) = torch.autograd.grad(total, leaves[0], allow_unused=True)
+    detached = torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, output)
+    return leaves[0].detach(), detached, grad
 
 
 class InferenceCopies:

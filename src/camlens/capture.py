@@ -107,6 +107,13 @@ def preserved(model: nn.Module) -> Iterator[None]:
         for parameter in module._parameters.values()
         if parameter is not None
     ]
+    # Checked before anything is set: requires_grad_ on one raises a ValueError, and camlens's
+    # forward pass would initialise the user's model's weights.
+    if any(isinstance(parameter, nn.parameter.UninitializedParameter) for parameter, _ in flags):
+        raise CamlensError(
+            "the model has uninitialised (lazy) parameters: run one forward pass of a batch of "
+            "images through it before explaining"
+        )
     try:
         for module, mode in modes:
             if mode:
