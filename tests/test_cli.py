@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import camlens.methods
 from camlens.cli import main
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -220,7 +221,9 @@ def test_methods_and_layers_commands(capsys):
     code, out, _ = run(["methods"], capsys)
     assert code == 0
     lines = out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam"]
+    # Every registered method, once, in the registry's order.
+    assert [line.split()[0] for line in lines] == list(camlens.methods.METHODS)
+    assert {"cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam"} <= set(camlens.methods.METHODS)
     code, out, _ = run(["layers"], capsys)
     assert code == 0
     row = next(line for line in out.splitlines() if " features " in line)
