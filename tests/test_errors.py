@@ -175,7 +175,7 @@ def test_unknown_method_and_options(tiny, images):
         camlens.explain(tiny, images, "gradcm")
     for alias in ("Grad-CAM++", "gradcampp", "smooth_grad_cam++", "Score-CAM"):
         assert camlens.get_method(alias).name in camlens.list_methods()
-    with raises(r"unknown option\(s\) n_samples for method 'gradcam' \(its options: optimize, compile\)"):
+    with raises(r"unknown option\(s\) n_samples for method 'gradcam' \(its options: optimize, compile, output, reshape\)"):
         camlens.explain(tiny, images, "gradcam", n_samples=3)
     with raises(r"its options: score, baseline, channel_softmax, batch_size"):
         camlens.explain(tiny, images, "scorecam", noise_level=0.1)

@@ -44,6 +44,12 @@ _EXPORTS = {
     "get_method": "camlens.methods",
     "list_methods": "camlens.methods",
     "ClassTarget": "camlens.targets",
+    "MultiLabelTarget": "camlens.targets",
+    "RegressionTarget": "camlens.targets",
+    "ScoreTarget": "camlens.targets",
+    "SemanticSegmentationTarget": "camlens.targets",
+    "SimilarityTarget": "camlens.targets",
+    "TokenGrid": "camlens.capture",
     "TopK": "camlens.targets",
     "UnitTarget": "camlens.targets",
 }
@@ -70,6 +76,12 @@ __all__ = [
     "SSCAM",
     "ScoreCAM",
     "SmoothGradCAMPlusPlus",
+    "MultiLabelTarget",
+    "RegressionTarget",
+    "ScoreTarget",
+    "SemanticSegmentationTarget",
+    "SimilarityTarget",
+    "TokenGrid",
     "TopK",
     "UnitTarget",
     "XGradCAM",
@@ -127,4 +139,14 @@ if TYPE_CHECKING:
         get_method,
         list_methods,
     )
-    from .targets import ClassTarget, TopK, UnitTarget
+    from .capture import TokenGrid
+    from .targets import (
+        ClassTarget,
+        MultiLabelTarget,
+        RegressionTarget,
+        ScoreTarget,
+        SemanticSegmentationTarget,
+        SimilarityTarget,
+        TopK,
+        UnitTarget,
+    )

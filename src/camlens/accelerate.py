@@ -133,17 +133,21 @@ def _persistent_cache() -> None:
 class CompiledForward(nn.Module):
     """Logits of a compiled inference copy, in batches of exactly ``batch`` rows (the last one
     padded with zeros, its extra rows dropped): one shape, one compilation. Rows are
-    independent in eval mode, so padding changes no row. Without gradients only."""
+    independent in eval mode, so padding changes no row. Without gradients only.
+    ``select(output, inputs)`` picks the logits in what the model returns (a tuple, a dict)."""
 
-    def __init__(self, inference: InferenceCopy, batch: int) -> None:
+    def __init__(
+        self, inference: InferenceCopy, batch: int, select: Callable[[object, Tensor], Tensor] | None = None
+    ) -> None:
         super().__init__()
         self.inference = inference
         self.batch = batch
         self.copy = inference.module  # a submodule, so that preserved() and .to() see it
+        self.select = select or (lambda output, inputs: output)
 
     def forward(self, inputs: Tensor) -> Tensor:
         if torch.is_grad_enabled() or not self.inference.rows_independent:
-            return self.copy(self.inference.prepare(inputs))
+            return self.select(self.copy(self.inference.prepare(inputs)), inputs)
         compiled = self.inference.compiled()
         parts = []
         for start in range(0, inputs.shape[0], self.batch):
@@ -151,7 +155,7 @@ class CompiledForward(nn.Module):
             rows = chunk.shape[0]
             if rows < self.batch:
                 chunk = torch.cat([chunk, chunk.new_zeros(self.batch - rows, *chunk.shape[1:])])
-            parts.append(compiled(self.inference.prepare(chunk))[:rows])
+            parts.append(self.select(compiled(self.inference.prepare(chunk)), chunk)[:rows])
         return torch.cat(parts)
 
 
@@ -515,4 +519,6 @@ def _close(expected: object, got: object) -> bool:
         return isinstance(got, (tuple, list)) and len(expected) == len(got) and all(map(_close, expected, got))
     if isinstance(expected, dict):
         return isinstance(got, dict) and expected.keys() == got.keys() and all(_close(expected[k], got[k]) for k in expected)
+    if hasattr(expected, "__dict__") and not isinstance(expected, nn.Module):  # e.g. an output with .logits
+        return type(got) is type(expected) and _close(vars(expected), vars(got))
     return True  # not a tensor: nothing numeric to compare

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import numbers
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Union
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +24,8 @@ from .errors import CamlensError, first_line
 
 LayerSpec = Union[str, int, nn.Module]
 LayersSpec = Union[LayerSpec, Sequence[LayerSpec]]
+# What a model's forward() returned -> the tensor that targets score (see select_output).
+OutputSpec = Union[None, int, str, Callable[[Any], Tensor]]
 
 
 def display_name(name: str) -> str:
@@ -132,6 +137,145 @@ def preserved(model: nn.Module) -> Iterator[None]:
                 parameter.requires_grad_(flag)
 
 
+@dataclass(frozen=True)
+class TokenGrid:
+    r"""How a layer that outputs tokens (a vision transformer's) becomes a feature map.
+
+    Tokens (N, L, D), or (L, N, D), become the map (N, D, h, w): the first ``prefix`` tokens
+    (class, distillation and register tokens) are left out, the other :math:`h w`, in row-major
+    order as a patch embedding ``conv(x).flatten(2).transpose(1, 2)`` lays them, make the grid,
+    and their D features are its channels. The model itself goes on with the same tokens, rebuilt
+    from the recorded map, so the gradient of a score with respect to the map is its gradient
+    with respect to the patch tokens, reshaped the same way, and every method works unchanged.
+
+    Args:
+        prefix: the number of tokens before the patches. None: inferred with the grid.
+        size: the grid ``(h, w)``. None: inferred, as the largest grid of the input image's
+            aspect ratio (a square for a square image) that fits in the L tokens, the tokens
+            left over being the prefix. That is right whenever the prefix holds fewer than
+            :math:`2\sqrt{hw} + 1` tokens (a class token, a distillation token and a few
+            registers on any grid from 3x3); give ``prefix`` or ``size`` otherwise, and
+            ``size`` when the input's aspect ratio is not the grid's.
+        batch_first: whether the tokens are (N, L, D) (True) or (L, N, D) (False, e.g.
+            ``nn.TransformerEncoderLayer`` without ``batch_first``). None: the dimension of
+            size N is the batch; (N, L, D) when both are.
+    """
+
+    prefix: int | None = None
+    size: tuple[int, int] | None = None
+    batch_first: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefix is not None and not (_is_count(self.prefix) and self.prefix >= 0):
+            raise CamlensError(f"a token grid's prefix is a number of tokens (an integer >= 0), got {self.prefix!r}")
+        if self.size is not None:
+            if not (isinstance(self.size, (tuple, list)) and len(self.size) == 2
+                    and all(_is_count(side) and side >= 1 for side in self.size)):
+                raise CamlensError(f"a token grid's size is a pair of positive integers (h, w), got {self.size!r}")
+            object.__setattr__(self, "size", tuple(int(side) for side in self.size))
+        if self.batch_first not in (None, True, False):
+            raise CamlensError(f"batch_first must be True, False or None, got {self.batch_first!r}")
+
+    def layout(self, length: int, image_size: Sequence[int]) -> tuple[int, int, int]:
+        """``(prefix, h, w)`` for a sequence of ``length`` tokens from images of ``image_size``
+        (H, W); a CamlensError, without the layer's name, where the tokens make no such grid."""
+        if self.size is not None:
+            h, w = self.size
+            prefix = length - h * w if self.prefix is None else self.prefix
+            if prefix < 0 or prefix + h * w != length:
+                raise CamlensError(f"its {length} tokens are not {prefix} prefix token(s) and a {h}x{w} grid")
+            return prefix, h, w
+        height, width = image_size
+        common = math.gcd(height, width)
+        a, b = height // common, width // common  # the smallest grid of the image's aspect ratio
+        if self.prefix is not None:
+            patches = length - self.prefix
+            scale = math.isqrt(max(patches, 0) // (a * b))
+            if scale == 0 or a * b * scale * scale != patches:
+                shape = "square" if a == b else f"{a}:{b}, the input's aspect ratio"
+                raise CamlensError(
+                    f"its {length} tokens less {self.prefix} prefix token(s) leave {patches}, which make no "
+                    f"grid ({shape}): give the grid's size (h, w)"
+                )
+            return self.prefix, a * scale, b * scale
+        scale = math.isqrt(length // (a * b))
+        if scale == 0:
+            raise CamlensError(
+                f"its {length} tokens make no grid of the input's aspect ratio {height}:{width}: "
+                "give the grid's size (h, w)"
+            )
+        return length - a * b * scale * scale, a * scale, b * scale
+
+    def describe(self) -> str:
+        """The spec as ``reshape=`` and ``--reshape`` take it (:func:`token_grid`)."""
+        parts = ["tokens"]
+        if self.prefix is not None:
+            parts.append(str(self.prefix))
+        if self.size is not None:
+            parts.append(f"{self.size[0]}x{self.size[1]}")
+        if self.batch_first is False:
+            parts.append("lnd")
+        return ":".join(parts)
+
+    def to_grid(self, output: Tensor, images: Sequence[int], name: str) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """``(grid, rebuild)``: the map (N, D, h, w) of the tokens ``output`` of layer ``name``
+        for a batch of ``images`` (N, C, H, W), and the function giving the layer's output, the
+        same tokens, from a map (the recorded one, which may require grad)."""
+        count = images[0]
+        batch_first = self.batch_first
+        if batch_first is None:
+            batch_first = output.shape[0] == count or output.shape[1] != count
+        tokens = output if batch_first else output.transpose(0, 1)
+        if tokens.shape[0] != count:
+            order = "(N, L, D)" if batch_first else "(L, N, D)"
+            raise CamlensError(
+                f"layer {display_name(name)!r} outputs tokens of shape {tuple(output.shape)}, which is not "
+                f"{order} for a batch of {count}: give batch_first"
+            )
+        try:
+            prefix, h, w = self.layout(tokens.shape[1], images[-2:])
+        except CamlensError as error:
+            raise CamlensError(
+                f"layer {display_name(name)!r} outputs tokens of shape {tuple(output.shape)}: {error} "
+                "(reshape=TokenGrid(prefix=..., size=(h, w)), or --reshape tokens:PREFIX:HxW)"
+            ) from None
+        grid = tokens[:, prefix:].transpose(1, 2).reshape(count, tokens.shape[2], h, w)
+        head = tokens[:, :prefix]
+
+        def rebuild(recorded: Tensor) -> Tensor:
+            rebuilt = torch.cat([head, recorded.flatten(2).transpose(1, 2)], dim=1)
+            return rebuilt if batch_first else rebuilt.transpose(0, 1)
+
+        return grid, rebuild
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+ReshapeSpec = Union[None, str, TokenGrid]
+_TOKENS = re.compile(r"tokens(?::(\d+))?(?::(\d+)x(\d+))?(:lnd)?")
+
+
+def token_grid(spec: ReshapeSpec) -> TokenGrid | None:
+    """A ``reshape`` option as a :class:`TokenGrid`: None, a TokenGrid, or the text
+    ``tokens[:PREFIX][:HxW][:lnd]`` (``tokens``: everything inferred; ``lnd``: tokens (L, N, D))."""
+    if spec is None or isinstance(spec, TokenGrid):
+        return spec
+    match = _TOKENS.fullmatch(spec.strip().lower()) if isinstance(spec, str) else None
+    if match is None:
+        raise CamlensError(
+            f"unknown reshape {spec!r}: give 'tokens' (a vision transformer's token sequence to a grid, "
+            "everything inferred), 'tokens:PREFIX', 'tokens:HxW', 'tokens:PREFIX:HxW', or a TokenGrid"
+        )
+    prefix, h, w, lnd = match.groups()
+    return TokenGrid(
+        prefix=None if prefix is None else int(prefix),
+        size=None if h is None else (int(h), int(w)),
+        batch_first=False if lnd else None,
+    )
+
+
 class Recorder:
     """Forward hooks that record the outputs of some modules during one forward pass.
 
@@ -142,11 +286,23 @@ class Recorder:
 
     The model receives a copy of each recorded output, so an in-place operation that follows
     the layer (``ReLU(inplace=True)``) cannot change what was recorded.
+
+    With ``reshape``, a layer that outputs tokens (3-D) is recorded as the feature map
+    :meth:`TokenGrid.to_grid` makes of them (``images``: the shape of the batch); 4-D outputs
+    are feature maps already and are recorded as they are.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], track_grad: bool = False) -> None:
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        track_grad: bool = False,
+        reshape: TokenGrid | None = None,
+        images: Sequence[int] = (),
+    ) -> None:
         self.modules = dict(modules)
         self.track_grad = track_grad
+        self.reshape = reshape
+        self.images = tuple(images)
         self.outputs: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -169,21 +325,30 @@ class Recorder:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
-            if not isinstance(output, Tensor) or output.dim() != 4:
+            tokens = isinstance(output, Tensor) and output.dim() == 3
+            if not (isinstance(output, Tensor) and (output.dim() == 4 or tokens and self.reshape is not None)):
+                hint = (
+                    ", or for a vision transformer's tokens (N, L, D) give reshape='tokens' (--reshape tokens)"
+                    if tokens else ""
+                )
                 raise CamlensError(
                     f"layer {display_name(name)!r} outputs {describe(output)}, not a feature map "
                     "(N, channels, height, width); pick a convolutional layer "
-                    "(see model.named_modules())"
+                    f"(see model.named_modules()){hint}"
                 )
             if name in self.outputs:
                 raise CamlensError(
                     f"layer {display_name(name)!r} runs more than once in one forward pass; "
                     "pick a layer that is used once"
                 )
+            rebuild = None
+            if tokens:
+                output, rebuild = self.reshape.to_grid(output, self.images, name)
             if self.track_grad and not output.requires_grad:
                 output = output.detach().requires_grad_(True)
             self.outputs[name] = output
-            return output.clone()
+            # The model goes on from the recorded map, so that gradients reach it.
+            return output.clone() if rebuild is None else rebuild(output)
 
         return hook
 
@@ -232,13 +397,133 @@ def forward(model: nn.Module, inputs: Tensor) -> Tensor:
 
 
 def check_scores(output: object, inputs: Tensor) -> Tensor:
-    """``output`` if it is class scores (N, classes) for ``inputs``, else a clear error."""
-    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != inputs.shape[0]:
+    """The class scores (N, classes) for ``inputs`` in what the model returned (picked as
+    :func:`model_output` does without a selector), else a clear error."""
+    scores = model_output(output, inputs)
+    if scores.dim() != 2:
         raise CamlensError(
             f"the model returned {describe(output)}; camlens needs class scores of shape "
             f"({inputs.shape[0]}, classes): wrap the model so that forward() returns them"
         )
-    return output
+    return scores
+
+
+def model_output(output: object, inputs: Tensor, selector: OutputSpec = None) -> Tensor:
+    """The tensor that targets score, with one row per input, in what the model returned.
+
+    ``selector`` (a method's ``output=`` option):
+
+    - None: the one tensor there is no doubt about: the output itself when it is a tensor; its
+      ``logits`` (a Hugging Face output, any object with a ``logits`` tensor, a dict with a
+      ``'logits'`` key); the single tensor in a dict, tuple or list. Anything else (a tuple
+      ``(logits, features)``) is ambiguous, and the error lists what it holds.
+    - an int: that element of a tuple or list (or key of a dict);
+    - a str: that key of a dict, or attribute of an object;
+    - a function: called with what the model returned, it returns the tensor.
+
+    Class targets need the tensor to be class scores (N, classes); a target function takes
+    any tensor with N rows (N, ...).
+    """
+    count = inputs.shape[0]
+    chosen = _select(output, selector, count)
+    if chosen.dim() == 0 or chosen.shape[0] != count:
+        what = describe(output) if chosen is output else f"{describe(output)}, and output={_named(selector)} picks {describe(chosen)}"
+        raise CamlensError(
+            f"the model returned {what}; camlens needs class scores of shape ({count}, classes), or one "
+            f"output per image ({count}, ...) for a target function: wrap the model so that forward() "
+            "returns them, or pick them with output="
+        )
+    return chosen
+
+
+def _named(selector: OutputSpec) -> str:
+    return getattr(selector, "__qualname__", None) or repr(selector)
+
+
+def _candidates(output: object) -> list[tuple[object, Tensor]]:
+    """The tensors a model's output holds, with the index, key or attribute of each."""
+    if isinstance(output, Mapping):
+        items = list(output.items())
+    elif isinstance(output, (tuple, list)):
+        items = list(enumerate(output))
+    else:
+        items = [(key, value) for key, value in getattr(output, "__dict__", {}).items() if not key.startswith("_")]
+    return [(key, value) for key, value in items if isinstance(value, Tensor)]
+
+
+def _select(output: object, selector: OutputSpec, count: int) -> Tensor:
+    if isinstance(output, Tensor) and (selector is None or isinstance(selector, (int, str))):
+        if selector is None:
+            return output
+        raise CamlensError(
+            f"output={selector!r} picks from a tuple, list, dict or object, but the model returned "
+            f"{describe(output)}: leave output=None"
+        )
+    found = _candidates(output)
+    listing = (
+        "it holds " + ", ".join(f"{key!r} {tuple(value.shape)}" for key, value in found)
+        if found else "it holds no tensor"
+    )
+    if selector is None:
+        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+        if isinstance(logits, Tensor):
+            return logits
+        if len(found) == 1 and isinstance(output, (Mapping, tuple, list)):
+            return found[0][1]
+        raise CamlensError(
+            f"the model returned {describe(output)}; camlens needs class scores of shape ({count}, classes), "
+            f"or one output per image for a target function: {listing}; pick one with output= (an index, "
+            "a key, an attribute name, or a function of the model's output)"
+        )
+    if isinstance(selector, bool) or not (isinstance(selector, (int, str)) or callable(selector)):
+        raise CamlensError(
+            "output must be None (automatic), an int (an index), a str (a key or attribute) or a function "
+            f"of the model's output, not {type(selector).__name__}"
+        )
+    if callable(selector):
+        try:
+            chosen = selector(output)
+        except CamlensError:
+            raise
+        except Exception as error:
+            raise CamlensError(
+                f"output={_named(selector)} failed on what the model returned ({describe(output)}): "
+                f"{first_line(error)}"
+            ) from error
+    elif isinstance(output, Mapping) or isinstance(selector, int):
+        try:
+            chosen = output[selector]
+        except (KeyError, IndexError, TypeError):
+            raise CamlensError(
+                f"output={selector!r}: the model returned {describe(output)}, which has no element "
+                f"{selector!r}; {listing}"
+            ) from None
+    elif hasattr(output, selector):
+        chosen = getattr(output, selector)
+    else:
+        raise CamlensError(
+            f"output={selector!r}: the model returned {describe(output)}, which has no attribute "
+            f"{selector!r}; {listing}"
+        )
+    if not isinstance(chosen, Tensor):
+        raise CamlensError(
+            f"output={_named(selector)} picks {describe(chosen)} in what the model returned, not a tensor; "
+            f"{listing}"
+        )
+    return chosen
+
+
+class SelectedOutput(nn.Module):
+    """``module`` giving the tensor that ``selector`` picks in what it returns
+    (:func:`model_output`)."""
+
+    def __init__(self, module: nn.Module, selector: OutputSpec = None) -> None:
+        super().__init__()
+        self.module = module
+        self.selector = selector
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return model_output(self.module(inputs), inputs, self.selector)
 
 
 def record(
@@ -246,18 +531,29 @@ def record(
     inputs: Tensor,
     modules: Mapping[str, nn.Module],
     track_grad: bool = False,
+    *,
+    output: OutputSpec = None,
+    reshape: TokenGrid | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One forward pass, recording the outputs of ``modules``. Returns (logits, outputs)."""
-    with Recorder(modules, track_grad=track_grad) as recorder:
+    """One forward pass, recording the outputs of ``modules`` (token layers as maps, with
+    ``reshape``). Returns (the model's output picked by ``output``, :func:`model_output`;
+    the recorded outputs)."""
+    with Recorder(modules, track_grad=track_grad, reshape=reshape, images=inputs.shape) as recorder:
         with torch.enable_grad() if track_grad else torch.no_grad():
-            logits = forward(model, inputs)
+            scores = model_output(model(inputs), inputs, output)
     missing = [display_name(name) for name in modules if name not in recorder.outputs]
     if missing:
         raise CamlensError(
             f"layer(s) {', '.join(missing)} did not run during the forward pass; "
             "pick layers that the model's forward() calls"
         )
-    return logits, recorder.outputs
+    return scores, recorder.outputs
+
+
+_DEPENDS = (
+    "a unit target must be at or after the target layer, and a target function must compute its score "
+    "from the model's output with torch operations (no .item(), NumPy or detach())"
+)
 
 
 def gradients(
@@ -283,7 +579,7 @@ def gradients(
     if not scores.requires_grad:
         raise CamlensError(
             f"the target score does not depend on layer(s) {', '.join(map(display_name, names))}: "
-            "a unit target must be at or after the target layer"
+            f"{_DEPENDS}"
         )
     count = scores.shape[1]
     if count == 1:
@@ -308,8 +604,7 @@ def gradients(
     for name, grad in zip(names, grads):
         if grad is None:
             raise CamlensError(
-                f"the target score does not depend on layer {display_name(name)!r}: "
-                "a unit target must be at or after the target layer"
+                f"the target score does not depend on layer {display_name(name)!r}: {_DEPENDS}"
             )
         check_finite(grad, f"gradients at layer {display_name(name)!r}", rows)
         result[name] = grad

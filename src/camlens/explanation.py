@@ -22,10 +22,12 @@ class Explanation:
         weights: ``{layer: (N, T, K)}`` channel weights, or ``{layer: (N, T, K, h, w)}``
             weights per activation (HiResCAM, LayerCAM, ...: see the method); channels left
             out by a channel subset have weight 0.
-        targets: (N, T) class indices; -1 where the targets are units (see ``units``).
+        targets: (N, T) class indices; -1 where the targets are units (see ``units``) or
+            target functions (see :mod:`camlens.targets`).
         scores: (N, T) the model's score for each target on the clean images, of kind
-            ``score_kind`` ("logit", "probability" or "unit").
-        probabilities: (N, T) softmax probability of each class target, None for units.
+            ``score_kind`` ("logit", "probability", "unit", or "target" for target functions).
+        probabilities: (N, T) softmax probability of each class target, None for units and
+            target functions.
         method: the method's registry name.
         target_layers: names of the layers the maps come from.
         default_layer: True when the target layer was chosen automatically.

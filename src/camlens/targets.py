@@ -1,24 +1,39 @@
-"""What is explained: classes (one, a list, top-k) or units, and the score taken from each.
+"""What is explained: classes (one, a list, top-k), units, or any score of the model's output.
 
 A target spec is turned into :class:`Targets` once the model's output on the clean images is
 known. ``Targets.score`` then gives the (rows, T) scores of any batch whose rows are copies
 of the images (noisy copies, masked inputs), so every method computes scores the same way.
+
+**Target functions.** Besides classes and units, a target is any function from the model's
+output (the tensor the method's ``output=`` option picks, N rows) to one score per row:
+``target(output) -> (B,)`` for a batch of B rows, differentiable with torch operations. Give
+one function for every image, one per image (a list of N), or T per image (a list of N lists).
+A function is called on whole batches: every row of a batch it gets is a version of an image
+it explains (the image itself, a noisy copy, a masked input), so a plain function must not
+depend on which image a row comes from. A target with data per image (a mask, a reference
+embedding) subclasses :class:`ScoreTarget` and implements ``score(output, rows)``: ``rows[b]``
+is the image that row b is a version of, to index its data with. The ready-made ones are
+:class:`SemanticSegmentationTarget`, :class:`MultiLabelTarget`, :class:`RegressionTarget` and
+:class:`SimilarityTarget`. Explanations of target functions have ``targets`` -1,
+``score_kind`` "target" and no ``probabilities``; the methods' ``score`` option (logit or
+probability) applies to class targets only.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .capture import resolve_layer
-from .errors import CamlensError
+from .capture import describe, resolve_layer
+from .errors import CamlensError, first_line
 
-SCORE_KINDS = ("logit", "probability")
+SCORE_KINDS = ("logit", "probability", "exp")
 
 
 def _is_index(value: object) -> bool:
@@ -79,26 +94,176 @@ class UnitTarget:
             object.__setattr__(self, "position", tuple(self.position))
 
 
+class ScoreTarget:
+    """A target function with data per image: ``score(output, rows)`` gives the scores (B,) of
+    a batch whose row b is a version of image ``rows[b]``. Called as a plain function,
+    ``target(output)``, row b is image b."""
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return self.score(output, torch.arange(output.shape[0], device=output.device))
+
+
+def _per_image(data: Tensor, rows: Tensor, shape: int, what: str) -> Tensor:
+    """``data`` for each row: the same for all (``shape`` dimensions) or one per image (one more)."""
+    if data.dim() == shape:
+        return data.expand(rows.shape[0], *data.shape)
+    if data.dim() == shape + 1 and int(rows.max()) < data.shape[0]:
+        return data[rows]
+    raise CamlensError(
+        f"the {what} of shape {tuple(data.shape)} has no entry for image {int(rows.max())}: give one for "
+        "all images, or one per image (images first)"
+    )
+
+
+def _check_index(index: object, what: str) -> int:
+    if not _is_index(index) or index < 0:
+        raise CamlensError(f"the {what} is an integer index >= 0, got {index!r}")
+    return int(index)
+
+
+def _column(output: Tensor, index: int, what: str) -> Tensor:
+    if output.dim() < 2 or index >= output.shape[1]:
+        raise CamlensError(
+            f"{what} {index} of an output of shape {tuple(output.shape)}: the model's output needs "
+            f"(N, {what}s, ...) with more than {index} {what}s (pick another one with output=)"
+        )
+    return output[:, index]
+
+
+class SemanticSegmentationTarget(ScoreTarget):
+    r"""A class of a segmentation output (N, classes, H, W), summed over a pixel mask:
+    :math:`y = \sum_{ij} M_{ij} S^c_{ij}` (pytorch-grad-cam's SemanticSegmentationTarget).
+
+    ``mask``: (H, W) for every image, or (N, H, W) one per image; boolean or weights, at the
+    output's resolution.
+    """
+
+    def __init__(self, category: int, mask: Tensor) -> None:
+        self.category = _check_index(category, "category")
+        self.mask = torch.as_tensor(mask)
+        if self.mask.dim() not in (2, 3):
+            raise CamlensError(f"a segmentation mask is (H, W) or (N, H, W), got shape {tuple(self.mask.shape)}")
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        if output.dim() != 4:
+            raise CamlensError(f"a segmentation output is (N, classes, H, W), got shape {tuple(output.shape)}")
+        scores = _column(output, self.category, "class")
+        mask = _per_image(self.mask.to(device=output.device), rows, 2, "mask")
+        if scores.shape != mask.shape:
+            raise CamlensError(
+                f"the segmentation mask is {tuple(mask.shape[1:])} but the model's output is "
+                f"{tuple(output.shape[2:])} per class: give the mask at the output's resolution"
+            )
+        return (scores * mask.to(scores.dtype)).flatten(1).sum(dim=1)
+
+    def __repr__(self) -> str:
+        return f"SemanticSegmentationTarget(category={self.category}, mask of shape {tuple(self.mask.shape)})"
+
+
+class MultiLabelTarget(ScoreTarget):
+    r"""One label of a multi-label output (N, labels): its logit :math:`z_l`, or its own
+    probability :math:`\sigma(z_l)` (a sigmoid per label, not a softmax over labels)."""
+
+    def __init__(self, label: int, score: str = "logit") -> None:
+        self.label = _check_index(label, "label")
+        if score not in SCORE_KINDS:
+            raise CamlensError(f"unknown score {score!r}: choose one of {', '.join(SCORE_KINDS)}")
+        self.kind = score
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        logit = _column(output, self.label, "label")
+        if logit.dim() != 1:
+            raise CamlensError(f"a multi-label output is (N, labels), got shape {tuple(output.shape)}")
+        return logit if self.kind == "logit" else torch.sigmoid(logit)
+
+    def __repr__(self) -> str:
+        return f"MultiLabelTarget(label={self.label}, score={self.kind!r})"
+
+
+class RegressionTarget(ScoreTarget):
+    """A regression output: the output itself when it is (N,) or (N, 1), else its ``index``-th
+    value (N, outputs)."""
+
+    def __init__(self, index: int | None = None) -> None:
+        self.index = None if index is None else _check_index(index, "output index")
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        if self.index is not None:
+            output = _column(output, self.index, "output")
+        elif output.dim() == 2 and output.shape[1] == 1:
+            output = output[:, 0]
+        if output.dim() != 1:
+            raise CamlensError(
+                f"a regression output is (N,) or (N, 1), got shape {tuple(output.shape)}: name the output "
+                "to explain, RegressionTarget(index)"
+            )
+        return output
+
+    def __repr__(self) -> str:
+        return f"RegressionTarget(index={self.index})"
+
+
+class SimilarityTarget(ScoreTarget):
+    r"""Cosine similarity of an embedding output (N, D) to a reference embedding:
+    :math:`y = \frac{e \cdot r}{\max(\lVert e \rVert \lVert r \rVert, \epsilon)}` (as
+    ``torch.nn.functional.cosine_similarity``, pytorch-grad-cam's SimilarityToConceptTarget).
+
+    ``reference``: (D,) for every image, or (N, D) one per image. Outputs with more dimensions
+    are flattened after the first.
+    """
+
+    def __init__(self, reference: Tensor) -> None:
+        self.reference = torch.as_tensor(reference)
+        if self.reference.dim() not in (1, 2) or not self.reference.is_floating_point():
+            raise CamlensError(
+                f"a reference embedding is a float tensor (D,) or (N, D), got {describe(self.reference)}"
+            )
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        embedding = output.flatten(1)
+        reference = _per_image(self.reference.to(device=output.device, dtype=output.dtype), rows, 1, "reference")
+        if reference.shape != embedding.shape:
+            raise CamlensError(
+                f"the reference embedding has {reference.shape[1]} values but the model's output "
+                f"{embedding.shape[1]} per image"
+            )
+        return F.cosine_similarity(embedding, reference, dim=1)
+
+    def __repr__(self) -> str:
+        return f"SimilarityTarget(reference of shape {tuple(self.reference.shape)})"
+
+
+TargetFunction = Callable[[Tensor], Tensor]
 TargetSpec = Union[None, int, Sequence[int], Sequence[Sequence[int]], Tensor, TopK, ClassTarget,
-                   UnitTarget, Sequence[UnitTarget]]
+                   UnitTarget, Sequence[UnitTarget], TargetFunction, Sequence[TargetFunction],
+                   Sequence[Sequence[TargetFunction]]]
 
 
 @dataclass
 class Targets:
     """Resolved targets for N images: T targets each, and how to score them."""
 
-    classes: Tensor | None  # (N, T) class indices, None for unit targets
+    classes: Tensor | None  # (N, T) class indices, None for unit targets and target functions
     units: tuple[UnitTarget, ...] | None
     unit_layers: dict[str, nn.Module]  # name -> module for unit targets
     unit_names: tuple[str, ...]  # layer name of each unit target
-    score_kind: str  # "logit", "probability" or "unit"
+    score_kind: str  # "logit", "probability", "unit" or "target"
+    # Target functions: one row of T for every image, or one row per image.
+    functions: tuple[tuple[TargetFunction, ...], ...] | None = None
 
     @property
     def count(self) -> int:
+        if self.functions is not None:
+            return len(self.functions[0])
         return self.classes.shape[1] if self.classes is not None else len(self.units or ())
 
     def score(self, logits: Tensor, unit_outputs: Mapping[str, Tensor], rows: Tensor) -> Tensor:
         """Scores (B, T) of a batch whose row b is a version of image ``rows[b]``."""
+        if self.functions is not None:
+            return torch.stack([self._function_scores(t, logits, rows) for t in range(self.count)], dim=1)
         if self.classes is not None:
             values = logits if self.score_kind == "logit" else logits.softmax(dim=1)
             return values.gather(1, self.classes[rows])
@@ -111,11 +276,46 @@ class Targets:
                 columns.append(channel[:, unit.position[0], unit.position[1]])
         return torch.stack(columns, dim=1)
 
+    def _function_scores(self, t: int, output: Tensor, rows: Tensor) -> Tensor:
+        """Target ``t`` of each row: one call for the whole batch when every image has the same
+        function, else one per image in the batch (a batch holds the versions of a few)."""
+        if len(self.functions) == 1:
+            return _call(self.functions[0][t], output, rows)
+        scores = None
+        for image in rows.unique().tolist():
+            where = (rows == image).nonzero().flatten()
+            part = _call(self.functions[image][t], output[where], rows[where])
+            scores = part.new_zeros(rows.shape[0]) if scores is None else scores
+            scores = scores.index_put((where,), part)
+        return scores
+
     def as_index_tensor(self, images: int) -> Tensor:
-        """Class indices (N, T), with -1 standing for unit targets."""
+        """Class indices (N, T), with -1 standing for unit targets and target functions."""
         if self.classes is not None:
             return self.classes
         return torch.full((images, self.count), -1, dtype=torch.long)
+
+
+def _call(target: TargetFunction, output: Tensor, rows: Tensor) -> Tensor:
+    """``target``'s scores (B,) of ``output`` (B, ...), checked."""
+    try:
+        scores = target.score(output, rows) if isinstance(target, ScoreTarget) else target(output)
+    except CamlensError:
+        raise
+    except Exception as error:
+        raise CamlensError(
+            f"the target {target!r} failed on the model's output of shape {tuple(output.shape)}: "
+            f"{first_line(error)}"
+        ) from error
+    count = output.shape[0]
+    if isinstance(scores, Tensor) and scores.shape == (count, 1):
+        scores = scores[:, 0]
+    if not isinstance(scores, Tensor) or scores.shape != (count,) or not scores.is_floating_point():
+        raise CamlensError(
+            f"the target {target!r} returned {describe(scores)} for an output of shape {tuple(output.shape)}: "
+            f"a target function returns one float score per row, shape ({count},)"
+        )
+    return scores
 
 
 def _unit_list(spec: object) -> tuple[UnitTarget, ...] | None:
@@ -142,7 +342,10 @@ def resolve_targets(
     default_score: str,
 ) -> Targets:
     """Turn a target spec into :class:`Targets`, given the model's logits on the clean images."""
-    images, classes = logits.shape
+    images = logits.shape[0]
+    functions = _function_table(spec, images)
+    if functions is not None:
+        return Targets(None, None, {}, (), "target", functions)
     units = _unit_list(spec)
     if units is not None:
         names = tuple(resolve_layer(model, unit.layer)[0] for unit in units)
@@ -151,6 +354,14 @@ def resolve_targets(
         layers = dict(resolve_layer(model, unit.layer) for unit in units)
         return Targets(None, units, layers, names, "unit")
 
+    if logits.dim() != 2:
+        raise CamlensError(
+            f"class targets need class scores (N, classes), but the model's output is {describe(logits)}: "
+            "pick the class scores with output=, or explain this output with a target function "
+            "(camlens.RegressionTarget, SemanticSegmentationTarget, MultiLabelTarget, SimilarityTarget, "
+            "or your own function of the output)"
+        )
+    classes = logits.shape[1]
     if spec is None:
         spec = TopK(1)
     if isinstance(spec, TopK):
@@ -173,6 +384,37 @@ def resolve_targets(
     return Targets(index.to(logits.device), None, {}, (), score)
 
 
+def _is_function(value: object) -> bool:
+    # Tensors and the target dataclasses are not callable; nn.Modules are, and may be targets.
+    return callable(value) and not isinstance(value, type)
+
+
+def _function_table(spec: object, images: int) -> tuple[tuple[TargetFunction, ...], ...] | None:
+    """Target functions as rows of T: one row for every image, or one per image; None when
+    ``spec`` holds none."""
+    if _is_function(spec):
+        return ((spec,),)
+    if not isinstance(spec, (list, tuple)) or not spec:
+        return None
+    rows = [list(row) if isinstance(row, (list, tuple)) else [row] for row in spec]
+    given = [_is_function(item) for row in rows for item in row]
+    if not any(given):
+        return None
+    if not all(given):
+        raise CamlensError(
+            "targets mix functions with other kinds: give functions only (one for all images, one per "
+            "image, or a list per image), or classes, or units"
+        )
+    if len(rows) != images:
+        raise CamlensError(
+            f"{len(rows)} target functions (or lists of them) for {images} image(s): give one function for "
+            "every image, or one (or a list) per image"
+        )
+    if len({len(row) for row in rows}) != 1 or not rows[0]:
+        raise CamlensError("give every image the same number of target functions (at least one)")
+    return tuple(tuple(row) for row in rows)
+
+
 def _class_index(spec: object, images: int) -> Tensor:
     if isinstance(spec, bool):
         raise CamlensError("a class target is an integer index, not a boolean")
@@ -183,7 +425,7 @@ def _class_index(spec: object, images: int) -> Tensor:
     except (TypeError, ValueError, RuntimeError):
         raise CamlensError(
             "targets must be None (top-1), an int, a list of ints (one per image), "
-            "a list of lists (several per image), TopK, ClassTarget or UnitTarget(s)"
+            "a list of lists (several per image), TopK, ClassTarget, UnitTarget(s) or target functions"
         ) from None
     if index.numel() == 0:
         raise CamlensError(

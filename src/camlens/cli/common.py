@@ -18,11 +18,14 @@ from rich.console import Console
 from torch import Tensor
 
 from ..capture import (
+    TokenGrid,
     check_finite,
     check_hookable,
+    check_scores,
     default_layer_output,
     record,
     resolve_layer,
+    token_grid,
 )
 from ..errors import CamlensError, first_line
 from ..accelerate import InferenceCopies
@@ -125,16 +128,40 @@ def run_options(
     return _stacked(options, command)
 
 
+def _set_reshape(context: click.Context, parameter: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        try:
+            context.meta[RESHAPE] = token_grid(value)
+        except CamlensError as error:
+            raise click.BadParameter(str(error)) from None
+
+
+RESHAPE = "camlens.reshape"  # where --reshape leaves its TokenGrid: in the click context's meta
+
+
+def reshape_given() -> TokenGrid | None:
+    """The --reshape of the running command (its TokenGrid), None when not given. It travels in
+    the click context, as --threads does to torch, so that every command that computes maps
+    takes it without a parameter of its own."""
+    context = click.get_current_context(silent=True)
+    return None if context is None else context.meta.get(RESHAPE)
+
+
 def engine_options(
     command: Callable | None = None,
     *,
     passes: str = "Score-CAM's masked inputs",
     default: str = "on with --device cpu",
 ) -> Callable:
-    """--optimize/--no-optimize and --compile: how the methods run the model (camlens.accelerate).
-    ``passes``: the forward-only passes of the command that --compile speeds up; ``default``:
-    what no flag does, in words."""
+    """--optimize/--no-optimize and --compile: how the methods run the model (camlens.accelerate);
+    --reshape: how they read a token layer. ``passes``: the forward-only passes of the command
+    that --compile speeds up; ``default``: what no flag does, in words."""
     options = [
+        click.option("--reshape", metavar="tokens[:P][:HxW]", expose_value=False, callback=_set_reshape,
+                     help="For a vision transformer: the target layer's tokens (N, L, D) become a grid (N, D, h, w), "
+                          "the first P tokens (class, register) left out. 'tokens' infers P and the grid (the largest "
+                          "grid of the input's shape that fits); give them when that is wrong. Needs --target-layer. "
+                          "`camlens layers` shows the layers that need it."),
         click.option("--optimize/--no-optimize", default=None,
                      help="Run a verified inference copy of the model (batch norm folded into convolutions, "
                           f"channels-last memory): the same maps up to float rounding, faster [default: {default}]."),
@@ -192,8 +219,13 @@ def engine_settings(optimize: bool | None, compile_model: bool, device: torch.de
     if compile_model:
         echo_error("camlens: note: --compile: the first forward passes compile the model (up to a minute per model "
                    "and input size on a CPU; cached on disk for the next runs)")
-    return {"optimize": default and device.type == "cpu" if optimize is None else optimize or compile_model,
-            "compile": compile_model}
+    settings: dict[str, Any] = {
+        "optimize": default and device.type == "cpu" if optimize is None else optimize or compile_model,
+        "compile": compile_model,
+    }
+    if (reshape := reshape_given()) is not None:
+        settings["reshape"] = reshape.describe()
+    return settings
 
 
 def open_model(
@@ -359,9 +391,13 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
     blank = preprocess(Image.new("RGB", (preprocess.size, preprocess.size), (128, 128, 128)))
     example = blank.unsqueeze(0).expand(2, -1, -1, -1).contiguous()
     layers = dict([resolve_layer(loaded.module, target_layer)]) if target_layer is not None else {}
+    reshape = reshape_given()
+    if reshape is not None and not layers:
+        raise CamlensError("--reshape needs --target-layer: the token layer to explain (see camlens layers)")
     try:
         if layers:
-            output, outputs = record(loaded.module, example, layers)
+            output, outputs = record(loaded.module, example, layers, reshape=reshape)
+            output = check_scores(output, example)
             layer, activation = next(iter(outputs.items()))
         else:
             output, layer, activation = default_layer_output(loaded.module, example)

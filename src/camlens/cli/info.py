@@ -5,8 +5,10 @@ from __future__ import annotations
 import click
 import torch
 from rich.table import Table
+from rich.text import Text
 
 from ..capture import (
+    TokenGrid,
     check_hookable,
     default_layer,
     trace_outputs,
@@ -28,21 +30,39 @@ def layers(**model_args) -> None:
     except Exception as error:
         raise CamlensError(f"the model fails on a 1x3x{size}x{size} input ({first_line(error)}); check --input-size") from None
     shapes: dict[str, str] = {}
+    traced: dict[str, object] = {}
     for name, shape in trace:
         shapes.setdefault(name, shape if isinstance(shape, str) else "x".join(map(str, shape[1:])))
+        traced.setdefault(name, shape)
     try:
         default = default_layer(trace)
     except CamlensError:
         default = None
-    table = Table(title=f"{loaded.name}: input 3x{size}x{size}", title_justify="left")
+    # Text, not markup: a model named package.module:factory would otherwise show an emoji.
+    table = Table(title=Text(f"{loaded.name}: input 3x{size}x{size}"), title_justify="left")
     for column in ("layer", "type", "output (C x H x W)", "note"):
         table.add_column(column)
     for name, module in loaded.module.named_modules():
         if name in shapes:
-            table.add_row(name, type(module).__name__, shapes[name], "default target layer" if name == default else "")
+            note = "default target layer" if name == default else _token_note(traced[name], size)
+            table.add_row(name, type(module).__name__, shapes[name], note)
     console("stdout").print(table)
     if default is None:
         echo_error("no layer outputs a feature map larger than 1x1: no default target layer")
+
+
+def _token_note(shape: object, size: int) -> str:
+    """For a layer that outputs tokens (3-D; batch of one, first or second), how --reshape
+    tokens reads it: the prefix and grid it infers."""
+    if isinstance(shape, str) or len(shape) != 3 or 1 not in shape[:2]:
+        return ""
+    length = shape[1] if shape[0] == 1 else shape[0]
+    order = "" if shape[0] == 1 else ", (L, N, D)"
+    try:
+        prefix, h, w = TokenGrid().layout(length, (size, size))
+    except CamlensError:
+        return f"tokens{order}: needs --reshape tokens:P:HxW"
+    return f"tokens{order}: needs --reshape tokens ({prefix} + {h}x{w})"
 
 
 @click.command()

@@ -50,6 +50,7 @@ from .common import (
     note_skip,
     prepare,
     printable,
+    reshape_given,
     resolve_class,
     run_options,
     smooth_options,
@@ -223,7 +224,7 @@ def _channels(model: torch.nn.Module, x: torch.Tensor, layer: str) -> int:
 
 def _activation(model: torch.nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
     name, module = resolve_layer(model, layer)
-    return record(model, x, {name: module})[1][name]
+    return record(model, x, {name: module}, reshape=reshape_given())[1][name]
 
 
 def _passes(method: Any, channels: int) -> int:

@@ -17,16 +17,21 @@ from torch import Tensor, nn
 from ..accelerate import CompiledForward, InferenceCopies, InferenceCopy, PlainForward, SplitForward
 from ..capture import (
     LayersSpec,
+    OutputSpec,
+    ReshapeSpec,
+    SelectedOutput,
+    TokenGrid,
     check_finite,
     check_hookable,
-    check_scores,
     gradients,
     model_failures,
+    model_output,
     preserved,
     record,
     remembered_default_layer,
     resolve_layer,
     resolve_layers,
+    token_grid,
 )
 from ..combine import fuse, upsample_normalise, weighted_sum
 from ..errors import CamlensError
@@ -67,16 +72,19 @@ class Context:
     gradients: dict[str, Tensor] | None  # {layer: (N, T, K', h, w)} for gradient methods
     progress: Progress | None = None
     # The module that runs forward passes, when it is not ``model`` (its inference copy), with
-    # hookable modules of the same names; ``scorer`` gives logits of hook-free passes.
+    # hookable modules of the same names; ``scorer`` gives the output the targets score (picked
+    # by ``output``) of hook-free passes.
     runner: nn.Module | None = None
     scorer: nn.Module | None = None
+    output: OutputSpec = None  # the method's output selector (capture.model_output)
+    reshape: TokenGrid | None = None  # how token layers become maps (capture.TokenGrid)
 
     def __post_init__(self) -> None:
         # "is None", not "or": a model may define __len__ (nn.Sequential) and so its truth.
         if self.runner is None:
             self.runner = self.model
         if self.scorer is None:
-            self.scorer = self.runner
+            self.scorer = SelectedOutput(self.runner, self.output)
 
 
     def select(self, name: str, tensor: Tensor, dim: int) -> Tensor:
@@ -92,12 +100,14 @@ class Context:
         units = self.targets.unit_layers
         with model_failures(self.model, inputs):
             if units:
-                logits, outputs = record(self.runner, inputs, hooked(self.runner, units))
+                logits, outputs = record(
+                    self.runner, inputs, hooked(self.runner, units), output=self.output, reshape=self.reshape
+                )
             else:
                 with torch.no_grad():
-                    logits, outputs = check_scores(self.scorer(inputs), inputs), {}
+                    logits, outputs = model_output(self.scorer(inputs), inputs), {}
         if inputs.shape[0] == 1 and rows.numel() > 1:
-            logits = logits.expand(rows.numel(), -1)
+            logits = logits.expand(rows.numel(), *logits.shape[1:])
             outputs = {name: out.expand(rows.numel(), *out.shape[1:]) for name, out in outputs.items()}
         scores = self.targets.score(logits, outputs, rows)
         check_finite(scores, "target scores of masked or baseline inputs", rows)
@@ -107,7 +117,8 @@ class Context:
         """Gradients ``{layer: (B, T, K', h, w)}`` of the target scores of a batch of versions."""
         with model_failures(self.model, inputs):
             logits, outputs = record(
-                self.runner, inputs, hooked(self.runner, {**self.layers, **self.targets.unit_layers}), track_grad=True
+                self.runner, inputs, hooked(self.runner, {**self.layers, **self.targets.unit_layers}), track_grad=True,
+                output=self.output, reshape=self.reshape,
             )
         scores = self.targets.score(logits, outputs, rows)
         check_finite(scores, "target scores of noisy copies", rows)
@@ -119,10 +130,21 @@ class CAMMethod:
     """Base class of every method: reusable across calls, on any model, images and targets.
 
     Args:
-        model: any ``nn.Module`` returning class scores (N, classes).
+        model: any ``nn.Module``: one returning class scores (N, classes) for class targets,
+            any output for target functions (see :mod:`camlens.targets`).
         target_layer: a name from ``model.named_modules()``, a module, or a list of either
             (maps fused by averaging). None chooses the last module with a 4-D output before
             the global pooling; the choice is recorded in the Explanation.
+        output: which tensor of what the model returns the targets score
+            (:func:`camlens.capture.model_output`): None picks the only sensible one (the
+            tensor returned, a ``logits`` attribute or key, the single tensor of a tuple or
+            dict) and says what to choose from where there is none; an int indexes a tuple, a
+            str is a key or an attribute, a function takes the model's output and returns it.
+        reshape: how a target layer that outputs tokens (a vision transformer's (N, L, D))
+            becomes a feature map: ``"tokens"`` (prefix tokens and grid inferred),
+            ``"tokens:PREFIX"``, ``"tokens:HxW"``, or a :class:`~camlens.capture.TokenGrid`.
+            Applied to the activation and so to its gradient; layers with a 4-D output are
+            used as they are. Needs a named ``target_layer``.
         optimize: run a verified inference copy of the model (batch norm folded into
             convolutions, channels-last memory; see :mod:`camlens.accelerate`): the same maps up
             to float rounding (about 1e-6), faster. The copy is a snapshot that this object
@@ -149,6 +171,8 @@ class CAMMethod:
         *,
         optimize: bool = False,
         compile: bool = False,
+        output: OutputSpec = None,
+        reshape: ReshapeSpec = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise CamlensError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -156,9 +180,22 @@ class CAMMethod:
         for flag, value in (("optimize", optimize), ("compile", compile)):
             if not isinstance(value, bool):
                 raise CamlensError(f"{flag} must be True or False, got {value!r}")
+        if isinstance(output, bool) or not (output is None or isinstance(output, (int, str)) or callable(output)):
+            raise CamlensError(
+                "output must be None (automatic), an int (an index), a str (a key or attribute) or a "
+                f"function of the model's output, not {type(output).__name__}"
+            )
         self.model = model
         self.optimize = optimize or compile
         self.compile = compile
+        self.output = output
+        self.reshape = token_grid(reshape)
+        if self.reshape is not None and target_layer is None:
+            # The default layer is a 4-D map: for a vision transformer, its patch embedding.
+            raise CamlensError(
+                "reshape needs a named target layer: the token layer to explain, e.g. the input of the "
+                "last block's attention (target_layer=, --target-layer; see camlens layers)"
+            )
         self._copies = InferenceCopies()
         self._layers = None if target_layer is None else resolve_layers(model, target_layer)
 
@@ -196,7 +233,9 @@ class CAMMethod:
 
         Args:
             targets: None (top-1), an int, one int per image, a list of lists, ``TopK``,
-                ``ClassTarget`` or ``UnitTarget`` (or a list of them).
+                ``ClassTarget`` or ``UnitTarget`` (or a list of them), or target functions of
+                the model's output (one, one per image, or a list per image; see
+                :mod:`camlens.targets`).
             channels: build the maps from these channels of the target layer only: a list of
                 indices, or ``{layer: indices}`` for several layers.
             progress: called as ``progress(done, total)`` during long work (Score-CAM).
@@ -211,7 +250,8 @@ class CAMMethod:
                 units = unit_layers(model, targets)
                 runner, scorer = self._runners(x, [*layers, *units])
                 logits, outputs = record(
-                    runner, x, hooked(runner, {**layers, **units}), track_grad=self.needs_gradients
+                    runner, x, hooked(runner, {**layers, **units}), track_grad=self.needs_gradients,
+                    output=self.output, reshape=self.reshape,
                 )
             check_finite(logits, "model outputs")
             resolved = resolve_targets(model, targets, logits, outputs, self.score_kind())
@@ -232,6 +272,8 @@ class CAMMethod:
                 progress=progress,
                 runner=runner,
                 scorer=scorer,
+                output=self.output,
+                reshape=self.reshape,
             )
             if self.needs_gradients:
                 context.gradients = {
@@ -243,7 +285,12 @@ class CAMMethod:
                 name: context.select(name, a, 1) for name, a in context.full_activations.items()
             }
             weights = self.weigh(context)
-        return self._explanation(context, weights, scores.detach(), chosen)
+        explanation = self._explanation(context, weights, scores.detach(), chosen)
+        if self.output is not None:
+            explanation.options["output"] = getattr(self.output, "__qualname__", self.output)
+        if self.reshape is not None:
+            explanation.options["reshape"] = self.reshape.describe()
+        return explanation
 
     def _explanation(
         self, context: Context, weights: dict[str, Tensor], scores: Tensor, chosen: bool
@@ -329,25 +376,31 @@ class CAMMethod:
         """What runs the forward passes: ``(runner, scorer)``, the model's inference copy where it
         applies to ``names``, else the model. With ``compile``, the scorer (hook-free passes) is
         the copy compiled, and the runner the copy split at the one layer observed, where there
-        is one (see :class:`~camlens.accelerate.SplitForward`)."""
+        is one (see :class:`~camlens.accelerate.SplitForward`). The scorer gives the output that
+        ``output`` picks; the runner what the model returns."""
         inference = self._inference(x, names)
         if inference is None:
-            return self.model, self.model
+            return self.model, SelectedOutput(self.model, self.output)
         if not self.compile:
             runner = PlainForward(inference)
-            return runner, runner
+            return runner, SelectedOutput(runner, self.output)
         split = inference.split(names[0], x) if len(set(names)) == 1 else None
         runner = split if split is not None else PlainForward(inference)
-        return runner, CompiledForward(inference, getattr(self, "batch_size", 16))
+        return runner, self._compiled(inference, getattr(self, "batch_size", 16))
 
     def fast_forward(self, images: Tensor, batch_size: int = 32) -> nn.Module:
-        """A module giving the model's logits the way this method runs it (its inference copy,
-        compiled in batches of ``batch_size`` with ``compile``): for forward-only work such as
-        the metrics."""
+        """A module giving the model's logits (the output that ``output`` picks) the way this
+        method runs it (its inference copy, compiled in batches of ``batch_size`` with
+        ``compile``): for forward-only work such as the metrics."""
         inference = self._inference(images)
         if inference is None:
-            return self.model
-        return CompiledForward(inference, batch_size) if self.compile else PlainForward(inference)
+            return SelectedOutput(self.model, self.output)
+        if self.compile:
+            return self._compiled(inference, batch_size)
+        return SelectedOutput(PlainForward(inference), self.output)
+
+    def _compiled(self, inference: InferenceCopy, batch_size: int) -> CompiledForward:
+        return CompiledForward(inference, batch_size, select=lambda out, x: model_output(out, x, self.output))
 
     def _target_layers(self, x: Tensor) -> tuple[dict[str, nn.Module], bool]:
         if self._layers is not None:

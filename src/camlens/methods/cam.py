@@ -50,7 +50,7 @@ class CAM(CAMMethod):
     def weigh(self, context: Context) -> dict[str, Tensor]:
         classes = context.targets.classes
         if classes is None:
-            raise CamlensError("CAM explains classes only; use Grad-CAM family methods for units")
+            raise CamlensError("CAM explains classes only; use Grad-CAM family methods for units and target functions")
         weights = {}
         for name, activation in context.full_activations.items():
             fc = self.fc or self._find_fc(activation.shape[1], name)
