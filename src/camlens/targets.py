@@ -250,7 +250,7 @@ class Targets:
     units: tuple[UnitTarget, ...] | None
     unit_layers: dict[str, nn.Module]  # name -> module for unit targets
     unit_names: tuple[str, ...]  # layer name of each unit target
-    score_kind: str  # "logit", "probability", "unit" or "target"
+    score_kind: str  # "logit", "probability", "exp", "unit" or "target"
     # Target functions: one row of T for every image, or one row per image.
     functions: tuple[tuple[TargetFunction, ...], ...] | None = None
 
@@ -265,6 +265,8 @@ class Targets:
         if self.functions is not None:
             return torch.stack([self._function_scores(t, logits, rows) for t in range(self.count)], dim=1)
         if self.classes is not None:
+            if self.score_kind == "exp":  # exp(logit): the score Grad-CAM++'s closed form assumes
+                return logits.gather(1, self.classes[rows]).exp()
             values = logits if self.score_kind == "logit" else logits.softmax(dim=1)
             return values.gather(1, self.classes[rows])
         columns = []

@@ -27,6 +27,7 @@ from .family import (
     principal_axis,
     xgradcam_weights,
 )
+from .gradcampp_general import GradCAMPlusPlusGeneral
 from .meta import AugmentSmooth, EigenSmooth
 from .gradient_free import SSCAM, AblationCAM, ISCAM, ReciproCAM, ablation_weights
 from .scorecam import ScoreCAM, scorecam_weights
@@ -37,6 +38,7 @@ METHODS: dict[str, type[CAMMethod]] = {
         CAM,
         GradCAM,
         GradCAMPlusPlus,
+        GradCAMPlusPlusGeneral,
         SmoothGradCAMPlusPlus,
         ScoreCAM,
         SSCAM,
@@ -55,7 +57,7 @@ METHODS: dict[str, type[CAMMethod]] = {
 
 def _key(name: str) -> str:
     key = name.lower().replace("-", "").replace("_", "").replace(" ", "")
-    return key.replace("pp", "++") if key.endswith("pp") else key
+    return key.replace("pp", "++") if key.endswith("pp") or "campp" in key else key  # gradcampp-general
 
 
 def list_methods() -> dict[str, str]:
@@ -88,6 +90,7 @@ __all__ = [
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GradCAMPlusPlusGeneral",
     "HiResCAM",
     "LayerCAM",
     "METHODS",
