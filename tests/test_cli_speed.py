@@ -36,7 +36,7 @@ def test_the_inference_copy_is_the_cpu_default_and_gives_the_same_maps(tmp_path,
     "args, text",
     [
         (["--compile", "--no-optimize"], "--compile compiles the inference copy that --no-optimize turns off"),
-        (["--top-channels", "8"], "--top-channels applies to Score-CAM: add -m scorecam"),
+        (["--top-channels", "8"], "--top-channels applies to iscam, scorecam, sscam: add one of them with -m"),
         (["-m", "scorecam", "--top-channels", "0"], "top_channels must be"),
         (["-m", "scorecam", "--top-channels", "1.5"], "top_channels must be"),
     ],
@@ -87,3 +87,14 @@ def test_sanity_leaves_the_copy_off_unless_asked():
     assert engine_settings(True, False, cpu, default=False) == {"optimize": True, "compile": False}
     assert engine_settings(None, False, cpu) == {"optimize": True, "compile": False}
     assert engine_settings(None, False, torch.device("meta")) == {"optimize": False, "compile": False}
+
+
+def test_top_channels_reach_every_method_that_takes_them():
+    from conftest import make_tiny
+
+    from camlens.cli.common import method_objects
+
+    objects = method_objects(make_tiny(), ["scorecam", "sscam", "iscam", "gradcam"], "features", None, 0,
+                             top_channels=3)
+    assert [objects[name].top_channels for name in ("scorecam", "sscam", "iscam")] == [3, 3, 3]
+    assert "top_channels" not in objects["gradcam"].options()

@@ -191,9 +191,9 @@ def top_channels_option(command: Callable) -> Callable:
     """--top-channels N|F: Faster Score-CAM, opt-in (ScoreCAM's ``top_channels``)."""
     return click.option(
         "--top-channels", metavar="N|F", callback=_top_channels,
-        help="Score-CAM only: Faster Score-CAM, an approximation. Forward only the N channels (an integer), or the "
-             "fraction F (0 < F <= 1) of the target layer's channels, with the largest spatial variance; the others "
-             "weigh 0. Default: every channel (exact).")(command)
+        help="Score-CAM and its variants (SS-CAM, IS-CAM): Faster Score-CAM, an approximation. Forward only the N "
+             "channels (an integer), or the fraction F (0 < F <= 1) of the target layer's channels, with the largest "
+             "spatial variance; the others weigh 0. Default: every channel (exact).")(command)
 
 
 def smooth_options(command: Callable) -> Callable:
@@ -345,19 +345,22 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
                    seed: int, fc: str | None = None, engine: dict[str, Any] | None = None,
                    top_channels: int | float | None = None, smooth: dict[str, bool] | None = None) -> dict[str, Any]:
     """The method objects; ``engine``: their ``optimize`` and ``compile`` options;
-    ``top_channels``: Score-CAM's (refused without Score-CAM); ``smooth``: ``aug_smooth`` and
+    ``top_channels``: for the methods that take it (Score-CAM and its variants; refused without
+    one of them); ``smooth``: ``aug_smooth`` and
     ``eigen_smooth`` (camlens.methods.meta.smoothed) for every method."""
-    if top_channels is not None and "scorecam" not in methods:
-        raise CamlensError("--top-channels applies to Score-CAM: add -m scorecam")
+    takes = {name for name in METHODS if "top_channels" in inspect.signature(METHODS[name]).parameters}
+    if top_channels is not None and not takes & set(methods):
+        raise CamlensError(f"--top-channels applies to {', '.join(sorted(takes))}: add one of them with -m")
     objects = {}
     shared = InferenceCopies()  # one inference copy of the model for all the methods of a run
     for name in methods:
         options: dict[str, Any] = {"fc": fc} if name == "cam" else {}
         options.update(engine or {})
-        if name == "scorecam" and top_channels is not None:
-            options["top_channels"] = top_channels
-        # --batch-size and --seed reach every method that takes them (its constructor's keywords).
+        # --batch-size, --seed and --top-channels reach every method that takes them (its
+        # constructor's keywords).
         accepted = inspect.signature(METHODS[name]).parameters
+        if "top_channels" in accepted and top_channels is not None:
+            options["top_channels"] = top_channels
         if "batch_size" in accepted and batch_size is not None:
             options["batch_size"] = batch_size
         if "seed" in accepted:
