@@ -7,6 +7,7 @@ comparison figure and supplies the colour maps.
 from __future__ import annotations
 
 import difflib
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,13 @@ from .errors import CamlensError
 DEFAULT_COLORMAP = "jet"
 OVERLAY_MAX_SIDE = 512
 COLORBAR_LABEL = "map value (each map scaled to 0 to 1)"
+# The comparison figure: at most MAX_COLUMNS cells a line, each CELL_WIDTH x CELL_HEIGHT inches,
+# titles wrapped at TITLE_CHARACTERS (9-point DejaVu Sans fits about 40 in a cell's width); cells
+# shrink when the lines of cells would be taller than MAX_CELLS_HEIGHT inches, to MIN_SCALE at most.
+MAX_COLUMNS = 6
+CELL_WIDTH, CELL_HEIGHT = 2.6, 2.9
+TITLE_CHARACTERS = 36
+MAX_CELLS_HEIGHT, MIN_SCALE = 26.0, 0.75
 
 
 def check_colormap(name: str) -> str:
@@ -83,29 +91,66 @@ class Panel:
 
 
 def comparison_figure(
-    rows: Sequence[Sequence[Panel]], path: Path, title: str | None = None, colormap: str = DEFAULT_COLORMAP
+    rows: Sequence[Sequence[Panel]], path: Path, title: str | None = None, colormap: str = DEFAULT_COLORMAP,
+    columns: int = MAX_COLUMNS,
 ) -> None:
-    """A grid of panels (one row per target) with a colour bar for the maps, saved as PNG at ``path``."""
+    """The comparison figure (see :func:`draw_comparison`) saved as PNG at ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(draw_comparison(rows, title, colormap, columns))
+    canvas.draw()
+    # RGB, not matplotlib's RGBA: the figure is opaque, and the file is an eighth smaller.
+    Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]).save(path, format="PNG")
+
+
+def grid_shape(panels: int, columns: int = MAX_COLUMNS) -> tuple[int, int]:
+    """(lines, columns) for ``panels`` cells wrapped at ``columns``, the lines filled evenly:
+    7 panels at 6 columns are 2 lines of 4, not 6 and 1."""
+    lines = -(-panels // columns)
+    return lines, -(-panels // lines)
+
+
+def draw_comparison(
+    rows: Sequence[Sequence[Panel]], title: str | None = None, colormap: str = DEFAULT_COLORMAP,
+    columns: int = MAX_COLUMNS,
+):
+    """A matplotlib figure of the panels: each row (one per target: the photo, then the methods)
+    wrapped into lines of at most ``columns`` cells, and one colour bar for all the maps."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    count = max(len(row) for row in rows)
+    lines, count = grid_shape(max(len(row) for row in rows), columns)
+    total = lines * len(rows)
+    # Many lines (several targets, many methods): smaller cells, text included, down to
+    # MIN_SCALE, to keep the figure and its file a sensible size.
+    scale = max(MIN_SCALE, min(1.0, MAX_CELLS_HEIGHT / (CELL_HEIGHT * total)))
+    height = CELL_HEIGHT * scale * total
+    font = max(7.5, 9 * scale)  # points: smaller is hard to read at 100 dpi
     # Constrained layout leaves room for the colour bar, which tight_layout does not.
-    figure = new_figure(2.6 * count + 0.8, 2.9 * len(rows) + (0.6 if title else 0), layout="constrained")
-    axes = figure.subplots(len(rows), count, squeeze=False)
-    for row_axes, row in zip(axes, rows):
-        for ax, panel in zip(row_axes, row):
+    width = CELL_WIDTH * scale * count
+    figure = new_figure(width + 0.8, height + 0.8 + (0.6 if title else 0), layout="constrained")
+    axes = figure.subplots(total, count, squeeze=False)
+    for group, row in enumerate(rows):
+        for ax, panel in zip(axes[group * lines:(group + 1) * lines].ravel(), row):
             ax.imshow(panel.image)
-            ax.set_title(panel.title, fontsize=9)
-        for ax in row_axes:
-            ax.set_axis_off()
-    bar = figure.colorbar(ScalarMappable(Normalize(0, 1), colormap), ax=axes[:, 1:].ravel().tolist(),
-                          fraction=0.04, shrink=0.9, pad=0.02)
+            ax.set_title(fitted(panel.title, int(TITLE_CHARACTERS * 9 * scale / font)), fontsize=font)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    # On top, under the title: beside a figure of many lines, a bar would be far from most of them.
+    # About 0.15 inches thick and 0.1 from the grid, whatever the figure's size.
+    shrink = min(0.6, 4 / count)
+    bar = figure.colorbar(ScalarMappable(Normalize(0, 1), colormap), ax=axes.ravel().tolist(), location="top",
+                          fraction=0.35 / height, pad=0.1 / height, shrink=shrink, aspect=shrink * width / 0.15)
     bar.set_label(COLORBAR_LABEL, fontsize=8)
     bar.ax.tick_params(labelsize=8)
     if title:
         figure.suptitle(title, fontsize=11)
-    figure.savefig(path, format="png")
+    return figure
+
+
+def fitted(title: str, width: int = TITLE_CHARACTERS) -> str:
+    """Each line of ``title`` wrapped to ``width`` characters, so that no title runs into its neighbours."""
+    return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
 
 
 def new_figure(width: float, height: float, layout: str | None = None):

@@ -67,7 +67,9 @@ def _token_note(shape: object, size: int) -> str:
 
 @click.command()
 def methods() -> None:
-    """The methods, one line each."""
-    for name, summary in list_methods().items():
-        click.echo(f"{name:<16} {summary}")
+    """The methods, one line each, with their cost per image."""
+    summaries = list_methods()
+    width = max(map(len, summaries))
+    for name, summary in summaries.items():
+        click.echo(f"{name:<{width}} {summary}")
 
