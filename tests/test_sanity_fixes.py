@@ -431,3 +431,16 @@ def test_ssim_matches_a_direct_two_dimensional_window():
     result = ssim(torch.from_numpy(first), torch.from_numpy(second))
     np.testing.assert_allclose(result.numpy(), expected, rtol=1e-10)
     assert 0.9 < expected[1] < 1 and expected[0] < 0.2
+
+
+def test_the_plan_counts_each_score_cam_variants_forwards_per_channel():
+    """SS-CAM forwards each mask n_samples times and IS-CAM n_steps times: the plan says so."""
+    from conftest import make_tiny
+
+    import camlens
+    from camlens.cli.sanity import _passes
+
+    model = make_tiny()
+    assert _passes(camlens.ScoreCAM(model), 10) == 11
+    assert _passes(camlens.get_method("sscam")(model, n_samples=7), 10) == 71
+    assert _passes(camlens.get_method("iscam")(model, n_steps=4), 10) == 41

@@ -234,7 +234,7 @@ def _passes(method: Any, channels: int) -> int:
     if isinstance(method, SmoothGradCAMPlusPlus):
         passes += method.n_samples
     if isinstance(method, ScoreCAM):
-        passes += channels
+        passes += channels * method.forwards_per_channel()
     return passes
 
 
@@ -257,7 +257,9 @@ def _measure(model: torch.nn.Module, x: torch.Tensor, target: int, layer: str, o
                 constant = is_constant(_activation(model, x, layer))
                 batch = x.expand(method.batch_size, -1, -1, -1).contiguous()
                 each = _timed_forward(model, batch)[1] / method.batch_size
-                per_map[name] = forward * (1 + bool(constant.any())) + int((~constant).sum()) * each
+                per_map[name] = forward * (1 + bool(constant.any())) + (
+                    int((~constant).sum()) * method.forwards_per_channel() * each
+                )
             else:
                 per_map[name] = min(_timed(lambda method=method: method(x, target).maps, device)[1] for _ in range(2))
         work, copying = _timed(lambda: copy.deepcopy(model), device)

@@ -282,6 +282,9 @@ class SSCAM(ScoreCAM):
         self.noise = noise
         self.seed = None if seed is None else int(seed)
 
+    def forwards_per_channel(self) -> int:
+        return self.n_samples
+
     def options(self) -> dict[str, Any]:
         return {**super().options(), "n_samples": self.n_samples, "sigma": self.sigma, "noise": self.noise,
                 "seed": self.seed}
@@ -343,6 +346,9 @@ class ISCAM(ScoreCAM):
                          batch_size=batch_size, top_channels=top_channels, **engine)
         check_positive_int("n_steps", n_steps)
         self.n_steps = n_steps
+
+    def forwards_per_channel(self) -> int:
+        return self.n_steps
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "n_steps": self.n_steps}

@@ -130,6 +130,10 @@ class ScoreCAM(CAMMethod):
     def score_kind(self) -> str:
         return self.score
 
+    def forwards_per_channel(self) -> int:
+        """Masked inputs forwarded per non-constant channel (a time estimate's unit)."""
+        return 1
+
     def options(self) -> dict[str, Any]:
         baseline = self.baseline if not isinstance(self.baseline, Tensor) else "tensor"
         options = {
