@@ -8,6 +8,7 @@ form of Grad-CAM++ where the score is the exponential of a linear function of th
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -323,3 +324,17 @@ def test_target_functions_output_selectors_and_hooked_pools(x):
     hooked, hooked_totals = explain(tiny, images, None)
     assert (totals[-1][1], hooked_totals[-1][1]) == (8, 8 * 6 * 6)
     torch.testing.assert_close(hooked.weights["features"], pooled.weights["features"], rtol=1e-12, atol=1e-15)
+
+
+def test_a_channels_last_map_stays_on_vmaps_batched_path():
+    # The inference copy gives channels-last maps; pooling them under vmap fell back to a
+    # per-direction loop ("performance drop" warning), many times slower.
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    model = make_tiny()
+    plain, _ = explain(model, images, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        copied, _ = explain(model, images, None, optimize=True)
+    assert not [w for w in caught if "performance drop" in str(w.message)]
+    torch.testing.assert_close(copied.weights["features"], plain.weights["features"], rtol=1e-9, atol=1e-12)

@@ -70,6 +70,9 @@ def diagonal_derivatives(
     ``progress(done)`` is called after each chunk with the directions done.
     Returns two (N, T, K', h, w) tensors.
     """
+    # Contiguous like the directions: a channels-last map (the inference copy's) sends pooling
+    # through an op vmap has no batching rule for, many times slower.
+    a = a.contiguous()
     count, channel_count, height, width = a.shape
     index = torch.arange(channel_count, device=a.device) if channels is None else channels
     per_channel = 1 if mean_only else height * width
@@ -185,6 +188,10 @@ class GradCAMPlusPlusGeneral(CAMMethod):
       ``exp(S)`` times ``gradcam++``'s (which drops that positive factor): the same map.
     - ``score="logit"`` with such a head has zero second and third derivatives: every ``alpha``
       is 0/0, set to 0, and the map is empty. The general form needs a curved score there.
+    - After a layer, most CNNs are piecewise linear (ReLU family, batch norm, pooling, linear
+      layers): there ``logit`` has no curvature at any layer and ``exp`` gives the closed form
+      almost everywhere; the forms differ through a curved score (``probability``) or a curved
+      head (softplus, SiLU, GELU, sigmoid gates).
     - ``alpha`` may be negative or large where the score is concave or the denominator nearly 0;
       the paper's formula is kept as it is.
 
