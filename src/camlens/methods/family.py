@@ -149,7 +149,7 @@ class GradCAMElementWise(CAMMethod):
     summed over channels (:func:`gradcam_elementwise_weights`)."""
 
     name = "gradcam-elementwise"
-    display_name = "Grad-CAM element-wise"
+    display_name = "Element-wise Grad-CAM"
     summary = (
         "Element-wise Grad-CAM (pytorch-grad-cam): positive part of gradient times activation; "
         "one forward + backward"
