@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             row = {
                 "photo": photo.name,
                 "class": model.class_names[class_index] if hasattr(model, "class_names") else class_index,
+                "probability": float(reference.probabilities.flatten()[0]),
                 "score": score,
                 "max_diff": float((explanation.maps - reference.maps).abs().max()),
                 "spearman": rho,
@@ -107,16 +108,17 @@ def report(rows: list[dict], args: argparse.Namespace) -> list[str]:
     loads = [row["other_cores"] for row in rows if row["other_cores"] is not None]
     load = f"{statistics.mean(loads):.2f}" if loads else "unknown"
     lines = [
-        f"EfficientNet-Lite0, layer {args.layer}, top-1 class, device {args.device}, {args.threads} threads, "
+        f"EfficientNet-Lite0, layer {args.layer}, top-1 class, device {args.device}, "
+        f"{args.threads} thread{'s' if args.threads > 1 else ''}, "
         f"median of {args.repeats} calls; other processes kept {load} cores busy on average",
         "",
-        "| photo | class | score | max abs map difference | Spearman | gradcam++ (s) | gradcam++-general (s) | ratio |",
+        "| photo | class (p) | score | max abs map difference | Spearman | gradcam++ (s) | gradcam++-general (s) | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         rho = "-" if row["spearman"] != row["spearman"] else f"{row['spearman']:.4f}"
         lines.append(
-            f"| {row['photo']} | {row['class']} | {row['score']} | {row['max_diff']:.3g} | {rho} | "
+            f"| {row['photo']} | {row['class']} ({row['probability']:.2f}) | {row['score']} | {row['max_diff']:.3g} | {rho} | "
             f"{row['closed_s']:.3f} | {row['general_s']:.2f} | {row['general_s'] / row['closed_s']:.0f} x |"
         )
     return lines
