@@ -17,13 +17,15 @@ softmax probability, a logit, ``exp(logit)``, and any head after the target laye
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.func import jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..accelerate import cut
 from ..capture import LayersSpec, model_output
@@ -174,6 +176,20 @@ def _head(model: nn.Module, context: Context, name: str) -> tuple[Head, Tensor, 
     return (lambda x: scores(after(x if rebuild is None else rebuild(x), *rest))), a, mean_only
 
 
+@contextlib.contextmanager
+def _composite_attention() -> Iterator[None]:
+    """PyTorch's transformer layers take a fused inference kernel in eval mode, and attention a
+    fused (flash) kernel, neither with a forward-mode derivative; their composite paths compute
+    the same function and have one."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 class GradCAMPlusPlusGeneral(CAMMethod):
     r"""Grad-CAM++ in its general form (Chattopadhyay et al. 2018, before the exponential
     assumption): :math:`\alpha` from the true diagonal second and third derivatives of the score
@@ -265,9 +281,11 @@ class GradCAMPlusPlusGeneral(CAMMethod):
         weights = {}
         for name, (head, a, mean_only) in heads.items():
             try:
-                d2, d3 = diagonal_derivatives(
-                    head, a, context.channels[name], mean_only=mean_only, chunk_size=self.chunk_size, progress=advance
-                )
+                with _composite_attention():
+                    d2, d3 = diagonal_derivatives(
+                        head, a, context.channels[name], mean_only=mean_only, chunk_size=self.chunk_size,
+                        progress=advance,
+                    )
             except CamlensError:
                 raise
             except Exception as error:
