@@ -132,7 +132,22 @@ def ablation_weights(score: Tensor, ablated: Tensor) -> Tensor:
     return (score - ablated) / score
 
 
-class AblationCAM(CAMMethod):
+class _TailBatched(CAMMethod):
+    """A method that re-runs the layers after the target layer on batches of ``batch_size``
+    changed copies of the layer's map."""
+
+    def __init__(
+        self, model: nn.Module, target_layer: LayersSpec | None = None, batch_size: int = 16, **engine: Any
+    ) -> None:
+        super().__init__(model, target_layer, **engine)
+        check_positive_int("batch_size", batch_size)
+        self.batch_size = batch_size
+
+    def options(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size}
+
+
+class AblationCAM(_TailBatched):
     r"""Ablation-CAM (Desai & Ramaswamy, WACV 2020): each channel weighed by the score it costs.
 
     Channel :math:`k` of the target layer is set to 0 (the paper's ablation; pytorch-grad-cam
@@ -158,16 +173,6 @@ class AblationCAM(CAMMethod):
         "the score lost when it is zeroed; (channels not all zero + 1) forwards of the layers after "
         "the target layer, batched"
     )
-
-    def __init__(
-        self, model: nn.Module, target_layer: LayersSpec | None = None, batch_size: int = 16, **engine: Any
-    ) -> None:
-        super().__init__(model, target_layer, **engine)
-        check_positive_int("batch_size", batch_size)
-        self.batch_size = batch_size
-
-    def options(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size}
 
     def weigh(self, context: Context) -> dict[str, Tensor]:
         x = context.images
@@ -360,7 +365,7 @@ class ISCAM(ScoreCAM):
         return self.n_steps, lambda images, masks, version: images * (masks * scale[version].view(-1, 1, 1, 1))
 
 
-class ReciproCAM(CAMMethod):
+class ReciproCAM(_TailBatched):
     r"""Recipro-CAM (Byun & Lee 2022, "Recipro-CAM: Fast gradient-free visual explanations for
     convolutional neural networks"): the score of the layer's features at one position.
 
@@ -392,16 +397,6 @@ class ReciproCAM(CAMMethod):
         "features kept at one position at a time; h x w forwards of the layers after the target layer, batched"
     )
     default_score = "probability"
-
-    def __init__(
-        self, model: nn.Module, target_layer: LayersSpec | None = None, batch_size: int = 16, **engine: Any
-    ) -> None:
-        super().__init__(model, target_layer, **engine)
-        check_positive_int("batch_size", batch_size)
-        self.batch_size = batch_size
-
-    def options(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size}
 
     def weigh(self, context: Context) -> dict[str, Tensor]:
         x = context.images
