@@ -44,21 +44,36 @@ def curve_plot(curves: dict[str, dict[str, list[float]]], path: Path, names: dic
     """Mean deletion and insertion curves, one line per method: ``{"deletion": {method: curve}}``.
 
     Methods whose mean curves agree to within 0.001 everywhere share one line, labelled "A = B"."""
+    draw_curve_plot(curves, names, count).savefig(path, format="png")
+
+
+LEGEND_ROW = 0.19  # inches: one line of a legend at 8 points
+
+
+def draw_curve_plot(curves: dict[str, dict[str, list[float]]], names: dict[str, str] | None = None,
+                    count: int | None = None):
+    """The matplotlib figure of :func:`curve_plot`. Each panel's legend lies under its axes,
+    the figure growing with its lines, so that it never hides a curve however many methods."""
+    from matplotlib.transforms import ScaledTranslation
+
     names = names or {}
     kinds = [kind for kind in ("deletion", "insertion") if curves.get(kind)]
-    figure = new_figure(5.0 * max(1, len(kinds)), 4.0)
+    labels = {kind: _coinciding(curves[kind], names, CURVE_TOLERANCE) for kind in kinds}
+    entries = max((len(set(labels[kind].values())) for kind in kinds), default=0)
+    figure = new_figure(5.0 * max(1, len(kinds)), 4.0 + LEGEND_ROW * (entries + 2), layout="constrained")
     axes = figure.subplots(1, max(1, len(kinds)), squeeze=False)[0]
     for ax, kind in zip(axes, kinds):
-        labels = _coinciding(curves[kind], names, CURVE_TOLERANCE)
         drawn: list[str] = []
         for method, values in curves[kind].items():
-            if labels[method] in drawn:
+            if labels[kind][method] in drawn:
                 continue
-            drawn.append(labels[method])
-            steps = len(values) - 1
-            # Dashes and markers of their own, so that curves that nearly coincide stay apart.
-            ax.plot([i / steps for i in range(steps + 1)], values, label=labels[method],
-                    linestyle=_DASHES[(len(drawn) - 1) % len(_DASHES)], marker=_MARKERS[(len(drawn) - 1) % len(_MARKERS)],
+            drawn.append(labels[kind][method])
+            steps, index = len(values) - 1, len(drawn) - 1
+            # Dashes and markers of their own, so that curves that nearly coincide stay apart; the
+            # marker changes once the dashes wrap, so that no two of 25 lines look alike (the
+            # 10 colours wrap too).
+            ax.plot([i / steps for i in range(steps + 1)], values, label=labels[kind][method],
+                    linestyle=_DASHES[index % len(_DASHES)], marker=_MARKERS[index // len(_DASHES) % len(_MARKERS)],
                     markersize=3)
         better = "lower" if kind == "deletion" else "higher"
         ax.set_title(f"{kind} (mean curve{f' over {count} images' if count else ''})\n"
@@ -68,10 +83,12 @@ def curve_plot(curves: dict[str, dict[str, list[float]]], path: Path, names: dic
         top = max((max(v) for v in curves[kind].values()), default=0.0)
         ax.set_ylim(0, min(1.0, 1.1 * top) if top > 0 else 1.0)
         shared = any(" = " in label for label in drawn)
+        # Under the x axis's label, which lies a fixed distance (in inches, not in axes units)
+        # below the axes whatever their height.
+        under = ax.transAxes + ScaledTranslation(0, -0.55, figure.dpi_scale_trans)
         ax.legend(fontsize=8, title=f"A = B: within {CURVE_TOLERANCE:g} at every step" if shared else None,
-                  title_fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
+                  title_fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=under)
+    return figure
 
 
 def bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], path: Path,
@@ -79,14 +96,30 @@ def bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], pat
               ranges: dict[str, tuple[float, float]] | None = None) -> None:
     """One bar chart per metric: the mean of each method with its 95% confidence interval, the
     interval cut at the metric's ``ranges`` (a share cannot exceed 100%). Methods whose mean and
-    interval agree to within 0.1% of the range share a colour and say so under their bar
+    interval agree to within 0.1% of the range share a colour and say so by their bar
     ("Grad-CAM (= CAM)")."""
+    draw_bar_chart(summary, metrics, titles, names, higher_is_better, ranges).savefig(path, format="png")
+
+
+BAR_ROW = 0.26  # inches per method: room for its name at 8 points
+
+
+def draw_bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], names: dict[str, str] | None = None,
+                   higher_is_better: dict[str, bool] | None = None, ranges: dict[str, tuple[float, float]] | None = None):
+    """The matplotlib figure of :func:`bar_chart`: horizontal bars, so that each method's name is
+    written once, level, beside its bar, in the order given from the top; panels two abreast at
+    most, each as tall as its methods need."""
     names = names or {}
-    figure = new_figure(3.2 * len(metrics), 3.9)
-    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     methods = list(summary)
+    columns = min(2, len(metrics))
+    rows = -(-len(metrics) // columns)
+    longest = max(len(names.get(m, m)) for m in methods)
+    # The longest name may carry "(= another name)"; about 0.06 inch per character at 8 points.
+    width = max(4.6, columns * (2.6 + 0.06 * 2 * longest))
+    figure = new_figure(width, rows * (1.2 + BAR_ROW * len(methods)) + 0.5, layout="constrained")
     colours = [f"C{i}" for i in range(10)]
-    for ax, metric in zip(axes, metrics):
+    for index, metric in enumerate(metrics):
+        ax = figure.add_subplot(rows, columns, index + 1)
         low, high = (ranges or {}).get(metric, (-np.inf, np.inf))
         values = {m: (summary[m][metric]["mean"], summary[m][metric]["ci95"]) for m in methods}
         scale = high - low if np.isfinite(high - low) else max((abs(v) for pair in values.values() for v in pair if v), default=1.0)
@@ -96,24 +129,25 @@ def bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], pat
         spans = [0.0 if values[m][1] is None else values[m][1] for m in methods]
         below = [min(s, mean - low) if np.isfinite(mean) else 0.0 for s, mean in zip(spans, means)]
         above = [min(s, high - mean) if np.isfinite(mean) else 0.0 for s, mean in zip(spans, means)]
-        ax.bar(range(len(methods)), means, yerr=[below, above], capsize=3,
-               color=[colours[firsts.index(labels[m]) % len(colours)] for m in methods])
+        ax.barh(range(len(methods)), means, xerr=[below, above], capsize=3,
+                color=[colours[firsts.index(labels[m]) % len(colours)] for m in methods])
         ticks = []
         for m in methods:
             first = labels[m].split(" = ")[0]
             own = names.get(m, m)
             ticks.append(own if " = " not in labels[m] or own == first else f"{own} (= {first})")
-        ax.set_xticks(range(len(methods)), ticks, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(methods)), ticks, fontsize=8)
+        ax.set_ylim(len(methods) - 0.5, -0.5)  # the first method on top, as it is read
         counts = sorted({summary[m][metric]["n"] for m in methods})
         better = "" if higher_is_better is None else ("higher" if higher_is_better[metric] else "lower") + " is better, "
         ax.set_title(f"{titles.get(metric, metric)}\n{better}n = {'/'.join(map(str, counts))}", fontsize=9)
         tops = [mean + up for mean, up in zip(means, above) if np.isfinite(mean)]
         top = max(tops, default=0.0)
-        ax.set_ylim(low if np.isfinite(low) else None, min(high, top * 1.1) if top > 0 else None)
-    figure.suptitle("mean ± 95% confidence interval; (= A): the same bar as A, to within 0.1% of the "
+        ax.set_xlim(low if np.isfinite(low) else None, min(high, top * 1.1) if top > 0 else None)
+        ax.tick_params(axis="x", labelsize=8)
+    figure.suptitle("mean ± 95% confidence interval\n(= A): the same bar as A, to within 0.1% of the "
                     "metric's range", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
+    return figure
 
 
 def sanity_figure(photo, rows: dict[str, list[np.ndarray]], columns: Sequence[str],
