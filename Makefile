@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The main job on the sample photos, with the embedded model: see demo-out/*/comparison.png.
 demo: setup

@@ -72,6 +72,11 @@ TOLERANCE = 0.05
 SCORECAM_CHANNELS = 16
 
 
+def percent(share: float) -> str:
+    """A signed percentage to one decimal; a change that rounds to zero is +0.0%, never -0.0%."""
+    return f"{round(100 * share, 1) + 0.0:+.1f}%"
+
+
 def rss_mib() -> float:
     """This process's resident set size now, in MiB (Linux: ``/proc/self/status``)."""
     with open("/proc/self/status") as status:
@@ -183,7 +188,7 @@ def soak(loaded: LoadedModel, photos: Sequence[Path], args: argparse.Namespace,
 
     def row(sample: Sample, rate: str, elapsed: float) -> None:
         held = "-" if sample.held is None else f"{sample.held:.1f}"
-        change = f"{100 * (sample.judged - reference) / reference:+.1f}%" if reference else ""
+        change = percent((sample.judged - reference) / reference) if reference else ""
         report(f"{sample.images:>7} {sample.rss:8.1f} {held:>8} {change:>7} {rate:>9} {elapsed:10.1f}")
 
     row(samples[0], "", 0.0)
@@ -265,13 +270,13 @@ def main(argv: list[str] | None = None, loaded: LoadedModel | None = None) -> in
           f"(other processes kept {load} cores busy on average)")
     print(f"{label}: {samples[0].judged:.1f} MiB before the first image, {result.reference_mib:.1f} MiB after "
           f"{result.reference_images} (the reference), {final.judged:.1f} MiB after {final.images} "
-          f"({100 * (final.judged - result.reference_mib) / result.reference_mib:+.1f}%)")
+          f"({percent((final.judged - result.reference_mib) / result.reference_mib)})")
     if samples[0].held is not None:
         print(f"RSS as top shows it (garbage and glibc's free lists included): largest deviation after warm-up "
-              f"{100 * raw.worst_deviation:+.1f}% (after {raw.worst_images} images) from "
+              f"{percent(raw.worst_deviation)} (after {raw.worst_images} images) from "
               f"{raw.reference_mib:.1f} MiB")
     print(f"{'PASS' if result.passed else 'FAIL'}  memory flat after warm-up ({label}): largest deviation "
-          f"{100 * result.worst_deviation:+.1f}% (after {result.worst_images} images) "
+          f"{percent(result.worst_deviation)} (after {result.worst_images} images) "
           f"{'<=' if result.passed else '>'} {100 * TOLERANCE:.0f}%")
     return 0 if result.passed else 1
 

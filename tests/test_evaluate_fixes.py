@@ -358,14 +358,14 @@ def test_bars_clip_the_interval_to_the_metric_range_and_mark_equal_bars(drawn, t
     names = {"cam": "CAM", "gradcam": "Grad-CAM", "scorecam": "Score-CAM"}
     bar_chart(stats, ["increase", "deletion"], TITLES, tmp_path / "m.png", names, HIGHER_IS_BETTER, RANGES)
     increase, deletion = drawn[0].axes
-    ends = sorted(tuple(np.round(segment[:, 1], 6)) for segment in increase.collections[0].get_segments())
+    ends = sorted(tuple(np.round(segment[:, 0], 6)) for segment in increase.collections[0].get_segments())
     assert ends == [(30.0, 70.0), (65.0, 100.0), (65.07, 100.0)]  # 90 ± 25 stops at 100
-    low = sorted(tuple(np.round(segment[:, 1], 6)) for segment in deletion.collections[0].get_segments())[0]
+    low = sorted(tuple(np.round(segment[:, 0], 6)) for segment in deletion.collections[0].get_segments())[0]
     assert low == (0.0, 0.15)  # 0.05 ± 0.1 stops at 0
-    assert [t.get_text() for t in increase.get_xticklabels()] == ["CAM", "Grad-CAM (= CAM)", "Score-CAM"]
-    assert [t.get_text() for t in deletion.get_xticklabels()] == ["CAM", "Grad-CAM", "Score-CAM (= Grad-CAM)"]
+    assert [t.get_text() for t in increase.get_yticklabels()] == ["CAM", "Grad-CAM (= CAM)", "Score-CAM"]
+    assert [t.get_text() for t in deletion.get_yticklabels()] == ["CAM", "Grad-CAM", "Score-CAM (= Grad-CAM)"]
     assert "higher is better, n = 4" in increase.get_title() and "lower is better, n = 3/4" in deletion.get_title()
-    assert increase.get_ylim()[1] <= 100.0
+    assert increase.get_xlim()[1] <= 100.0
     assert "mean ± 95% confidence interval" in drawn[0].get_suptitle()
 
 

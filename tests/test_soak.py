@@ -90,7 +90,7 @@ def test_main_reports_rss_every_n_images_and_a_verdict_that_matches_them(photos,
     expected = soak.verdict([(n, held) for n, _, held in reported], 4)
     verdict_line = output.strip().splitlines()[-1]
     assert verdict_line.startswith("PASS" if expected.passed else "FAIL")
-    assert f"{100 * expected.worst_deviation:+.1f}%" in verdict_line
+    assert soak.percent(expected.worst_deviation) in verdict_line
     assert code == (0 if expected.passed else 1)
     assert "images/s" in output
 
