@@ -234,7 +234,11 @@ class LayerCAM(CAMMethod):
         return {name: layercam_weights(grad) for name, grad in context.gradients.items()}
 
     def raw_map(self, name: str, weight: Tensor, activation: Tensor) -> Tensor:
-        raw = super().raw_map(name, weight, activation)
+        return self.finish_map(name, super().raw_map(name, weight, activation))
+
+    def finish_map(self, name: str, raw: Tensor) -> Tensor:
+        """Layer ``name``'s raw map (N, T, h, w), scaled where ``scale`` says: the step after the
+        map is formed, which :class:`~camlens.methods.meta.EigenSmooth` applies to its map too."""
         gamma = self.scale.get(name) if isinstance(self.scale, dict) else self.scale
         return raw if gamma is None else layercam_scale(raw, gamma)
 

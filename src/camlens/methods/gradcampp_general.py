@@ -152,8 +152,10 @@ def _head(model: nn.Module, context: Context, name: str) -> tuple[Head, Tensor, 
 
         def replaced(a: Tensor) -> Tensor:
             def hook(module: nn.Module, inputs: object, output: Tensor) -> Tensor:
-                # The layer runs once per pass (camlens refuses others): its one output is replaced.
-                return a if output.dim() == 4 else grid.to_grid(output, images.shape, name)[1](a)
+                # The layer runs once per pass (camlens refuses others): its one output is replaced,
+                # by a copy: an in-place operation after the layer (ReLU(inplace=True), a
+                # residual's +=) must change neither the map nor the derivatives' point.
+                return a.clone() if output.dim() == 4 else grid.to_grid(output, images.shape, name)[1](a.clone())
 
             handle = layer.register_forward_hook(hook)
             try:
@@ -173,7 +175,20 @@ def _head(model: nn.Module, context: Context, name: str) -> tuple[Head, Tensor, 
             a, rebuild = grid.to_grid(a, images.shape, name)
     users = list(given[0].users)
     mean_only = rebuild is None and bool(users) and all(_is_spatial_mean(node, given[0], model) for node in users)
-    return (lambda x: scores(after(x if rebuild is None else rebuild(x), *rest))), a, mean_only
+
+    def head(x: Tensor) -> Tensor:
+        # Copies, as the model gets from camlens's hooks: an in-place operation of the part after
+        # the layer (ReLU(inplace=True), a residual's +=) on its input or on a tensor from below
+        # would otherwise change the layer's map (the method's activations) and what the next
+        # chunk of directions reads.
+        x = x.clone()
+        return scores(after(x if rebuild is None else rebuild(x), *_copies(rest)))
+
+    return head, a, mean_only
+
+
+def _copies(values: list | tuple) -> list:
+    return [value.clone() if isinstance(value, Tensor) else value for value in values]
 
 
 @contextlib.contextmanager
@@ -226,6 +241,10 @@ class GradCAMPlusPlusGeneral(CAMMethod):
             (softmax, the default), ``"logit"`` or ``"exp"`` (``exp(logit)``, the paper's).
         chunk_size: directions (channel and position) per vectorised pass; memory grows with
             it (``chunk_size`` copies of the layer's output and of what comes after it).
+            Default 64.
+        batch_size: the same, under the name every batched method takes (the command line's
+            ``--batch-size`` reaches it): the chunk size when ``chunk_size`` is not given.
+            ``chunk_size``, this method's own name for it, wins where both are given.
         optimize, compile: how the model is run (:class:`~camlens.methods.base.CAMMethod`).
     """
 
@@ -243,15 +262,18 @@ class GradCAMPlusPlusGeneral(CAMMethod):
         model: nn.Module,
         target_layer: LayersSpec | None = None,
         score: str = "probability",
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
+        batch_size: int | None = None,
         **engine: Any,
     ) -> None:
         super().__init__(model, target_layer, **engine)
         if score not in SCORE_KINDS:
             raise CamlensError(f"unknown score {score!r}: choose one of {', '.join(SCORE_KINDS)}")
-        check_positive_int("chunk_size", chunk_size)
+        for option, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
+            if value is not None:
+                check_positive_int(option, value)
         self.score = score
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size if chunk_size is not None else batch_size if batch_size is not None else 64
 
     def options(self) -> dict[str, Any]:
         return {"score": self.score, "chunk_size": self.chunk_size}

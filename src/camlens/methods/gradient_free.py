@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -296,11 +296,14 @@ class SSCAM(ScoreCAM):
 
     def draws(self, images: Tensor) -> Tensor:
         r"""The noise :math:`\delta_i` (n_samples, 1 or C, H, W) for ``images`` (N, C, H, W):
-        drawn on the CPU from the method's seed, so the same on every device."""
+        drawn on the CPU from the method's seed in float64, then cast to the images' device and
+        dtype, so the same on every device and in every precision (a float32 and a float64 copy
+        of a model get the same draws up to rounding; torch draws other numbers from one seed
+        in each dtype)."""
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         shape = (self.n_samples, 1 if self.noise == "mask" else images.shape[1], *images.shape[-2:])
-        noise = torch.randn(shape, generator=generator, dtype=images.dtype) * self.sigma
-        return noise.to(images.device)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float64) * self.sigma
+        return noise.to(device=images.device, dtype=images.dtype)
 
     def perturbation(self, context: Context) -> tuple[int, Perturb]:
         noise = self.draws(context.images)
@@ -397,6 +400,9 @@ class ReciproCAM(_TailBatched):
         "features kept at one position at a time; h x w forwards of the layers after the target layer, batched"
     )
     default_score = "probability"
+    # Its map is a score per position, not a weighted sum of the layer's channels: EigenSmooth,
+    # which decomposes the weighted channels, refuses it.
+    weighs_channels: ClassVar[bool] = False
 
     def weigh(self, context: Context) -> dict[str, Tensor]:
         x = context.images

@@ -14,7 +14,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,15 @@ def eigen_map(weight: Tensor, activation: Tensor) -> Tensor:
 
 class _Smoothing:
     """What the meta-methods share: the wrapped method's attributes (name, model, fast_forward,
-    batch_size, ...) read through, and options that add the smoothing's to the method's."""
+    batch_size, ...) read through, and options that add the smoothing's to the method's.
+
+    ``name`` stays the method's registry name (what ``get_method`` takes, the key of results);
+    ``display_name``, the title of its figures and table rows, says how it is smoothed:
+    ``"Grad-CAM (aug-smooth)"``, ``"Grad-CAM (eigen-smooth)"``, both as
+    ``"Grad-CAM (aug-smooth, eigen-smooth)"``.
+    """
+
+    label: ClassVar[str] = ""  # the smoothing in display names
 
     def __init__(self, method: CAMMethod | _Smoothing) -> None:
         self.method = method
@@ -69,6 +77,15 @@ class _Smoothing:
         if name == "method":  # not set yet (copy, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.method, name)
+
+    @property
+    def display_name(self) -> str:
+        """The method's display name with the smoothings around it, outermost first."""
+        labels, method = [], self
+        while isinstance(method, _Smoothing):
+            labels.append(method.label)
+            method = method.method
+        return f"{method.display_name or method.name} ({', '.join(labels)})"
 
     def smoothing(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -87,11 +104,16 @@ class EigenSmooth(_Smoothing):
     """Principal-component smoothing (pytorch-grad-cam's ``eigen_smooth``) of any method.
 
     The method weighs as it always does; its raw map is then :func:`eigen_map` of its weights
-    and activations instead of their weighted sum (or of its own ``raw_map``). The Explanation
-    is the method's with that raw map and the maps made from it (normalised, upsampled, fused
-    over layers as usual); ``weights`` are the method's, and ``options`` add
-    ``"eigen_smooth": True``. The cost is the method's plus one SVD per image and target.
+    and activations instead of their weighted sum (or of its own ``raw_map``), followed by what
+    the method does to a layer's map once formed, its ``finish_map`` (LayerCAM's scaling of
+    shallow layers). The Explanation is the method's with that raw map and the maps made from it
+    (normalised, upsampled, fused over layers as usual); ``weights`` are the method's, and
+    ``options`` add ``"eigen_smooth": True``. The cost is the method's plus one SVD per image and
+    target. A method whose map is not a weighted sum of channels (Recipro-CAM: a score per
+    position) is refused: it has no weighted channels to decompose.
     """
+
+    label = "eigen-smooth"
 
     def __init__(self, method: CAMMethod) -> None:
         if not isinstance(method, CAMMethod):
@@ -101,6 +123,12 @@ class EigenSmooth(_Smoothing):
                 else ""
             )
             raise CamlensError(f"EigenSmooth wraps a camlens method object, not {type(method).__name__}{hint}")
+        if not getattr(method, "weighs_channels", True):
+            raise CamlensError(
+                f"eigen smoothing takes the principal component of a method's weighted channels, and "
+                f"{method.display_name or method.name}'s map is not a weighted sum of channels: explain it "
+                "without eigen smoothing"
+            )
         super().__init__(method)
 
     def smoothing(self) -> dict[str, Any]:
@@ -117,7 +145,13 @@ class EigenSmooth(_Smoothing):
         # A shallow copy per call, so the method object the user holds is never changed; it
         # shares the method's inference copy.
         method = copy.copy(self.method)
-        method.raw_map = lambda name, weight, activation: eigen_map(weight, activation)
+        # What the method does after forming a layer's map (LayerCAM's scaling of shallow layers)
+        # it does to the smoothed map too.
+        finish = getattr(method, "finish_map", None)
+        if finish is None:
+            method.raw_map = lambda name, weight, activation: eigen_map(weight, activation)
+        else:
+            method.raw_map = lambda name, weight, activation: finish(name, eigen_map(weight, activation))
         explanation = method(images, targets, channels=channels, progress=progress)
         explanation.options = {**explanation.options, **self.smoothing()}
         return explanation
@@ -194,6 +228,8 @@ class AugmentSmooth(_Smoothing):
     Cost: :math:`|\mathcal{A}|` times the method's, in 1 + ``len(scales)`` calls of it: the
     unaugmented images first (they fix the targets), then all copies of one size in one batch.
     """
+
+    label = "aug-smooth"
 
     def __init__(
         self,
