@@ -7,6 +7,7 @@ Everything here leaves the model as it found it: hooks are removed, train/eval f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import math
 import numbers
@@ -440,15 +441,66 @@ def _named(selector: OutputSpec) -> str:
     return getattr(selector, "__qualname__", None) or repr(selector)
 
 
-def _candidates(output: object) -> list[tuple[object, Tensor]]:
-    """The tensors a model's output holds, with the index, key or attribute of each."""
+def _items(output: object) -> list[tuple[object, object]]:
+    """What a model's output holds: ``(index, key or attribute, value)`` pairs of a dict, a
+    tuple or list (named tuples too), a dataclass (with or without ``__slots__``) or another
+    object's public attributes."""
     if isinstance(output, Mapping):
-        items = list(output.items())
-    elif isinstance(output, (tuple, list)):
-        items = list(enumerate(output))
-    else:
-        items = [(key, value) for key, value in getattr(output, "__dict__", {}).items() if not key.startswith("_")]
-    return [(key, value) for key, value in items if isinstance(value, Tensor)]
+        return list(output.items())
+    if isinstance(output, (tuple, list)):
+        return list(enumerate(output))
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [(field.name, getattr(output, field.name, None)) for field in dataclasses.fields(output)]
+    return [(key, value) for key, value in getattr(output, "__dict__", {}).items() if not key.startswith("_")]
+
+
+def _tensors_in(value: object, depth: int = 0) -> int:
+    """How many tensors ``value`` holds, nested containers included (a few levels deep)."""
+    if isinstance(value, Tensor):
+        return 1
+    if depth >= 4 or isinstance(value, (str, bytes)):
+        return 0
+    if isinstance(value, (Mapping, tuple, list)) or dataclasses.is_dataclass(value):
+        return sum(_tensors_in(item, depth + 1) for _, item in _items(value))
+    return 0
+
+
+def _candidates(output: object) -> list[tuple[object, object]]:
+    """The tensors a model's output holds, and the containers in it that hold tensors, with
+    the index, key or attribute of each."""
+    return [(key, value) for key, value in _items(output) if _tensors_in(value, 1)]
+
+
+def _step(container: object, expression: str, key: object) -> str:
+    """``expression`` (the container) followed by how to reach its item ``key``."""
+    if isinstance(container, (Mapping, tuple, list)):
+        return f"{expression}[{key!r}]"
+    return f"{expression}.{key}"
+
+
+def _path_to_tensor(value: object, expression: str, depth: int = 0) -> str | None:
+    """How a function reaches the first tensor nested in ``value`` (``out[0]['logits']``)."""
+    if isinstance(value, Tensor):
+        return expression
+    if depth >= 4:
+        return None
+    for key, item in _items(value):
+        if _tensors_in(item, depth + 1):
+            return _path_to_tensor(item, _step(value, expression, key), depth + 1)
+    return None
+
+
+def _listing(found: list[tuple[object, object]]) -> str:
+    if not found:
+        return "it holds no tensor"
+    parts = []
+    for key, value in found:
+        if isinstance(value, Tensor):
+            parts.append(f"{key!r} {tuple(value.shape)}")
+        else:
+            count = _tensors_in(value, 1)
+            parts.append(f"{key!r} ({type(value).__name__} of {count} tensor{'s' if count > 1 else ''})")
+    return "it holds " + ", ".join(parts)
 
 
 def _select(output: object, selector: OutputSpec, count: int) -> Tensor:
@@ -460,20 +512,22 @@ def _select(output: object, selector: OutputSpec, count: int) -> Tensor:
             f"{describe(output)}: leave output=None"
         )
     found = _candidates(output)
-    listing = (
-        "it holds " + ", ".join(f"{key!r} {tuple(value.shape)}" for key, value in found)
-        if found else "it holds no tensor"
-    )
+    listing = _listing(found)
     if selector is None:
         logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
         if isinstance(logits, Tensor):
             return logits
-        if len(found) == 1 and isinstance(output, (Mapping, tuple, list)):
+        # The single tensor of a tuple, list or dict, where nothing else in it holds one: a
+        # tensor beside a nested container of tensors ((logits, features), aux) is ambiguous.
+        if len(found) == 1 and isinstance(found[0][1], Tensor) and isinstance(output, (Mapping, tuple, list)):
             return found[0][1]
+        path = next((_path_to_tensor(value, _step(output, "out", key), 1) for key, value in found
+                     if not isinstance(value, Tensor)), None)
+        nested = f", e.g. output=lambda out: {path}" if path is not None else ""
         raise CamlensError(
             f"the model returned {describe(output)}; camlens needs class scores of shape ({count}, classes), "
             f"or one output per image for a target function: {listing}; pick one with output= (an index, "
-            "a key, an attribute name, or a function of the model's output)"
+            f"a key, an attribute name, or a function of the model's output){nested}"
         )
     if isinstance(selector, bool) or not (isinstance(selector, (int, str)) or callable(selector)):
         raise CamlensError(

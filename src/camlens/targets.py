@@ -102,8 +102,27 @@ class ScoreTarget:
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def check(self, images: int) -> None:
+        """Raise a CamlensError when the target's data per image does not fit ``images`` images
+        (called once per explanation, before any score); by default, nothing to check."""
+
     def __call__(self, output: Tensor) -> Tensor:
         return self.score(output, torch.arange(output.shape[0], device=output.device))
+
+
+def _check_count(data: Tensor, shape: int, images: int, what: str) -> None:
+    """Data given per image (``shape`` + 1 dimensions) has one entry for each of ``images``:
+    more would be silently ignored (data meant for other images), fewer cannot be read."""
+    if data.dim() == shape + 1 and data.shape[0] < images:
+        raise CamlensError(
+            f"the {what} of shape {tuple(data.shape)} has no entry for image {data.shape[0]}: give one for all "
+            f"images, or one per image (images first) for the {images} image(s)"
+        )
+    if data.dim() == shape + 1 and data.shape[0] > images:
+        raise CamlensError(
+            f"the {what} of shape {tuple(data.shape)} holds {data.shape[0]} entries for {images} image(s): give "
+            "one for all images, or exactly one per image (images first)"
+        )
 
 
 def _per_image(data: Tensor, rows: Tensor, shape: int, what: str) -> Tensor:
@@ -124,11 +143,16 @@ def _check_index(index: object, what: str) -> int:
     return int(index)
 
 
-def _column(output: Tensor, index: int, what: str) -> Tensor:
-    if output.dim() < 2 or index >= output.shape[1]:
+def _column(output: Tensor, index: int, what: str, plural: str) -> Tensor:
+    if output.dim() < 2:
         raise CamlensError(
-            f"{what} {index} of an output of shape {tuple(output.shape)}: the model's output needs "
-            f"(N, {what}s, ...) with more than {index} {what}s (pick another one with output=)"
+            f"{what} {index} of an output of shape {tuple(output.shape)}: the model's output holds one value "
+            f"per image, not (N, {plural}, ...) (pick another one with output=)"
+        )
+    if index >= output.shape[1]:
+        raise CamlensError(
+            f"{what} {index} of an output of shape {tuple(output.shape)}: the model's output has "
+            f"{output.shape[1]} {plural} (valid: 0 to {output.shape[1] - 1}; pick another output with output=)"
         )
     return output[:, index]
 
@@ -150,7 +174,7 @@ class SemanticSegmentationTarget(ScoreTarget):
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
         if output.dim() != 4:
             raise CamlensError(f"a segmentation output is (N, classes, H, W), got shape {tuple(output.shape)}")
-        scores = _column(output, self.category, "class")
+        scores = _column(output, self.category, "class", "classes")
         mask = _per_image(self.mask.to(device=output.device), rows, 2, "mask")
         if scores.shape != mask.shape:
             raise CamlensError(
@@ -159,13 +183,18 @@ class SemanticSegmentationTarget(ScoreTarget):
             )
         return (scores * mask.to(scores.dtype)).flatten(1).sum(dim=1)
 
+    def check(self, images: int) -> None:
+        _check_count(self.mask, 2, images, "mask")
+
     def __repr__(self) -> str:
         return f"SemanticSegmentationTarget(category={self.category}, mask of shape {tuple(self.mask.shape)})"
 
 
 class MultiLabelTarget(ScoreTarget):
-    r"""One label of a multi-label output (N, labels): its logit :math:`z_l`, or its own
-    probability :math:`\sigma(z_l)` (a sigmoid per label, not a softmax over labels)."""
+    r"""One label of a multi-label output (N, labels): its logit :math:`z_l` (``score="logit"``),
+    its own probability :math:`\sigma(z_l)` (``"probability"``: a sigmoid per label, not a
+    softmax over labels), or :math:`\exp(z_l)` (``"exp"``, the score Grad-CAM++'s closed form
+    assumes)."""
 
     def __init__(self, label: int, score: str = "logit") -> None:
         self.label = _check_index(label, "label")
@@ -174,9 +203,11 @@ class MultiLabelTarget(ScoreTarget):
         self.kind = score
 
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
-        logit = _column(output, self.label, "label")
+        logit = _column(output, self.label, "label", "labels")
         if logit.dim() != 1:
             raise CamlensError(f"a multi-label output is (N, labels), got shape {tuple(output.shape)}")
+        if self.kind == "exp":
+            return logit.exp()
         return logit if self.kind == "logit" else torch.sigmoid(logit)
 
     def __repr__(self) -> str:
@@ -192,7 +223,7 @@ class RegressionTarget(ScoreTarget):
 
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
         if self.index is not None:
-            output = _column(output, self.index, "output")
+            output = _column(output, self.index, "output", "outputs")
         elif output.dim() == 2 and output.shape[1] == 1:
             output = output[:, 0]
         if output.dim() != 1:
@@ -219,10 +250,16 @@ class SimilarityTarget(ScoreTarget):
         self.reference = torch.as_tensor(reference)
         if self.reference.dim() not in (1, 2) or not self.reference.is_floating_point():
             raise CamlensError(
-                f"a reference embedding is a float tensor (D,) or (N, D), got {describe(self.reference)}"
+                f"a reference embedding is a float tensor (D,) or (N, D), got {describe(self.reference)} "
+                f"of {self.reference.dtype}"
             )
 
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        if output.dim() < 2:
+            raise CamlensError(
+                f"an embedding output is (N, D), got shape {tuple(output.shape)}: one value per image has no "
+                "direction to compare (pick the embedding with output=)"
+            )
         embedding = output.flatten(1)
         reference = _per_image(self.reference.to(device=output.device, dtype=output.dtype), rows, 1, "reference")
         if reference.shape != embedding.shape:
@@ -231,6 +268,9 @@ class SimilarityTarget(ScoreTarget):
                 f"{embedding.shape[1]} per image"
             )
         return F.cosine_similarity(embedding, reference, dim=1)
+
+    def check(self, images: int) -> None:
+        _check_count(self.reference, 1, images, "reference")
 
     def __repr__(self) -> str:
         return f"SimilarityTarget(reference of shape {tuple(self.reference.shape)})"
@@ -298,6 +338,14 @@ class Targets:
         return torch.full((images, self.count), -1, dtype=torch.long)
 
 
+def _target_name(target: object) -> str:
+    """A target function by its name (``<lambda>``, ``score_of``), a ScoreTarget by its repr."""
+    if isinstance(target, ScoreTarget):
+        return repr(target)
+    name = getattr(target, "__qualname__", None)
+    return repr(target) if name is None else name.replace(".<locals>", "")
+
+
 def _call(target: TargetFunction, output: Tensor, rows: Tensor) -> Tensor:
     """``target``'s scores (B,) of ``output`` (B, ...), checked."""
     try:
@@ -306,16 +354,20 @@ def _call(target: TargetFunction, output: Tensor, rows: Tensor) -> Tensor:
         raise
     except Exception as error:
         raise CamlensError(
-            f"the target {target!r} failed on the model's output of shape {tuple(output.shape)}: "
+            f"the target {_target_name(target)} failed on the model's output of shape {tuple(output.shape)}: "
             f"{first_line(error)}"
         ) from error
     count = output.shape[0]
     if isinstance(scores, Tensor) and scores.shape == (count, 1):
         scores = scores[:, 0]
     if not isinstance(scores, Tensor) or scores.shape != (count,) or not scores.is_floating_point():
+        got = describe(scores)
+        if isinstance(scores, Tensor) and not scores.is_floating_point():
+            got += f" of {scores.dtype}"
         raise CamlensError(
-            f"the target {target!r} returned {describe(scores)} for an output of shape {tuple(output.shape)}: "
-            f"a target function returns one float score per row, shape ({count},)"
+            f"the target {_target_name(target)} returned {got} for an output of shape {tuple(output.shape)}: "
+            f"a target function returns one float score per row, shape ({count},), differentiable (no .long(), "
+            ".argmax() or comparisons)"
         )
     return scores
 
@@ -347,6 +399,10 @@ def resolve_targets(
     images = logits.shape[0]
     functions = _function_table(spec, images)
     if functions is not None:
+        for row in functions:
+            for function in row:
+                if isinstance(function, ScoreTarget):
+                    function.check(images)
         return Targets(None, None, {}, (), "target", functions)
     units = _unit_list(spec)
     if units is not None:

@@ -76,7 +76,22 @@ def model_options(command: Callable) -> Callable:
     return command
 
 
-METHODS_HELP = f"A method (repeatable; default: all five, {', '.join(SEED_METHODS)}). See `camlens methods`."
+ALL = "all"  # -m all: every registered method
+METHODS_HELP = (f"A method (repeatable; default: all five, {', '.join(SEED_METHODS)}; '{ALL}': every method). "
+                "See `camlens methods`.")
+
+
+def _taking(option: str, leaving: Sequence[str] = ()) -> str:
+    """The display names of the methods whose constructor takes ``option``, in words, but those
+    of ``leaving`` (registry names)."""
+    names = [cls.display_name for name, cls in METHODS.items()
+             if option in inspect.signature(cls).parameters and name not in leaving]
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+# The methods that --batch-size reaches, besides the first two.
+BATCHED = "Score-CAM and Smooth Grad-CAM++. The same for " + _taking("batch_size", ("scorecam", "smoothgradcam++"))
+SEEDED = _taking("seed")  # the methods that --seed reaches
 
 
 def method_option(command: Callable) -> Callable:
@@ -110,8 +125,8 @@ def _stacked(options: list[Callable], command: Callable | None) -> Callable:
 def run_options(
     command: Callable | None = None,
     *,
-    batch_size_help: str = "Inputs per forward pass of Score-CAM and Smooth Grad-CAM++.",
-    seed_help: str = "Seed of Smooth Grad-CAM++'s noise.",
+    batch_size_help: str = f"Inputs per forward pass of {BATCHED}.",
+    seed_help: str = f"Seed of the noise of {SEEDED}.",
 ) -> Callable:
     """--device, --batch-size, --seed and --threads: ``@run_options``, or
     ``@run_options(seed_help=...)`` where they do more in a command than the defaults say.
@@ -310,15 +325,21 @@ def slug(text: str, fallback: str) -> str:
 def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | None,
             model_args: dict, fc: str | None = None,
             on_skip: Callable[[str, str], None] | None = None,
-            on_layer: Callable[[str], None] | None = None) -> tuple[list[str], torch.device, LoadedModel, int]:
+            on_layer: Callable[[str], None] | None = None,
+            smooth: dict[str, bool] | None = None) -> tuple[list[str], torch.device, LoadedModel, int]:
     """What every command checks before any work: methods, output, device, model, layer.
 
     CAM fits only a layer that feeds a global-average-pool + linear head. When the user named
     no method (and no --fc), CAM is left out where it does not fit and ``on_skip(method,
     reason)`` is called (default: a note on stderr); when CAM was asked for, its error stands.
-    ``on_layer`` receives the target layer's name, the default one found.
+    ``on_layer`` receives the target layer's name, the default one found. With ``-m all``, a
+    method that refuses the smoothing asked for (``smooth``: --aug-smooth, --eigen-smooth) is
+    left out the same way; named with -m, its error stands.
     """
-    chosen = list(dict.fromkeys(get_method(m).name for m in methods)) or list(SEED_METHODS)
+    every = [isinstance(m, str) and m.strip().lower() == ALL for m in methods]
+    everything = any(every)
+    named = list(dict.fromkeys(get_method(m).name for m, all_ in zip(methods, every) if not all_))
+    chosen = list(METHODS) if everything else named or list(SEED_METHODS)
     if fc is not None and "cam" not in chosen:
         raise CamlensError("--fc names CAM's classifier, but CAM is not among the methods: add -m cam")
     if not out.strip():
@@ -329,16 +350,28 @@ def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | N
     if on_layer is not None:
         on_layer(found.layer)
     if "cam" in chosen and (reason := cam_misfit(loaded, found, fc)) is not None:
-        if methods or fc is not None:
+        if "cam" in named or fc is not None:
             raise CamlensError(reason)
         chosen.remove("cam")
         # What is wrong, without the library's advice (name fc=, use Grad-CAM): the others run.
         (on_skip or note_skip)("cam", reason.split("; ")[0])
+    if smooth and any(smooth.values()):
+        for name in [name for name in chosen if name not in named]:
+            try:  # construction only: a method refuses a smoothing when it is built
+                smoothed(METHODS[name](loaded.module, target_layer=found.layer, reshape=reshape_given()), **smooth)
+            except CamlensError as error:
+                chosen.remove(name)
+                (on_skip or note_skip)(name, str(error))
     return chosen, torch_device, loaded, found.classes
 
 
 def note_skip(method: str, reason: str) -> None:
     echo_error(f"camlens: note: {METHODS[method].display_name} skipped: {reason}")
+
+
+def takes_option(method: str, option: str) -> bool:
+    """Whether the method's constructor takes the keyword ``option`` (batch_size, seed, ...)."""
+    return option in inspect.signature(METHODS[method]).parameters
 
 
 def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,

@@ -43,6 +43,7 @@ from ..io import (
 from ..methods import METHODS
 from ..models import REGISTRY, LoadedModel
 from .common import (
+    BATCHED,
     console,
     echo_error,
     engine_options,
@@ -81,8 +82,8 @@ SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the r
 @fc_option
 @top_channels_option
 @smooth_options
-@run_options(batch_size_help="Inputs per forward pass of Score-CAM, Smooth Grad-CAM++ and the metrics "
-                             "(default 8 for the metrics); it may differ between runs into one --out.")
+@run_options(batch_size_help=f"Inputs per forward pass of {BATCHED}, and of the metrics (default 8 for the "
+                             "metrics); it may differ between runs into one --out.")
 @engine_options(passes="Score-CAM's masked inputs and the metrics' perturbed inputs")
 @model_options
 def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, top_channels, aug_smooth,
@@ -91,7 +92,8 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
     skipped_methods: dict[str, str] = {}
     layers: list[str] = []
     chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
-                                                    on_skip=skipped_methods.__setitem__, on_layer=layers.append)
+                                                    on_skip=skipped_methods.__setitem__, on_layer=layers.append,
+                                                    smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
     dataset = load_dataset(data, loaded.class_names, classes, loaded.class_labels, mapping, boxes, limit)
     wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
     if any(m in LOCALISATION for m in wanted) and not dataset.has_boxes:

@@ -245,7 +245,8 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
     files, skipped, unreadable = expand_inputs(inputs)
     skipped_methods: dict[str, str] = {}
     chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
-                                                    on_skip=skipped_methods.__setitem__)
+                                                    on_skip=skipped_methods.__setitem__,
+                                                    smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
     out_dir = ensure_writable_dir(out)
     class_index = resolve_class(class_, loaded, classes) if class_ is not None else None
     if top_k is not None and top_k > classes:
@@ -397,33 +398,75 @@ def build_manifest(loaded, classes, explainer, methods, skipped_methods, results
     }
 
 
+WIDE_UP_TO = 3  # methods that always get a column of seconds each in the summary table
+
+
 def print_summary(results: list[ImageResult], methods: list[str], out_dir: Path, chosen_class: bool,
                   skipped_methods: dict[str, str], kept: list[dict]) -> None:
+    """The run in a table: one row per image with a column of seconds per method (always for up to
+    ``WIDE_UP_TO`` methods, and for more where that fits the terminal); else one row per image,
+    with the seconds of all methods, then one row per method with its seconds."""
     notes = [f"{METHODS[name].display_name} skipped: {reason}" for name, reason in skipped_methods.items()]
     if kept:
         notes.append(f"{len(kept)} folder(s) of earlier runs kept in {printable(out_dir)}: "
                      "listed under \"kept\" in manifest.json")
-    table = Table(title=f"camlens explain -> {printable(out_dir)}", title_justify="left",
-                  caption="\n".join(notes) or None, caption_justify="left")
+    screen = console("stdout")
+    title = f"camlens explain -> {printable(out_dir)}"
+    caption = "\n".join(notes) or None
+    table = _image_table(results, methods, chosen_class, title, caption, per_method=True)
+    tables = [table]
+    natural = screen.measure(table, options=screen.options.update(max_width=1_000_000)).maximum
+    if len(methods) > WIDE_UP_TO and natural > screen.width:  # squeezed, the columns would cut their titles
+        tables = [_image_table(results, methods, chosen_class, title, None, per_method=False),
+                  _method_table(results, methods, caption)]
+    try:
+        for each in tables:
+            screen.print(each)
+    except BrokenPipeError:  # `camlens explain ... | head`: the results are on disk all the same
+        pass
+
+
+def _image_table(results: list[ImageResult], methods: list[str], chosen_class: bool, title: str,
+                 caption: str | None, per_method: bool) -> Table:
+    """One row per image; the seconds of each method in a column of its own (``per_method``),
+    or of all of them in one."""
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     table.add_column("image")
     table.add_column("explained class" if chosen_class else "prediction")
     table.add_column("p", justify="right")
     if chosen_class:
         table.add_column("top-1")
-    for name in methods:
-        table.add_column(f"{METHODS[name].display_name} s", justify="right")
+    if per_method:
+        for name in methods:
+            table.add_column(f"{METHODS[name].display_name} s", justify="right")
+    else:
+        table.add_column(f"{len(methods)} methods s", justify="right")
     table.add_column("status")
     for r in results:
         if r.status == "ok":
             names = ", ".join(t["name"] for t in r.targets)
             probabilities = ", ".join(f"{t['probability']:.2f}" for t in r.targets)
             top = [label(r.predictions[0])] if chosen_class else []
-            times = [f"{r.timings[name]:.2f}" for name in methods]
+            times = ([f"{r.timings[name]:.2f}" for name in methods] if per_method
+                     else [f"{sum(r.timings[name] for name in methods):.2f}"])
             table.add_row(printable(r.path.name), names, probabilities, *top, *times, "ok")
         else:
             table.add_row(printable(r.path.name), "-", "-", *(["-"] if chosen_class else []),
-                          *["-"] * len(methods), "failed")
-    try:
-        console("stdout").print(table)
-    except BrokenPipeError:  # `camlens explain ... | head`: the results are on disk all the same
-        pass
+                          *["-"] * (len(methods) if per_method else 1), "failed")
+    return table
+
+
+def _method_table(results: list[ImageResult], methods: list[str], caption: str | None) -> Table:
+    """One row per method: its seconds per image (mean over the images explained) and in all."""
+    done = [r for r in results if r.status == "ok"]
+    table = Table(title=f"seconds per method, over {len(done)} image(s) explained", title_justify="left",
+                  caption=caption, caption_justify="left")
+    table.add_column("method")
+    table.add_column("name")
+    table.add_column("s per image", justify="right")
+    table.add_column("total s", justify="right")
+    for name in methods:
+        seconds = [r.timings[name] for r in done]
+        mean = f"{sum(seconds) / len(seconds):.2f}" if seconds else "-"
+        table.add_row(METHODS[name].display_name, name, mean, f"{sum(seconds):.2f}" if seconds else "-")
+    return table

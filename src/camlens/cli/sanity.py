@@ -26,8 +26,9 @@ from ..io import (
     locked_output_dir,
     write_atomic,
 )
-from ..methods import METHODS
+from ..methods import METHODS, CAMMethod
 from ..methods.gradcam import SmoothGradCAMPlusPlus
+from ..methods.meta import AugmentSmooth
 from ..methods.scorecam import ScoreCAM
 from ..metrics.sanity import (
     cascade_steps,
@@ -40,6 +41,7 @@ from ..metrics.sanity import (
 )
 from ..render import model_view
 from .common import (
+    SEEDED,
     console,
     echo_error,
     engine_options,
@@ -54,6 +56,8 @@ from .common import (
     resolve_class,
     run_options,
     smooth_options,
+    takes_option,
+    top_channels_option,
 )
 from .progress import LogProgress
 
@@ -68,7 +72,8 @@ _clock = time.perf_counter  # the timer of the planned cost (a test gives it a f
 @click.command(short_help="Randomise the model layer by layer: do the maps change?")
 @click.argument("image")
 @click.option("--method", "-m", "methods", multiple=True, metavar="M",
-              help="A method (repeatable; default: CAM, Grad-CAM, Grad-CAM++ and Smooth Grad-CAM++). "
+              help="A method (repeatable; default: CAM, Grad-CAM, Grad-CAM++ and Smooth Grad-CAM++; 'all': every "
+                   "method). "
                    "Score-CAM (-m scorecam) forwards the image once per channel at every step (1,281 "
                    "forwards a map on the embedded model, against 1 to 9 for the others): see --steps.")
 @click.option("--target-layer", help="Layer to explain (default: the last feature map before pooling).")
@@ -84,12 +89,13 @@ _clock = time.perf_counter  # the timer of the planned cost (a test gives it a f
                    "(and changed at the last); more is LATE; similar at the last step is FAIL.")
 @click.option("--out", default="camlens-sanity", show_default=True, help="Output directory.")
 @fc_option
+@top_channels_option
 @smooth_options
-@run_options(seed_help="Seed of the re-initialisation (and of Smooth Grad-CAM++'s noise).")
+@run_options(seed_help=f"Seed of the re-initialisation (and of the noise of {SEEDED}).")
 @engine_options(default="off: each re-initialised model is explained once, which does not repay making its copy")
 @model_options
-def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, out, fc, aug_smooth, eigen_smooth,
-           device, batch_size, seed, optimize, compile_model, **model_args) -> None:
+def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, out, fc, top_channels, aug_smooth,
+           eigen_smooth, device, batch_size, seed, optimize, compile_model, **model_args) -> None:
     """The model-randomisation test: re-initialise layers from the top, watch the maps change."""
     skipped: dict[str, str] = {}
 
@@ -100,7 +106,8 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
     # The layer, the default one found once: each model copy would look for it again.
     layers: list[str] = []
     chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
-                                                    on_skip=skip, on_layer=layers.append)
+                                                    on_skip=skip, on_layer=layers.append,
+                                                    smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
     layer = layers[0]
     if not methods:
         chosen = [name for name in chosen if name in DEFAULT_METHODS]
@@ -118,9 +125,11 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
             echo_error(f"camlens: note: --steps {steps} is more than the model's {len(groups)} layer groups: "
                        f"one step per group, {len(groups)} steps")
         labels = [names[-1] for names in plan]
+        takes_top = {name for name in chosen if takes_option(name, "top_channels")}
         smooth = {"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth}
-        objects = method_objects(model, chosen, layer, batch_size, seed, fc, engine, smooth=smooth)
-        channels = _channels(model, x, layer) if any(isinstance(m, ScoreCAM) for m in objects.values()) else 0
+        objects = method_objects(model, chosen, layer, batch_size, seed, fc, engine, top_channels=top_channels,
+                                 smooth=smooth)
+        channels = _channels(model, x, layer) if any(isinstance(_core(m), ScoreCAM) for m in objects.values()) else 0
         passes = {name: _passes(method, channels) for name, method in objects.items()}
         per_map, per_cascade = _measure(model, x, target, layer, objects, groups, len(plan), torch_device,
                                         forward_seconds)
@@ -140,7 +149,9 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
 
                 def explain_with(m, name=name, built=built, within=within):
                     if id(m) not in built:
-                        built[id(m)] = method_objects(m, [name], layer, batch_size, seed, fc, engine, smooth=smooth)[name]
+                        built[id(m)] = method_objects(m, [name], layer, batch_size, seed, fc, engine,
+                                                      top_channels=top_channels if name in takes_top else None,
+                                                      smooth=smooth)[name]
                     return built[id(m)](x, target, progress=within).maps
 
                 def finished(count, total, task=task, done=done):
@@ -227,15 +238,42 @@ def _activation(model: torch.nn.Module, x: torch.Tensor, layer: str) -> torch.Te
     return record(model, x, {name: module}, reshape=reshape_given())[1][name]
 
 
+def _core(method: Any) -> Any:
+    """The method object inside its smoothings (--aug-smooth, --eigen-smooth)."""
+    while not isinstance(method, CAMMethod) and getattr(method, "method", None) is not None:
+        method = method.method
+    return method
+
+
+def _copies(method: Any) -> int:
+    """How many times a smoothed method explains the image: once per augmented copy."""
+    count = 1
+    while not isinstance(method, CAMMethod) and getattr(method, "method", None) is not None:
+        if isinstance(method, AugmentSmooth):
+            count *= 1 + sum(map(len, method.copies().values()))
+        method = method.method
+    return count
+
+
+def _forwarded_channels(method: ScoreCAM, channels: int) -> int:
+    """The channels Score-CAM (and its variants) forward at most: all, or its --top-channels."""
+    top = method.top_channels
+    if top is None:
+        return channels
+    return min(channels, max(1, int(top * channels + 0.5))) if isinstance(top, float) else min(top, channels)
+
+
 def _passes(method: Any, channels: int) -> int:
     """Forward passes of one map. Score-CAM's is at most: a constant channel is not forwarded,
-    though the all-zero input is, once. The backward of a gradient method is not counted."""
+    though the all-zero input is, once. The backward of a gradient method is not counted. A
+    smoothed method (--aug-smooth) makes one map per augmented copy."""
+    core = _core(method)
     passes = 1
-    if isinstance(method, SmoothGradCAMPlusPlus):
-        passes += method.n_samples
-    if isinstance(method, ScoreCAM):
-        passes += channels * method.forwards_per_channel()
-    return passes
+    if isinstance(core, SmoothGradCAMPlusPlus):
+        passes += core.n_samples
+    if isinstance(core, ScoreCAM):
+        passes += _forwarded_channels(core, channels) * core.forwards_per_channel()
+    return passes * _copies(method)
 
 
 def _measure(model: torch.nn.Module, x: torch.Tensor, target: int, layer: str, objects: dict[str, Any],
@@ -253,13 +291,16 @@ def _measure(model: torch.nn.Module, x: torch.Tensor, target: int, layer: str, o
     per_map = {}
     with torch.random.fork_rng(devices=[]):  # the re-initialisation below leaves the caller's random state alone
         for name, method in objects.items():
-            if isinstance(method, ScoreCAM):
-                constant = is_constant(_activation(model, x, layer))
-                batch = x.expand(method.batch_size, -1, -1, -1).contiguous()
-                each = _timed_forward(model, batch)[1] / method.batch_size
-                per_map[name] = forward * (1 + bool(constant.any())) + (
-                    int((~constant).sum()) * method.forwards_per_channel() * each
-                )
+            core = _core(method)
+            if isinstance(core, ScoreCAM):
+                activation = _activation(model, x, layer)
+                constant = is_constant(activation)
+                forwarded = core._chosen(activation) & ~constant
+                batch = x.expand(core.batch_size, -1, -1, -1).contiguous()
+                each = _timed_forward(model, batch)[1] / core.batch_size
+                per_map[name] = _copies(method) * (forward * (1 + bool(constant.any())) + (
+                    int(forwarded.sum()) * core.forwards_per_channel() * each
+                ))
             else:
                 per_map[name] = min(_timed(lambda method=method: method(x, target).maps, device)[1] for _ in range(2))
         work, copying = _timed(lambda: copy.deepcopy(model), device)
