@@ -63,3 +63,17 @@ def no_inference_copy(monkeypatch):
     watch the model's own forward passes through hooks on it, which the copy does not carry.
     tests/test_accelerate.py checks that the copy gives the same numbers."""
     monkeypatch.setattr("camlens.accelerate.InferenceCopies.get", lambda self, model, images: None)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (tests/browser.py), shared by the session; skips the test, saying why,
+    where none is installed."""
+    from browser import Browser, missing
+
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    driver = Browser()
+    yield driver
+    driver.close()

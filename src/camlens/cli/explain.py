@@ -169,9 +169,11 @@ class Explainer:
         arrays["targets"] = np.array([t["class"] for t in result.targets])
         arrays["probabilities"] = np.array([t["probability"] for t in result.targets], dtype=np.float32)
         np.savez_compressed(folder / "maps.npz", **arrays)
+        # The region the model saw, without a map: `camlens report` lays each map over it.
+        view.save(folder / "view.jpg", quality=90)
         title = f"{printable(result.path.name)}, layer {layer}\n{self.explained(result)}"
         comparison_figure(rows, folder / "comparison.png", title=title, colormap=self.colormap)
-        return {"comparison": "comparison.png", "maps": "maps.npz", "overlays": overlays}
+        return {"comparison": "comparison.png", "maps": "maps.npz", "view": "view.jpg", "overlays": overlays}
 
     def explained(self, result: ImageResult) -> str:
         """What the maps explain, in words: with --class that is not the model's top-1."""
@@ -254,7 +256,7 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
     explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or 1, torch_device, batch_size, seed,
                           fc=fc, colormap=colormap, caption=caption, engine=engine_settings(optimize, compile_model, torch_device),
                           top_channels=top_channels, smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
-    run_record = {"created": now(), "command": command_line(), "methods": chosen, "model": loaded.name}
+    run_record = {"camlens": __version__, "created": now(), "command": command_line(), "methods": chosen, "model": loaded.name}
     results = [ImageResult(path, status="failed", error=reason) for path, reason in unreadable.items()]
 
     with locked_output_dir(out_dir):

@@ -1,0 +1,136 @@
+"""``camlens report``: one self-contained HTML file of a run, to flip through and send.
+
+Each kind of run (explain, evaluate, sanity, train-ggam) has a module with ``load(folder,
+store)``, which reads the run into the context of its Jinja2 template ``<kind>.html.j2``; the
+templates extend ``base.html.j2``, which holds the page's styles and script. Nothing is
+fetched when the page opens: styles, script and images are all in the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import __version__
+from ..errors import CamlensError
+from ..io import LOCK_NAME, os_reason, write_atomic
+from .common import ImageStore, RunError, human_size
+
+__all__ = ["Report", "RunError", "build_report", "detect_kind", "render_report"]
+
+# Which file says what kind of run a folder holds, in the order they are looked for.
+KINDS = (
+    ("sanity", "sanity.json"),
+    ("train_ggam", "train.json"),
+    ("evaluate", "config.json"),
+    ("explain", "manifest.json"),
+)
+MODULES = {"explain": "explain", "evaluate": "evaluate", "sanity": "sanity", "train_ggam": "train_ggam"}
+
+
+@dataclass
+class Report:
+    path: Path
+    kind: str
+    bytes: int
+    images: int
+    status: str
+
+    def describe(self) -> str:
+        state = "" if self.status == "complete" else f" ({self.status} run)"
+        return f"{self.path}: {self.kind.replace('_', '-')} report{state}, {self.images} pictures, {human_size(self.bytes)}"
+
+
+def detect_kind(folder: Path) -> str:
+    """The kind of run in ``folder``, or a RunError that says why it is not one."""
+    if not folder.exists():
+        raise RunError(f"{folder}: no such directory")
+    if not folder.is_dir():
+        raise RunError(f"{folder}: not a directory (give the folder a camlens command wrote its run into)")
+    for kind, name in KINDS:
+        if (folder / name).is_file():
+            return kind
+    if any(folder.glob("*/.camlens")):
+        return "explain"  # an explain run killed before it wrote its manifest
+    if (folder / "results.jsonl").is_file():
+        raise RunError(f"{folder}: results.jsonl without config.json: not an evaluate run of camlens 0.3 or later")
+    raise RunError(f"{folder}: not a camlens run folder (none of manifest.json, config.json, sanity.json, train.json)")
+
+
+def _running(folder: Path) -> bool:
+    """Whether a camlens run holds the folder's lock now (it is still writing)."""
+    from filelock import FileLock, Timeout
+
+    if not (folder / LOCK_NAME).exists():
+        return False
+    lock = FileLock(folder / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:
+        return False
+    lock.release()
+    return False
+
+
+def environment():
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(
+        loader=PackageLoader("camlens.report", "templates"),
+        autoescape=select_autoescape(["html", "j2"], default_for_string=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    from .common import fmt
+
+    env.filters["fmt"] = fmt
+    return env
+
+
+def render_report(folder: Path) -> tuple[str, str, ImageStore, dict]:
+    """The HTML of ``folder``'s report, its kind, its image store and its context."""
+    kind = detect_kind(folder)
+    module = importlib.import_module(f".{MODULES[kind]}", __name__)
+    store = ImageStore()
+    context = module.load(folder, store)
+    context.setdefault("status", "complete")
+    context.setdefault("notes", [])
+    template = environment().get_template(f"{kind}.html.j2")
+    html = template.render(
+        **context,
+        images_store=store.images,
+        version=__version__,
+        generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        run_folder=str(folder),
+    )
+    return html, kind, store, context
+
+
+def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                 *, check_lock: bool = True) -> Report:
+    """Write the report of the run in ``run_dir`` to ``out`` (default ``run_dir/report.html``),
+    atomically: the file is either the whole report or not there.
+
+    ``check_lock=False`` is for the run itself (``--html``), which holds the folder's lock.
+    """
+    folder = Path(run_dir)
+    if check_lock and folder.is_dir() and _running(folder):
+        raise RunError(f"{folder}: a camlens run is writing to it now; make the report when it has finished")
+    html, kind, store, context = render_report(folder)
+    target = Path(out) if out is not None else folder / "report.html"
+    if target.is_dir():
+        target = target / "report.html"
+    if not target.parent.is_dir():
+        raise CamlensError(f"cannot write {target}: {target.parent} is not a directory")
+    data = html.encode("utf-8")
+    try:
+        write_atomic(target, lambda path: path.write_bytes(data))
+    except OSError as error:
+        raise CamlensError(f"cannot write {target}: {os_reason(error)}") from None
+    return Report(target, kind, len(data), len(store.images), context["status"])

@@ -1,0 +1,124 @@
+"""The report of a ``camlens explain`` run: per image, the photo and every method's map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..cli.common import MARKER
+from ..methods import METHODS
+from .common import ImageStore, RunError, check_version, load_npz, open_photo, read_json
+
+KIND = "explain"
+
+
+def display_name(method: str) -> str:
+    return METHODS[method].display_name if method in METHODS else method
+
+
+def _markers(folder: Path) -> list[dict]:
+    """The image records of a run killed before it wrote manifest.json, from its folders' markers."""
+    records = []
+    for marker in sorted(folder.glob(f"*/{MARKER}")):
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            records.append({**record["image"], "output": marker.parent.name, "run": record["run"]})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return records
+
+
+def load(folder: Path, store: ImageStore) -> dict:
+    """The template's context for the explain run in ``folder``."""
+    manifest_path = folder / "manifest.json"
+    notes: list[str] = []
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path, "manifest")
+        if not isinstance(manifest, dict):
+            raise RunError(f"{manifest_path}: not a camlens manifest")
+        check_version(manifest.get("camlens"), folder, "explain")
+        status = manifest.get("status", "complete")
+        records = [r for r in manifest.get("images", []) if isinstance(r, dict)]
+        methods = list(manifest.get("methods", []))
+        facts = manifest
+        if status != "complete":
+            notes.append(f"This run was {status}: the report shows the images it finished.")
+    else:
+        # A run killed outright removed the old manifest and never wrote its own: its finished
+        # image folders still say what they hold.
+        found = _markers(folder)
+        found = [r for r in found if isinstance(r.get("run"), dict) and r["run"].get("camlens") is not None]
+        if not found:
+            raise RunError(f"{folder}: not a finished explain run (no manifest.json and no image folders "
+                           "of this camlens version): run `camlens explain` again")
+        newest = max(r["run"].get("created", "") for r in found)
+        found = [r for r in found if r["run"].get("created", "") == newest]
+        check_version(found[0]["run"].get("camlens"), folder, "explain")
+        status = "interrupted"
+        records = found
+        methods = list(found[0]["run"].get("methods", []))
+        run = found[0]["run"]
+        facts = {key: run.get(key) for key in ("created", "command", "target_layers")}
+        facts["model"] = {"name": run.get("model")}
+        notes.append(f"This run was interrupted before it wrote manifest.json: the report shows the "
+                     f"{len(found)} image folder(s) it finished.")
+
+    colormap = (facts.get("render") or {}).get("colormap", "jet") if isinstance(facts.get("render"), dict) else "jet"
+    images, failed = [], []
+    for record in records:
+        if record.get("status") != "ok":
+            failed.append({"input": record.get("input", "?"), "error": record.get("error", "failed")})
+            continue
+        images.append(_image(folder, record, methods, colormap, store))
+    if not images and not failed:
+        raise RunError(f"{folder}: the run has no explained images yet")
+    layers = facts.get("target_layers") or (facts.get("run") or {}).get("target_layers") or []
+    top_k = max((len(image["targets"]) for image in images), default=1)
+    return {
+        "kind": KIND,
+        "title": f"camlens explain: {len(images)} image{'s' if len(images) != 1 else ''}",
+        "status": status,
+        "notes": notes,
+        "methods": [{"name": m, "display": display_name(m)} for m in methods],
+        "layers": layers,
+        "top_k": top_k,
+        "images": images,
+        "failed": failed,
+        "model": (facts.get("model") or {}).get("name") if isinstance(facts.get("model"), dict) else facts.get("model"),
+        "facts": facts,
+        "colormap": colormap,
+    }
+
+
+def _image(folder: Path, record: dict, methods: list[str], colormap: str, store: ImageStore) -> dict:
+    output = record.get("output")
+    if not isinstance(output, str) or not output or "/" in output or output.startswith("."):
+        raise RunError(f"{folder}: an image record names no valid output folder ({output!r})")
+    sub = folder / output
+    files = record.get("files") or {}
+    photo = open_photo(sub / files.get("view", "view.jpg"))
+    maps = load_npz(sub / files.get("maps", "maps.npz"))
+    targets = [t for t in record.get("targets", []) if isinstance(t, dict)]
+    heat: dict[str, list[str]] = {}
+    for method in methods:
+        key = f"{method}/maps"
+        if key not in maps:
+            raise RunError(f"{sub / 'maps.npz'}: no maps of {method} (the folder is incomplete)")
+        stack = maps[key]
+        if stack.ndim != 3 or stack.shape[0] < len(targets):
+            raise RunError(f"{sub / 'maps.npz'}: {method}'s maps have shape {stack.shape}, "
+                           f"not one per target ({len(targets)})")
+        raw = [v for k, v in maps.items() if k.startswith(f"{method}/raw/")]
+        raw_side = max((max(v.shape[-2:]) for v in raw), default=None)
+        heat[method] = [store.heat(stack[i], photo.size, colormap, raw_side) for i in range(len(targets))]
+    return {
+        "name": Path(str(record.get("input", output))).name,
+        "input": record.get("input", ""),
+        "output": output,
+        "size": record.get("size"),
+        "photo": store.photo(photo),
+        "targets": targets,
+        "predictions": [p for p in record.get("predictions", []) if isinstance(p, dict)],
+        "heat": heat,
+        "timings": record.get("timings", {}),
+    }

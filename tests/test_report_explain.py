@@ -1,0 +1,272 @@
+"""`camlens report` of an explain run: a self-contained file, checked in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from camlens import __version__
+from camlens.cli import main
+from camlens.report import RunError, build_report
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+# Screenshots the browser tests take, to look at: $CAMLENS_SCREENSHOTS, else pytest's tmp folder.
+SHOTS = os.environ.get("CAMLENS_SCREENSHOTS")
+
+
+def explain(args):
+    try:
+        main(["explain", *map(str, args)])
+    except SystemExit as done:
+        assert not done.code, done.code
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Two photos, three fast methods, the two most probable classes each."""
+    out = tmp_path_factory.mktemp("explain") / "run"
+    explain([SAMPLES / "chelsea.png", SAMPLES / "coffee.png", "-m", "gradcam", "-m", "gradcam++", "-m", "cam",
+             "--top-k", "2", "--out", out])
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(run_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("report") / "report.html"
+    built = build_report(run_dir, path)
+    assert built.path == path and built.kind == "explain" and built.status == "complete"
+    return path
+
+
+def shot(browser, tmp_path, name):
+    folder = Path(SHOTS) if SHOTS else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    path = browser.screenshot(folder / name)
+    picture = np.asarray(Image.open(path).convert("L"), dtype=float)
+    assert picture.std() > 10, "the screenshot is blank"
+    return path
+
+
+class Resources(HTMLParser):
+    """Every URL the page would fetch: src and href attributes, and url(...) in its styles."""
+
+    def __init__(self):
+        super().__init__()
+        self.urls, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "poster", "data") and value:
+                self.urls.append(value)
+
+
+def test_self_contained(report):
+    text = report.read_text(encoding="utf-8")
+    parser = Resources()
+    parser.feed(text)
+    assert parser.urls == [], parser.urls  # images come from the embedded store, not from URLs
+    assert "link" not in parser.tags and "iframe" not in parser.tags
+    lowered = text.lower()
+    for outside in ("http://", "https://", "url(", "@import", "//fonts."):
+        assert outside not in lowered, outside
+
+
+def test_every_picture_stored_once(report, run_dir):
+    text = report.read_text(encoding="utf-8")
+    start = text.index('id="camlens-images">') + len('id="camlens-images">')
+    store = json.loads(text[start:text.index("</script>", start)])
+    # a photo per image, a map per image, method and class (2 + 2 x 3 x 2), but CAM's maps are
+    # Grad-CAM's on this network (it pools globally before its one linear layer): stored once
+    assert len(store) == 2 + 2 * 2 * 2
+    assert len(set(store.values())) == len(store)
+    for uri in store.values():
+        assert text.count(uri) == 1
+
+
+def test_maps_are_the_runs_maps(report, run_dir):
+    """The map shown for (image, method, class) is that run's map: its hottest region is where
+    the stored map's is."""
+    from camlens.report.common import ImageStore
+    from camlens.report.explain import load
+
+    store = ImageStore()
+    context = load(run_dir, store)
+    import base64
+    import io
+
+    for image in context["images"]:
+        maps = np.load(run_dir / image["output"] / "maps.npz")
+        for method, refs in image["heat"].items():
+            assert len(refs) == 2
+            for k, ref in enumerate(refs):
+                data = base64.b64decode(store.images[ref].split(",", 1)[1])
+                shown = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=float)
+                from camlens.render import colorize
+
+                expected = np.asarray(Image.fromarray(colorize(maps[f"{method}/maps"][k])).resize(
+                    shown.shape[1::-1], Image.Resampling.BILINEAR), dtype=float)
+                assert np.abs(shown - expected).mean() < 6  # JPEG and resampling, nothing more
+
+
+def test_in_browser(browser, report, tmp_path):
+    browser.open(report)
+    assert browser.errors() == []
+    assert browser.broken_images() == []
+    assert browser.store_loads() == []
+    shown = "return document.querySelector('#image-0 figure[data-role=main] img.heat').getAttribute('data-shown')"
+    caption = "return document.querySelector('#image-0 figure[data-role=main] figcaption').textContent"
+    assert browser.js(caption).startswith("Grad-CAM · tiger cat")
+    first = browser.js(shown)
+
+    # the method control changes the map and its caption
+    browser.js("const s = document.getElementById('method'); s.value = 'gradcam++'; s.dispatchEvent(new Event('change'))")
+    assert browser.js(shown) != first and browser.js(caption).startswith("Grad-CAM++ · ")
+
+    # the class control shows the second class's map
+    before = browser.js(shown)
+    browser.js("const s = document.getElementById('target'); s.value = '1'; s.dispatchEvent(new Event('change'))")
+    assert browser.js(shown) != before and "Egyptian cat" in browser.js(caption)
+
+    # compare: a second panel with the other method, side by side
+    compare = "document.querySelector('#image-0 figure[data-role=compare]')"
+    assert browser.js(f"return {compare}.hidden")
+    browser.js("const s = document.getElementById('compare'); s.value = 'cam'; s.dispatchEvent(new Event('change'))")
+    assert not browser.js(f"return {compare}.hidden")
+    assert browser.js(f"return {compare}.querySelector('figcaption').textContent").startswith("CAM · ")
+    left, right = browser.js(f"""const a = document.querySelector('#image-0 figure[data-role=main]').getBoundingClientRect();
+                                 const b = {compare}.getBoundingClientRect(); return [a.right, b.left];""")
+    assert left <= right  # beside it, not below
+    assert browser.broken_images() == []
+
+    # opacity
+    browser.js("const r = document.getElementById('opacity'); r.value = '80'; r.dispatchEvent(new Event('input'))")
+    opacity = "return getComputedStyle(document.querySelector('#image-0 img.heat')).opacity"
+    assert float(browser.js(opacity)) == pytest.approx(0.8)
+    shot(browser, tmp_path, "report-explain.png")
+    assert browser.errors() == []
+
+
+def test_keyboard(browser, report):
+    from selenium.webdriver.common.by import By
+
+    browser.open(report)
+    body = browser.driver.find_element(By.TAG_NAME, "body")
+    method = "return document.getElementById('method').value"
+    assert browser.js(method) == "gradcam"
+    body.send_keys("m")
+    assert browser.js(method) == "gradcam++"
+    body.send_keys("M")
+    assert browser.js(method) == "gradcam"
+    body.send_keys("]")
+    assert browser.js("return document.getElementById('opacity').value") == "60"
+    body.send_keys("c")
+    assert not browser.js("return document.querySelector('#image-0 figure[data-role=compare]').hidden")
+    body.send_keys("j")
+    assert browser.js("return document.activeElement.id") == "image-1"
+    # the controls are reachable with Tab, and a select works from the keyboard
+    assert browser.js("return document.getElementById('method').tabIndex") >= 0
+    assert browser.errors() == []
+
+
+def test_phone(browser, report, tmp_path):
+    browser.open(report, width=390, height=844)
+    assert browser.js("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    assert browser.broken_images() == []
+    browser.js("const s = document.getElementById('compare'); s.value = 'cam'; s.dispatchEvent(new Event('change'))")
+    assert browser.js("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    shot(browser, tmp_path, "report-explain-phone.png")
+    assert browser.errors() == []
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def copy_run(run_dir, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("report.html", ".camlens-lock"))
+    return target
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(RunError, match="no such directory"):
+        build_report(tmp_path / "nothing")
+
+
+def test_not_a_run(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(RunError, match="not a camlens run folder"):
+        build_report(tmp_path)
+    with pytest.raises(RunError, match="not a directory"):
+        build_report(tmp_path / "a.txt")
+
+
+def test_other_version(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["camlens"] = "0.2.0"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunError, match=rf"made by camlens 0\.2\.0; this is camlens {__version__}"):
+        build_report(run)
+    del manifest["camlens"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunError, match="does not say which camlens made it"):
+        build_report(run)
+    assert not (run / "report.html").exists()
+
+
+def test_interrupted_with_manifest(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["status"] = "interrupted"
+    manifest["images"] = manifest["images"][:1]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    built = build_report(run)
+    assert built.status == "interrupted"
+    text = built.path.read_text()
+    assert "This run was interrupted" in text and "chelsea.png" in text and "coffee.png" not in text
+
+
+def test_killed_without_manifest(run_dir, tmp_path):
+    """A run killed outright has no manifest: its finished folders are reported, as interrupted."""
+    run = copy_run(run_dir, tmp_path)
+    (run / "manifest.json").unlink()
+    shutil.rmtree(run / "coffee")
+    built = build_report(run)
+    assert built.status == "interrupted"
+    text = built.path.read_text()
+    assert "interrupted before it wrote manifest.json" in text and "chelsea.png" in text
+
+
+def test_damaged_maps_leave_no_report(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    (run / "report.html").write_text("the old report")
+    data = (run / "coffee" / "maps.npz").read_bytes()
+    (run / "coffee" / "maps.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RunError, match=r"maps\.npz: cannot be read"):
+        build_report(run)
+    assert (run / "report.html").read_text() == "the old report"  # untouched, never half-written
+    assert not list(run.glob(".camlens-partial-*"))
+
+
+def test_missing_view(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    (run / "chelsea" / "view.jpg").unlink()
+    with pytest.raises(RunError, match=r"view\.jpg: missing"):
+        build_report(run)
+
+
+def test_report_while_running(run_dir, tmp_path):
+    from filelock import FileLock
+
+    run = copy_run(run_dir, tmp_path)
+    with FileLock(run / ".camlens-lock"):
+        with pytest.raises(RunError, match="writing to it now"):
+            build_report(run)
