@@ -766,12 +766,6 @@ def test_smoothed_methods_say_so_in_their_display_name():
     assert smoothed(layercam, eigen_smooth=True).display_name == "LayerCAM (eigen-smooth)"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src/camlens/cli/explain.py (Explainer._write: display = METHODS[name].display_name) titles the "
-    "comparison panels and overlays with the registry class's display name, not the method object's, "
-    "so --aug-smooth / --eigen-smooth do not show; cli/evaluate.py and cli/sanity.py name their "
-    "table rows the same way"
-))
 def test_explain_titles_say_the_smoothing(tmp_path, monkeypatch, capsys):
     import importlib
 
@@ -797,12 +791,6 @@ def test_explain_titles_say_the_smoothing(tmp_path, monkeypatch, capsys):
     assert any(title.startswith("Grad-CAM (aug-smooth)") for title in titles), titles
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the evaluate config's method options (src/camlens/cli/evaluate.py, _identity: 'method options' "
-    "leaves out only 'batch_size') record gradcam++-general's 'chunk_size', which --batch-size now sets: a run "
-    "resumed with another --batch-size is refused as other settings, though the chunk size changes no number; "
-    "'chunk_size' should be left out like 'batch_size'"
-))
 def test_evaluate_resumes_gradcampp_general_with_another_batch_size(tmp_path, monkeypatch, capsys):
     from PIL import Image
     from test_cli import run as run_cli
@@ -828,11 +816,6 @@ def test_evaluate_resumes_gradcampp_general_with_another_batch_size(tmp_path, mo
     assert code == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src/camlens/methods/gradcam.py, SmoothGradCAMPlusPlus.noise: torch.randn(..., dtype=images.dtype) draws "
-    "other numbers from one seed in float32 than in float64, so a float32 copy of a model gets other noisy "
-    "copies and another map (SS-CAM draws in float64 and casts; the same fix applies)"
-))
 def test_smooth_gradcampp_draws_the_same_noise_in_float32_and_float64():
     model, x = Residual(), images(2, 6, 8)
     method = get_method("smoothgradcam++")

@@ -211,13 +211,13 @@ def test_errors_name_the_problem(images):
         SimilarityTarget(torch.ones(6, dtype=torch.long))
 
 
-@pytest.mark.xfail(strict=True, reason="camlens/methods/meta.py AugmentSmooth.__call__ (spec = targets for the "
-                                       "copies): per-image target functions and ScoreTargets with data per image "
-                                       "are given to a batch of N x copies images and fail ('... for 15 image(s)')")
-def test_aug_smooth_takes_per_image_targets(images):
+def test_aug_smooth_refuses_targets_its_copies_cannot_share(images):
+    """A pixel mask would have to move with the flipped copies, and data for each image does not
+    fit the copies: both are refused in one line (they failed with '... for 15 image(s)')."""
     model = build(Segmenter)
     masks = (torch.rand(3, 6, 6) > 0.5).double()
-    AugmentSmooth(camlens.GradCAM(model, LAYER))(images, SemanticSegmentationTarget(1, masks))
+    with pytest.raises(CamlensError, match="aug-smooth cannot follow a segmentation target"):
+        AugmentSmooth(camlens.GradCAM(model, LAYER))(images, SemanticSegmentationTarget(1, masks))
 
 
 # -- output selectors ---------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
             f"{m},{metric},{_csv(v['mean'])},{_csv(v['ci95'])},{v['n']}" for m in chosen for metric, v in summary[m].items()
         ]
         write_atomic(out_dir / "summary.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
-        names = {m: METHODS[m].display_name for m in chosen}
+        names = {m: objects[m].display_name for m in chosen}
         curves = {kind: mean_curves(records, chosen, f"{kind}_curve") for kind in ("deletion", "insertion")}
         if any(curves.values()):
             write_atomic(out_dir / "curves.png", lambda p: curve_plot(curves, p, names, counted))
@@ -267,7 +267,7 @@ def _identity(data, model_args: dict, loaded: LoadedModel, weights_digest: str, 
         "--boxes": boxes_digest,
         "preprocessing": loaded.preprocess.to_dict(),
         "--method": chosen,
-        "method options": {m: {k: v for k, v in objects[m].options().items() if k != "batch_size"} for m in chosen},
+        "method options": {m: {k: v for k, v in objects[m].options().items() if k not in ("batch_size", "chunk_size")} for m in chosen},
         "--metric": wanted,
         "--steps": steps,
         "--target-layer": layer,

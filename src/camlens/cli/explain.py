@@ -158,7 +158,7 @@ class Explainer:
             for layer_name, weights in data["weights"].items():
                 arrays[f"{name}/weights/{layer_name}"] = weights[0]
             overlays[name] = []
-            display = METHODS[name].display_name
+            display = self.methods[name].display_name
             for index, target in enumerate(result.targets):
                 picture = overlay(view, data["maps"][0, index], colormap=self.colormap)
                 filename = f"{name}_{index + 1}_{slug(target['name'], 'class')}.png"

@@ -178,7 +178,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
                      f"LATE: similar at more; FAIL: still similar with the whole model randomised")
 
         drawing = time.monotonic()
-        names = {n: METHODS[n].display_name for n in chosen}
+        names = {n: objects[n].display_name for n in chosen}
         view = model_view(photo, loaded.preprocess.crop_box(*photo.size), max_side=224)
         rows = {names[n]: [m[0, 0].cpu().numpy() for m in r["maps"]] for n, r in results.items()}
         notes = {names[n]: ["reference", *("blank" if v is None else f"ρ {v:.2f}" for v in verdicts[n]["spearman"])]

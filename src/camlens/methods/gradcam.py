@@ -143,12 +143,15 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         }
 
     def noise(self, images: Tensor) -> Tensor:
-        """Standard normal noise (N, n_samples, C, H, W), on the CPU, from the method's generator."""
+        """Standard normal noise (N, n_samples, C, H, W), on the CPU, from the method's generator.
+
+        Drawn in float64 and then cast: torch draws other numbers from one seed in float32, so a
+        float32 model would otherwise see other noise than its float64 copy."""
         generator = self.generator
         if self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed)
         shape = (images.shape[0], self.n_samples, *images.shape[1:])
-        return torch.randn(shape, generator=generator, dtype=images.dtype)
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(images.dtype)
 
     def weigh(self, context: Context) -> dict[str, Tensor]:
         x = context.images

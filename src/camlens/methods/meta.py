@@ -23,7 +23,7 @@ from torch import Tensor
 from ..combine import FLAT_EPS
 from ..errors import CamlensError
 from ..explanation import Explanation
-from ..targets import ClassTarget, TargetSpec
+from ..targets import ClassTarget, ScoreTarget, SemanticSegmentationTarget, TargetSpec
 from .base import CAMMethod, ChannelsSpec, Progress
 from .family import principal_axis, projection_map
 
@@ -186,6 +186,20 @@ def _back(tensor: Tensor, flip: bool, size: Sequence[int]) -> Tensor:
     return _resized(tensor.flip(-1) if flip else tensor, size)
 
 
+def _check_followable(targets: TargetSpec, rows: int) -> None:
+    """Refuse a target the flipped and rescaled copies cannot share: a pixel mask (it would have
+    to be flipped and resized with them) or data given for each image."""
+    if isinstance(targets, SemanticSegmentationTarget):
+        raise CamlensError("aug-smooth cannot follow a segmentation target: its pixel mask would have to be "
+                           "flipped and resized with each copy; explain it without aug-smooth")
+    if isinstance(targets, ScoreTarget):
+        try:
+            targets.check(rows)
+        except CamlensError:
+            raise CamlensError(f"aug-smooth cannot follow {type(targets).__name__}: it holds data for each image, "
+                               "which the augmented copies do not share; explain it without aug-smooth") from None
+
+
 class AugmentSmooth(_Smoothing):
     r"""Test-time augmentation smoothing (pytorch-grad-cam's ``aug_smooth``) of any method.
 
@@ -286,6 +300,7 @@ class AugmentSmooth(_Smoothing):
             seen["work"] += last[0]
             return explanation
 
+        _check_followable(targets, count * (images.shape[0] if images.dim() == 4 else 1))
         first = explain(images, targets)
         x = (images if images.dim() == 4 else images.unsqueeze(0)).to(first.maps.device)
         n, size = x.shape[0], x.shape[-2:]
