@@ -270,3 +270,36 @@ def test_report_while_running(run_dir, tmp_path):
     with FileLock(run / ".camlens-lock"):
         with pytest.raises(RunError, match="writing to it now"):
             build_report(run)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def cli(args, capsys):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_report_command(run_dir, tmp_path, capsys):
+    target = tmp_path / "r.html"
+    code, out, err = cli(["report", run_dir, "--out", target], capsys)
+    assert code == 0, err
+    assert target.is_file() and "explain report" in out
+    code, out, err = cli(["report", tmp_path / "nowhere"], capsys)
+    assert code == 1 and err.strip().count("\n") == 0 and "no such directory" in err and "Traceback" not in err
+
+
+def test_html_flag_and_no_stale_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = cli(["explain", SAMPLES / "coffee.png", "-m", "gradcam", "--out", out, "--html"], capsys)
+    assert code == 0, err
+    assert (out / "report.html").is_file() and "report:" in stdout
+    # a later run into the same folder without --html does not leave the old report beside it
+    code, stdout, err = cli(["explain", SAMPLES / "chelsea.png", "-m", "cam", "--out", out], capsys)
+    assert code == 0, err
+    assert not (out / "report.html").exists()

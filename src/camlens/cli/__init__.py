@@ -2,7 +2,7 @@
 
 click parses the arguments; rich draws the progress bars and tables. Every user error ends
 as one line ``camlens: error: ...`` and a non-zero exit, never a traceback. One module per
-command (``explain``, ``evaluate``, ``sanity``, ``info``, ``train_ggam``) over a shared core (``common``).
+command (``explain``, ``evaluate``, ``sanity``, ``report``, ``info``, ``train_ggam``) over a shared core (``common``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .common import echo_error
 from .evaluate import evaluate
 from .explain import explain
 from .info import layers, methods
+from .report import report
 from .sanity import sanity
 from .train_ggam import train_ggam_command
 
@@ -29,7 +30,7 @@ def cli() -> None:
     """camlens: what a convolutional network looks at when it decides."""
 
 
-for command in (explain, evaluate, sanity, layers, methods, train_ggam_command):
+for command in (explain, evaluate, sanity, report, layers, methods, train_ggam_command):
     cli.add_command(command)
 
 

@@ -63,6 +63,7 @@ from .common import (
     top_channels_option,
 )
 from .progress import LogProgress
+from .report import html_option, write_html
 
 
 @dataclass
@@ -236,9 +237,10 @@ def made_for(folder: Path, path: Path) -> bool:
 @smooth_options
 @run_options
 @engine_options
+@html_option
 @model_options
 def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption, fc, top_channels, aug_smooth,
-            eigen_smooth, device, batch_size, seed, optimize, compile_model, **model_args) -> None:
+            eigen_smooth, device, batch_size, seed, optimize, compile_model, html, **model_args) -> None:
     """Explain IMAGE_OR_DIR... with each method: overlays, a comparison figure, maps and a manifest."""
     started = time.perf_counter()
     if class_ is not None and top_k is not None:
@@ -262,6 +264,7 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
     with locked_output_dir(out_dir):
         # A manifest from an earlier run would describe folders this run replaces: it goes first.
         (out_dir / "manifest.json").unlink(missing_ok=True)
+        (out_dir / "report.html").unlink(missing_ok=True)  # so is an earlier run's report
         names = output_names(files, out_dir)
 
         def finish(status: str) -> list[dict]:
@@ -292,6 +295,8 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
             finish("interrupted")
             raise
         kept = finish("complete")
+        if html and any(r.status == "ok" for r in results):
+            write_html(out_dir)
     for path in skipped:
         echo_error(f"skipped (not an image file): {printable(path)}")
     for r in results:
