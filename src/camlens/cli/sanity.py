@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import numpy as np
 import torch
 from rich.table import Table
 
+from .. import __version__
 from ..capture import record, resolve_layer
 from ..charts import (
     sanity_figure,
@@ -60,6 +62,7 @@ from .common import (
     top_channels_option,
 )
 from .progress import LogProgress
+from .report import html_option, write_html
 
 # Score-CAM is left out: it forwards the image once per channel of the layer at every step
 # (1,281 forwards a map on the embedded model), where the four below take one to nine.
@@ -93,9 +96,10 @@ _clock = time.perf_counter  # the timer of the planned cost (a test gives it a f
 @smooth_options
 @run_options(seed_help=f"Seed of the re-initialisation (and of the noise of {SEEDED}).")
 @engine_options(default="off: each re-initialised model is explained once, which does not repay making its copy")
+@html_option
 @model_options
 def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, out, fc, top_channels, aug_smooth,
-           eigen_smooth, device, batch_size, seed, optimize, compile_model, **model_args) -> None:
+           eigen_smooth, device, batch_size, seed, optimize, compile_model, html, **model_args) -> None:
     """The model-randomisation test: re-initialise layers from the top, watch the maps change."""
     skipped: dict[str, str] = {}
 
@@ -115,6 +119,9 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
     out_dir = ensure_writable_dir(out)
     photo = load_image(image)
     with locked_output_dir(out_dir):  # one run at a time; clears what killed runs left
+        # An earlier run's results and report would be taken for this run's: they go first.
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
         model = loaded.module.to(torch_device)
         x = loaded.preprocess(photo).unsqueeze(0).to(torch_device)
         logits, forward_seconds = _timed_forward(model, x)
@@ -138,64 +145,86 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
 
         started = time.monotonic()
         results = {}
-        with LogProgress() as bar:
-            for name in chosen:
-                task = bar.add_task(METHODS[name].display_name, total=len(plan) + 1)
-                built: dict[int, Any] = {}  # one method object per model copy: its layer lookup is cached
-                done = [0]
-
-                def within(part, whole, task=task, done=done):
-                    bar.update(task, completed=done[0] + round(part / max(whole, 1), 2))
-
-                def explain_with(m, name=name, built=built, within=within):
-                    if id(m) not in built:
-                        built[id(m)] = method_objects(m, [name], layer, batch_size, seed, fc, engine,
-                                                      top_channels=top_channels if name in takes_top else None,
-                                                      smooth=smooth)[name]
-                    return built[id(m)](x, target, progress=within).maps
-
-                def finished(count, total, task=task, done=done):
-                    done[0] = count
-                    bar.update(task, completed=count)
-
-                results[name] = cascading_randomisation(explain_with, model, x, groups=groups, seed=seed,
-                                                        progress=finished, steps=steps)
-        elapsed = time.monotonic() - started
-
-        verdicts = {}
-        for name, r in results.items():
-            # NaN: the map is blank (constant), which differs from the trained model's map.
-            rho = [None if math.isnan(v) else v for v in map(float, r["spearman"][:, 0, 0])]
-            judged = sanity_verdict(rho, threshold, max_similar, trained_blank=bool(is_constant(r["maps"][0, 0, 0])))
-            changed = judged["changed_from"]
-            verdicts[name] = {
-                **judged, "changed_from": None if changed is None else labels[changed],
-                "spearman": rho, "ssim": [float(v) for v in r["ssim"][:, 0, 0]], "final_spearman": rho[-1],
-                "passed": judged["verdict"] == "PASS",
-            }
+        view = model_view(photo, loaded.preprocess.crop_box(*photo.size), max_side=224)
+        names = {n: objects[n].display_name for n in chosen}
         criterion = (f"a step is similar when Spearman >= {threshold} (a blank map counts as changed); "
                      f"PASS: similar at <= {max_similar:.0%} of the steps and not at the last; "
                      f"LATE: similar at more; FAIL: still similar with the whole model randomised")
 
-        drawing = time.monotonic()
-        names = {n: objects[n].display_name for n in chosen}
-        view = model_view(photo, loaded.preprocess.crop_box(*photo.size), max_side=224)
-        rows = {names[n]: [m[0, 0].cpu().numpy() for m in r["maps"]] for n, r in results.items()}
-        notes = {names[n]: ["reference", *("blank" if v is None else f"ρ {v:.2f}" for v in verdicts[n]["spearman"])]
-                 for n in chosen}
-        write_atomic(out_dir / "sanity.png", lambda p: sanity_figure(view, rows, ["trained", *labels], notes, p))
-        similarity = {names[n]: {"spearman": [math.nan if s is None else s for s in v["spearman"]], "ssim": v["ssim"]}
-                      for n, v in verdicts.items()}
-        write_atomic(out_dir / "similarity.png", lambda p: similarity_plot(
-            similarity, labels, threshold, p, {names[n]: v["verdict"] for n, v in verdicts.items()}))
-        figures = time.monotonic() - drawing
-        report = {"image": printable(image), "class": target, "class_name": loaded.class_name(target),
-                  "threshold": threshold, "max_similar": max_similar, "criterion": criterion,
-                  "groups": groups, "steps": labels, "step_groups": plan, "skipped_methods": skipped, "smoothing": smooth,
-                  "seconds": {"maps_estimated": round(estimate, 1), "maps": round(elapsed, 1),
-                              "figures": round(figures, 1)},
-                  "methods": verdicts}
-        write_atomic(out_dir / "sanity.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+        def finish(status: str) -> tuple[dict, float, float]:
+            """Judge the finished methods and write the run's files: the model view and every
+            step's maps first, sanity.json (which says the run is there) last, each atomically."""
+            elapsed = time.monotonic() - started
+            verdicts = {}
+            for name, r in results.items():
+                # NaN: the map is blank (constant), which differs from the trained model's map.
+                rho = [None if math.isnan(v) else v for v in map(float, r["spearman"][:, 0, 0])]
+                judged = sanity_verdict(rho, threshold, max_similar,
+                                        trained_blank=bool(is_constant(r["maps"][0, 0, 0])))
+                changed = judged["changed_from"]
+                verdicts[name] = {
+                    **judged, "changed_from": None if changed is None else labels[changed],
+                    "spearman": rho, "ssim": [float(v) for v in r["ssim"][:, 0, 0]], "final_spearman": rho[-1],
+                    "passed": judged["verdict"] == "PASS", "display_name": names[name],
+                }
+            drawing = time.monotonic()
+            write_atomic(out_dir / "view.jpg", lambda p: view.save(p, format="JPEG", quality=90))
+            arrays = {n: np.stack([m[0, 0].detach().cpu().float().numpy() for m in r["maps"]]).astype(np.float16)
+                      for n, r in results.items()}
+            write_atomic(out_dir / "maps.npz", lambda p: _save_npz(p, arrays))
+            if status == "complete" and results:
+                rows = {names[n]: [m[0, 0].cpu().numpy() for m in r["maps"]] for n, r in results.items()}
+                notes = {names[n]: ["reference", *("blank" if v is None else f"ρ {v:.2f}"
+                                                   for v in verdicts[n]["spearman"])] for n in results}
+                write_atomic(out_dir / "sanity.png",
+                             lambda p: sanity_figure(view, rows, ["trained", *labels], notes, p))
+                similarity = {names[n]: {"spearman": [math.nan if s is None else s for s in v["spearman"]],
+                                         "ssim": v["ssim"]} for n, v in verdicts.items()}
+                write_atomic(out_dir / "similarity.png", lambda p: similarity_plot(
+                    similarity, labels, threshold, p, {names[n]: v["verdict"] for n, v in verdicts.items()}))
+            figures = time.monotonic() - drawing
+            report = {"camlens": __version__, "status": status, "image": printable(image), "class": target,
+                      "class_name": loaded.class_name(target), "model": loaded.name, "target_layer": layer,
+                      "seed": seed, "threshold": threshold, "max_similar": max_similar, "criterion": criterion,
+                      "groups": groups, "steps": labels, "step_groups": plan, "skipped_methods": skipped,
+                      "smoothing": smooth, "planned_methods": [names[n] for n in chosen],
+                      "files": {"view": "view.jpg", "maps": "maps.npz"},
+                      "seconds": {"maps_estimated": round(estimate, 1), "maps": round(elapsed, 1),
+                                  "figures": round(figures, 1)},
+                      "methods": verdicts}
+            write_atomic(out_dir / "sanity.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+            return verdicts, elapsed, figures
+
+        try:
+            with LogProgress() as bar:
+                for name in chosen:
+                    task = bar.add_task(METHODS[name].display_name, total=len(plan) + 1)
+                    built: dict[int, Any] = {}  # one method object per model copy: its layer lookup is cached
+                    done = [0]
+
+                    def within(part, whole, task=task, done=done):
+                        bar.update(task, completed=done[0] + round(part / max(whole, 1), 2))
+
+                    def explain_with(m, name=name, built=built, within=within):
+                        if id(m) not in built:
+                            built[id(m)] = method_objects(m, [name], layer, batch_size, seed, fc, engine,
+                                                          top_channels=top_channels if name in takes_top else None,
+                                                          smooth=smooth)[name]
+                        return built[id(m)](x, target, progress=within).maps
+
+                    def finished(count, total, task=task, done=done):
+                        done[0] = count
+                        bar.update(task, completed=count)
+
+                    results[name] = cascading_randomisation(explain_with, model, x, groups=groups, seed=seed,
+                                                            progress=finished, steps=steps)
+        except KeyboardInterrupt:
+            if results:  # the methods that finished, for `camlens report` to show as an interrupted run
+                finish("interrupted")
+            raise
+        verdicts, elapsed, figures = finish("complete")
+        if html:
+            write_html(out_dir)
 
     caption = [f"Criterion: {criterion}.",
                *(f"{METHODS[n].display_name} skipped: {reason}" for n, reason in skipped.items())]
@@ -211,6 +240,15 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
         table.add_row(names[name], f"{v['similar_steps']}/{len(plan)} steps", v["changed_from"] or "never",
                       "blank" if rho is None else f"{rho:.3f}", f"{v['ssim'][-1]:.3f}", _verdict_text(v, len(plan)))
     console("stdout").print(table)
+
+
+# What a run writes into OUT; an earlier run's are removed when a run starts.
+RUN_FILES = ("sanity.json", "report.html", "maps.npz", "view.jpg", "sanity.png", "similarity.png")
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # a file object: np.savez would add .npz to a temporary name
+        np.savez_compressed(handle, **arrays)
 
 
 def _timed(work: Callable[[], T], device: torch.device) -> tuple[T, float]:

@@ -1,0 +1,309 @@
+"""`camlens report` of a sanity run, and the files `camlens sanity` saves for it: checked in a
+real browser."""
+
+from __future__ import annotations
+
+import html
+import importlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from camlens import __version__
+from camlens.cli import main
+from camlens.report import RunError, build_report
+
+SHOTS = os.environ.get("CAMLENS_SCREENSHOTS")
+command = importlib.import_module("camlens.cli.sanity")  # the module, not the click command
+
+MODELS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(torch.relu(self.stem(x))).mean(dim=(2, 3)))
+
+
+def net():
+    return Net()
+'''
+
+
+def cli(args, capsys):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The tiny model's module on sys.path and a photo: the sanity command line without --out."""
+    folder = tmp_path_factory.mktemp("sanity-model")
+    (folder / "report_sanity_models.py").write_text(MODELS)
+    sys.path.insert(0, str(folder))
+    photo = folder / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photo)
+    yield ["sanity", photo, "--model", "report_sanity_models:net", "--input-size", "32", "-m", "cam",
+           "-m", "gradcam++", "--steps", "2"]
+    sys.path.remove(str(folder))
+    sys.modules.pop("report_sanity_models", None)
+
+
+@pytest.fixture(scope="module")
+def run_dir(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sanity") / "run"
+    try:
+        main([str(a) for a in [*base, "--out", out, "--html"]])
+    except SystemExit as done:
+        assert not done.code, done.code
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    return run_dir / "report.html"
+
+
+def page_data(report: Path) -> tuple[dict, dict]:
+    text = report.read_text(encoding="utf-8")
+
+    def script(name):
+        start = text.index(f'id="{name}">') + len(name) + 6
+        return json.loads(text[start:text.index("</script>", start)])
+
+    return script("camlens-images"), script("camlens-sanity")
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share theirs), by plain loops."""
+    flat = list(values.ravel())
+    order = sorted(range(len(flat)), key=lambda i: flat[i])
+    result = np.empty(len(flat))
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and flat[order[j + 1]] == flat[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            result[order[k]] = (i + j) / 2
+        i = j + 1
+    return result
+
+
+def test_run_saves_version_status_view_and_every_steps_maps(run_dir):
+    data = json.loads((run_dir / "sanity.json").read_text())
+    assert data["camlens"] == __version__ and data["status"] == "complete"
+    assert data["steps"] == ["fc", "stem"] and list(data["methods"]) == ["cam", "gradcam++"]
+    with Image.open(run_dir / "view.jpg") as view:
+        assert view.width == view.height > 0  # the crop the model saw, at the photo's scale
+    with np.load(run_dir / "maps.npz") as maps:
+        assert sorted(maps.files) == ["cam", "gradcam++"]
+        for name in maps.files:
+            stack = maps[name].astype(np.float64)
+            assert stack.shape == (3, 32, 32) and maps[name].dtype == np.float16
+            # The saved maps are the ones the verdict was judged on: Spearman of each step's map
+            # with the reference (first), recomputed here, is the run's.
+            for step, rho in enumerate(data["methods"][name]["spearman"], start=1):
+                a, b = ranks(stack[0]), ranks(stack[step])
+                if a.std() == 0 or b.std() == 0:
+                    assert rho is None
+                    continue
+                assert np.corrcoef(a, b)[0, 1] == pytest.approx(rho, abs=0.02)
+
+
+def test_report_is_self_contained_and_stores_each_picture_once(report, run_dir):
+    text = report.read_text(encoding="utf-8")
+    for outside in ("http://", "https://", "url(", "@import", " src="):
+        assert outside not in text.lower(), outside
+    store, data = page_data(report)
+    assert len(set(store.values())) == len(store)
+    sanity = json.loads((run_dir / "sanity.json").read_text())
+    assert data["steps"] == ["trained", *sanity["steps"]]
+    assert data["methods"] == list(sanity["methods"])
+    assert all(len(row) == 3 and all(ref in store for ref in row) for row in data["heat"])
+    assert data["spearman"] == [v["spearman"] for v in sanity["methods"].values()]
+    # the similarity curves are inline SVG drawn from sanity.json: one line per method and chart
+    assert text.count('<g class="series"') == 4 and "<polyline" in text
+    assert html.escape(sanity["criterion"], quote=False) in text  # autoescaped
+
+
+def shot(browser, tmp_path, name):
+    folder = Path(SHOTS) if SHOTS else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    path = browser.screenshot(folder / name)
+    assert np.asarray(Image.open(path).convert("L"), dtype=float).std() > 10, "the screenshot is blank"
+    return path
+
+
+def shown(browser):
+    """The references the step cards show, per method."""
+    return browser.js("""return Array.from(document.querySelectorAll('.step-cards article.card')).map(
+        c => [c.getAttribute('data-method'), c.querySelector('img.heat').getAttribute('data-shown')]);""")
+
+
+def test_in_browser(browser, report, run_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.open(report)
+    assert browser.errors() == []
+    assert browser.broken_images() == [] and browser.store_loads() == []
+    _, data = page_data(report)
+    assert shown(browser) == [[m, data["heat"][i][0]] for i, m in enumerate(data["methods"])]
+    # the step slider shows every method's map at that step
+    browser.js("const s = document.getElementById('step'); s.value = 2; s.dispatchEvent(new Event('input'));")
+    assert shown(browser) == [[m, data["heat"][i][2]] for i, m in enumerate(data["methods"])]
+    assert browser.driver.find_element(By.ID, "step-value").text == "stem"
+    assert browser.broken_images() == []
+    # a column of the grid picks its step
+    browser.driver.find_element(By.CSS_SELECTOR, "#grid button[data-step='1']").click()
+    assert shown(browser) == [[m, data["heat"][i][1]] for i, m in enumerate(data["methods"])]
+    assert browser.js("return document.querySelectorAll('#grid td.current').length") == len(data["methods"])
+    # the grid: rows methods, columns steps, every map there
+    assert browser.js("return document.querySelectorAll('#grid tbody tr').length") == 2
+    assert browser.js("return document.querySelectorAll('#grid td img.heat').length") == 6
+    # verdicts shown are the run's
+    sanity = json.loads((run_dir / "sanity.json").read_text())
+    rows = browser.driver.find_elements(By.CSS_SELECTOR, "#verdicts tbody tr")
+    assert [(r.get_attribute("data-method"), r.find_elements(By.TAG_NAME, "td")[1].get_attribute("data-value"))
+            for r in rows] == [(n, v["verdict"]) for n, v in sanity["methods"].items()]
+    # picking one method hides the others everywhere (cards, grid, curves)
+    Select(browser.driver.find_element(By.ID, "method")).select_by_value("cam")
+    visible = browser.js("""return Array.from(document.querySelectorAll('[data-method]'))
+        .filter(e => getComputedStyle(e).display !== 'none').map(e => e.getAttribute('data-method'));""")
+    assert visible and set(visible) == {"cam"}
+    Select(browser.driver.find_element(By.ID, "method")).select_by_value("")
+    browser.js("const o = document.getElementById('opacity'); o.value = 80; o.dispatchEvent(new Event('input'));")
+    assert browser.js("return getComputedStyle(document.querySelector('.step-cards img.heat')).opacity") == "0.8"
+    assert browser.errors() == []
+    browser.driver.set_window_size(1280, 2000)
+    shot(browser, tmp_path, "report-sanity.png")
+
+
+def test_keyboard(browser, report):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    browser.open(report)
+    _, data = page_data(report)
+    browser.js("document.activeElement.blur()")
+    ActionChains(browser.driver).send_keys("ss").perform()
+    assert browser.js("return document.getElementById('step').value") == "2"
+    assert shown(browser)[0][1] == data["heat"][0][2]
+    ActionChains(browser.driver).send_keys("S").perform()
+    assert browser.js("return document.getElementById('step').value") == "1"
+    ActionChains(browser.driver).send_keys("m").perform()
+    assert browser.js("return document.getElementById('method').value") == "cam"
+    assert browser.errors() == []
+
+
+def test_phone(browser, report, tmp_path):
+    browser.open(report, width=390, height=844)
+    assert browser.js("return document.documentElement.scrollWidth <= window.innerWidth")
+    assert browser.broken_images() == [] and browser.errors() == []
+    shot(browser, tmp_path, "report-sanity-phone.png")
+
+
+def copy_run(run_dir, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("report.html", ".camlens-lock"))
+    return folder
+
+
+def edit(folder, change):
+    data = json.loads((folder / "sanity.json").read_text())
+    change(data)
+    (folder / "sanity.json").write_text(json.dumps(data))
+
+
+def test_other_version_and_unversioned(run_dir, tmp_path):
+    folder = copy_run(run_dir, tmp_path)
+    edit(folder, lambda d: d.update(camlens="0.0.1"))
+    with pytest.raises(RunError, match="made by camlens 0.0.1"):
+        build_report(folder)
+    edit(folder, lambda d: d.pop("camlens"))
+    with pytest.raises(RunError, match="does not say which camlens"):
+        build_report(folder)
+    assert not (folder / "report.html").exists()
+
+
+@pytest.mark.parametrize("damage", ["maps", "view", "json", "steps"])
+def test_damaged_run_leaves_no_report(run_dir, tmp_path, damage):
+    folder = copy_run(run_dir, tmp_path)
+    if damage == "maps":
+        data = (folder / "maps.npz").read_bytes()
+        (folder / "maps.npz").write_bytes(data[: len(data) // 2])
+    elif damage == "view":
+        (folder / "view.jpg").unlink()
+    elif damage == "json":
+        (folder / "sanity.json").write_text('{"camlens": ')
+    else:
+        edit(folder, lambda d: d["methods"]["cam"]["spearman"].pop())
+    with pytest.raises(RunError) as error:
+        build_report(folder)
+    assert "\n" not in str(error.value)
+    assert not (folder / "report.html").exists()
+
+
+def test_interrupted_run_is_reported_with_what_it_has(base, tmp_path, capsys, monkeypatch):
+    real = command.cascading_randomisation
+    calls = []
+
+    def second_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(command, "cascading_randomisation", second_interrupted)
+    out = tmp_path / "run"
+    code, _, err = cli([*base, "--out", out], capsys)
+    assert code == 130, err
+    data = json.loads((out / "sanity.json").read_text())
+    assert data["status"] == "interrupted" and list(data["methods"]) == ["cam"]
+    made = build_report(out)
+    assert made.status == "interrupted"
+    text = made.path.read_text(encoding="utf-8")
+    assert "This run was interrupted" in text and "not run: Grad-CAM++" in text
+
+
+def test_html_flag_and_no_stale_report(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = cli([*base, "--out", out, "--html"], capsys)
+    assert code == 0, err
+    assert (out / "report.html").is_file() and "report:" in stdout
+    # a later run into the same folder without --html leaves no old report beside it
+    code, stdout, err = cli([*base[:-6], "-m", "gradcam", "--steps", "1", "--out", out], capsys)
+    assert code == 0, err
+    assert not (out / "report.html").exists()
+    assert list(json.loads((out / "sanity.json").read_text())["methods"]) == ["gradcam"]
+    # a run that stops before it has a method leaves neither the old report nor the old results
+    (out / "report.html").write_text("old")
+    code, _, err = cli([*base, "--out", out, "--class", "nosuchclass"], capsys)
+    assert code != 0
+    assert not (out / "report.html").exists() and not (out / "sanity.json").exists()
+
+
+def test_report_command(run_dir, tmp_path, capsys):
+    target = tmp_path / "r.html"
+    code, out, err = cli(["report", run_dir, "--out", target], capsys)
+    assert code == 0, err
+    assert target.is_file() and "sanity report" in out
