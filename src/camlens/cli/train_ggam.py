@@ -15,6 +15,7 @@ from ..io import write_atomic
 from ..models import LITE_MEAN, LITE_STD, Preprocess, class_names_from_file
 from .common import MAX_INPUT_SIZE, choose_device, console, printable, run_options
 from .progress import LogProgress
+from .report import html_option, write_html
 
 CURVES = "curves.png"
 
@@ -48,9 +49,10 @@ CURVES = "curves.png"
                    "validation set is a test set that must not choose the model).")
 @click.option("--freeze-backbone", is_flag=True,
               help="Train the head only, on feature maps computed once (much faster on a CPU; the paper fine-tunes all).")
+@html_option
 def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attention, epochs, lr, device, batch_size,
                        seed, val_split, input_size, resize, class_names, out, resume, pretrained,
-                       keep, freeze_backbone) -> None:
+                       keep, freeze_backbone, html) -> None:
     """Train GGAM (CE + lambda x L_GGAM) on DATA: a folder of class folders, a path,label CSV,
     or a CUB-200-2011 folder as distributed (its official split, classes and boxes).
 
@@ -109,7 +111,8 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
                                 boxes=boxes, val_boxes=val_boxes, resume=resume, device=str(torch_device),
                                 pretrained=pretrained, class_names=names, preprocess=preprocess,
                                 freeze_backbone=freeze_backbone, keep=keep, progress=progress,
-                                on_plan=plan, on_epoch=report)
+                                on_plan=plan, on_epoch=report,
+                                on_finish=(lambda: write_html(out_dir)) if html else None)
         except KeyboardInterrupt:
             if (out_dir / "last.pt").is_file():
                 bar.stop()

@@ -4,7 +4,9 @@ The run folder ``out`` holds ``train.json`` (the settings; a resume must repeat 
 ``history.jsonl`` and ``history.csv`` (one row per epoch), ``last.pt`` (model, optimiser,
 epoch, random states and history, for ``resume=True``), the best model by validation accuracy
 as a run (``run.json`` + ``best.pt``, which ``camlens explain --model out`` loads once the
-training finished) and, when the validation images have boxes, ``localisation.json``.
+training finished), when the validation images have boxes, ``localisation.json``, and at the
+end a few validation images with the kept model's Grad-CAM maps (``examples/``: the model
+views, ``maps.npz`` and, written last, ``examples.json``) for ``camlens report``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ SETTINGS_FILE = "train.json"
 LAST = "last.pt"
 BEST = "best.pt"
 LOCALISATION = "localisation.json"
+EXAMPLES = "examples"  # folder: view-N.jpg, maps.npz, examples.json (written last)
+EXAMPLE_COUNT = 6
 HISTORY_COLUMNS = ("epoch", "train_ce", "train_ggam", "train_accuracy", "val_accuracy", "val_ce", "seconds")
 # Files that make a folder a training run (refused without resume).
 RUN_MARKERS = (SETTINGS_FILE, RUN_FILE, LAST)
@@ -108,6 +112,7 @@ def train_ggam(
     progress: Callable[[int, int, int], None] | None = None,
     on_plan: Callable[[TrainPlan], None] | None = None,
     on_epoch: Callable[[list[dict]], None] | None = None,
+    on_finish: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train GGAM on ``backbone`` with loss ``CE + lam * L_GGAM`` and keep the run in ``out``.
 
@@ -154,7 +159,8 @@ def train_ggam(
 
     ``progress(epoch, batch, batches)`` is called after each training batch (1-based);
     ``on_plan(TrainPlan)`` once, after every check and before the first batch;
-    ``on_epoch(history)`` after each epoch, once its row and checkpoint are written.
+    ``on_epoch(history)`` after each epoch, once its row and checkpoint are written;
+    ``on_finish()`` at the end, every file written, while the run still holds its folder's lock.
     Bad settings or data raise :class:`CamlensError` before anything is trained.
     """
     kind = _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data,
@@ -182,6 +188,9 @@ def train_ggam(
     out.mkdir(parents=True, exist_ok=True)
     with locked_output_dir(out):
         done = _prepare(out, settings, epochs, resume)
+        if resume:  # an earlier end's report and examples would be taken for this run's
+            (out / "report.html").unlink(missing_ok=True)
+            (out / EXAMPLES / "examples.json").unlink(missing_ok=True)
         y_train, y_val = (torch.tensor([s.label for s in part.samples]) for part in (train, val))
         model.to(kind)
         if freeze_backbone:
@@ -258,6 +267,10 @@ def train_ggam(
         if report is not None:
             text = json.dumps(report, indent=2) + "\n"
             write_atomic(out / LOCALISATION, lambda path: path.write_text(text, encoding="utf-8"))
+        _save_examples(out, model, val_inputs, y_val, val.samples, names, preprocess, kind, freeze_backbone,
+                       best["epoch"])
+        if on_finish is not None:
+            on_finish()
     return TrainResult(out, history, best["epoch"], best["accuracy"], history[-1]["val_accuracy"], report, problems,
                        keep)
 
@@ -564,3 +577,72 @@ class _Logits(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.head(features).logits
+
+
+def _example_indices(labels: list[int], count: int) -> list[int]:
+    """Up to ``count`` validation images, one per class in turn (the first of each class, then
+    the second ...), in their order."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    chosen: list[int] = []
+    rank = 0
+    while len(chosen) < count and any(rank < len(v) for v in by_class.values()):
+        for label in sorted(by_class):
+            if rank < len(by_class[label]) and len(chosen) < count:
+                chosen.append(by_class[label][rank])
+        rank += 1
+    return sorted(chosen)
+
+
+def _save_examples(out: Path, model: GGAMNet, x, y, samples, names, preprocess: Preprocess, kind,
+                   frozen: bool, epoch: int, count: int = EXAMPLE_COUNT) -> None:
+    """A few validation images with the kept model's Grad-CAM maps of their true class and of
+    its prediction: each image's model view, the maps (N, 2, H, W) float16 and, last,
+    examples.json, which says they are there."""
+    import numpy as np
+
+    from ..render import model_view
+
+    chosen = _example_indices([int(v) for v in y], count)
+    if not chosen:
+        return
+    index = torch.tensor(chosen)
+    inputs = x[index].to(kind)
+    size = (preprocess.size, preprocess.size)
+    with torch.no_grad():
+        logits = (model.head(inputs).logits if frozen else model(inputs)).float().cpu()
+    probabilities = logits.softmax(dim=1)
+    predicted = probabilities.argmax(dim=1)
+    maps = []
+    for targets in (y[index].tolist(), predicted.tolist()):
+        if frozen:
+            head = nn.Sequential(OrderedDict(features=nn.Identity(), head=_Logits(model.head)))
+            maps.append(upsample_normalise(explain(head, inputs, "gradcam", "features", targets).raw["features"],
+                                           size)[:, 0].cpu())
+        else:
+            maps.append(explain(model, inputs, "gradcam", targets=targets).maps[:, 0].cpu())
+    stack = torch.stack(maps, dim=1).float().numpy().astype(np.float16)  # (N, 2, H, W)
+    folder = out / EXAMPLES
+    folder.mkdir(exist_ok=True)
+    records = []
+    for n, i in enumerate(chosen):
+        sample = samples[i]
+        photo = load_image(sample.path)
+        view = model_view(photo, preprocess.crop_box(*photo.size), max_side=224)
+        name = f"view-{n}.jpg"
+        write_atomic(folder / name, lambda path, view=view: view.save(path, format="JPEG", quality=90))
+        label, guess = int(y[i]), int(predicted[n])
+        records.append({"input": str(sample.path), "view": name, "label": label, "label_name": names[label],
+                        "predicted": guess, "predicted_name": names[guess],
+                        "probability": float(probabilities[n, guess]),
+                        "true_probability": float(probabilities[n, label])})
+
+    def save_maps(path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.savez_compressed(handle, maps=stack)
+
+    write_atomic(folder / "maps.npz", save_maps)
+    text = json.dumps({"epoch": epoch, "method": "gradcam", "maps": "maps.npz",
+                       "map_targets": ["true class", "predicted class"], "images": records}, indent=2) + "\n"
+    write_atomic(folder / "examples.json", lambda path: path.write_text(text, encoding="utf-8"))
