@@ -14,10 +14,13 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from .errors import CamlensError
@@ -64,13 +67,20 @@ def evaluate_image(
     metrics: Sequence[str],
     steps: int = 16,
     batch_size: int = 8,
+    keep: dict | None = None,
 ) -> dict:
     """All requested metrics for one preprocessed image (C, H, W) and its label, explained for
     the label's class. ``boxes`` are in model-input pixels; box metrics are skipped without them.
+
+    ``keep``, a dict, receives the map the metrics used: ``"map"`` (H, W) float32 NumPy array
+    in [0, 1] at input resolution, and ``"layer_side"``, the longer side of its layer's maps.
     """
     x = image.unsqueeze(0)
     explanation = method(x, label)
     maps = explanation.maps[:, 0]
+    if keep is not None:
+        keep["map"] = maps[0].detach().float().cpu().numpy()
+        keep["layer_side"] = max((max(raw.shape[-2:]) for raw in explanation.raw.values()), default=None)
     classes = torch.tensor([label], device=x.device)
     probability = explanation.probabilities[:, 0]
     record: dict = {
@@ -167,11 +177,20 @@ class ResultStore:
         self.config_path = folder / "config.json"
         self.aside_path = folder / "results.set-aside.jsonl"
         self.config = json.loads(json.dumps(config))  # as it reads back from the file
+        self.folder = folder
         self.records: dict[tuple[str, str], dict] = {}
         self.set_aside: list[str] = []
+        self._views: set[str] = set()
+        self._mapped: dict[tuple[str, int], set[str]] = {}  # (sha256, label) -> methods with a record
+        self._open_maps: tuple[Path, dict[str, np.ndarray]] | None = None
         for path in (self.path, self.config_path):
             if path.exists() and not path.is_file():
                 raise CamlensError(f"{path} is not a regular file: use another --out")
+        for name in (VIEWS, MAPS):
+            if (folder / name).exists() and not (folder / name).is_dir():
+                raise CamlensError(f"{folder / name} is not a folder: use another --out")
+            for leftover in (folder / name).glob(".camlens-partial-*"):  # of a run killed while writing
+                leftover.unlink(missing_ok=True)
         if not (self.path.is_file() and self.path.stat().st_size):  # no results yet: nothing to mix with
             write_atomic(self.config_path, lambda p: p.write_text(json.dumps(self.config, indent=2) + "\n"))
             return
@@ -224,6 +243,7 @@ class ResultStore:
                 problem, outcome = "a second result for the same image and method", "the first one is kept"
             if problem is None:
                 self.records[(record["image"], record["method"])] = record
+                self._mapped.setdefault((record["sha256"], record["label"]), set()).add(record["method"])
                 kept.append(line)
             else:
                 aside.append(line)
@@ -239,15 +259,116 @@ class ResultStore:
     def done(self, image: str, method: str) -> bool:
         return (image, method) in self.records
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict, view: Image.Image | None = None, saliency: dict | None = None) -> None:
+        """Append ``record``; first, with ``view`` (the model's view of the image) and
+        ``saliency`` (``evaluate_image``'s ``keep``), the image's view and the record's map, so
+        that every result line has its map on disk (a run killed in between leaves a map
+        without its line, computed again next time, never a line whose map is another's)."""
         key = (record["image"], record["method"])
         if key in self.records:
             return
+        if view is not None:
+            self._save_view(record["sha256"], view)
+        if saliency is not None:
+            self._save_map(record, saliency)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         self.records[key] = record
+        self._mapped.setdefault((record["sha256"], record["label"]), set()).add(record["method"])
+
+    def _folder(self, name: str) -> Path:
+        folder = self.folder / name
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as error:
+            raise CamlensError(f"cannot make {folder}: {os_reason(error)}") from None
+        return folder
+
+    def _save_view(self, sha256: str, view: Image.Image) -> None:
+        name = view_name(sha256)
+        if name is None or name in self._views:
+            return
+        self._folder(VIEWS)
+        # Written again by each run that evaluates the image: one left by a run of other settings
+        # (another crop) never stands for this run's.
+        write_atomic(self.folder / name, lambda p: view.convert("RGB").save(p, format="JPEG", quality=VIEW_QUALITY))
+        self._views.add(name)
+
+    def _save_map(self, record: dict, saliency: dict) -> None:
+        name = maps_name(record["sha256"], record["label"])
+        if name is None:
+            return
+        path = self.folder / name
+        if self._open_maps is None or self._open_maps[0] != path:
+            # Of a file left by an earlier run, only the maps of pairs this store holds stay.
+            kept = self._mapped.get((record["sha256"], record["label"]), set())
+            earlier = read_maps(path) if kept and path.is_file() else {}
+            arrays = {k: v for k, v in earlier.items() if k.split("/")[0] in kept}
+            self._open_maps = (path, arrays)
+        arrays = self._open_maps[1]
+        method = record["method"]
+        arrays[method] = quantise(shrink(saliency["map"], saliency.get("layer_side")))
+        arrays[f"{method}/layer_side"] = np.array(saliency.get("layer_side") or 0, dtype=np.int32)
+        self._folder(MAPS)
+        write_atomic(path, lambda p: np.savez_compressed(p, **arrays))
+
+
+VIEWS, MAPS = "views", "maps"
+VIEW_QUALITY = 88
+MAP_SIDE = 112  # pixels of the longer side of a saved map of a coarse layer (see shrink)
+_HEX = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+def _stem(sha256: object) -> str | None:
+    found = _HEX.fullmatch(sha256) if isinstance(sha256, str) else None
+    return found.group(1) if found else None
+
+
+def view_name(sha256: object) -> str | None:
+    """Where a run keeps the model's view of an image, by its content ("views/<hex>.jpg")."""
+    stem = _stem(sha256)
+    return None if stem is None else f"{VIEWS}/{stem}.jpg"
+
+
+def maps_name(sha256: object, label: object) -> str | None:
+    """Where a run keeps each method's map of an image explained for ``label``, by content and
+    label ("maps/<hex>-<label>.npz"): images of the same content share it, and a resumed run
+    adds to it."""
+    stem = _stem(sha256)
+    if stem is None or not isinstance(label, int) or isinstance(label, bool):
+        return None
+    return f"{MAPS}/{stem}-{label}.npz"
+
+
+def shrink(saliency: np.ndarray, layer_side: int | None) -> np.ndarray:
+    """A map at input resolution downscaled to what it holds: a map upsampled from a 7 x 7 layer
+    is as sharp at MAP_SIDE pixels, so it is kept at that (a fine layer keeps 8 pixels per cell,
+    up to the input's resolution)."""
+    saliency = np.nan_to_num(np.asarray(saliency, dtype=np.float32), nan=0.0)
+    height, width = saliency.shape
+    side = max(MAP_SIDE, 8 * (layer_side or 0))
+    scale = side / max(height, width)
+    if scale >= 1:
+        return saliency
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(saliency, mode="F").resize(size, Image.Resampling.BILINEAR))
+
+
+def quantise(saliency: np.ndarray) -> np.ndarray:
+    """A map in [0, 1] as uint8 (0 to 255); not-a-number is 0."""
+    values = np.clip(np.nan_to_num(np.asarray(saliency, dtype=np.float32), nan=0.0), 0.0, 1.0)
+    return np.round(values * 255.0).astype(np.uint8)
+
+
+def read_maps(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a maps file, or {} when it cannot be read (its records then show no map)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except Exception:  # a truncated zip raises BadZipFile, EOFError, ValueError, ...
+        return {}
 
 
 def _parse(line: bytes) -> dict | str:

@@ -42,6 +42,7 @@ from ..io import (
 )
 from ..methods import METHODS
 from ..models import REGISTRY, LoadedModel
+from ..render import model_view
 from .common import (
     BATCHED,
     console,
@@ -59,9 +60,11 @@ from .common import (
     top_channels_option,
 )
 from .progress import LogProgress
+from .report import html_option, write_html
 
 STATISTIC = "mean ± 95% confidence interval (Student's t) over n images"
 SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the rest
+VIEW_SIDE = 224  # pixels of the longer side of each image's view (views/), kept for the report
 
 
 @click.command(short_help="The Score-CAM paper's metrics over a labelled dataset.")
@@ -85,9 +88,10 @@ SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the r
 @run_options(batch_size_help=f"Inputs per forward pass of {BATCHED}, and of the metrics (default 8 for the "
                              "metrics); it may differ between runs into one --out.")
 @engine_options(passes="Score-CAM's masked inputs and the metrics' perturbed inputs")
+@html_option
 @model_options
 def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, top_channels, aug_smooth,
-             eigen_smooth, device, batch_size, seed, optimize, compile_model, **model_args) -> None:
+             eigen_smooth, device, batch_size, seed, optimize, compile_model, html, **model_args) -> None:
     """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
     skipped_methods: dict[str, str] = {}
     layers: list[str] = []
@@ -109,6 +113,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
             return str(path)
 
     with locked_output_dir(out_dir):  # one run at a time: two would compute and append the same pairs
+        (out_dir / "report.html").unlink(missing_ok=True)  # an earlier run's report is not this one's
         method_notes = [f"{METHODS[m].display_name} skipped: {reason}" for m, reason in skipped_methods.items()]
         notes = [*method_notes, *dataset.notes]
         samples = dataset.samples
@@ -142,19 +147,22 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                         image = load_image(sample.path)
                     except CamlensError as error:
                         skipped.append(f"{error} (skipped)")
-                        current = (sample, None, None)
+                        current = (sample, None, None, None)
                     else:
-                        current = (sample, loaded.preprocess(image).to(torch_device), digest)
+                        # The region the model sees, without a map: the report lays the maps over it.
+                        view = model_view(image, loaded.preprocess.crop_box(*image.size), max_side=VIEW_SIDE)
+                        current = (sample, loaded.preprocess(image).to(torch_device), digest, view)
                 if current[1] is None:
                     bar.advance(task)
                     continue
                 bar.update(task, description=f"{printable(sample.path.name)} {METHODS[name].display_name}")
                 tick = time.perf_counter()
+                kept: dict = {}
                 record = evaluate_image(objects[name], current[1], sample.label, input_boxes[key(sample.path)], wanted,
-                                        steps, chunk)
+                                        steps, chunk, keep=kept)
                 record.update(image=key(sample.path), method=name, label=sample.label, sha256=current[2],
                               boxes=[list(b) for b in sample.boxes], seconds=round(time.perf_counter() - tick, 4))
-                store.add(record)
+                store.add(record, view=current[3], saliency=kept)
                 bar.advance(task)
 
         keys = {key(s.path) for s in samples}
@@ -174,7 +182,10 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         report = {"config": store.config, "images": counted, "images_listed": listed, "statistic": STATISTIC,
                   "summary": summary, "seconds_per_image": {m: speed[m]["mean"] for m in chosen},
                   "skipped": [printable(p) for p in skipped], "skipped_methods": skipped_methods,
-                  "set_aside_lines": len(store.set_aside), "notes": [printable(p) for p in [*notes, *set_aside]]}
+                  "set_aside_lines": len(store.set_aside), "notes": [printable(p) for p in [*notes, *set_aside]],
+                  # What it summarised: a report finds a results file that grew since (a later
+                  # run, interrupted) by its size.
+                  "results.jsonl bytes": store.path.stat().st_size if store.path.exists() else 0}
         write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
         lines = ["method,metric,mean,ci95_half_width,n"] + [
             f"{m},{metric},{_csv(v['mean'])},{_csv(v['ci95'])},{v['n']}" for m in chosen for metric, v in summary[m].items()
@@ -215,6 +226,8 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
             console("stdout").print(table)
         except BrokenPipeError:
             pass
+        if html and records:
+            write_html(out_dir)
         if skipped:
             sys.exit(1)
 

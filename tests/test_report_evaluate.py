@@ -1,0 +1,336 @@
+"""`camlens report` of an evaluate run, and what evaluate keeps for it (views/, maps/): checked
+against the run's own files and plain computations, and in a real browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from camlens import __version__
+from camlens.cli import main
+from camlens.evaluate import maps_name, view_name
+from camlens.report import RunError, build_report
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SHOTS = os.environ.get("CAMLENS_SCREENSHOTS")
+NET = """import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def build(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+"""
+METHODS = ("gradcam", "gradcam++", "cam")
+
+
+def cli(args):
+    try:
+        main([str(a) for a in args])
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 1
+    return 0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny factory model (32 x 32 input) and 4 photos in 3 class folders."""
+    root = tmp_path_factory.mktemp("evaluate")
+    (root / "evalreportnet.py").write_text(NET)
+    sys.path.insert(0, str(root))
+    (root / "names.txt").write_text("cat\ncoffee\ncup\n")
+    data = root / "data"
+    for name, label in (("chelsea.png", "cat"), ("coffee.png", "coffee"), ("cameraman.png", "cup"),
+                        ("rocket.jpg", "cup")):
+        (data / label).mkdir(parents=True, exist_ok=True)
+        Image.open(SAMPLES / name).convert("RGB").resize((96, 80)).save(data / label / (Path(name).stem + ".png"))
+
+    def args(out, *extra):
+        return ["evaluate", data, "--model", "evalreportnet:build", "--class-names", root / "names.txt",
+                "--input-size", "32", "--steps", "4", *(f"--method={m}" for m in METHODS), "--out", out, *extra]
+
+    yield root, data, args
+    sys.path.remove(str(root))
+
+
+@pytest.fixture(scope="module")
+def run_dir(setup):
+    root, _, args = setup
+    out = root / "run"
+    assert cli(args(out, "--limit", "2")) == 0  # then resumed: the rest is added
+    assert cli(args(out, "--html")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    path = run_dir / "report.html"
+    assert path.is_file()  # written by --html
+    return path
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+def copy_run(run_dir, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("report.html", ".camlens-lock"))
+    return target
+
+
+def store_of(text):
+    start = text.index('id="camlens-images">') + len('id="camlens-images">')
+    return json.loads(text[start:text.index("</script>", start)])
+
+
+# --- what evaluate keeps -------------------------------------------------------------------------
+
+
+def test_views_and_maps_are_the_runs(run_dir, setup):
+    """Each result has its image's view and its own map, keyed by content and label: the map is the
+    method's map of the preprocessed image (input 32 x 32, kept whole), quantised to 0..255."""
+    import camlens
+    from camlens.models import Preprocess
+
+    import evalreportnet
+
+    _, data, _ = setup
+    found = records(run_dir)
+    assert len(found) == 4 * 3
+    preprocess = Preprocess(**json.loads((run_dir / "config.json").read_text())["preprocessing"])
+    model = evalreportnet.build().eval()
+    for record in found:
+        assert (run_dir / view_name(record["sha256"])).is_file()
+        stored = np.load(run_dir / maps_name(record["sha256"], record["label"]))
+        assert set(stored.files) == {*METHODS, *(f"{m}/layer_side" for m in METHODS)}
+        saved = stored[record["method"]]
+        assert saved.dtype == np.uint8 and saved.shape == (32, 32)
+        assert int(stored[f"{record['method']}/layer_side"]) == 16
+        x = preprocess(Image.open(data / record["image"]).convert("RGB"))[None]
+        expected = camlens.get_method(record["method"])(model, "features")(x, record["label"]).maps[0, 0]
+        assert np.abs(saved.astype(int) - np.round(expected.numpy() * 255)).max() <= 1
+    assert not list(run_dir.glob("*/.camlens-partial-*"))
+
+
+def test_a_rerun_removes_the_old_report_and_keeps_maps_consistent(setup, tmp_path):
+    _, _, args = setup
+    out = tmp_path / "again"
+    assert cli(args(out, "--limit", "1", "--html")) == 0
+    assert (out / "report.html").is_file()
+    # resumed without --html: no stale report beside the new results
+    assert cli(args(out, "--limit", "2")) == 0
+    assert not (out / "report.html").exists()
+    # a run that starts afresh (no results to resume, other methods) keeps no map of the earlier
+    # run's in the file it adds to: each map in it has its result
+    record = records(out)[0]
+    path = out / maps_name(record["sha256"], record["label"])
+    assert set(np.load(path).files) == {*METHODS, *(f"{m}/layer_side" for m in METHODS)}
+    (out / "results.jsonl").write_text("")
+    code = cli([a for a in args(out, "--limit", "1") if not str(a).startswith("--method")] + ["--method=cam"])
+    assert code == 0
+    assert set(np.load(path).files) == {"cam", "cam/layer_side"}
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def test_table_is_the_summary_and_a_plain_mean(run_dir):
+    from camlens.report.common import ImageStore
+    from camlens.report.evaluate import load
+
+    context = load(run_dir, ImageStore())
+    assert context["status"] == "complete" and context["notes"] == []
+    summary = json.loads((run_dir / "summary.json").read_text())["summary"]
+    assert context["table"] == summary
+    for method in METHODS:  # and an independent mean and 95% CI of one metric
+        values = [r["deletion"] for r in records(run_dir) if r["method"] == method]
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        got = context["table"][method]["deletion"]
+        assert got["mean"] == pytest.approx(mean) and got["ci95"] == pytest.approx(3.182 * sd / 2) and got["n"] == 4
+    assert [image["name"] for image in context["images"]] == list(dict.fromkeys(r["image"] for r in records(run_dir)))
+    # CAM's and Grad-CAM's means differ in the last digits only: bold both or neither
+    for metric, methods in context["best"].items():
+        assert ("cam" in methods) == ("gradcam" in methods), metric
+
+
+def test_self_contained_and_every_picture_once(report):
+    text = report.read_text(encoding="utf-8")
+    lowered = text.lower()
+    for outside in ("http://", "https://", "url(", "@import", "<link", "<iframe"):
+        assert outside not in lowered, outside
+    store = store_of(text)
+    # a view per image and a map per image and method, but CAM's map is Grad-CAM's on this
+    # network (it pools globally before its one linear layer): stored once
+    assert len(store) == 4 + 4 * 2
+    assert len(set(store.values())) == len(store)
+    for uri in store.values():
+        assert text.count(uri) == 1
+
+
+def shot(browser, tmp_path, name):
+    folder = Path(SHOTS) if SHOTS else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    path = browser.screenshot(folder / name)
+    assert np.asarray(Image.open(path).convert("L"), dtype=float).std() > 10, "the screenshot is blank"
+    return path
+
+
+def column(browser, key):
+    return browser.js(f"""return Array.from(document.querySelectorAll('#images tbody tr'))
+        .map(r => r.querySelector('td[data-key="{key}"]').getAttribute('data-value'))""")
+
+
+def test_in_browser(browser, report, run_dir, tmp_path):
+    browser.open(report)
+    assert browser.errors() == []
+    assert browser.broken_images() == []
+    assert browser.store_loads() == []
+    found = records(run_dir)
+    names = list(dict.fromkeys(r["image"] for r in found))
+    by = {(r["image"], r["method"]): r for r in found}
+
+    # the table shows the chosen method's values; the selector changes them
+    rows = "return Array.from(document.querySelectorAll('#images tbody tr')).map(r => r.cells[0].textContent.trim())"
+    assert browser.js(rows) == names
+    assert [float(v) for v in column(browser, "deletion")] == pytest.approx([by[n, "gradcam"]["deletion"] for n in names], rel=1e-5)
+    browser.js("const s = document.getElementById('method'); s.value = 'gradcam++'; s.dispatchEvent(new Event('change'))")
+    assert [float(v) for v in column(browser, "deletion")] == pytest.approx([by[n, "gradcam++"]["deletion"] for n in names], rel=1e-5)
+    assert column(browser, "deletion") != [str(by[n, "gradcam"]["deletion"]) for n in names]
+
+    # clicking a header sorts numerically, a second click the other way
+    browser.js("document.querySelector('#images th[data-metric=insertion] button').click()")
+    values = [float(v) for v in column(browser, "insertion")]
+    assert values == sorted(values)
+    browser.js("document.querySelector('#images th[data-metric=insertion] button').click()")
+    values = [float(v) for v in column(browser, "insertion")]
+    assert values == sorted(values, reverse=True)
+    # changing the method keeps the table sorted by that column
+    browser.js("const s = document.getElementById('method'); s.value = 'gradcam'; s.dispatchEvent(new Event('change'))")
+    values = [float(v) for v in column(browser, "insertion")]
+    assert values == sorted(values, reverse=True)
+    assert sorted(values) == pytest.approx(sorted(by[n, "gradcam"]["insertion"] for n in names), rel=1e-5)
+
+    # choosing an image shows its view, every method's map, its values and curves
+    heat = "return document.querySelector(\"#detail figure[data-method='gradcam++'] img.heat\").getAttribute('data-shown')"
+    first = browser.js(heat)
+    last = browser.js("const b = document.querySelectorAll('#images tbody button.pick'); b[b.length - 1].click(); "
+                      "return b[b.length - 1].textContent")
+    assert browser.js("return document.getElementById('detail-name').textContent") == last
+    assert browser.js(heat) != first and browser.js(heat)
+    cell = "return document.querySelector(\"#detail-values tr[data-method='gradcam++'] td[data-key=insertion]\").textContent"
+    assert float(browser.js(cell)) == pytest.approx(by[last, "gradcam++"]["insertion"], rel=2e-3)
+    points = browser.js("return document.querySelector(\"#detail svg[data-kind=deletion] polyline[data-method=cam]\")"
+                        ".getAttribute('points')")
+    assert len(points.split()) == 5  # --steps 4
+    assert browser.broken_images() == []
+    shot(browser, tmp_path, "report-evaluate.png")
+    assert browser.errors() == []
+
+
+def test_keyboard_and_phone(browser, report, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.open(report)
+    body = browser.driver.find_element(By.TAG_NAME, "body")
+    name = "return document.getElementById('detail-name').textContent"
+    first = browser.js(name)
+    body.send_keys("j")
+    assert browser.js(name) != first
+    body.send_keys("m")
+    assert browser.js("return document.getElementById('method').value") == "gradcam++"
+    browser.open(report, width=390, height=844)
+    assert browser.js("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    assert browser.broken_images() == []
+    shot(browser, tmp_path, "report-evaluate-phone.png")
+    assert browser.errors() == []
+
+
+# --- interrupted and damaged runs ----------------------------------------------------------------
+
+
+def test_interrupted_without_summary(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    (run / "summary.json").unlink()
+    lines = (run / "results.jsonl").read_text().splitlines()
+    (run / "results.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:30])  # the last line cut short
+    built = build_report(run)
+    assert built.status == "interrupted"
+    text = built.path.read_text()
+    assert "interrupted before it wrote summary.json" in text and "could not be used" in text
+
+
+def test_interrupted_after_an_old_summary(run_dir, tmp_path):
+    from camlens.report.common import ImageStore
+    from camlens.report.evaluate import load
+
+    run = copy_run(run_dir, tmp_path)
+    with (run / "results.jsonl").open("a") as handle:  # a later run appended, then was killed
+        handle.write('{"image": "cup/cam')
+    context = load(run, ImageStore())
+    assert context["status"] == "interrupted" and "grew after summary.json" in context["notes"][0]
+
+
+def test_missing_map_and_view_are_said(run_dir, tmp_path, browser):
+    run = copy_run(run_dir, tmp_path)
+    record = records(run)[0]
+    (run / maps_name(record["sha256"], record["label"])).unlink()
+    (run / view_name(record["sha256"])).unlink()
+    built = build_report(run)
+    text = built.path.read_text()
+    assert "have no saved maps" in text and "have no saved view" in text
+    browser.open(built.path)
+    assert browser.js("return document.getElementById('detail-name').textContent") == record["image"]
+    assert not browser.js("return document.getElementById('detail-missing').hidden")
+    assert not browser.js("return document.querySelector(\"#detail figure[data-method=cam] .missing\").hidden")
+    assert browser.broken_images() == [] and browser.errors() == []
+
+
+def test_damaged_map_leaves_no_report(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    (run / "report.html").write_text("the old report")
+    record = records(run)[0]
+    path = run / maps_name(record["sha256"], record["label"])
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RunError, match=r"\.npz: cannot be read"):
+        build_report(run)
+    assert (run / "report.html").read_text() == "the old report"
+
+
+def test_other_version_and_no_results(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["camlens version"] = "0.2.0"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match=rf"made by camlens 0\.2\.0; this is camlens {__version__}"):
+        build_report(run)
+    config["camlens version"] = __version__
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "results.jsonl").write_text("")
+    with pytest.raises(RunError, match="no results yet"):
+        build_report(run)
+    (run / "config.json").write_text("{")
+    with pytest.raises(RunError, match=r"config\.json: not a valid run config"):
+        build_report(run)
+    assert not (run / "report.html").exists()
