@@ -19,7 +19,7 @@ def test_top_level_help_lists_every_command_without_cutting_it_off(capsys):
     code, out, _ = run(["--help"], capsys)
     assert code == 0
     listed = out.split("Commands:")[1].strip().splitlines()
-    assert [line.split()[0] for line in listed] == ["evaluate", "explain", "layers", "methods", "sanity", "train-ggam"]
+    assert [line.split()[0] for line in listed] == ["evaluate", "explain", "layers", "methods", "report", "sanity", "train-ggam"]
     assert not any(line.rstrip().endswith("...") for line in listed), listed
 
 
