@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..errors import CamlensError
 from ..io import LOCK_NAME, os_reason, write_atomic
 from .common import ImageStore, RunError, human_size
 
@@ -93,6 +92,17 @@ def environment():
     return env
 
 
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8, undecodable bytes of a file name (lone surrogates) as U+FFFD."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode("utf-8")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "replace")
+
+
 def render_report(folder: Path) -> tuple[str, str, ImageStore, dict]:
     """The HTML of ``folder``'s report, its kind, its image store and its context."""
     kind = detect_kind(folder)
@@ -107,7 +117,8 @@ def render_report(folder: Path) -> tuple[str, str, ImageStore, dict]:
         images_store=store.images,
         version=__version__,
         generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        run_folder=str(folder),
+        # A folder name of undecodable bytes (surrogate escapes) cannot go into a UTF-8 file.
+        run_folder=_utf8(str(folder)).decode("utf-8"),
     )
     return html, kind, store, context
 
@@ -127,10 +138,12 @@ def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     if target.is_dir():
         target = target / "report.html"
     if not target.parent.is_dir():
-        raise CamlensError(f"cannot write {target}: {target.parent} is not a directory")
-    data = html.encode("utf-8")
+        raise RunError(f"cannot write {target}: {target.parent} is not a directory")
+    # Names from the run (image files, classes) may carry undecodable bytes as lone surrogates:
+    # they are shown as replacement characters rather than failing the whole report.
+    data = _utf8(html)
     try:
         write_atomic(target, lambda path: path.write_bytes(data))
     except OSError as error:
-        raise CamlensError(f"cannot write {target}: {os_reason(error)}") from None
+        raise RunError(f"cannot write {target}: {os_reason(error)}") from None
     return Report(target, kind, len(data), len(store.images), context["status"])

@@ -33,8 +33,22 @@ PHOTO_QUALITY = 82
 HEAT_QUALITY = 78
 
 
+def one_line(text: str) -> str:
+    """``text`` as one printable line: a newline or other control character in a folder or file
+    name is shown escaped (``\\n``), undecodable bytes as U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogateescape" if not any("\ud800" <= c < "\udc80" for c in text)
+                           else "replace").decode("utf-8", "replace")
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 class RunError(CamlensError):
-    """A run folder a report cannot be made from, with what to do about it."""
+    """A run folder a report cannot be made from, with what to do about it (always one line)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 def read_json(path: Path, what: str) -> Any:

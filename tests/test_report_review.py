@@ -1,0 +1,126 @@
+"""Adversarial checks of `camlens report`: hostile file and class names, odd folder names, bad --out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from camlens.cli import main
+from camlens.report import RunError, build_report
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+HOSTILE = "<img src=x onerror=alert(1)>\"'&amp;.png"
+BROKEN = "<script>alert(2)<!--.png"
+CLASS = "</script><script>alert(3)</script>&\"'"
+NET = """import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 2))
+"""
+
+
+def run_cli(args, capsys):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny model whose classes have hostile names; one photo under a hostile name (explained),
+    one unreadable file (failed); a run folder with spaces and non-ASCII letters."""
+    base = tmp_path_factory.mktemp("review")
+    (base / "reviewnet.py").write_text(NET)
+    (base / "names.txt").write_text(f"{CLASS}\n{CLASS}\n", encoding="utf-8")
+    sys.path.insert(0, str(base))
+    inputs = base / "in dir é"
+    inputs.mkdir()
+    shutil.copy(SAMPLES / "coffee.png", inputs / HOSTILE)
+    (inputs / BROKEN).write_bytes(b"not a picture")
+    out = base / "run ü x"
+    try:
+        main(["explain", str(inputs / HOSTILE), str(inputs / BROKEN), "-m", "gradcam", "--model", "reviewnet:build",
+              "--class-names", str(base / "names.txt"), "--input-size", "32", "--out", str(out)])
+    except SystemExit:
+        pass  # one image failed: exit 1, the run is still written
+    finally:
+        sys.path.remove(str(base))
+    return out
+
+
+def test_hostile_names_are_text_in_the_browser(run_dir, browser):
+    report = build_report(run_dir).path
+    browser.open(report)
+    assert browser.errors() == []
+    assert browser.broken_images() == []
+    assert browser.js("return document.querySelector('article.card h2').textContent") == HOSTILE
+    assert BROKEN in browser.js("return document.querySelector('section.note').textContent")
+    assert CLASS in browser.js("return document.querySelector('figcaption').textContent")
+    assert CLASS in browser.js("return document.querySelector('ol.predictions').textContent")
+    # Only the report's own elements: every img is one of its pictures, and only its 4 scripts.
+    assert browser.js("return document.querySelectorAll('img:not([data-ref])').length") == 0
+    assert browser.js("return document.scripts.length") == 4
+    assert browser.js("return document.querySelectorAll('b, [onerror]').length") == 0
+    text = report.read_text(encoding="utf-8").lower()
+    for outside in ("http://", "https://", "url(", "@import"):
+        assert outside not in text
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file names must be valid UTF-8")
+def test_undecodable_folder_name(run_dir, tmp_path):
+    """A folder whose name is not UTF-8 (bytes 0xff) was a UnicodeEncodeError traceback."""
+    folder = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/run\xff"))
+    shutil.copytree(run_dir, folder)
+    made = build_report(folder)
+    text = made.path.read_bytes().decode("utf-8")  # valid UTF-8
+    assert "run\ufffd" in text
+
+
+def test_errors_are_one_line(run_dir, tmp_path, capsys):
+    """A folder name with a newline made the version-mismatch error two lines."""
+    folder = tmp_path / "two\nlines"
+    shutil.copytree(run_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    manifest["camlens"] = "0.0.1"
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(RunError, match="made by camlens 0.0.1") as error:
+        build_report(folder)
+    assert "\n" not in str(error.value) and "two\\nlines" in str(error.value)
+    code, out, err = run_cli(["report", folder], capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("camlens: error: ")
+
+
+def test_out_missing_directory_and_directory(run_dir, tmp_path, capsys):
+    code, out, err = run_cli(["report", run_dir, "--out", tmp_path / "missing" / "r.html"], capsys)
+    assert code == 1 and "is not a directory" in err and err.count("\n") == 1
+    assert not (tmp_path / "missing").exists()
+    code, out, err = run_cli(["report", run_dir, "--out", tmp_path], capsys)
+    assert code == 0 and (tmp_path / "report.html").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left
+
+
+def test_all_images_failed(run_dir, tmp_path, browser):
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    manifest["images"] = [r for r in manifest["images"] if r.get("status") != "ok"]
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    made = build_report(folder)
+    assert made.images == 0
+    browser.open(made.path)
+    assert browser.errors() == []
+    assert browser.js("return document.querySelectorAll('article.card').length") == 0
+    assert BROKEN in browser.js("return document.querySelector('section.note').textContent")
