@@ -124,3 +124,50 @@ def test_all_images_failed(run_dir, tmp_path, browser):
     assert browser.errors() == []
     assert browser.js("return document.querySelectorAll('article.card').length") == 0
     assert BROKEN in browser.js("return document.querySelector('section.note').textContent")
+
+
+def damaged(run_dir, tmp_path, change):
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir, folder)
+    (folder / "report.html").unlink(missing_ok=True)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    change(manifest, next(r for r in manifest["images"] if r.get("status") == "ok"))
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("change", [
+    lambda m, r: r.update(targets=None),
+    lambda m, r: r.update(predictions=[{"name": 5, "probability": None}]),
+    lambda m, r: m.update(methods=None),
+    lambda m, r: m.update(target_layers=5),
+    lambda m, r: m.update(versions=[1]),
+    lambda m, r: m.update(status=None),
+], ids=["targets-null", "probability-null", "methods-null", "layers-int", "versions-list", "status-null"])
+def test_damaged_manifest_values_still_report(run_dir, tmp_path, change):
+    """Values of the wrong type in manifest.json were TypeError/UndefinedError tracebacks."""
+    made = build_report(damaged(run_dir, tmp_path, change))
+    assert made.path.is_file() and made.status == "complete"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m, r: m.update(images=None), "no explained images"),
+    (lambda m, r: r.update(files=[1]), "names its files wrongly"),
+    (lambda m, r: r.update(files={"view": str(SAMPLES / "chelsea.png")}), "names no valid file"),
+    (lambda m, r: r.update(files={"maps": "../other/maps.npz"}), "names no valid file"),
+    (lambda m, r: m.update(summary={"ok": 1}), "values this camlens does not expect"),
+], ids=["images-null", "files-list", "view-elsewhere", "maps-elsewhere", "summary-partial"])
+def test_damaged_manifest_is_one_line(run_dir, tmp_path, capsys, change, message):
+    """Wrong values were tracebacks, and a view path outside the image's folder was embedded."""
+    folder = damaged(run_dir, tmp_path, change)
+    code, out, err = run_cli(["report", folder], capsys)
+    assert code == 1 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (folder / "report.html").exists()
+
+
+def test_missing_probability_in_browser(run_dir, tmp_path, browser):
+    folder = damaged(run_dir, tmp_path, lambda m, r: [t.update(probability=None) for t in r["targets"]])
+    browser.open(build_report(folder).path)
+    assert browser.errors() == []
+    assert browser.js("return document.querySelector('figcaption').textContent").startswith("Grad-CAM · ")
+    assert "(-)" in browser.js("return document.querySelector('figcaption').textContent")

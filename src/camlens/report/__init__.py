@@ -108,18 +108,26 @@ def render_report(folder: Path) -> tuple[str, str, ImageStore, dict]:
     kind = detect_kind(folder)
     module = importlib.import_module(f".{MODULES[kind]}", __name__)
     store = ImageStore()
-    context = module.load(folder, store)
-    context.setdefault("status", "complete")
-    context.setdefault("notes", [])
-    template = environment().get_template(f"{kind}.html.j2")
-    html = template.render(
-        **context,
-        images_store=store.images,
-        version=__version__,
-        generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        # A folder name of undecodable bytes (surrogate escapes) cannot go into a UTF-8 file.
-        run_folder=_utf8(str(folder)).decode("utf-8"),
-    )
+    from jinja2 import UndefinedError
+
+    try:
+        context = module.load(folder, store)
+        context.setdefault("status", "complete")
+        context.setdefault("notes", [])
+        template = environment().get_template(f"{kind}.html.j2")
+        html = template.render(
+            **context,
+            images_store=store.images,
+            version=__version__,
+            generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # A folder name of undecodable bytes (surrogate escapes) cannot go into a UTF-8 file.
+            run_folder=_utf8(str(folder)).decode("utf-8"),
+        )
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, UndefinedError) as error:
+        # A run file edited or damaged into values of the wrong type (a list where a mapping
+        # belongs, null for a number): one line that says so, not a traceback.
+        raise RunError(f"{folder}: the run's files hold values this camlens does not expect "
+                       f"(damaged or edited? {type(error).__name__}: {error})") from None
     return html, kind, store, context
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..cli.common import MARKER
@@ -14,6 +15,18 @@ KIND = "explain"
 
 def display_name(method: str) -> str:
     return METHODS[method].display_name if method in METHODS else method
+
+
+def _list(value: object) -> list:
+    """A list field of the manifest; anything else (null, a damaged value) is no items."""
+    return value if isinstance(value, list) else []
+
+
+def _named(entry: dict) -> dict:
+    """A class entry (name, probability) as the page shows it, whatever the manifest holds."""
+    probability = entry.get("probability")
+    ok = isinstance(probability, (int, float)) and not isinstance(probability, bool) and math.isfinite(probability)
+    return {**entry, "name": str(entry.get("name", "?")), "probability": float(probability) if ok else None}
 
 
 def _markers(folder: Path) -> list[dict]:
@@ -38,8 +51,9 @@ def load(folder: Path, store: ImageStore) -> dict:
             raise RunError(f"{manifest_path}: not a camlens manifest")
         check_version(manifest.get("camlens"), folder, "explain")
         status = manifest.get("status", "complete")
-        records = [r for r in manifest.get("images", []) if isinstance(r, dict)]
-        methods = list(manifest.get("methods", []))
+        status = status if isinstance(status, str) and status else "complete"
+        records = [r for r in _list(manifest.get("images")) if isinstance(r, dict)]
+        methods = [m for m in _list(manifest.get("methods")) if isinstance(m, str)]
         facts = manifest
         if status != "complete":
             notes.append(f"This run was {status}: the report shows the images it finished.")
@@ -73,6 +87,7 @@ def load(folder: Path, store: ImageStore) -> dict:
     if not images and not failed:
         raise RunError(f"{folder}: the run has no explained images yet")
     layers = facts.get("target_layers") or (facts.get("run") or {}).get("target_layers") or []
+    layers = [str(layer) for layer in layers] if isinstance(layers, list) else [str(layers)]
     top_k = max((len(image["targets"]) for image in images), default=1)
     return {
         "kind": KIND,
@@ -96,9 +111,16 @@ def _image(folder: Path, record: dict, methods: list[str], colormap: str, store:
         raise RunError(f"{folder}: an image record names no valid output folder ({output!r})")
     sub = folder / output
     files = record.get("files") or {}
+    if not isinstance(files, dict):
+        raise RunError(f"{folder}: the record of {output} names its files wrongly ({files!r})")
+    for name in (files.get("view", "view.jpg"), files.get("maps", "maps.npz")):
+        # Files of the image's own folder only: a damaged (or crafted) manifest must not pull
+        # pictures from elsewhere on this computer into a report that is then sent around.
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+            raise RunError(f"{folder}: the record of {output} names no valid file ({name!r})")
     photo = open_photo(sub / files.get("view", "view.jpg"))
     maps = load_npz(sub / files.get("maps", "maps.npz"))
-    targets = [t for t in record.get("targets", []) if isinstance(t, dict)]
+    targets = [_named(t) for t in _list(record.get("targets")) if isinstance(t, dict)]
     heat: dict[str, list[str]] = {}
     for method in methods:
         key = f"{method}/maps"
@@ -118,7 +140,7 @@ def _image(folder: Path, record: dict, methods: list[str], colormap: str, store:
         "size": record.get("size"),
         "photo": store.photo(photo),
         "targets": targets,
-        "predictions": [p for p in record.get("predictions", []) if isinstance(p, dict)],
+        "predictions": [_named(p) for p in _list(record.get("predictions")) if isinstance(p, dict)],
         "heat": heat,
         "timings": record.get("timings", {}),
     }
