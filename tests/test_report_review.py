@@ -171,3 +171,22 @@ def test_missing_probability_in_browser(run_dir, tmp_path, browser):
     assert browser.errors() == []
     assert browser.js("return document.querySelector('figcaption').textContent").startswith("Grad-CAM · ")
     assert "(-)" in browser.js("return document.querySelector('figcaption').textContent")
+
+
+@pytest.mark.parametrize("name", [str(SAMPLES / "chelsea.png"), "../view.jpg", ["view.jpg"]])
+def test_sanity_files_stay_in_the_run(run_dir, tmp_path, capsys, name):
+    """sanity.json's files were joined to the folder as given: an absolute path or ../ embedded a
+    picture from elsewhere; a list was a TypeError traceback."""
+    sys.path.insert(0, str(run_dir.parent))  # reviewnet.py, written by the run_dir fixture
+    try:
+        code, out, err = run_cli(["sanity", SAMPLES / "coffee.png", "--model", "reviewnet:build", "--input-size", "32",
+                                  "-m", "cam", "--steps", "2", "--out", tmp_path / "san"], capsys)
+    finally:
+        sys.path.remove(str(run_dir.parent))
+    assert code == 0, err
+    data = json.loads((tmp_path / "san" / "sanity.json").read_text(encoding="utf-8"))
+    data["files"]["view"] = name
+    (tmp_path / "san" / "sanity.json").write_text(json.dumps(data), encoding="utf-8")
+    code, out, err = run_cli(["report", tmp_path / "san"], capsys)
+    assert code == 1 and "names no valid file" in err and err.count("\n") == 1
+    assert not (tmp_path / "san" / "report.html").exists()

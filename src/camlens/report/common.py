@@ -176,6 +176,14 @@ class ImageStore:
         return sum(len(value) for value in self.images.values())
 
 
+def own_file(folder: Path, name: object, where: object) -> Path:
+    """``folder / name`` for a file name a run's record gives: a plain name in ``folder``, never
+    a path elsewhere (a damaged or crafted record must not pull other files into a report)."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+        raise RunError(f"{where}: names no valid file ({name!r})")
+    return folder / name
+
+
 def open_photo(path: Path) -> Image.Image:
     """A photo a run saved (its model view), fully decoded; a RunError if it is missing or damaged."""
     try:

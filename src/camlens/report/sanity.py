@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .common import ImageStore, RunError, check_version, load_npz, open_photo, read_json
+from .common import ImageStore, RunError, check_version, load_npz, open_photo, own_file, read_json
 
 KIND = "sanity"
 COLORMAP = "jet"  # the colormap of sanity.png
@@ -84,8 +84,10 @@ def load(folder: Path, store: ImageStore) -> dict:
     if not isinstance(verdicts, dict) or not isinstance(steps, list) or not steps:
         raise RunError(f"{path}: has no methods or steps (is the run folder damaged?)")
     files = data.get("files") or {}
-    photo = open_photo(folder / files.get("view", "view.jpg"))
-    maps = load_npz(folder / files.get("maps", "maps.npz"))
+    if not isinstance(files, dict):
+        raise RunError(f"{path}: names its files wrongly ({files!r})")
+    photo = open_photo(own_file(folder, files.get("view", "view.jpg"), path))
+    maps = load_npz(own_file(folder, files.get("maps", "maps.npz"), path))
     columns = ["trained", *map(str, steps)]
     notes: list[str] = []
     if status != "complete":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .common import ImageStore, RunError, check_version, load_npz, open_photo, read_json, read_jsonl
+from .common import ImageStore, RunError, check_version, load_npz, open_photo, own_file, read_json, read_jsonl
 
 KIND = "train_ggam"
 COLORMAP = "jet"
@@ -106,7 +106,7 @@ def load(folder: Path, store: ImageStore) -> dict:
         example_facts = read_json(examples_json, "examples.json")
         if not isinstance(example_facts, dict) or not isinstance(example_facts.get("images"), list):
             raise RunError(f"{examples_json}: not a list of example images")
-        maps = load_npz(folder / "examples" / str(example_facts.get("maps", "maps.npz")))
+        maps = load_npz(own_file(folder / "examples", example_facts.get("maps", "maps.npz"), examples_json))
         stack = maps.get("maps")
         images = example_facts["images"]
         if stack is None or stack.ndim != 4 or stack.shape[0] != len(images):
