@@ -190,3 +190,14 @@ def test_sanity_files_stay_in_the_run(run_dir, tmp_path, capsys, name):
     code, out, err = run_cli(["report", tmp_path / "san"], capsys)
     assert code == 1 and "names no valid file" in err and err.count("\n") == 1
     assert not (tmp_path / "san" / "report.html").exists()
+
+
+def test_out_never_replaces_a_run_file(run_dir, tmp_path, capsys):
+    """`--out RUN/manifest.json` replaced the manifest with the page, destroying the run."""
+    folder = damaged(run_dir, tmp_path, lambda m, r: None)
+    before = (folder / "manifest.json").read_bytes()
+    code, out, err = run_cli(["report", folder, "--out", folder / "manifest.json"], capsys)
+    assert code == 1 and "is not an .html file" in err and err.count("\n") == 1
+    assert (folder / "manifest.json").read_bytes() == before
+    code, out, err = run_cli(["report", folder, "--out", tmp_path / "new.htm"], capsys)
+    assert code == 0 and (tmp_path / "new.htm").is_file()

@@ -145,6 +145,11 @@ def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     target = Path(out) if out is not None else folder / "report.html"
     if target.is_dir():
         target = target / "report.html"
+    if target.exists() and target.suffix.lower() not in (".html", ".htm"):
+        # `--out RUN/manifest.json` or a photo by a slip of the keyboard: never replace a file
+        # that is not a web page.
+        raise RunError(f"cannot write {target}: it exists and is not an .html file (give a name "
+                       "ending in .html, or remove it first)")
     if not target.parent.is_dir():
         raise RunError(f"cannot write {target}: {target.parent} is not a directory")
     # Names from the run (image files, classes) may carry undecodable bytes as lone surrogates:
