@@ -334,3 +334,53 @@ def test_other_version_and_no_results(run_dir, tmp_path):
     with pytest.raises(RunError, match=r"config\.json: not a valid run config"):
         build_report(run)
     assert not (run / "report.html").exists()
+
+
+def test_class_names_beside_indices(browser, report, run_dir, tmp_path):
+    """evaluate keeps the model's class names (classes.json); the table, the drill-down and the
+    table after a change of method show each class index with its name."""
+    assert json.loads((run_dir / "classes.json").read_text()) == ["cat", "coffee", "cup"]
+    names = ["cat", "coffee", "cup"]
+    found = {(r["image"], r["method"]): r for r in records(run_dir)}
+    browser.open(report)
+    cells = browser.js("return Array.from(document.querySelectorAll('#images tbody tr')).map(r => "
+                       "[r.cells[0].textContent.trim(), r.cells[1].textContent.trim(), r.cells[2].textContent.trim()])")
+    for image, label, predicted in cells:
+        record = found[image, "gradcam"]
+        assert label == f"{record['label']} {names[record['label']]}"
+        assert predicted == f"{record['prediction']} {names[record['prediction']]}"
+    browser.js("const s = document.getElementById('method'); s.value = 'cam'; s.dispatchEvent(new Event('change'))")
+    cells = browser.js("return Array.from(document.querySelectorAll('#images tbody tr')).map(r => "
+                       "[r.cells[0].textContent.trim(), r.cells[2].textContent.trim()])")
+    assert all(p == f"{found[i, 'cam']['prediction']} {names[found[i, 'cam']['prediction']]}" for i, p in cells)
+    facts = browser.js("return document.getElementById('detail-facts').textContent")
+    first = found[cells[0][0], "cam"]
+    assert facts.startswith(f"label {first['label']} ({names[first['label']]}), predicted {first['prediction']} "
+                            f"({names[first['prediction']]})")
+    assert browser.errors() == []
+
+    # a damaged classes.json is said, and the classes are shown by index; none at all, silently
+    damaged = copy_run(run_dir, tmp_path)
+    (damaged / "classes.json").write_text('{"not": "a list"}')
+    text = build_report(damaged).path.read_text()
+    assert "not a list of class names" in text
+    assert 'class="class-name"' not in text
+    (damaged / "classes.json").unlink()
+    text = build_report(damaged).path.read_text()
+    assert 'class="class-name"' not in text and "class names" not in text.split("<script")[0]
+
+
+def test_a_model_without_class_names_keeps_no_classes_json(setup, tmp_path):
+    root, _, args = setup
+    out = tmp_path / "named"
+    assert cli(args(out, "--limit", "1", "--metric", "drop")) == 0
+    assert (out / "classes.json").is_file()
+    out2 = tmp_path / "unnamed"
+    plain = args(out2, "--limit", "1", "--metric", "drop")
+    i = plain.index("--class-names")
+    (tmp_path / "mapping.json").write_text('{"cat": 0, "coffee": 1, "cup": 2}')
+    plain[i:i + 2] = ["--mapping", tmp_path / "mapping.json"]
+    out2.mkdir()
+    (out2 / "classes.json").write_text('["stale"]')  # left in the folder from elsewhere
+    assert cli(plain) == 0
+    assert not (out2 / "classes.json").exists()

@@ -7,6 +7,7 @@ import html
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -118,8 +119,9 @@ def test_run_saves_version_status_view_and_every_steps_maps(run_dir):
     with np.load(run_dir / "maps.npz") as maps:
         assert sorted(maps.files) == ["cam", "gradcam++"]
         for name in maps.files:
-            stack = maps[name].astype(np.float64)
-            assert stack.shape == (3, 32, 32) and maps[name].dtype == np.float16
+            stack = maps[name].astype(np.float64) / 255
+            assert stack.shape == (3, 32, 32) and maps[name].dtype == np.uint8
+            assert stack.max(axis=(1, 2)).tolist() == [1.0] * 3  # each map scaled to [0, 1], then to 0..255
             # The saved maps are the ones the verdict was judged on: Spearman of each step's map
             # with the reference (first), recomputed here, is the run's.
             for step, rho in enumerate(data["methods"][name]["spearman"], start=1):
@@ -307,3 +309,35 @@ def test_report_command(run_dir, tmp_path, capsys):
     code, out, err = cli(["report", run_dir, "--out", target], capsys)
     assert code == 0, err
     assert target.is_file() and "sanity report" in out
+
+
+def test_float16_maps_of_earlier_runs_give_the_same_pictures(run_dir, tmp_path):
+    """maps.npz is 8-bit now; a run that saved float16 maps (camlens 0.3.0 before) still reports,
+    with the same map pictures."""
+    folder = copy_run(run_dir, tmp_path)
+    with np.load(folder / "maps.npz") as maps:
+        half = {name: (maps[name].astype(np.float32) / 255).astype(np.float16) for name in maps.files}
+    np.savez_compressed(folder / "maps.npz", **half)
+    assert build_report(folder).images == build_report(copy_run(run_dir, tmp_path / "again")).images
+    before, _ = page_data(run_dir / "report.html")
+    after, _ = page_data(folder / "report.html")
+    assert len(after) == len(before)
+
+
+def test_coinciding_similarity_lines_are_named_together(run_dir, tmp_path):
+    """Methods whose similarities agree at every step are said to coincide under the chart, and
+    their lines differ in width and dashes so that both stay visible."""
+    folder = copy_run(run_dir, tmp_path)
+    text = build_report(folder).path.read_text(encoding="utf-8")
+    assert "their lines coincide" not in text
+
+    def same(d):
+        d["methods"]["gradcam++"]["spearman"] = [v + 1e-4 if v is not None else None
+                                                 for v in d["methods"]["cam"]["spearman"]]
+
+    edit(folder, same)
+    text = build_report(folder).path.read_text(encoding="utf-8")
+    assert text.count("CAM = Grad-CAM++: their lines coincide") == 1  # the Spearman chart, not SSIM's
+    widths = [float(w) for w in
+              re.findall(r'<polyline points="[^"]*" fill="none" stroke-width="([0-9.]+)"', text)]
+    assert len(set(widths)) == 2

@@ -133,6 +133,13 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                            layers[0], torch_device, engine)
         store = ResultStore(out_dir, config, {key(path) for path in dataset.listed})
         _refuse_changed_images(store, samples, key, out_dir)
+        # The class names, for the HTML report's label and prediction columns (display only: the
+        # model and --class-names that fix them are part of the run's identity in config.json).
+        classes = out_dir / "classes.json"
+        if loaded.class_names is not None:
+            write_atomic(classes, lambda p: p.write_text(json.dumps(list(loaded.class_names)) + "\n"))
+        else:
+            classes.unlink(missing_ok=True)
         chunk = batch_size or 8
 
         pending = [(s, m) for s in samples for m in chosen if not store.done(key(s.path), m)]

@@ -169,7 +169,10 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
                 }
             drawing = time.monotonic()
             write_atomic(out_dir / "view.jpg", lambda p: view.save(p, format="JPEG", quality=90))
-            arrays = {n: np.stack([m[0, 0].detach().cpu().float().numpy() for m in r["maps"]]).astype(np.float16)
+            # 8 bits per pixel (the maps are in [0, 1]): a quarter of float32, and finer than the
+            # colours a map is drawn with.
+            arrays = {n: np.rint(np.stack([m[0, 0].detach().cpu().float().clamp(0, 1).numpy() for m in r["maps"]])
+                                 * 255).astype(np.uint8)
                       for n, r in results.items()}
             write_atomic(out_dir / "maps.npz", lambda p: _save_npz(p, arrays))
             if status == "complete" and results:

@@ -64,6 +64,23 @@ def _config(folder: Path) -> dict:
     return config
 
 
+def _class_names(folder: Path, notes: list[str]) -> list[str] | None:
+    """The model's class names that the run kept in classes.json, or None (a model without names,
+    or a run of an older camlens); a damaged file is noted and left out."""
+    path = folder / "classes.json"
+    if not path.is_file():
+        return None
+    try:
+        names = read_json(path, "list of class names")
+    except RunError as error:
+        notes.append(f"{error}: classes are shown by index.")
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        notes.append(f"{path}: not a list of class names: classes are shown by index.")
+        return None
+    return names
+
+
 def _status(folder: Path, images: int) -> tuple[str, list[str], dict]:
     """complete or interrupted, the notes that say so, and summary.json (when it is current)."""
     results = folder / "results.jsonl"
@@ -175,6 +192,11 @@ def load(folder: Path, store: ImageStore) -> dict:
             if curves:
                 charts.append(_chart(kind, curves, names, colours, indices, steps, aucs))
 
+    class_names = _class_names(folder, notes)
+    used = {r.get("label") for r in values} | {r.get("prediction") for r in values}
+    classes = {str(i): class_names[i] for i in sorted(i for i in used if isinstance(i, int) and not isinstance(i, bool))
+               if class_names is not None and 0 <= i < len(class_names)}
+
     images, no_view, no_maps = [], 0, 0
     for key in order:
         image, view_missing, maps_missing = _image(folder, key, methods, metrics, records, indices, store)
@@ -205,6 +227,7 @@ def load(folder: Path, store: ImageStore) -> dict:
         "seconds": seconds,
         "charts": charts,
         "images": images,
+        "classes": classes,
         "x": [round(i / steps, 5) for i in indices],
         "config": config,
         "model": config.get("--model"),

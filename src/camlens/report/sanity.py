@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
+from ..charts import _coinciding
 from .common import ImageStore, RunError, check_version, load_npz, open_photo, own_file, read_json
 
 KIND = "sanity"
@@ -16,12 +19,23 @@ WIDTH, HEIGHT = 640, 260
 LEFT, RIGHT, TOP, BOTTOM = 44, 12, 12, 58
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22")
+# Each method's line: thinner and dashed in turn, so that lines that coincide (CAM and Grad-CAM on
+# a pooled layer) stay visible one over the other; the chart also names them together.
+DASHES = ("", "7 4", "2 3", "9 3 2 3", "1 2")
+SIMILAR = 1e-3  # similarities this close at every step: the chart says that the lines coincide
 
 
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+def _unit(saved: np.ndarray) -> np.ndarray:
+    """A saved map in [0, 1]: 8-bit (this version) or float16 (0.3.0 before it)."""
+    if saved.dtype == np.uint8:
+        return saved.astype(np.float32) / 255.0
+    return saved.astype(np.float32)
 
 
 def _verdict_text(v: dict, steps: int) -> str:
@@ -63,12 +77,17 @@ def _chart(methods: list[dict], key: str, steps: list[str], low: float, high: fl
         if current:
             segments.append(current)
         lines.append({"name": method["name"], "display": method["display"], "color": PALETTE[index % len(PALETTE)],
-                      "segments": [" ".join(s) for s in segments], "points": points})
+                      "segments": [" ".join(s) for s in segments], "points": points,
+                      "width": round(max(1.4, 3.6 - 0.6 * index), 1), "dash": DASHES[index % len(DASHES)],
+                      "radius": round(max(2.0, 4.2 - 0.6 * index), 1)})
+    labels = _coinciding({m["name"]: [_number(v) for v in m[key]] for m in methods},
+                         {m["name"]: m["display"] for m in methods}, SIMILAR)
+    together = list(dict.fromkeys(label for label in labels.values() if " = " in label))
     ticks = [{"y": y(v), "label": f"{v:g}"} for v in (low, (low + high) / 2, high)]
     columns = [{"x": x(i), "label": label} for i, label in enumerate(steps)]
     return {"lines": lines, "ticks": ticks, "columns": columns, "width": WIDTH, "height": HEIGHT,
             "left": LEFT, "right": WIDTH - RIGHT, "top": TOP, "bottom": HEIGHT - BOTTOM,
-            "threshold": None if threshold is None else y(threshold)}
+            "threshold": None if threshold is None else y(threshold), "together": together}
 
 
 def load(folder: Path, store: ImageStore) -> dict:
@@ -121,7 +140,7 @@ def load(folder: Path, store: ImageStore) -> dict:
             "ssim": v["ssim"],
             "final_spearman": _number(v["spearman"][-1]),
             "final_ssim": _number(v["ssim"][-1]),
-            "heat": [store.heat(stack[i].astype("float32"), photo.size, COLORMAP) for i in range(len(columns))],
+            "heat": [store.heat(_unit(stack[i]), photo.size, COLORMAP) for i in range(len(columns))],
         })
     threshold = _number(data.get("threshold"))
     return {
@@ -150,4 +169,5 @@ def load(folder: Path, store: ImageStore) -> dict:
         ],
         "facts": data,
         "colormap": COLORMAP,
+        "similar": SIMILAR,
     }
