@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..charts import _coinciding
 from .common import ImageStore, RunError, check_version, load_npz, open_photo, own_file, read_json, read_jsonl
 
 KIND = "train_ggam"
@@ -19,6 +20,10 @@ SERIES = {
              ("val_ce", "validation CE", "#d62728")),
     "accuracy": (("train_accuracy", "train accuracy", "#1f77b4"), ("val_accuracy", "validation accuracy", "#d62728")),
 }
+# Each series thinner and dashed in turn, so that series that coincide stay visible one over the
+# other; the caption also names them together.
+DASHES = ("", "7 4", "2 3")
+SAME = 1e-4  # series this close at every epoch: the caption says that they coincide
 
 
 def _number(value: object) -> float | None:
@@ -59,7 +64,12 @@ def _chart(history: list[dict], key: str, title: str, best_epoch: int | None) ->
             points.append({"x": x(row["epoch"]), "y": y(v), "label": f"{label}, epoch {row['epoch']}: {v:.4g}"})
         if current:
             segments.append(current)
-        lines.append({"label": label, "color": color, "segments": [" ".join(s) for s in segments], "points": points})
+        index = len(lines)
+        lines.append({"label": label, "color": color, "segments": [" ".join(s) for s in segments], "points": points,
+                      "width": round(max(1.4, 3.4 - 0.7 * index), 1), "dash": DASHES[index % len(DASHES)],
+                      "radius": round(max(2.0, 3.8 - 0.6 * index), 1)})
+    series = {label: [_number(row.get(name)) for row in history] for name, label, _ in SERIES[key]}
+    labels = _coinciding({label: v for label, v in series.items() if any(x is not None for x in v)}, {}, SAME)
     step = max(1, math.ceil(len(epochs) / 10))
     return {
         "key": key, "title": title, "lines": lines, "width": WIDTH, "height": HEIGHT,
@@ -67,6 +77,8 @@ def _chart(history: list[dict], key: str, title: str, best_epoch: int | None) ->
         "ticks": [{"y": y(v), "label": f"{v:.3g}"} for v in (low, (low + high) / 2, high)],
         "columns": [{"x": x(e), "label": str(e)} for e in epochs[::step]],
         "best": x(best_epoch) if best_epoch in epochs else None,
+        "together": list(dict.fromkeys(label for label in labels.values() if " = " in label)),
+        "same": SAME,
     }
 
 
