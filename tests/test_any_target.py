@@ -21,6 +21,7 @@ from camlens import (
 )
 from camlens.evaluate import evaluate_image
 from conftest import make_tiny
+from helpers import Head, Segmenter, build, by_hand
 
 LAYER = "features"
 
@@ -29,48 +30,9 @@ def seeded(cls) -> dict:
     return {"seed": 0} if "seed" in inspect.signature(cls).parameters else {}
 
 
-class Segmenter(nn.Module):
-    """Conv features (12 -> 6), a 1x1 classifier per pixel: output (N, 4, 6, 6)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.classifier = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
-class Head(nn.Module):
-    """Tiny features, global average pool, a linear head of ``outputs`` values."""
-
-    def __init__(self, outputs: int, squeeze: bool = False) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.fc = nn.Linear(8, outputs)
-        self.squeeze = squeeze
-
-    def forward(self, x):
-        out = self.fc(self.features(x).mean(dim=(2, 3)))
-        return out[:, 0] if self.squeeze else out
-
-
-def build(cls, *args, **kwargs):
-    torch.manual_seed(0)
-    return cls(*args, **kwargs).double().eval()
-
-
 def layer_gradcam(model, images, score):
     """Grad-CAM by hand: ``score(output)`` (N,) differentiated with respect to ``features``."""
-    kept = {}
-    handle = model.features.register_forward_hook(lambda m, i, out: kept.setdefault("a", out))
-    try:
-        output = model(images)
-    finally:
-        handle.remove()
-    (grad,) = torch.autograd.grad(score(output).sum(), kept["a"])
-    weights = grad.mean(dim=(2, 3))
-    return torch.relu(torch.einsum("nk,nkhw->nhw", weights, kept["a"])).detach()
+    return by_hand(model, images, score)[2]
 
 
 # -- target functions ----------------------------------------------------------------------------

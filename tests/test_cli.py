@@ -14,20 +14,7 @@ import torch
 from PIL import Image
 
 import camlens.methods
-from camlens.cli import main
-
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-
-
-def run(args, capsys):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from helpers import SAMPLES, one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +159,6 @@ def test_huge_image(tmp_path, capsys):
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["images"][0]["size"] == [10000, 10000]
-
-
-def one_line_error(code, err, expected_code, text):
-    assert code == expected_code
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("camlens: error: ") and text in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_cli import SAMPLES, one_line_error, run
+from helpers import SAMPLES, one_line_error, run
 
 COFFEE = SAMPLES / "coffee.png"
 

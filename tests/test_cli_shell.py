@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from test_cli import run
+from helpers import run
 
 
 def test_layers_table_names_every_column(capsys):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import pytest
 
-from test_cli import SAMPLES, one_line_error, run
+from helpers import SAMPLES, one_line_error, run
 
 
 def explain(tmp_path, capsys, *extra):

@@ -15,22 +15,13 @@ import camlens.charts as charts
 import camlens.cli.train_ggam as command
 from camlens.ggam.train import localisation_report
 from camlens.metrics import localisation_correct
-from test_cli import run
-from test_ggam_train import make_split
-
-TINY = ["--epochs", "2", "--batch-size", "4", "--input-size", "64", "--resize", "64", "--no-pretrained",
-        "--device", "cpu", "--seed", "3"]
+from helpers import ggam_args as args
+from helpers import ggam_data, run
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return make_split(root / "train", 2, 0), make_split(root / "val", 1, 1)
-
-
-def args(data, out, *extra):
-    train, val = data
-    return ["train-ggam", train, "--val-data", val, "--val-boxes", val / "boxes.csv", "--out", out, *TINY, *extra]
+    return ggam_data(tmp_path_factory.mktemp("data"))
 
 
 def test_writes_the_run_and_prints_the_plan_each_epoch_and_a_summary(data, tmp_path, capsys):

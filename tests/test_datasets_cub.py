@@ -12,8 +12,8 @@ from PIL import Image
 from camlens import CamlensError
 from camlens.datasets import cub_class_names, dataset_entries, is_cub, load_cub, load_dataset
 
-from test_cli import one_line_error, run
-from test_evaluate_fixes import NET
+from helpers import FACTORY_NET as NET
+from helpers import one_line_error, run
 
 CLASSES = {1: "001.Black_footed_Albatross", 2: "002.Laysan_Albatross", 3: "003.Sooty_Albatross"}
 # image id: class id, is a training image, image size (width, height), box (x, y, width, height)

@@ -12,7 +12,7 @@ import camlens
 from camlens.evaluate import evaluate_image, mean_interval
 
 from conftest import count_rows, make_tiny
-from test_cli import SAMPLES, one_line_error, run
+from helpers import SAMPLES, one_line_error, run
 
 
 @pytest.mark.usefixtures("no_inference_copy")  # counts the model's own forwards

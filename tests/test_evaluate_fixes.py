@@ -19,28 +19,9 @@ from camlens.charts import bar_chart, curve_plot
 from camlens.evaluate import HIGHER_IS_BETTER, RANGES, TITLES, ResultStore, evaluate_image, file_digest
 
 from conftest import make_tiny
-from test_cli import one_line_error, run
+from helpers import FACTORY_NET as NET
+from helpers import one_line_error, run
 
-NET = """import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.features(x)).flatten(1))
-
-
-def build(seed=0):
-    torch.manual_seed(seed)
-    return Net()
-"""
 NUMBER = itertools.count()
 
 

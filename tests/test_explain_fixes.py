@@ -24,7 +24,7 @@ from camlens.cli.common import prepare, run_options
 from camlens.errors import CamlensError
 from camlens.io import expand_inputs, load_image
 from camlens.models import Preprocess, efficientnet_lite0
-from test_cli import SAMPLES, one_line_error, run
+from helpers import SAMPLES, one_line_error, run
 
 explain_module = importlib.import_module("camlens.cli.explain")  # `camlens.cli.explain` is also the command
 TESTS = Path(__file__).resolve().parent

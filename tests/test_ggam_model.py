@@ -15,7 +15,7 @@ from camlens.capture import find_default_layer
 from camlens.errors import CamlensError
 from camlens.ggam import GGAMNet, ggam_efficientnet_lite0, label_gradcam_weights, load_run, save_run
 from camlens.models import Preprocess, load_model
-from test_cli import SAMPLES, run
+from helpers import SAMPLES, run
 
 NAMES = ["sparrow", "finch", "wren"]
 KWARGS = {"num_classes": 3, "reduction": 8, "spatial_attention": False}

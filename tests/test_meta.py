@@ -361,7 +361,7 @@ def tiny_factory(tmp_path, monkeypatch):
 def test_command_line_flags(tiny_factory, tmp_path, capsys):
     from camlens.cli.common import open_model
     from camlens.io import load_image
-    from test_cli import SAMPLES, run
+    from helpers import SAMPLES, run
 
     out = tmp_path / "out"
     common = ["--model", tiny_factory, "--input-size", "16", "-m", "gradcam", "--no-optimize"]

@@ -14,7 +14,7 @@ from PIL import Image
 import camlens.methods
 import camlens.render as render
 from camlens.render import COLORBAR_LABEL, MAX_COLUMNS, Panel, comparison_figure, draw_comparison, grid_shape
-from test_cli import run
+from helpers import run
 
 LABELS = ["espresso (0.61)", "American Staffordshire terrier, Staffordshire terrier, American pit bull terrier (0.12)", "cup (0.05)", "eggnog (0.02)"]
 

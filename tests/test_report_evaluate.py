@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,48 +13,24 @@ import pytest
 from PIL import Image
 
 from camlens import __version__
-from camlens.cli import main
 from camlens.evaluate import maps_name, view_name
 from camlens.report import RunError, build_report
+from helpers import FACTORY_NET, SAMPLES, copy_run, page_script, shot
+from helpers import run as run_cli
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-SHOTS = os.environ.get("CAMLENS_SCREENSHOTS")
-NET = """import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.features(x)).flatten(1))
-
-
-def build(seed=0):
-    torch.manual_seed(seed)
-    return Net()
-"""
 METHODS = ("gradcam", "gradcam++", "cam")
 
 
 def cli(args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as done:
-        return done.code if isinstance(done.code, int) else 1
-    return 0
+    """The command line's exit code."""
+    return run_cli(args)[0]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny factory model (32 x 32 input) and 4 photos in 3 class folders."""
     root = tmp_path_factory.mktemp("evaluate")
-    (root / "evalreportnet.py").write_text(NET)
+    (root / "evalreportnet.py").write_text(FACTORY_NET)
     sys.path.insert(0, str(root))
     (root / "names.txt").write_text("cat\ncoffee\ncup\n")
     data = root / "data"
@@ -91,17 +65,6 @@ def report(run_dir):
 
 def records(run_dir):
     return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
-
-
-def copy_run(run_dir, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("report.html", ".camlens-lock"))
-    return target
-
-
-def store_of(text):
-    start = text.index('id="camlens-images">') + len('id="camlens-images">')
-    return json.loads(text[start:text.index("</script>", start)])
 
 
 # --- what evaluate keeps -------------------------------------------------------------------------
@@ -180,21 +143,13 @@ def test_self_contained_and_every_picture_once(report):
     lowered = text.lower()
     for outside in ("http://", "https://", "url(", "@import", "<link", "<iframe"):
         assert outside not in lowered, outside
-    store = store_of(text)
+    store = page_script(text)
     # a view per image and a map per image and method, but CAM's map is Grad-CAM's on this
     # network (it pools globally before its one linear layer): stored once
     assert len(store) == 4 + 4 * 2
     assert len(set(store.values())) == len(store)
     for uri in store.values():
         assert text.count(uri) == 1
-
-
-def shot(browser, tmp_path, name):
-    folder = Path(SHOTS) if SHOTS else tmp_path
-    folder.mkdir(parents=True, exist_ok=True)
-    path = browser.screenshot(folder / name)
-    assert np.asarray(Image.open(path).convert("L"), dtype=float).std() > 10, "the screenshot is blank"
-    return path
 
 
 def column(browser, key):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +13,8 @@ from PIL import Image
 from camlens import __version__
 from camlens.cli import main
 from camlens.report import RunError, build_report
-
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-# Screenshots the browser tests take, to look at: $CAMLENS_SCREENSHOTS, else pytest's tmp folder.
-SHOTS = os.environ.get("CAMLENS_SCREENSHOTS")
+from helpers import SAMPLES, copy_run, page_script, shot
+from helpers import run as cli
 
 
 def explain(args):
@@ -42,15 +38,6 @@ def report(run_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("report") / "report.html"
     built = build_report(run_dir, path)
     assert built.path == path and built.kind == "explain" and built.status == "complete"
-    return path
-
-
-def shot(browser, tmp_path, name):
-    folder = Path(SHOTS) if SHOTS else tmp_path
-    folder.mkdir(parents=True, exist_ok=True)
-    path = browser.screenshot(folder / name)
-    picture = np.asarray(Image.open(path).convert("L"), dtype=float)
-    assert picture.std() > 10, "the screenshot is blank"
     return path
 
 
@@ -81,8 +68,7 @@ def test_self_contained(report):
 
 def test_every_picture_stored_once(report, run_dir):
     text = report.read_text(encoding="utf-8")
-    start = text.index('id="camlens-images">') + len('id="camlens-images">')
-    store = json.loads(text[start:text.index("</script>", start)])
+    store = page_script(text)
     # a photo per image, a map per image, method and class (2 + 2 x 3 x 2), but CAM's maps are
     # Grad-CAM's on this network (it pools globally before its one linear layer): stored once
     assert len(store) == 2 + 2 * 2 * 2
@@ -189,12 +175,6 @@ def test_phone(browser, report, tmp_path):
 # --- bad input ------------------------------------------------------------------------------
 
 
-def copy_run(run_dir, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("report.html", ".camlens-lock"))
-    return target
-
-
 def test_missing_folder(tmp_path):
     with pytest.raises(RunError, match="no such directory"):
         build_report(tmp_path / "nothing")
@@ -273,16 +253,6 @@ def test_report_while_running(run_dir, tmp_path):
 
 
 # --- the command line ---------------------------------------------------------------------------
-
-
-def cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_report_command(run_dir, tmp_path, capsys):

@@ -6,11 +6,8 @@ from __future__ import annotations
 import html
 import importlib
 import json
-import os
 import re
-import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,50 +16,19 @@ from PIL import Image
 from camlens import __version__
 from camlens.cli import main
 from camlens.report import RunError, build_report
+from helpers import NET_MODELS, copy_run, page_data, random_photo, shot
+from helpers import run as cli
 
-SHOTS = os.environ.get("CAMLENS_SCREENSHOTS")
 command = importlib.import_module("camlens.cli.sanity")  # the module, not the click command
-
-MODELS = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, 6, 3, padding=1)
-        self.body = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(self.body(torch.relu(self.stem(x))).mean(dim=(2, 3)))
-
-
-def net():
-    return Net()
-'''
-
-
-def cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """The tiny model's module on sys.path and a photo: the sanity command line without --out."""
     folder = tmp_path_factory.mktemp("sanity-model")
-    (folder / "report_sanity_models.py").write_text(MODELS)
+    (folder / "report_sanity_models.py").write_text(NET_MODELS)
     sys.path.insert(0, str(folder))
-    photo = folder / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photo)
+    photo = random_photo(folder / "photo.png", 40, 48)
     yield ["sanity", photo, "--model", "report_sanity_models:net", "--input-size", "32", "-m", "cam",
            "-m", "gradcam++", "--steps", "2"]
     sys.path.remove(str(folder))
@@ -82,16 +48,6 @@ def run_dir(base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(run_dir):
     return run_dir / "report.html"
-
-
-def page_data(report: Path) -> tuple[dict, dict]:
-    text = report.read_text(encoding="utf-8")
-
-    def script(name):
-        start = text.index(f'id="{name}">') + len(name) + 6
-        return json.loads(text[start:text.index("</script>", start)])
-
-    return script("camlens-images"), script("camlens-sanity")
 
 
 def ranks(values: np.ndarray) -> np.ndarray:
@@ -136,7 +92,7 @@ def test_report_is_self_contained_and_stores_each_picture_once(report, run_dir):
     text = report.read_text(encoding="utf-8")
     for outside in ("http://", "https://", "url(", "@import", " src="):
         assert outside not in text.lower(), outside
-    store, data = page_data(report)
+    store, data = page_data(report, "camlens-sanity")
     assert len(set(store.values())) == len(store)
     sanity = json.loads((run_dir / "sanity.json").read_text())
     assert data["steps"] == ["trained", *sanity["steps"]]
@@ -146,14 +102,6 @@ def test_report_is_self_contained_and_stores_each_picture_once(report, run_dir):
     # the similarity curves are inline SVG drawn from sanity.json: one line per method and chart
     assert text.count('<g class="series"') == 4 and "<polyline" in text
     assert html.escape(sanity["criterion"], quote=False) in text  # autoescaped
-
-
-def shot(browser, tmp_path, name):
-    folder = Path(SHOTS) if SHOTS else tmp_path
-    folder.mkdir(parents=True, exist_ok=True)
-    path = browser.screenshot(folder / name)
-    assert np.asarray(Image.open(path).convert("L"), dtype=float).std() > 10, "the screenshot is blank"
-    return path
 
 
 def shown(browser):
@@ -169,7 +117,7 @@ def test_in_browser(browser, report, run_dir, tmp_path):
     browser.open(report)
     assert browser.errors() == []
     assert browser.broken_images() == [] and browser.store_loads() == []
-    _, data = page_data(report)
+    _, data = page_data(report, "camlens-sanity")
     assert shown(browser) == [[m, data["heat"][i][0]] for i, m in enumerate(data["methods"])]
     # the step slider shows every method's map at that step
     browser.js("const s = document.getElementById('step'); s.value = 2; s.dispatchEvent(new Event('input'));")
@@ -205,7 +153,7 @@ def test_keyboard(browser, report):
     from selenium.webdriver.common.action_chains import ActionChains
 
     browser.open(report)
-    _, data = page_data(report)
+    _, data = page_data(report, "camlens-sanity")
     browser.js("document.activeElement.blur()")
     ActionChains(browser.driver).send_keys("ss").perform()
     assert browser.js("return document.getElementById('step').value") == "2"
@@ -222,12 +170,6 @@ def test_phone(browser, report, tmp_path):
     assert browser.js("return document.documentElement.scrollWidth <= window.innerWidth")
     assert browser.broken_images() == [] and browser.errors() == []
     shot(browser, tmp_path, "report-sanity-phone.png")
-
-
-def copy_run(run_dir, tmp_path):
-    folder = tmp_path / "copy"
-    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("report.html", ".camlens-lock"))
-    return folder
 
 
 def edit(folder, change):
@@ -319,8 +261,8 @@ def test_float16_maps_of_earlier_runs_give_the_same_pictures(run_dir, tmp_path):
         half = {name: (maps[name].astype(np.float32) / 255).astype(np.float16) for name in maps.files}
     np.savez_compressed(folder / "maps.npz", **half)
     assert build_report(folder).images == build_report(copy_run(run_dir, tmp_path / "again")).images
-    before, _ = page_data(run_dir / "report.html")
-    after, _ = page_data(folder / "report.html")
+    before, _ = page_data(run_dir / "report.html", "camlens-sanity")
+    after, _ = page_data(folder / "report.html", "camlens-sanity")
     assert len(after) == len(before)
 
 

@@ -4,50 +4,30 @@ checked in a real browser."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import camlens
 from camlens import __version__
-from camlens.cli import main
 from camlens.io import load_image
 from camlens.ggam.run import load_run
 from camlens.ggam.train import _example_indices
 from camlens.report import RunError, build_report
-from test_ggam_train import make_split
-
-SHOTS = os.environ.get("CAMLENS_SCREENSHOTS")
-TINY = ["--epochs", "2", "--batch-size", "4", "--input-size", "64", "--resize", "64", "--no-pretrained",
-        "--device", "cpu", "--seed", "3", "--freeze-backbone"]
-
-
-def cli(args, capsys=None):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    if capsys is None:
-        return code, "", ""
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from helpers import copy_run, ggam_args, ggam_data, page_data, shot
+from helpers import run as cli
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return make_split(root / "train", 2, 0), make_split(root / "val", 1, 1)
+    return ggam_data(tmp_path_factory.mktemp("data"))
 
 
 def args(data, out, *extra):
-    train, val = data
-    return ["train-ggam", train, "--val-data", val, "--val-boxes", val / "boxes.csv", "--out", out, *TINY, *extra]
+    return ggam_args(data, out, "--freeze-backbone", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +41,6 @@ def run_dir(data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(run_dir):
     return run_dir / "report.html"
-
-
-def page_data(report: Path) -> tuple[dict, dict]:
-    text = report.read_text(encoding="utf-8")
-
-    def script(name):
-        start = text.index(f'id="{name}">') + len(name) + 6
-        return json.loads(text[start:text.index("</script>", start)])
-
-    return script("camlens-images"), script("camlens-ggam")
 
 
 def test_example_indices_take_each_class_in_turn():
@@ -104,20 +74,12 @@ def test_report_is_self_contained_and_shows_the_history(report, run_dir):
     text = report.read_text(encoding="utf-8")
     for outside in ("http://", "https://", "url(", "@import", " src="):
         assert outside not in text.lower(), outside
-    store, data = page_data(report)
+    store, data = page_data(report, "camlens-ggam")
     assert len(set(store.values())) == len(store)
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert text.count("<polyline") == 5  # 3 losses + 2 accuracies, one line each (no gaps)
     assert text.count('<tr class="best">') + text.count("<tr>") - 1 == len(history)
     assert len(data["heat"]) == 3 and all(len(h) == 2 for h in data["heat"])
-
-
-def shot(browser, tmp_path, name):
-    folder = Path(SHOTS) if SHOTS else tmp_path
-    folder.mkdir(parents=True, exist_ok=True)
-    path = browser.screenshot(folder / name)
-    assert np.asarray(Image.open(path).convert("L"), dtype=float).std() > 10, "the screenshot is blank"
-    return path
 
 
 def test_in_browser(browser, report, tmp_path):
@@ -127,7 +89,7 @@ def test_in_browser(browser, report, tmp_path):
     browser.open(report)
     assert browser.errors() == []
     assert browser.broken_images() == [] and browser.store_loads() == []
-    _, data = page_data(report)
+    _, data = page_data(report, "camlens-ggam")
     shown = lambda: browser.js("""return Array.from(document.querySelectorAll('article.example img.heat'))
         .map(img => img.getAttribute('data-shown'));""")
     assert shown() == [h[0] for h in data["heat"]]
@@ -141,12 +103,6 @@ def test_in_browser(browser, report, tmp_path):
     browser.open(report, width=390, height=844)
     assert browser.js("return document.documentElement.scrollWidth <= window.innerWidth")
     assert browser.errors() == []
-
-
-def copy_run(run_dir, tmp_path):
-    folder = tmp_path / "copy"
-    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("report.html", ".camlens-lock"))
-    return folder
 
 
 def test_other_version(run_dir, tmp_path):

@@ -770,8 +770,8 @@ def test_explain_titles_say_the_smoothing(tmp_path, monkeypatch, capsys):
     import importlib
 
     explain_cli = importlib.import_module("camlens.cli.explain")  # the package exports a command of that name
-    from test_cli import SAMPLES
-    from test_cli import run as run_cli
+    from helpers import SAMPLES
+    from helpers import run as run_cli
 
     (tmp_path / "tinyreview10.py").write_text(
         "import torch\nfrom torch import nn\n\n"
@@ -793,7 +793,7 @@ def test_explain_titles_say_the_smoothing(tmp_path, monkeypatch, capsys):
 
 def test_evaluate_resumes_gradcampp_general_with_another_batch_size(tmp_path, monkeypatch, capsys):
     from PIL import Image
-    from test_cli import run as run_cli
+    from helpers import run as run_cli
 
     (tmp_path / "evalreview10.py").write_text(
         "import torch\nfrom torch import nn\n\n"

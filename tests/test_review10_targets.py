@@ -7,12 +7,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 import camlens
@@ -24,69 +22,22 @@ from camlens import (
     SimilarityTarget,
 )
 from camlens.capture import TokenGrid, token_grid
-from camlens.cli import main
 from camlens.cli.explain import ImageResult, print_summary
 from camlens.cli.info import _token_note
 from camlens.methods import METHODS, list_methods
 from camlens.methods.meta import AugmentSmooth, smoothed
 
 from conftest import make_tiny
+from helpers import NET_MODELS, Head, Segmenter, build, by_hand, model_module, random_photo, run
 from test_vit import make_vit
 
 LAYER = "features"
-
-
-class Segmenter(nn.Module):
-    """Conv features (12x12 -> 6x6), a 1x1 classifier per pixel: output (N, 4, 6, 6)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.classifier = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
-class Head(nn.Module):
-    """Conv features, global average pool, a linear head of ``outputs`` values ((N,) if squeezed)."""
-
-    def __init__(self, outputs: int, squeeze: bool = False) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.fc = nn.Linear(8, outputs)
-        self.squeeze = squeeze
-
-    def forward(self, x):
-        out = self.fc(self.features(x).mean(dim=(2, 3)))
-        return out[:, 0] if self.squeeze else out
-
-
-def build(cls, *args, **kwargs):
-    torch.manual_seed(0)
-    return cls(*args, **kwargs).double().eval()
 
 
 @pytest.fixture
 def images() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(3, 3, 12, 12, dtype=torch.float64)
-
-
-def by_hand(model, images, score):
-    """``score(output)`` (N,) of the model, its gradient at ``features`` and the Grad-CAM raw map,
-    all by hand: ``(scores, mean gradient per channel (N, K), raw map (N, h, w))``."""
-    kept = {}
-    handle = model.features.register_forward_hook(lambda m, i, out: kept.setdefault("a", out))
-    try:
-        output = model(images)
-    finally:
-        handle.remove()
-    scores = score(output)
-    (grad,) = torch.autograd.grad(scores.sum(), kept["a"])
-    weights = grad.mean(dim=(2, 3))
-    raw = torch.relu(torch.einsum("nk,nkhw->nhw", weights, kept["a"]))
-    return scores.detach(), weights, raw.detach()
 
 
 def close(got, expected):
@@ -350,45 +301,10 @@ def test_layers_note_reads_sequence_first_tokens():
 
 # -- the command line -------------------------------------------------------------------------------------
 
-def run(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-MODELS = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, 6, 3, padding=1)
-        self.body = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(self.body(torch.relu(self.stem(x))).mean(dim=(2, 3)))
-
-
-def net():
-    return Net()
-'''
-
-
 @pytest.fixture
 def tiny_cli(tmp_path, monkeypatch):
-    (tmp_path / "review10_models.py").write_text(MODELS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "review10_models", raising=False)
-    photo = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(photo)
+    model_module(tmp_path, "review10_models", NET_MODELS, monkeypatch)
+    photo = random_photo(tmp_path / "photo.png", 20, 24)
     return photo, ["--model", "review10_models:net", "--input-size", "16"]
 
 

@@ -7,7 +7,6 @@ import importlib
 import json
 import math
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from camlens.methods import METHODS
 from camlens.metrics.sanity import cascade_steps, cascading_randomisation, sanity_verdict
 
 from conftest import count_rows, make_tiny
-from test_cli import run
+from helpers import NET_MODELS, model_module, random_photo, run
 
 NAN = math.nan
 # The module itself: the attribute camlens.cli.sanity is the click command of the same name.
@@ -137,35 +136,10 @@ def test_planned_forward_passes_match_the_counted_ones(name, images):
         assert sum(rows) == planned == (9 if name == "smoothgradcam++" else 1)
 
 
-MODELS = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, 6, 3, padding=1)
-        self.body = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(self.body(torch.relu(self.stem(x))).mean(dim=(2, 3)))
-
-
-def net():
-    return Net()
-'''
-
-
 @pytest.fixture
 def tiny_cli(tmp_path, monkeypatch):
-    (tmp_path / "sanity_fixes_models.py").write_text(MODELS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "sanity_fixes_models", raising=False)
-    photo = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photo)
+    model_module(tmp_path, "sanity_fixes_models", NET_MODELS, monkeypatch)
+    photo = random_photo(tmp_path / "photo.png", 40, 48)
     return ["sanity", photo, "--model", "sanity_fixes_models:net", "--input-size", "32"]
 
 
@@ -351,7 +325,7 @@ def test_the_plan_line_gives_the_estimate_before_any_cascade_work_and_the_end_co
 
 def test_a_second_run_into_a_locked_folder_is_refused_and_leftovers_are_cleared(tiny_cli, tmp_path, capsys):
     from camlens.io import locked_output_dir
-    from test_cli import one_line_error
+    from helpers import one_line_error
 
     out = tmp_path / "o"
     out.mkdir()

@@ -13,7 +13,7 @@ from torch import nn
 import camlens
 from camlens import CamlensError
 from camlens.capture import TokenGrid
-from camlens.cli import main
+from helpers import run
 
 # The first block's output, the input of the last block's attention: after that attention the
 # blocks (post-norm) work token by token, and the patch tokens no longer reach the class token.
@@ -222,16 +222,6 @@ def factory():
     torch.manual_seed(0)
     return TinyViT()
 '''
-
-
-def run(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture
