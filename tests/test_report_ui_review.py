@@ -14,6 +14,7 @@ from PIL import Image
 
 from camlens.cli import main
 from camlens.report import build_report
+from helpers import NET_MODELS, random_photo
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 PHONE = (390, 844)
@@ -193,35 +194,12 @@ def test_ggam_chart_labels_readable_and_inside(browser, ggam_report, size):
 # --- the toolbar's height is kept free for every report that scrolls to something ------------
 
 
-SANITY_MODEL = """
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, 6, 3, padding=1)
-        self.body = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU())
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(self.body(torch.relu(self.stem(x))).mean(dim=(2, 3)))
-
-
-def net():
-    return Net()
-"""
-
-
 @pytest.fixture(scope="module")
 def sanity_report(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui-sanity")
-    (folder / "ui_sanity_models.py").write_text(SANITY_MODEL)
+    (folder / "ui_sanity_models.py").write_text(NET_MODELS)
     sys.path.insert(0, str(folder))
-    photo = folder / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photo)
+    photo = random_photo(folder / "photo.png", 40, 48)
     try:
         run(["sanity", photo, "--model", "ui_sanity_models:net", "--input-size", "32", "-m", "cam",
              "-m", "gradcam++", "--steps", "2", "--out", folder / "run"])
