@@ -222,6 +222,24 @@ def test_keyboard_and_phone(browser, report, tmp_path):
     assert browser.errors() == []
 
 
+@pytest.mark.parametrize("size", [(1280, 800), (390, 844)], ids=["laptop", "phone"])
+def test_layout_table_fits_and_detail_below_the_toolbar(browser, report, size):
+    """On a laptop the per-image table fits its box (every metric column shown without scrolling
+    sideways); at both sizes the picked image's panel lands below the sticky toolbar, and the
+    phone's column headers stay a few lines tall."""
+    browser.open(report, *size)
+    box = browser.js("const t = document.getElementById('images'); return [t.scrollWidth, t.parentNode.clientWidth]")
+    if size[0] >= 1280:
+        assert box[0] <= box[1] + 1, box
+    browser.js("const b = document.querySelectorAll('#images tbody button.pick'); b[b.length - 1].click()")
+    toolbar, panel = browser.js("""return [document.querySelector('.toolbar').getBoundingClientRect().bottom,
+                                           document.getElementById('detail').getBoundingClientRect().top]""")
+    assert panel >= toolbar - 1, (panel, toolbar)
+    header = browser.js("return document.querySelector('#images thead').getBoundingClientRect().height")
+    assert header < 120, header
+    assert browser.errors() == []
+
+
 # --- interrupted and damaged runs ----------------------------------------------------------------
 
 
