@@ -25,7 +25,7 @@ from camlens.capture import TokenGrid, token_grid
 from camlens.cli.explain import ImageResult, print_summary
 from camlens.cli.info import _token_note
 from camlens.methods import METHODS, list_methods
-from camlens.methods.meta import AugmentSmooth, smoothed
+from camlens.methods.meta import smoothed
 
 from conftest import make_tiny
 from helpers import NET_MODELS, Head, Segmenter, build, by_hand, model_module, random_photo, run
@@ -160,15 +160,6 @@ def test_errors_name_the_problem(images):
         camlens.GradCAM(build(Head, 1, squeeze=True), LAYER)(images, RegressionTarget(1))
     with pytest.raises(CamlensError, match="a reference embedding is a float tensor .* of torch.int64"):
         SimilarityTarget(torch.ones(6, dtype=torch.long))
-
-
-def test_aug_smooth_refuses_targets_its_copies_cannot_share(images):
-    """A pixel mask would have to move with the flipped copies, and data for each image does not
-    fit the copies: both are refused in one line (they failed with '... for 15 image(s)')."""
-    model = build(Segmenter)
-    masks = (torch.rand(3, 6, 6) > 0.5).double()
-    with pytest.raises(CamlensError, match="aug-smooth cannot follow a segmentation target"):
-        AugmentSmooth(camlens.GradCAM(model, LAYER))(images, SemanticSegmentationTarget(1, masks))
 
 
 # -- output selectors ---------------------------------------------------------------------------------

@@ -23,7 +23,15 @@ from torch import Tensor
 from ..combine import FLAT_EPS
 from ..errors import CamlensError
 from ..explanation import Explanation
-from ..targets import ClassTarget, ScoreTarget, SemanticSegmentationTarget, TargetSpec
+from ..targets import (
+    ClassTarget,
+    ScoreTarget,
+    SemanticSegmentationTarget,
+    TargetSpec,
+    _function_table,
+    _is_function,
+    _per_image,
+)
 from .base import CAMMethod, ChannelsSpec, Progress
 from .family import principal_axis, projection_map
 
@@ -186,18 +194,56 @@ def _back(tensor: Tensor, flip: bool, size: Sequence[int]) -> Tensor:
     return _resized(tensor.flip(-1) if flip else tensor, size)
 
 
-def _check_followable(targets: TargetSpec, rows: int) -> None:
-    """Refuse a target the flipped and rescaled copies cannot share: a pixel mask (it would have
-    to be flipped and resized with them) or data given for each image."""
-    if isinstance(targets, SemanticSegmentationTarget):
-        raise CamlensError("aug-smooth cannot follow a segmentation target: its pixel mask would have to be "
-                           "flipped and resized with each copy; explain it without aug-smooth")
-    if isinstance(targets, ScoreTarget):
-        try:
-            targets.check(rows)
-        except CamlensError:
-            raise CamlensError(f"aug-smooth cannot follow {type(targets).__name__}: it holds data for each image, "
-                               "which the augmented copies do not share; explain it without aug-smooth") from None
+class _Following(ScoreTarget):
+    """A :class:`ScoreTarget` of ``images`` images, given to a batch of augmented copies laid out
+    copy by copy (row ``a * images + i`` is copy ``a`` of image ``i``): each row is scored with
+    its image's data. A :class:`SemanticSegmentationTarget`'s pixel mask moves with the copy:
+    flipped where the copy is (``flips[a]``), and resized to the copy's output where the copy
+    is resized (nearest for a boolean or integer mask, bilinear for weights)."""
+
+    def __init__(self, target: ScoreTarget, images: int, flips: Sequence[bool], resized: bool) -> None:
+        self.target = target
+        self.images = images
+        self.flips = torch.tensor(list(flips), dtype=torch.bool)
+        self.resized = resized
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        images = rows % self.images
+        if not isinstance(self.target, SemanticSegmentationTarget):
+            return self.target.score(output, images)
+        mask = _per_image(self.target.mask.to(output.device), images, 2, "mask")
+        flipped = self.flips.to(rows.device)[rows // self.images]
+        mask = torch.where(flipped.view(-1, 1, 1), mask.flip(-1), mask)
+        if self.resized and output.dim() == 4 and tuple(mask.shape[-2:]) != tuple(output.shape[-2:]):
+            weights = mask.dtype.is_floating_point
+            mask = F.interpolate(mask.unsqueeze(1).to(output.dtype), size=tuple(output.shape[-2:]),
+                                 mode="bilinear" if weights else "nearest",
+                                 align_corners=False if weights else None).squeeze(1)
+        rows_here = torch.arange(rows.shape[0], device=rows.device)
+        return SemanticSegmentationTarget(self.target.category, mask).score(output, rows_here)
+
+    def check(self, images: int) -> None:
+        self.target.check(self.images)
+
+    def __repr__(self) -> str:
+        return repr(self.target)
+
+
+def _followed(targets: TargetSpec, images: int, flips: Sequence[bool], resized: bool) -> TargetSpec:
+    """``targets`` for the augmented copies (``len(flips)`` copies of each of ``images`` images,
+    copy by copy): target functions with data per image (:class:`ScoreTarget`) read their image's
+    data, a segmentation mask moves with its copy (:class:`_Following`), and a list of functions
+    given per image is repeated for each copy. Anything else is given as it is."""
+    table = _function_table(targets, images)
+    if table is None:
+        return targets
+
+    def follow(function: Any) -> Any:
+        return _Following(function, images, flips, resized) if isinstance(function, ScoreTarget) else function
+
+    if _is_function(targets):
+        return follow(targets)
+    return [[follow(f) for f in table[i % images]] for i in range(images * len(flips))]
 
 
 class AugmentSmooth(_Smoothing):
@@ -217,8 +263,13 @@ class AugmentSmooth(_Smoothing):
 
     Targets: class targets are resolved on the unaugmented images (the top-1 or top-k there)
     and the same classes are explained in every copy, even where a copy's own top-1 differs.
-    Unit targets and any other targets are given to every copy as they are: a unit at a
-    position, or a target that reads positions of the output, is not moved with the copy.
+    Target functions given per image are repeated for each copy; a :class:`ScoreTarget`'s data
+    per image (a reference embedding, a mask) is read for each copy's image, and a
+    :class:`~camlens.targets.SemanticSegmentationTarget`'s pixel mask moves with the copy
+    (flipped with it; resized to its output when it is resized: nearest for a boolean mask,
+    bilinear for weights). Unit targets and plain functions are given to every copy as they are:
+    a unit at a position, or a plain function that reads positions of the output, is not moved
+    with the copy.
 
     The Explanation: ``maps`` :math:`\bar M`; ``raw`` and ``weights`` the means over the copies
     of theirs, each mapped back likewise onto the unaugmented copy's layer resolution (channel
@@ -300,7 +351,6 @@ class AugmentSmooth(_Smoothing):
             seen["work"] += last[0]
             return explanation
 
-        _check_followable(targets, count * (images.shape[0] if images.dim() == 4 else 1))
         first = explain(images, targets)
         x = (images if images.dim() == 4 else images.unsqueeze(0)).to(first.maps.device)
         n, size = x.shape[0], x.shape[-2:]
@@ -315,7 +365,10 @@ class AugmentSmooth(_Smoothing):
             shape = [max(1, round(scale * side)) for side in size]
             base = _resized(x, shape)
             batch = torch.cat([(base.flip(-1) if f else base) * factor for f, factor in augmentations])
-            spec = targets if classes is None else ClassTarget(classes.repeat(len(augmentations), 1), first.score_kind)
+            if classes is not None:
+                spec = ClassTarget(classes.repeat(len(augmentations), 1), first.score_kind)
+            else:
+                spec = _followed(targets, n, [f for f, _ in augmentations], scale != 1.0)
             try:
                 out = explain(batch, spec)
             except CamlensError as error:
