@@ -235,6 +235,48 @@ def cut(module: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.G
         return None
 
 
+# module -> {layer: (its structure when cut, (before, after) or None)}; weak keys: a remembered
+# cut keeps the module's submodules alive only as long as the module itself is.
+_CUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CUTS_LOCK = threading.Lock()
+
+
+def _structure(module: nn.Module) -> list[tuple]:
+    """What a traced graph of ``module`` depends on besides the values of its tensors: each
+    module (its class, training mode and any forward set on the instance) and each parameter and
+    buffer object, by name. (In-place updates of a tensor are seen by a graph that holds it.)"""
+    state: list[tuple] = []
+    for name, sub in module.named_modules():
+        state.append((name, sub, type(sub), sub.training, id(sub.__dict__.get("forward"))))
+        for tensors in (sub._parameters, sub._buffers):
+            for key, tensor in tensors.items():
+                if tensor is not None:
+                    state.append((key, tensor))
+    return state
+
+
+def remembered_cut(module: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None:
+    """The parts of :func:`cut` that :func:`remember_cut` kept for ``module`` and ``layer``, while
+    no module, parameter or buffer of ``module`` was replaced and no module's class, training
+    mode or instance ``forward`` changed since; else None. Tracing also records what is not
+    watched here (a number kept on a module and read in ``forward`` becomes a constant of the
+    graph): a caller checks the parts against the model before it uses them."""
+    with _CUTS_LOCK:
+        remembered = _CUTS.get(module, {}).get(layer)
+    if remembered is not None and _same_state(remembered[0], _structure(module)):
+        return remembered[1]
+    return None
+
+
+def remember_cut(module: nn.Module, layer: str, parts: tuple | None) -> None:
+    """Keep ``parts`` (checked by the caller) for :func:`remembered_cut`; None forgets."""
+    with _CUTS_LOCK:
+        if parts is None:
+            _CUTS.get(module, {}).pop(layer, None)
+        else:
+            _CUTS.setdefault(module, {})[layer] = (_remembered(_structure(module)), parts)
+
+
 class SplitForward(nn.Module):
     """An inference copy cut at one layer: ``before`` (input -> the layer's output and whatever
     the rest still needs, e.g. a skip connection) runs compiled without gradients; the layer's

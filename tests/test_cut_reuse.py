@@ -1,0 +1,131 @@
+"""Ablation-CAM and Recipro-CAM reuse the cut of the model at the target layer from one call to
+the next (camlens.accelerate.remembered_cut) only while it is still the model's: a replaced
+module or a changed number read in forward gives the maps of a method made afresh."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import camlens
+import camlens.methods.gradient_free as gradient_free
+from camlens import accelerate
+
+
+class Scaled(nn.Module):
+    """Conv features, then a head that multiplies by a number kept on the module: torch.fx
+    records the number as a constant of the traced graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(6, 4)
+        self.scale = 1.0
+        self.shift = 0.0
+
+    def forward(self, x):
+        a = self.features(x)
+        return self.fc(a.mean(dim=(2, 3)) * self.scale + self.shift * a.amax(dim=(2, 3)))
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 10, 10, dtype=torch.float64)
+
+
+@pytest.fixture
+def cuts(monkeypatch):
+    """How many times the model is traced and cut."""
+    made = []
+    real = gradient_free.cut
+
+    def counted(module, layer):
+        made.append(layer)
+        return real(module, layer)
+
+    monkeypatch.setattr(gradient_free, "cut", counted)
+    return made
+
+
+def fresh(name, model, images):
+    """The method's maps with nothing remembered: a cut made for this call only."""
+    accelerate._CUTS.pop(model, None)
+    return camlens.methods.METHODS[name](model, "features")(images, 1)
+
+
+@pytest.mark.parametrize("name", ["ablationcam", "reciprocam"])
+def test_the_cut_is_made_once_and_reused(name, images, cuts):
+    model = Scaled().double().eval()
+    method = camlens.methods.METHODS[name](model, "features")
+    first = method(images, 1)
+    second = method(images, 1)
+    other = camlens.methods.METHODS[name](model, "features")(images, 1)  # another object, same model
+    assert cuts == ["features"]
+    torch.testing.assert_close(second.maps, first.maps, rtol=0, atol=0)
+    torch.testing.assert_close(other.maps, first.maps, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["ablationcam", "reciprocam"])
+def test_a_replaced_module_is_cut_again(name, images, cuts):
+    model = Scaled().double().eval()
+    method = camlens.methods.METHODS[name](model, "features")
+    before = method(images, 1)
+    torch.manual_seed(5)
+    model.fc = nn.Linear(6, 4).double()
+    after = method(images, 1)
+    assert cuts == ["features", "features"]
+    assert (after.maps - before.maps).abs().max() > 1e-3
+    torch.testing.assert_close(after.maps, fresh(name, model, images).maps, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ablationcam", "reciprocam"])
+def test_a_changed_number_in_forward_is_caught_by_the_check(name, images, cuts):
+    """The structure is the same, so the remembered cut is offered, but its recorded constant
+    no longer gives the model's outputs: the check refuses it and the model is cut afresh."""
+    model = Scaled().double().eval()
+    method = camlens.methods.METHODS[name](model, "features")
+    method(images, 1)
+    model.shift = 0.7  # changes the scores through a.amax, which the recorded graph multiplies by 0
+    after = method(images, 1)
+    assert cuts == ["features", "features"]
+    expected = fresh(name, model, images)
+    torch.testing.assert_close(after.maps, expected.maps, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(after.scores, expected.scores, rtol=1e-12, atol=1e-12)
+
+
+def test_a_remembered_cut_does_not_keep_the_model_alive(images):
+    model = Scaled().double().eval()
+    camlens.methods.METHODS["ablationcam"](model, "features")(images, 1)
+    assert accelerate.remembered_cut(model, "features") is not None
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
+def test_structure_changes_that_forget_the_cut():
+    model = Scaled().double().eval()
+    parts = accelerate.cut(model, "features")
+    accelerate.remember_cut(model, "features", parts)
+    assert accelerate.remembered_cut(model, "features") is parts
+    with torch.no_grad():
+        model.fc.weight.mul_(2)  # in place: the graph holds the same tensor
+    assert accelerate.remembered_cut(model, "features") is parts
+    model.fc.weight = nn.Parameter(model.fc.weight.detach().clone())
+    assert accelerate.remembered_cut(model, "features") is None
+    accelerate.remember_cut(model, "features", accelerate.cut(model, "features"))
+    model.train()
+    assert accelerate.remembered_cut(model, "features") is None
+    model.eval()
+    assert accelerate.remembered_cut(model, "features") is not None
+    model.features.forward = lambda x: x
+    assert accelerate.remembered_cut(model, "features") is None
+    accelerate.remember_cut(model, "features", None)
+    del model.features.forward
+    assert accelerate.remembered_cut(model, "features") is None
