@@ -212,13 +212,15 @@ class _Following(ScoreTarget):
         if not isinstance(self.target, SemanticSegmentationTarget):
             return self.target.score(output, images)
         mask = _per_image(self.target.mask.to(output.device), images, 2, "mask")
-        flipped = self.flips.to(rows.device)[rows // self.images]
-        mask = torch.where(flipped.view(-1, 1, 1), mask.flip(-1), mask)
+        # Resized first, then flipped, as the copy is: a flipped copy's mask is then the mirror
+        # image of the unflipped copy's (nearest resizing is not symmetric left-right).
         if self.resized and output.dim() == 4 and tuple(mask.shape[-2:]) != tuple(output.shape[-2:]):
             weights = mask.dtype.is_floating_point
             mask = F.interpolate(mask.unsqueeze(1).to(output.dtype), size=tuple(output.shape[-2:]),
                                  mode="bilinear" if weights else "nearest",
                                  align_corners=False if weights else None).squeeze(1)
+        flipped = self.flips.to(rows.device)[rows // self.images]
+        mask = torch.where(flipped.view(-1, 1, 1), mask.flip(-1), mask)
         rows_here = torch.arange(rows.shape[0], device=rows.device)
         return SemanticSegmentationTarget(self.target.category, mask).score(output, rows_here)
 

@@ -80,7 +80,10 @@ def _chart(methods: list[dict], key: str, steps: list[str], low: float, high: fl
                       "segments": [" ".join(s) for s in segments], "points": points,
                       "width": round(max(1.4, 3.6 - 0.6 * index), 1), "dash": DASHES[index % len(DASHES)],
                       "radius": round(max(2.0, 4.2 - 0.6 * index), 1)})
-    labels = _coinciding({m["name"]: [_number(v) for v in m[key]] for m in methods},
+    # Methods blank at every step have no line beside the trained point that all share: never
+    # named as coinciding.
+    similarities = {m["name"]: [_number(v) for v in m[key]] for m in methods}
+    labels = _coinciding({name: v for name, v in similarities.items() if any(x is not None for x in v)},
                          {m["name"]: m["display"] for m in methods}, SIMILAR)
     together = list(dict.fromkeys(label for label in labels.values() if " = " in label))
     ticks = [{"y": y(v), "label": f"{v:g}"} for v in (low, (low + high) / 2, high)]
