@@ -357,3 +357,28 @@ def test_a_model_without_class_names_keeps_no_classes_json(setup, tmp_path):
     (out2 / "classes.json").write_text('["stale"]')  # left in the folder from elsewhere
     assert cli(plain) == 0
     assert not (out2 / "classes.json").exists()
+
+
+def test_long_and_empty_class_names(browser, run_dir, tmp_path):
+    """Long class names are cut short in the table (full in the title and the detail panel), so
+    the table still fits a laptop; an empty name is shown as no name, before and after a change
+    of method."""
+    run = copy_run(run_dir, tmp_path)
+    names = ["American Staffordshire terrier, Staffordshire terrier", "", "Greater Swiss Mountain dog"]
+    (run / "classes.json").write_text(json.dumps(names))
+    report = build_report(run).path
+    browser.open(report, 1280, 800)
+    box = browser.js("const t = document.getElementById('images'); return [t.scrollWidth, t.parentNode.clientWidth]")
+    assert box[0] <= box[1] + 1, box
+    titles = browser.js("return Array.from(document.querySelectorAll('#images .class-name')).map(s => s.title)")
+    assert titles and set(titles) <= {names[0], names[2]}
+    for method in ("cam", "gradcam"):
+        browser.js(f"const s = document.getElementById('method'); s.value = '{method}'; "
+                   "s.dispatchEvent(new Event('change'))")
+        cells = browser.js("return Array.from(document.querySelectorAll('#images td.prediction')).map(c => c.textContent)")
+        assert not any(c.rstrip().endswith(" ") or c.strip() == "1 " for c in cells), cells
+        assert browser.js("return document.querySelectorAll('#images .class-name:empty').length") == 0
+        for i in range(len(cells)):
+            browser.js(f"document.querySelectorAll('#images tbody button.pick')[{i}].click()")
+            assert "()" not in browser.js("return document.getElementById('detail-facts').textContent")
+    assert browser.errors() == []

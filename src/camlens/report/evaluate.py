@@ -195,7 +195,7 @@ def load(folder: Path, store: ImageStore) -> dict:
     class_names = _class_names(folder, notes)
     used = {r.get("label") for r in values} | {r.get("prediction") for r in values}
     classes = {str(i): class_names[i] for i in sorted(i for i in used if isinstance(i, int) and not isinstance(i, bool))
-               if class_names is not None and 0 <= i < len(class_names)}
+               if class_names is not None and 0 <= i < len(class_names) and class_names[i].strip()}
 
     images, no_view, no_maps = [], 0, 0
     for key in order:
