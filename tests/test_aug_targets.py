@@ -65,7 +65,7 @@ def test_segmentation_mask_is_resized_with_each_resized_copy(images, weights):
     # at 24 x 24 the output is 12 x 12: each mask cell covers 2 x 2 output cells (nearest), or the
     # weights are interpolated bilinearly
     if weights:
-        big_mask = F.interpolate(mask[None, None], size=(12, 12), mode="bilinear", align_corners=False)[0, 0]
+        big_mask = F.interpolate(mask[None, None], size=(12, 12), mode="bilinear", align_corners=False, antialias=True)[0, 0]
     else:
         big_mask = mask.repeat_interleave(2, 0).repeat_interleave(2, 1)
     big = gradcam(model, resize(images, (24, 24)), SemanticSegmentationTarget(2, big_mask), "hirescam")
@@ -105,3 +105,28 @@ def test_a_mask_for_other_images_is_still_refused_in_one_line(images):
     with pytest.raises(CamlensError, match=r"holds 4 entries for 3 image\(s\)") as error:
         AugmentSmooth(camlens.GradCAM(model, LAYER))(images, SemanticSegmentationTarget(1, torch.ones(4, 6, 6)))
     assert "\n" not in str(error.value)
+
+
+def test_a_shrunk_copys_mask(images):
+    """At scale 0.5 (output 3 x 3): weights are averaged as the pixels are (antialiased), and a
+    left-right symmetric boolean mask stays symmetric (nearest cell centre, no half-cell shift)."""
+    model = build(Segmenter)
+    torch.manual_seed(6)
+    weights = torch.rand(6, 6, dtype=torch.float64)
+    got = AugmentSmooth(METHODS["hirescam"](model, LAYER), flip=False, scales=(1.0, 0.5), factors=(1.0,))(
+        images, SemanticSegmentationTarget(2, weights)).maps[:, 0]
+    small_mask = F.interpolate(weights[None, None], size=(3, 3), mode="bilinear", align_corners=False,
+                               antialias=True)[0, 0]
+    small = gradcam(model, resize(images, (6, 6)), SemanticSegmentationTarget(2, small_mask), "hirescam")
+    expected = (gradcam(model, images, SemanticSegmentationTarget(2, weights), "hirescam") + resize(small, (12, 12))) / 2
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+    from camlens.methods.meta import _Following
+
+    half = torch.zeros(6, 6, dtype=torch.bool)
+    half[:, 1:5] = True  # symmetric left-right
+    follow = _Following(SemanticSegmentationTarget(0, half), 1, [False], True)
+    output = torch.zeros(1, 4, 7, 7, dtype=torch.float64, requires_grad=True)  # a copy at 7/6 of the size
+    follow.score(output, torch.tensor([0])).backward()
+    moved = output.grad[0, 0]  # the mask the copy's score used
+    assert torch.equal(moved, moved.flip(-1)) and moved.sum() > 0

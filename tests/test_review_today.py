@@ -54,18 +54,18 @@ def test_a_flipped_resized_copys_mask_is_the_mirror_of_the_unflipped_copys():
     got = smooth(True)
     torch.testing.assert_close(got, smooth(False), rtol=0, atol=1e-9)
 
-    # by hand: the copies resized to 13 x 13 (the output too), the mask resized (nearest) then flipped
+    # by hand: the copies resized to 13 x 13 (the output too), the mask resized (nearest cell centre) then flipped
     def hires(images, m):
         return method(images, SemanticSegmentationTarget(1, m)).maps[:, 0]
 
-    big, big_mask = resize(x, (13, 13)), F.interpolate(mask[None, None].double(), size=(13, 13))[0, 0] > 0.5
+    big = resize(x, (13, 13))
+    big_mask = F.interpolate(mask[None, None].double(), size=(13, 13), mode="nearest-exact")[0, 0] > 0.5
     expected = (hires(x, mask) + hires(x.flip(-1), mask.flip(-1)).flip(-1)
                 + resize(hires(big, big_mask)[:, None], (12, 12))[:, 0]
                 + resize(hires(big.flip(-1), big_mask.flip(-1)).flip(-1)[:, None], (12, 12))[:, 0]) / 4
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
-    # the mask flipped before its resize is another mask: the check can fail
-    other = F.interpolate(mask.flip(-1)[None, None].double(), size=(13, 13))[0, 0] > 0.5
-    assert not torch.equal(other, big_mask.flip(-1))
+    # the mask not flipped with the copy is another mask: the check can fail
+    assert not torch.equal(big_mask, big_mask.flip(-1))
 
 
 def test_methods_blank_at_every_step_are_not_said_to_coincide():

@@ -199,7 +199,8 @@ class _Following(ScoreTarget):
     copy by copy (row ``a * images + i`` is copy ``a`` of image ``i``): each row is scored with
     its image's data. A :class:`SemanticSegmentationTarget`'s pixel mask moves with the copy:
     flipped where the copy is (``flips[a]``), and resized to the copy's output where the copy
-    is resized (nearest for a boolean or integer mask, bilinear for weights)."""
+    is resized (by the nearest cell centre for a boolean or integer mask, bilinear and
+    antialiased for weights)."""
 
     def __init__(self, target: ScoreTarget, images: int, flips: Sequence[bool], resized: bool) -> None:
         self.target = target
@@ -216,9 +217,15 @@ class _Following(ScoreTarget):
         # image of the unflipped copy's (nearest resizing is not symmetric left-right).
         if self.resized and output.dim() == 4 and tuple(mask.shape[-2:]) != tuple(output.shape[-2:]):
             weights = mask.dtype.is_floating_point
-            mask = F.interpolate(mask.unsqueeze(1).to(output.dtype), size=tuple(output.shape[-2:]),
-                                 mode="bilinear" if weights else "nearest",
-                                 align_corners=False if weights else None).squeeze(1)
+            # Weights as the copy's pixels are resized (bilinear, antialiased when shrunk); a
+            # boolean or integer mask by the nearest cell centre (no half-cell shift).
+            mask = mask.unsqueeze(1).to(output.dtype)
+            size = tuple(output.shape[-2:])
+            if weights:
+                mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False, antialias=True)
+            else:
+                mask = F.interpolate(mask, size=size, mode="nearest-exact")
+            mask = mask.squeeze(1)
         flipped = self.flips.to(rows.device)[rows // self.images]
         mask = torch.where(flipped.view(-1, 1, 1), mask.flip(-1), mask)
         rows_here = torch.arange(rows.shape[0], device=rows.device)
@@ -268,8 +275,8 @@ class AugmentSmooth(_Smoothing):
     Target functions given per image are repeated for each copy; a :class:`ScoreTarget`'s data
     per image (a reference embedding, a mask) is read for each copy's image, and a
     :class:`~camlens.targets.SemanticSegmentationTarget`'s pixel mask moves with the copy
-    (flipped with it; resized to its output when it is resized: nearest for a boolean mask,
-    bilinear for weights). Unit targets and plain functions are given to every copy as they are:
+    (flipped with it; resized to its output when it is resized: by the nearest cell centre for a
+    boolean mask, bilinear and antialiased for weights, as the copy's pixels are). Unit targets and plain functions are given to every copy as they are:
     a unit at a position, or a plain function that reads positions of the output, is not moved
     with the copy.
 
