@@ -222,3 +222,28 @@ def human_size(count: int) -> str:
             return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
         count /= 1000
     raise AssertionError  # unreachable
+
+
+def number(value: object) -> float | None:
+    """A finite number read from a run file, else None (missing, NaN, a string, a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def broken_line(points: list[tuple[float, float, str] | None]) -> tuple[list[str], list[dict]]:
+    """An SVG line through ``(x, y, label)`` points, broken where a point is None (a missing
+    value): its polyline segments ("x,y x,y ...") and its points for markers with a title."""
+    segments, current, markers = [], [], []
+    for point in points:
+        if point is None:
+            if current:
+                segments.append(" ".join(current))
+            current = []
+            continue
+        x, y, label = point
+        current.append(f"{x},{y}")
+        markers.append({"x": x, "y": y, "label": label})
+    if current:
+        segments.append(" ".join(current))
+    return segments, markers

@@ -3,13 +3,13 @@ the model view, the similarity curves (inline SVG drawn from sanity.json) and th
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
 from ..charts import _coinciding
-from .common import ImageStore, RunError, check_version, load_npz, open_photo, own_file, read_json
+from .common import ImageStore, RunError, broken_line, check_version, load_npz, open_photo, own_file, read_json
+from .common import number as _number
 
 KIND = "sanity"
 COLORMAP = "jet"  # the colormap of sanity.png
@@ -23,12 +23,6 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8
 # a pooled layer) stay visible one over the other; the chart also names them together.
 DASHES = ("", "7 4", "2 3", "9 3 2 3", "1 2")
 SIMILAR = 1e-3  # similarities this close at every step: the chart says that the lines coincide
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def _unit(saved: np.ndarray) -> np.ndarray:
@@ -65,19 +59,10 @@ def _chart(methods: list[dict], key: str, steps: list[str], low: float, high: fl
     lines = []
     for index, method in enumerate(methods):
         values = [1.0, *(_number(v) for v in method[key])]
-        segments, current, points = [], [], []
-        for i, v in enumerate(values):
-            if v is None:
-                if current:
-                    segments.append(current)
-                current = []
-                continue
-            current.append(f"{x(i)},{y(v)}")
-            points.append({"x": x(i), "y": y(v), "label": f"{method['display']}, {steps[i]}: {v:.3f}"})
-        if current:
-            segments.append(current)
+        segments, points = broken_line([None if v is None else (x(i), y(v), f"{method['display']}, {steps[i]}: {v:.3f}")
+                                        for i, v in enumerate(values)])
         lines.append({"name": method["name"], "display": method["display"], "color": PALETTE[index % len(PALETTE)],
-                      "segments": [" ".join(s) for s in segments], "points": points,
+                      "segments": segments, "points": points,
                       "width": round(max(1.4, 3.6 - 0.6 * index), 1), "dash": DASHES[index % len(DASHES)],
                       "radius": round(max(2.0, 4.2 - 0.6 * index), 1)})
     # Methods blank at every step have no line beside the trained point that all share: never

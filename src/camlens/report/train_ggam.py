@@ -8,7 +8,18 @@ import math
 from pathlib import Path
 
 from ..charts import _coinciding
-from .common import ImageStore, RunError, check_version, load_npz, open_photo, own_file, read_json, read_jsonl
+from .common import (
+    ImageStore,
+    RunError,
+    broken_line,
+    check_version,
+    load_npz,
+    open_photo,
+    own_file,
+    read_json,
+    read_jsonl,
+)
+from .common import number as _number
 
 KIND = "train_ggam"
 COLORMAP = "jet"
@@ -24,12 +35,6 @@ SERIES = {
 # other; the caption also names them together.
 DASHES = ("", "7 4", "2 3")
 SAME = 1e-4  # series this close at every epoch: the caption says that they coincide
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def _chart(history: list[dict], key: str, title: str, best_epoch: int | None) -> dict:
@@ -52,20 +57,11 @@ def _chart(history: list[dict], key: str, title: str, best_epoch: int | None) ->
 
     lines = []
     for name, label, color in SERIES[key]:
-        segments, current, points = [], [], []
-        for row in history:
-            v = _number(row.get(name))
-            if v is None:
-                if current:
-                    segments.append(current)
-                current = []
-                continue
-            current.append(f"{x(row['epoch'])},{y(v)}")
-            points.append({"x": x(row["epoch"]), "y": y(v), "label": f"{label}, epoch {row['epoch']}: {v:.4g}"})
-        if current:
-            segments.append(current)
+        values = [(row["epoch"], _number(row.get(name))) for row in history]
+        segments, points = broken_line([None if v is None else (x(e), y(v), f"{label}, epoch {e}: {v:.4g}")
+                                        for e, v in values])
         index = len(lines)
-        lines.append({"label": label, "color": color, "segments": [" ".join(s) for s in segments], "points": points,
+        lines.append({"label": label, "color": color, "segments": segments, "points": points,
                       "width": round(max(1.4, 3.4 - 0.7 * index), 1), "dash": DASHES[index % len(DASHES)],
                       "radius": round(max(2.0, 3.8 - 0.6 * index), 1)})
     series = {label: [_number(row.get(name)) for row in history] for name, label, _ in SERIES[key]}
