@@ -5,6 +5,7 @@ module or a changed number read in forward gives the maps of a method made afres
 from __future__ import annotations
 
 import gc
+import types
 import weakref
 
 import pytest
@@ -129,3 +130,68 @@ def test_structure_changes_that_forget_the_cut():
     accelerate.remember_cut(model, "features", None)
     del model.features.forward
     assert accelerate.remembered_cut(model, "features") is None
+
+
+class Floored(nn.Module):
+    """Scores floored at a number the head reads in several ways; the floor starts far below
+    every score, and each change below sets it just below the clean images' lowest logit: the
+    model's outputs on them are unchanged (the check on them cannot see it), those of Recipro-CAM's
+    masked maps fall below the floor."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(6, 4)
+        self.read = read
+        self.floor = -1e9
+        self.config = {"floor": -1e9}
+        self.options = types.SimpleNamespace(floor=-1e9)
+        self.register_buffer("floor_buffer", torch.tensor(-1e9))
+        self.floor_tensor = torch.tensor(-1e9)
+
+    def logits(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+    def forward(self, x):
+        logits = self.logits(x)
+        if self.read == "attribute":
+            return logits.clamp(min=self.floor)
+        if self.read == "dict":
+            return logits.clamp(min=self.config["floor"])
+        if self.read == "object":
+            return logits.clamp(min=self.options.floor)
+        if self.read == "buffer":
+            return logits.clamp(min=float(self.floor_buffer))
+        return torch.maximum(logits, self.floor_tensor)  # "tensor": the graph keeps the tensor
+
+
+FLOORS = {
+    "attribute": lambda model, floor: setattr(model, "floor", floor),
+    "dict": lambda model, floor: model.config.update(floor=floor),
+    "object": lambda model, floor: setattr(model.options, "floor", floor),
+    "buffer": lambda model, floor: model.floor_buffer.fill_(floor),
+    "tensor": lambda model, floor: setattr(model, "floor_tensor", torch.tensor(floor, dtype=torch.float64)),
+    "class forward": lambda model, floor: (
+        setattr(model, "floor", floor),
+        setattr(type(model), "forward", lambda self, x: self.logits(x).clamp(min=self.floor)),
+    ),
+}
+
+
+@pytest.mark.parametrize("change", list(FLOORS))
+def test_a_changed_attribute_the_check_cannot_see_is_cut_again(change, images):
+    """An attribute read in forward after the layer changes only the scores of changed maps: the
+    remembered cut, whose graph recorded the old value, passes the check on the clean images, so
+    the attribute itself must forget it."""
+    cls = type("Floored2", (Floored,), {})  # its own class: "class forward" replaces its forward
+    model = cls("tensor" if change == "class forward" else change).double().eval()
+    method = camlens.methods.METHODS["reciprocam"](model, "features")
+    before = method(images, 1)
+    with torch.no_grad():
+        FLOORS[change](model, float(model(images).min()) - 1e-6)
+        assert torch.equal(model(images), model.logits(images))  # the clean outputs are the same
+    after = method(images, 1)
+    expected = fresh("reciprocam", model, images)
+    assert (expected.maps - before.maps).abs().max() > 0.1  # the change shows in the maps
+    torch.testing.assert_close(after.maps, expected.maps, rtol=1e-12, atol=1e-12)

@@ -241,26 +241,91 @@ _CUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CUTS_LOCK = threading.Lock()
 
 
+_MODULE_KEYS = frozenset(vars(nn.Module()))  # what every module keeps for torch itself
+_PLAIN = frozenset((type(None), bool, int, float, complex, str, bytes))
+
+
+def _value(value: object, seen: dict, depth: int = 0) -> object:
+    """What a traced graph may have recorded of an attribute ``value``: a number, a string or a
+    container of them by value (tracing reads them as constants); a tensor that is no parameter
+    (read as a number, or kept by the graph as it was) by identity, storage and version; an
+    object with attributes (a config) by identity and its attributes; anything else by identity."""
+    if type(value) in _PLAIN:
+        return type(value), value
+    if type(value) in (tuple, list):
+        types = tuple(map(type, value))
+        if _PLAIN.issuperset(types):  # a stride, class names
+            return type(value), types, tuple(value)
+    if isinstance(value, Tensor):
+        return _tensor(value)
+    if id(value) in seen:
+        return seen[id(value)]
+    seen[id(value)] = shallow = (type(value), id(value))
+    if depth > 4 or isinstance(value, (nn.Module, type)) or callable(value):
+        return shallow
+    if isinstance(value, (tuple, list)) and len(value) <= 10_000:
+        inner = tuple(_value(item, seen, depth + 1) for item in value)
+    elif isinstance(value, dict) and len(value) <= 10_000:
+        inner = tuple((_value(key, seen, depth + 1), _value(item, seen, depth + 1)) for key, item in value.items())
+    elif _attributes(value) is not None:
+        inner = _value(_attributes(value), seen, depth + 1)
+    else:
+        return shallow
+    seen[id(value)] = snapshot = (*shallow, inner)
+    return snapshot
+
+
+def _attributes(value: object) -> dict | None:
+    try:
+        attributes = getattr(value, "__dict__", None)
+    except Exception:  # a proxy of something gone
+        return None
+    return attributes if isinstance(attributes, dict) else None
+
+
+def _tensor(tensor: Tensor) -> tuple:
+    """A tensor by identity, version and storage, where it has them (an inference tensor has no
+    version, a sparse one no storage: changes to those are not seen)."""
+    try:
+        version = tensor._version
+    except Exception:
+        version = None
+    try:
+        pointer = tensor.data_ptr()
+    except Exception:
+        pointer = None
+    return Tensor, id(tensor), version, pointer
+
+
 def _structure(module: nn.Module) -> list[tuple]:
-    """What a traced graph of ``module`` depends on besides the values of its tensors: each
-    module (its class, training mode and any forward set on the instance) and each parameter and
-    buffer object, by name. (In-place updates of a tensor are seen by a graph that holds it.)"""
+    """What a traced graph of ``module`` depends on besides the values of its parameters: each
+    module (its class, training mode, class and instance forward, and its other attributes, which
+    tracing reads as constants: :func:`_value`) and each parameter and buffer object, by name, a
+    buffer with its storage and version too (a forward may read it as a number). (In-place
+    updates of a parameter are seen by a graph that holds it.)"""
     state: list[tuple] = []
+    seen: dict = {}
     for name, sub in module.named_modules():
-        state.append((name, sub, type(sub), sub.training, id(sub.__dict__.get("forward"))))
-        for tensors in (sub._parameters, sub._buffers):
-            for key, tensor in tensors.items():
-                if tensor is not None:
-                    state.append((key, tensor))
+        own = vars(sub)
+        attributes = tuple((key, _value(own[key], seen)) for key in sorted(own.keys() - _MODULE_KEYS, key=str))
+        state.append((name, sub, type(sub), sub.training, id(sub.__dict__.get("forward")),
+                      id(getattr(type(sub), "forward", None)), attributes))
+        for key, tensor in sub._parameters.items():
+            if tensor is not None:
+                state.append((key, tensor))
+        for key, tensor in sub._buffers.items():
+            if tensor is not None:
+                state.append((key, tensor, *_tensor(tensor)[2:]))
     return state
 
 
 def remembered_cut(module: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None:
     """The parts of :func:`cut` that :func:`remember_cut` kept for ``module`` and ``layer``, while
     no module, parameter or buffer of ``module`` was replaced and no module's class, training
-    mode or instance ``forward`` changed since; else None. Tracing also records what is not
-    watched here (a number kept on a module and read in ``forward`` becomes a constant of the
-    graph): a caller checks the parts against the model before it uses them."""
+    mode, ``forward`` or other attribute changed since (:func:`_structure`); else None. Tracing
+    also records what is not watched here (a global or class attribute read in ``forward``
+    becomes a constant of the graph): a caller checks the parts against the model before it uses
+    them, and ``remember_cut(module, layer, None)`` forgets them."""
     with _CUTS_LOCK:
         remembered = _CUTS.get(module, {}).get(layer)
     if remembered is not None and _same_state(remembered[0], _structure(module)):
