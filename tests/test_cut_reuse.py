@@ -55,8 +55,7 @@ def cuts(monkeypatch):
 
 
 def fresh(name, model, images):
-    """The method's maps with nothing remembered: a cut made for this call only."""
-    accelerate._CUTS.pop(model, None)
+    """The method's maps with nothing remembered: a new method object cuts afresh."""
     return camlens.methods.METHODS[name](model, "features")(images, 1)
 
 
@@ -66,8 +65,9 @@ def test_the_cut_is_made_once_and_reused(name, images, cuts):
     method = camlens.methods.METHODS[name](model, "features")
     first = method(images, 1)
     second = method(images, 1)
-    other = camlens.methods.METHODS[name](model, "features")(images, 1)  # another object, same model
     assert cuts == ["features"]
+    other = camlens.methods.METHODS[name](model, "features")(images, 1)  # another object: its own cut
+    assert cuts == ["features", "features"]
     torch.testing.assert_close(second.maps, first.maps, rtol=0, atol=0)
     torch.testing.assert_close(other.maps, first.maps, rtol=0, atol=0)
 
@@ -102,34 +102,37 @@ def test_a_changed_number_in_forward_is_caught_by_the_check(name, images, cuts):
 
 def test_a_remembered_cut_does_not_keep_the_model_alive(images):
     model = Scaled().double().eval()
-    camlens.methods.METHODS["ablationcam"](model, "features")(images, 1)
-    assert accelerate.remembered_cut(model, "features") is not None
+    method = camlens.methods.METHODS["ablationcam"](model, "features")
+    method(images, 1)
+    memory = method.cuts
+    assert accelerate.remembered_cut(model, "features", memory) is not None
     gone = weakref.ref(model)
-    del model
+    del model, method  # the memory outlives them
     gc.collect()
-    assert gone() is None
+    assert gone() is None and len(memory.cuts) == 0
 
 
 def test_structure_changes_that_forget_the_cut():
     model = Scaled().double().eval()
+    memory = accelerate.CutMemory()
     parts = accelerate.cut(model, "features")
-    accelerate.remember_cut(model, "features", parts)
-    assert accelerate.remembered_cut(model, "features") is parts
+    accelerate.remember_cut(model, "features", parts, memory)
+    assert accelerate.remembered_cut(model, "features", memory) is parts
     with torch.no_grad():
         model.fc.weight.mul_(2)  # in place: the graph holds the same tensor
-    assert accelerate.remembered_cut(model, "features") is parts
+    assert accelerate.remembered_cut(model, "features", memory) is parts
     model.fc.weight = nn.Parameter(model.fc.weight.detach().clone())
-    assert accelerate.remembered_cut(model, "features") is None
-    accelerate.remember_cut(model, "features", accelerate.cut(model, "features"))
+    assert accelerate.remembered_cut(model, "features", memory) is None
+    accelerate.remember_cut(model, "features", accelerate.cut(model, "features"), memory)
     model.train()
-    assert accelerate.remembered_cut(model, "features") is None
+    assert accelerate.remembered_cut(model, "features", memory) is None
     model.eval()
-    assert accelerate.remembered_cut(model, "features") is not None
+    assert accelerate.remembered_cut(model, "features", memory) is not None
     model.features.forward = lambda x: x
-    assert accelerate.remembered_cut(model, "features") is None
-    accelerate.remember_cut(model, "features", None)
+    assert accelerate.remembered_cut(model, "features", memory) is None
+    accelerate.remember_cut(model, "features", None, memory)
     del model.features.forward
-    assert accelerate.remembered_cut(model, "features") is None
+    assert accelerate.remembered_cut(model, "features", memory) is None
 
 
 class Floored(nn.Module):
@@ -195,3 +198,45 @@ def test_a_changed_attribute_the_check_cannot_see_is_cut_again(change, images):
     expected = fresh("reciprocam", model, images)
     assert (expected.maps - before.maps).abs().max() > 0.1  # the change shows in the maps
     torch.testing.assert_close(after.maps, expected.maps, rtol=1e-12, atol=1e-12)
+
+
+FLOOR = {"value": -1e9}
+
+
+class Global(nn.Module):
+    """Scores floored at a module-level number: tracing records it, and nothing on the model
+    shows a change of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3))).clamp(min=FLOOR["value"])
+
+
+def test_a_new_method_object_cuts_afresh_and_a_copy_remembers_nothing(images, monkeypatch):
+    """The remembered cut is the method object's own: after a change that neither the model's
+    attributes nor its outputs on the clean images show (a global read in forward), a new
+    object gives the new model's maps (a cache shared by all objects gave the old ones). Copies
+    of the memory start empty."""
+    import copy
+    import pickle
+
+    model = Global().double().eval()
+    method = camlens.methods.METHODS["reciprocam"](model, "features")
+    before = method(images, 1)
+    with torch.no_grad():
+        clean = model(images)
+    monkeypatch.setitem(FLOOR, "value", float(clean.min()) - 1e-6)
+    with torch.no_grad():
+        assert torch.equal(model(images), clean)
+    after = camlens.methods.METHODS["reciprocam"](model, "features")(images, 1)
+    monkeypatch.setattr(gradient_free, "cut", lambda module, layer: None)  # the hook path: no tracing at all
+    expected = camlens.methods.METHODS["reciprocam"](model, "features")(images, 1)
+    assert (expected.maps - before.maps).abs().max() > 0.1  # the change shows in the maps
+    torch.testing.assert_close(after.maps, expected.maps, rtol=1e-12, atol=1e-12)
+    assert len(copy.deepcopy(method.cuts).cuts) == 0 and len(method.cuts.cuts) == 1
+    assert len(pickle.loads(pickle.dumps(method.cuts)).cuts) == 0

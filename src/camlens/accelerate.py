@@ -235,10 +235,21 @@ def cut(module: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.G
         return None
 
 
-# module -> {layer: (its structure when cut, (before, after) or None)}; weak keys: a remembered
-# cut keeps the module's submodules alive only as long as the module itself is.
-_CUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_CUTS_LOCK = threading.Lock()
+class CutMemory:
+    """The cuts one owner (a method object) made: module -> {layer: (the module's structure when
+    cut, (before, after))}. Weak keys: a remembered cut keeps the module's submodules alive only
+    as long as the module itself is. A copy of the owner (``copy.deepcopy``, pickling) starts
+    with nothing remembered."""
+
+    def __init__(self) -> None:
+        self.cuts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> CutMemory:
+        return CutMemory()
+
+    def __reduce__(self) -> tuple:
+        return (CutMemory, ())
 
 
 _MODULE_KEYS = frozenset(vars(nn.Module()))  # what every module keeps for torch itself
@@ -319,27 +330,27 @@ def _structure(module: nn.Module) -> list[tuple]:
     return state
 
 
-def remembered_cut(module: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None:
-    """The parts of :func:`cut` that :func:`remember_cut` kept for ``module`` and ``layer``, while
-    no module, parameter or buffer of ``module`` was replaced and no module's class, training
-    mode, ``forward`` or other attribute changed since (:func:`_structure`); else None. Tracing
-    also records what is not watched here (a global or class attribute read in ``forward``
-    becomes a constant of the graph): a caller checks the parts against the model before it uses
-    them, and ``remember_cut(module, layer, None)`` forgets them."""
-    with _CUTS_LOCK:
-        remembered = _CUTS.get(module, {}).get(layer)
+def remembered_cut(module: nn.Module, layer: str, memory: CutMemory) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None:
+    """The parts of :func:`cut` that :func:`remember_cut` kept in ``memory`` for ``module`` and
+    ``layer``, while no module, parameter or buffer of ``module`` was replaced and no module's
+    class, training mode, ``forward`` or other attribute changed since (:func:`_structure`); else
+    None. Tracing also records what is not watched here (a global or class attribute read in
+    ``forward`` becomes a constant of the graph): a caller checks the parts against the model
+    before it uses them, and its owner's memory is its own (a new method object cuts afresh)."""
+    with memory.lock:
+        remembered = memory.cuts.get(module, {}).get(layer)
     if remembered is not None and _same_state(remembered[0], _structure(module)):
         return remembered[1]
     return None
 
 
-def remember_cut(module: nn.Module, layer: str, parts: tuple | None) -> None:
-    """Keep ``parts`` (checked by the caller) for :func:`remembered_cut`; None forgets."""
-    with _CUTS_LOCK:
+def remember_cut(module: nn.Module, layer: str, parts: tuple | None, memory: CutMemory) -> None:
+    """Keep ``parts`` (checked by the caller) in ``memory`` for :func:`remembered_cut`; None forgets."""
+    with memory.lock:
         if parts is None:
-            _CUTS.get(module, {}).pop(layer, None)
+            memory.cuts.get(module, {}).pop(layer, None)
         else:
-            _CUTS.setdefault(module, {})[layer] = (_remembered(_structure(module)), parts)
+            memory.cuts.setdefault(module, {})[layer] = (_remembered(_structure(module)), parts)
 
 
 class SplitForward(nn.Module):

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..accelerate import PlainForward, SplitForward, _close, cut, remember_cut, remembered_cut
+from ..accelerate import CutMemory, PlainForward, SplitForward, _close, cut, remember_cut, remembered_cut
 from ..capture import LayersSpec
 from ..errors import CamlensError, check_positive_int
 from .base import CAMMethod, Context, hooked
@@ -48,28 +48,29 @@ class Replaced:
     feature maps in place of the layer's output: the same scores, slower.
     """
 
-    def __init__(self, context: Context, name: str, batch_size: int) -> None:
+    def __init__(self, context: Context, name: str, batch_size: int, memory: CutMemory | None = None) -> None:
         self.context = context
         self.name = name
+        self.memory = CutMemory() if memory is None else memory
         self.parts = None if context.targets.unit_layers else self._cut(batch_size)
 
     def _cut(self, batch_size: int) -> tuple[nn.Module, list] | None:
         """The part after the layer and what it reads besides, checked. The cut of an earlier
-        call is reused (tracing costs about 14 ms on the embedded model, a fifth of an
-        Ablation-CAM call) while the model's structure is the same
-        (:func:`~camlens.accelerate.remembered_cut`) and it passes the check; else the model is
-        cut afresh, and that cut is kept when it passes."""
+        call of the same method object (its ``memory``) is reused (tracing costs about 14 ms on
+        the embedded model, a fifth of an Ablation-CAM call) while the model's structure is the
+        same (:func:`~camlens.accelerate.remembered_cut`) and it passes the check; else the model
+        is cut afresh, and that cut is kept when it passes."""
         runner = self.context.runner
         copy = runner.copy if isinstance(runner, (PlainForward, SplitForward)) else None
         module = self.context.model if copy is None else copy
-        remembered = remembered_cut(module, self.name)
+        remembered = remembered_cut(module, self.name, self.memory)
         if remembered is not None:
             checked = self._checked(remembered, copy, batch_size)
             if checked is not None:
                 return checked
         parts = cut(module, self.name)
         checked = None if parts is None else self._checked(parts, copy, batch_size)
-        remember_cut(module, self.name, None if checked is None else parts)
+        remember_cut(module, self.name, None if checked is None else parts, self.memory)
         return checked
 
     def _checked(self, parts: tuple, copy: nn.Module | None, batch_size: int) -> tuple[nn.Module, list] | None:
@@ -157,6 +158,9 @@ class _TailBatched(CAMMethod):
         super().__init__(model, target_layer, **engine)
         check_positive_int("batch_size", batch_size)
         self.batch_size = batch_size
+        # The cuts of the model at the target layer made by this object's calls, reused by the
+        # next ones (Replaced): a new object starts afresh.
+        self.cuts = CutMemory()
 
     def options(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size}
@@ -197,7 +201,7 @@ class AblationCAM(_TailBatched):
         done = 0
         weights = {}
         for name, alive in live.items():
-            replaced = Replaced(context, name, self.batch_size)
+            replaced = Replaced(context, name, self.batch_size, self.cuts)
             full = context.full_activations[name]
             subset = context.channels[name]
             image_index, channel_index = alive.nonzero(as_tuple=True)
@@ -426,7 +430,7 @@ class ReciproCAM(_TailBatched):
         done = 0
         maps = {}
         for name, full in context.full_activations.items():
-            replaced = Replaced(context, name, self.batch_size)
+            replaced = Replaced(context, name, self.batch_size, self.cuts)
             positions = full.shape[-2] * full.shape[-1]
             keep = None
             if context.channels[name] is not None:
