@@ -48,10 +48,10 @@ class Replaced:
     feature maps in place of the layer's output: the same scores, slower.
     """
 
-    def __init__(self, context: Context, name: str, batch_size: int, memory: CutMemory | None = None) -> None:
+    def __init__(self, context: Context, name: str, batch_size: int, memory: CutMemory) -> None:
         self.context = context
         self.name = name
-        self.memory = CutMemory() if memory is None else memory
+        self.memory = memory
         self.parts = None if context.targets.unit_layers else self._cut(batch_size)
 
     def _cut(self, batch_size: int) -> tuple[nn.Module, list] | None:

@@ -215,17 +215,14 @@ class _Following(ScoreTarget):
         mask = _per_image(self.target.mask.to(output.device), images, 2, "mask")
         # Resized first, then flipped, as the copy is: a flipped copy's mask is then the mirror
         # image of the unflipped copy's (nearest resizing is not symmetric left-right).
-        if self.resized and output.dim() == 4 and tuple(mask.shape[-2:]) != tuple(output.shape[-2:]):
-            weights = mask.dtype.is_floating_point
-            # Weights as the copy's pixels are resized (bilinear, antialiased when shrunk); a
-            # boolean or integer mask by the nearest cell centre (no half-cell shift).
-            mask = mask.unsqueeze(1).to(output.dtype)
-            size = tuple(output.shape[-2:])
-            if weights:
-                mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False, antialias=True)
+        size = tuple(output.shape[-2:])
+        if self.resized and output.dim() == 4 and tuple(mask.shape[-2:]) != size:
+            # Weights as the copy's pixels are resized (_resized: bilinear, antialiased when
+            # shrunk); a boolean or integer mask by the nearest cell centre (no half-cell shift).
+            if mask.dtype.is_floating_point:
+                mask = _resized(mask.to(output.dtype), size)
             else:
-                mask = F.interpolate(mask, size=size, mode="nearest-exact")
-            mask = mask.squeeze(1)
+                mask = F.interpolate(mask.unsqueeze(1).to(output.dtype), size=size, mode="nearest-exact").squeeze(1)
         flipped = self.flips.to(rows.device)[rows // self.images]
         mask = torch.where(flipped.view(-1, 1, 1), mask.flip(-1), mask)
         rows_here = torch.arange(rows.shape[0], device=rows.device)
