@@ -209,7 +209,8 @@ def load_npz(path: Path) -> Mapping[str, np.ndarray]:
 
 def fmt(value: object, digits: int = 3) -> str:
     """A number for a table: ``digits`` significant digits, '-' for missing or not finite."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    value = number(value)
+    if value is None:
         return "-"
     if value == 0:
         return "0"

@@ -28,7 +28,7 @@ from ..evaluate import (
 )
 from ..methods import METHODS
 from ..render import DEFAULT_COLORMAP
-from .common import ImageStore, RunError, check_version, load_npz, open_photo, read_json, read_jsonl
+from .common import ImageStore, RunError, check_version, load_npz, number, open_photo, read_json, read_jsonl
 
 KIND = "evaluate"
 CURVE_POINTS = 65  # points of a curve kept for drawing (a curve of more steps is sampled)
@@ -45,9 +45,9 @@ def display_name(method: str) -> str:
 
 
 def _finite(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(f"{value:.6g}")
+    """A finite number of results.jsonl to 6 significant digits (all a page shows), else None."""
+    value = number(value)
+    return None if value is None else float(f"{value:.6g}")
 
 
 def _config(folder: Path) -> dict:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from ..cli.common import MARKER
 from ..methods import METHODS
-from .common import ImageStore, RunError, check_version, load_npz, open_photo, read_json
+from .common import ImageStore, RunError, check_version, load_npz, number, open_photo, read_json
 
 KIND = "explain"
 
@@ -24,9 +23,7 @@ def _list(value: object) -> list:
 
 def _named(entry: dict) -> dict:
     """A class entry (name, probability) as the page shows it, whatever the manifest holds."""
-    probability = entry.get("probability")
-    ok = isinstance(probability, (int, float)) and not isinstance(probability, bool) and math.isfinite(probability)
-    return {**entry, "name": str(entry.get("name", "?")), "probability": float(probability) if ok else None}
+    return {**entry, "name": str(entry.get("name", "?")), "probability": number(entry.get("probability"))}
 
 
 def _markers(folder: Path) -> list[dict]:

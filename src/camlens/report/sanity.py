@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..charts import _coinciding
-from .common import ImageStore, RunError, broken_line, check_version, load_npz, open_photo, own_file, read_json
-from .common import number as _number
+from .common import ImageStore, RunError, broken_line, check_version, load_npz, number, open_photo, own_file, read_json
 
 KIND = "sanity"
 COLORMAP = "jet"  # the colormap of sanity.png
@@ -58,7 +57,7 @@ def _chart(methods: list[dict], key: str, steps: list[str], low: float, high: fl
 
     lines = []
     for index, method in enumerate(methods):
-        values = [1.0, *(_number(v) for v in method[key])]
+        values = [1.0, *(number(v) for v in method[key])]
         segments, points = broken_line([None if v is None else (x(i), y(v), f"{method['display']}, {steps[i]}: {v:.3f}")
                                         for i, v in enumerate(values)])
         lines.append({"name": method["name"], "display": method["display"], "color": PALETTE[index % len(PALETTE)],
@@ -67,7 +66,7 @@ def _chart(methods: list[dict], key: str, steps: list[str], low: float, high: fl
                       "radius": round(max(2.0, 4.2 - 0.6 * index), 1)})
     # Methods blank at every step have no line beside the trained point that all share: never
     # named as coinciding.
-    similarities = {m["name"]: [_number(v) for v in m[key]] for m in methods}
+    similarities = {m["name"]: [number(v) for v in m[key]] for m in methods}
     labels = _coinciding({name: v for name, v in similarities.items() if any(x is not None for x in v)},
                          {m["name"]: m["display"] for m in methods}, SIMILAR)
     together = list(dict.fromkeys(label for label in labels.values() if " = " in label))
@@ -126,11 +125,11 @@ def load(folder: Path, store: ImageStore) -> dict:
             "changed_from": v.get("changed_from"),
             "spearman": v["spearman"],
             "ssim": v["ssim"],
-            "final_spearman": _number(v["spearman"][-1]),
-            "final_ssim": _number(v["ssim"][-1]),
+            "final_spearman": number(v["spearman"][-1]),
+            "final_ssim": number(v["ssim"][-1]),
             "heat": [store.heat(_unit(stack[i]), photo.size, COLORMAP) for i in range(len(columns))],
         })
-    threshold = _number(data.get("threshold"))
+    threshold = number(data.get("threshold"))
     return {
         "kind": KIND,
         "title": f"camlens sanity: {Path(str(data.get('image', '?'))).name}",
@@ -143,7 +142,7 @@ def load(folder: Path, store: ImageStore) -> dict:
         "layer": data.get("target_layer"),
         "criterion": data.get("criterion", ""),
         "threshold": threshold,
-        "max_similar": _number(data.get("max_similar")),
+        "max_similar": number(data.get("max_similar")),
         "steps": columns,
         "step_groups": data.get("step_groups") or [],
         "photo": store.photo(photo),

@@ -14,12 +14,12 @@ from .common import (
     broken_line,
     check_version,
     load_npz,
+    number,
     open_photo,
     own_file,
     read_json,
     read_jsonl,
 )
-from .common import number as _number
 
 KIND = "train_ggam"
 COLORMAP = "jet"
@@ -41,7 +41,7 @@ def _chart(history: list[dict], key: str, title: str, best_epoch: int | None) ->
     """Numbers for the template to draw: per series its line (missing values break it) and
     points, the axis ticks, the best epoch's vertical line."""
     epochs = [int(row["epoch"]) for row in history]
-    values = [v for row in history for k, _, _ in SERIES[key] if (v := _number(row.get(k))) is not None]
+    values = [v for row in history for k, _, _ in SERIES[key] if (v := number(row.get(k))) is not None]
     if key == "accuracy":
         low, high = 0.0, 1.0
     else:
@@ -57,14 +57,14 @@ def _chart(history: list[dict], key: str, title: str, best_epoch: int | None) ->
 
     lines = []
     for name, label, color in SERIES[key]:
-        values = [(row["epoch"], _number(row.get(name))) for row in history]
+        values = [(row["epoch"], number(row.get(name))) for row in history]
         segments, points = broken_line([None if v is None else (x(e), y(v), f"{label}, epoch {e}: {v:.4g}")
                                         for e, v in values])
         index = len(lines)
         lines.append({"label": label, "color": color, "segments": segments, "points": points,
                       "width": round(max(1.4, 3.4 - 0.7 * index), 1), "dash": DASHES[index % len(DASHES)],
                       "radius": round(max(2.0, 3.8 - 0.6 * index), 1)})
-    series = {label: [_number(row.get(name)) for row in history] for name, label, _ in SERIES[key]}
+    series = {label: [number(row.get(name)) for row in history] for name, label, _ in SERIES[key]}
     labels = _coinciding({label: v for label, v in series.items() if any(x is not None for x in v)}, {}, SAME)
     step = max(1, math.ceil(len(epochs) / 10))
     return {
@@ -156,7 +156,7 @@ def load(folder: Path, store: ImageStore) -> dict:
         "history": history,
         "best_epoch": best_epoch,
         "keep": settings.get("keep", "best"),
-        "best_accuracy": _number(extra.get("best val accuracy")),
+        "best_accuracy": number(extra.get("best val accuracy")),
         "charts": [_chart(history, "loss", "Losses per epoch", best_epoch),
                    _chart(history, "accuracy", "Accuracy per epoch", best_epoch)],
         "examples": examples,
