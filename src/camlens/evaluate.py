@@ -362,6 +362,13 @@ def quantise(saliency: np.ndarray) -> np.ndarray:
     return np.round(values * 255.0).astype(np.uint8)
 
 
+def unquantise(saved: np.ndarray) -> np.ndarray:
+    """A saved map back in [0, 1] as float32: 8-bit (:func:`quantise`) or a float array (as
+    camlens 0.3.0 saved sanity maps before it saved them 8-bit)."""
+    values = np.asarray(saved)
+    return values.astype(np.float32) / 255.0 if values.dtype == np.uint8 else values.astype(np.float32)
+
+
 def read_maps(path: Path) -> dict[str, np.ndarray]:
     """The arrays of a maps file, or {} when it cannot be read (its records then show no map)."""
     try:

@@ -22,6 +22,7 @@ from ..charts import (
     similarity_plot,
 )
 from ..combine import is_constant
+from ..evaluate import quantise
 from ..io import (
     ensure_writable_dir,
     load_image,
@@ -170,9 +171,8 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
             drawing = time.monotonic()
             write_atomic(out_dir / "view.jpg", lambda p: view.save(p, format="JPEG", quality=90))
             # 8 bits per pixel (the maps are in [0, 1]): a quarter of float32, and finer than the
-            # colours a map is drawn with.
-            arrays = {n: np.rint(np.stack([m[0, 0].detach().cpu().float().clamp(0, 1).numpy() for m in r["maps"]])
-                                 * 255).astype(np.uint8)
+            # colours a map is drawn with; as evaluate keeps its maps.
+            arrays = {n: quantise(np.stack([m[0, 0].detach().cpu().float().numpy() for m in r["maps"]]))
                       for n, r in results.items()}
             write_atomic(out_dir / "maps.npz", lambda p: _save_npz(p, arrays))
             if status == "complete" and results:

@@ -24,6 +24,7 @@ from ..evaluate import (
     mean_interval,
     record_problem,
     summarise,
+    unquantise,
     view_name,
 )
 from ..methods import METHODS
@@ -260,7 +261,7 @@ def _image(folder: Path, key: str, methods: list[str], metrics: list[str], recor
         side = arrays.get(f"{method}/layer_side")
         layer_side = int(side) if side is not None and side.size == 1 and int(side) > 0 else None
         shape = photo.size if photo is not None else (data.shape[1], data.shape[0])
-        saliency = data.astype(np.float32) / 255.0 if data.dtype == np.uint8 else data.astype(np.float32)
+        saliency = unquantise(data)
         heat[method] = store.heat(saliency, shape, DEFAULT_COLORMAP, layer_side)
     values, curves = {}, {}
     for method, record in found.items():

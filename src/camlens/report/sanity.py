@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from ..charts import _coinciding
+from ..evaluate import unquantise
 from .common import ImageStore, RunError, broken_line, check_version, load_npz, number, open_photo, own_file, read_json
 
 KIND = "sanity"
@@ -22,13 +22,6 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8
 # a pooled layer) stay visible one over the other; the chart also names them together.
 DASHES = ("", "7 4", "2 3", "9 3 2 3", "1 2")
 SIMILAR = 1e-3  # similarities this close at every step: the chart says that the lines coincide
-
-
-def _unit(saved: np.ndarray) -> np.ndarray:
-    """A saved map in [0, 1]: 8-bit (this version) or float16 (0.3.0 before it)."""
-    if saved.dtype == np.uint8:
-        return saved.astype(np.float32) / 255.0
-    return saved.astype(np.float32)
 
 
 def _verdict_text(v: dict, steps: int) -> str:
@@ -127,7 +120,7 @@ def load(folder: Path, store: ImageStore) -> dict:
             "ssim": v["ssim"],
             "final_spearman": number(v["spearman"][-1]),
             "final_ssim": number(v["ssim"][-1]),
-            "heat": [store.heat(_unit(stack[i]), photo.size, COLORMAP) for i in range(len(columns))],
+            "heat": [store.heat(unquantise(stack[i]), photo.size, COLORMAP) for i in range(len(columns))],
         })
     threshold = number(data.get("threshold"))
     return {
