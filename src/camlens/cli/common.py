@@ -81,11 +81,15 @@ METHODS_HELP = (f"A method (repeatable; default: all five, {', '.join(SEED_METHO
                 "See `camlens methods`.")
 
 
+def takes_option(method: str, option: str) -> bool:
+    """Whether the method's constructor takes the keyword ``option`` (batch_size, seed, ...)."""
+    return option in inspect.signature(METHODS[method]).parameters
+
+
 def _taking(option: str, leaving: Sequence[str] = ()) -> str:
     """The display names of the methods whose constructor takes ``option``, in words, but those
     of ``leaving`` (registry names)."""
-    names = [cls.display_name for name, cls in METHODS.items()
-             if option in inspect.signature(cls).parameters and name not in leaving]
+    names = [cls.display_name for name, cls in METHODS.items() if takes_option(name, option) and name not in leaving]
     return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
 
 
@@ -367,11 +371,6 @@ def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | N
 
 def note_skip(method: str, reason: str) -> None:
     echo_error(f"camlens: note: {METHODS[method].display_name} skipped: {reason}")
-
-
-def takes_option(method: str, option: str) -> bool:
-    """Whether the method's constructor takes the keyword ``option`` (batch_size, seed, ...)."""
-    return option in inspect.signature(METHODS[method]).parameters
 
 
 def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,
