@@ -174,7 +174,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
             # colours a map is drawn with; as evaluate keeps its maps.
             arrays = {n: quantise(np.stack([m[0, 0].detach().cpu().float().numpy() for m in r["maps"]]))
                       for n, r in results.items()}
-            write_atomic(out_dir / "maps.npz", lambda p: _save_npz(p, arrays))
+            write_atomic(out_dir / "maps.npz", lambda p: np.savez_compressed(p, **arrays))
             if status == "complete" and results:
                 rows = {names[n]: [m[0, 0].cpu().numpy() for m in r["maps"]] for n, r in results.items()}
                 notes = {names[n]: ["reference", *("blank" if v is None else f"ρ {v:.2f}"
@@ -247,11 +247,6 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
 
 # What a run writes into OUT; an earlier run's are removed when a run starts.
 RUN_FILES = ("sanity.json", "report.html", "maps.npz", "view.jpg", "sanity.png", "similarity.png")
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as handle:  # a file object: np.savez would add .npz to a temporary name
-        np.savez_compressed(handle, **arrays)
 
 
 def _timed(work: Callable[[], T], device: torch.device) -> tuple[T, float]:

@@ -638,11 +638,7 @@ def _save_examples(out: Path, model: GGAMNet, x, y, samples, names, preprocess: 
                         "probability": float(probabilities[n, guess]),
                         "true_probability": float(probabilities[n, label])})
 
-    def save_maps(path: Path) -> None:
-        with open(path, "wb") as handle:
-            np.savez_compressed(handle, maps=stack)
-
-    write_atomic(folder / "maps.npz", save_maps)
+    write_atomic(folder / "maps.npz", lambda path: np.savez_compressed(path, maps=stack))  # its temporary ends in .npz
     text = json.dumps({"epoch": epoch, "method": "gradcam", "maps": "maps.npz",
                        "map_targets": ["true class", "predicted class"], "images": records}, indent=2) + "\n"
     write_atomic(folder / "examples.json", lambda path: path.write_text(text, encoding="utf-8"))

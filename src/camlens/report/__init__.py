@@ -27,7 +27,6 @@ KINDS = (
     ("evaluate", "config.json"),
     ("explain", "manifest.json"),
 )
-MODULES = {"explain": "explain", "evaluate": "evaluate", "sanity": "sanity", "train_ggam": "train_ggam"}
 
 
 @dataclass
@@ -106,7 +105,7 @@ def _utf8(text: str) -> bytes:
 def render_report(folder: Path) -> tuple[str, str, ImageStore, dict]:
     """The HTML of ``folder``'s report, its kind, its image store and its context."""
     kind = detect_kind(folder)
-    module = importlib.import_module(f".{MODULES[kind]}", __name__)
+    module = importlib.import_module(f".{kind}", __name__)  # report/<kind>.py
     store = ImageStore()
     from jinja2 import UndefinedError
 
