@@ -191,6 +191,17 @@ def copy_run(run_dir: Path, tmp_path: Path) -> Path:
     return target
 
 
+OUTSIDE = ("http://", "https://", "//fonts.", "url(", "@import", "<link", "<iframe", " src=")
+
+
+def assert_offline(text: str) -> None:
+    """A report's HTML names nothing outside itself: no URL, stylesheet link, import, frame or
+    source attribute (its pictures come from the embedded store)."""
+    lowered = text.lower()
+    for outside in OUTSIDE:
+        assert outside not in lowered, outside
+
+
 def page_script(text: str, name: str = "camlens-images"):
     """The JSON of the report page's <script id=name> (by default its picture store)."""
     start = text.index(f'id="{name}">') + len(name) + 6

@@ -15,7 +15,7 @@ from PIL import Image
 from camlens import __version__
 from camlens.evaluate import maps_name, view_name
 from camlens.report import RunError, build_report
-from helpers import FACTORY_NET, SAMPLES, copy_run, page_script, shot
+from helpers import FACTORY_NET, SAMPLES, assert_offline, copy_run, page_script, shot
 from helpers import run as run_cli
 
 METHODS = ("gradcam", "gradcam++", "cam")
@@ -140,9 +140,7 @@ def test_table_is_the_summary_and_a_plain_mean(run_dir):
 
 def test_self_contained_and_every_picture_once(report):
     text = report.read_text(encoding="utf-8")
-    lowered = text.lower()
-    for outside in ("http://", "https://", "url(", "@import", "<link", "<iframe"):
-        assert outside not in lowered, outside
+    assert_offline(text)
     store = page_script(text)
     # a view per image and a map per image and method, but CAM's map is Grad-CAM's on this
     # network (it pools globally before its one linear layer): stored once
