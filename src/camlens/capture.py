@@ -96,6 +96,21 @@ def resolve_layers(model: nn.Module, layers: LayersSpec) -> dict[str, nn.Module]
     return resolved
 
 
+# model -> its lock: one camlens call at a time on one model (see preserved). Weak keys, so a
+# lock never keeps a model alive; the guard makes "get or create" atomic across threads.
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The re-entrant lock that serialises camlens's calls on ``model`` across threads."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
     """Put the model in eval mode with frozen parameters, and restore both afterwards.
@@ -103,7 +118,16 @@ def preserved(model: nn.Module) -> Iterator[None]:
     Eval mode makes an explanation deterministic and independent of the other images in the
     batch (batch norm uses its running statistics, dropout is off). Freezing the parameters
     means autograd records nothing below the target layer and never computes a weight gradient.
+
+    Calls on one model from several threads take turns (:func:`model_lock`, held for the whole
+    block): the hooks of one call would otherwise record another's forward passes, and a call
+    that began while another had frozen the model would "restore" it frozen.
     """
+    with model_lock(model):
+        yield from _preserved(model)
+
+
+def _preserved(model: nn.Module) -> Iterator[None]:
     # One walk of the modules, and only what differs is set: this runs on every call.
     modules = list(model.modules())
     modes = [(module, module.training) for module in modules]
@@ -688,16 +712,17 @@ def hooked_pass(
     """One forward pass without gradients, every submodule hooked: ``seen(name, output, module,
     inputs)`` is called for each in order of completion. Returns what the model returned."""
     handles = []
-    try:
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(
-                    lambda m, inputs, output, name=name: seen(name, output, m, inputs)))
-        with torch.no_grad():
-            return model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with model_lock(model):  # another thread's forward pass must not reach these hooks
+        try:
+            for name, module in model.named_modules():
+                if name:
+                    handles.append(module.register_forward_hook(
+                        lambda m, inputs, output, name=name: seen(name, output, m, inputs)))
+            with torch.no_grad():
+                return model(example)
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _shape(output: object) -> torch.Size | str:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..capture import preserved
 from ..errors import CamlensError
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -97,19 +98,16 @@ def randomisation_groups(model: nn.Module, example: Tensor) -> list[str]:
         if group not in groups:
             groups.append(group)
     finished: list[str] = []
-    handles = [
-        modules[g].register_forward_hook(lambda m, i, o, g=g: finished.append(g) if g not in finished else None)
-        for g in groups
-    ]
-    try:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
+    with preserved(model), torch.no_grad():  # every module's own mode back, also on an error
+        handles = [
+            modules[g].register_forward_hook(lambda m, i, o, g=g: finished.append(g) if g not in finished else None)
+            for g in groups
+        ]
+        try:
             model(example)
-            model.train(was_training)
-    finally:
-        for handle in handles:
-            handle.remove()
+        finally:
+            for handle in handles:
+                handle.remove()
     return list(reversed(finished))
 
 
