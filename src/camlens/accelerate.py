@@ -46,6 +46,7 @@ model, turns it on for CPU.
 from __future__ import annotations
 
 import copy
+import linecache
 import os
 import threading
 import weakref
@@ -230,9 +231,29 @@ def cut(module: nn.Module, layer: str) -> tuple[torch.fx.GraphModule, torch.fx.G
         if node not in before_nodes:
             env[node] = second.node_copy(node, value)
     try:
-        return torch.fx.GraphModule(module, first), torch.fx.GraphModule(module, second)
+        return _graph_module(module, first), _graph_module(module, second)
     except Exception:
         return None
+
+
+def _graph_module(root: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """``torch.fx.GraphModule(root, graph)``, whose generated source is forgotten with it.
+
+    torch.fx keeps the source of every GraphModule it compiles, for tracebacks, in its own cache
+    and in ``linecache``, and never drops it: 1 to 2 KB per cut, so a process that cuts a model
+    per call (``camlens.explain`` makes a new method object each time) grew without bound.
+    """
+    made = torch.fx.GraphModule(root, graph)
+    key = type(made).forward.__code__.co_filename
+    weakref.finalize(made, _forget_source, key)
+    return made
+
+
+def _forget_source(key: str) -> None:
+    from torch.fx.graph_module import _loader  # where torch.fx keeps the sources it compiled
+
+    _loader.eval_cache.pop(key, None)
+    linecache.cache.pop(key, None)
 
 
 class CutMemory:

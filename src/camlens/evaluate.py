@@ -407,18 +407,55 @@ def record_problem(record: dict, config: dict) -> str | None:
         ok = _number(value) if kind is float else isinstance(value, kind) and not isinstance(value, bool)
         if not ok:
             return f"field {name!r} is missing or not a{'n' if kind is int else ''} {'number' if kind is float else kind.__name__}"
-    if not all(isinstance(b, list) and len(b) == 4 and all(map(_number, b)) for b in record["boxes"]):
+    for name in ("label", "prediction"):
+        if not 0 <= record[name] < 2**31:
+            return f"field {name!r} is not a class index ({_shown_number(record[name])})"
+    if not all(isinstance(b, list) and len(b) == 4 and all(map(_finite, b)) for b in record["boxes"]):
         return "field 'boxes' is not a list of boxes"
-    for metric in LOCALISATION:
-        if metric in record and not _number(record[metric]):
-            return f"field {metric!r} is not a number"
+    if not _finite(record["seconds"]) or record["seconds"] < 0:
+        return f"field 'seconds' is not a duration ({_shown_number(record['seconds'])})"
+    for name, (low, high) in {"probability": (0.0, 1.0), **RANGES}.items():
+        if name not in record:
+            continue
+        if not _number(record[name]):
+            return f"field {name!r} is not a number"
+        # NaN is a metric's own answer where it is undefined (a class probability of 0): kept,
+        # and left out of the means. Anything else outside the metric's values is damage.
+        if not (_undefined(record[name]) and name != "probability") and not _within(record[name], low, high):
+            return f"field {name!r} is {_shown_number(record[name])}, outside its range [{low:g}, {high:g}]"
     for kind in ("deletion", "insertion"):
         curve = record.get(f"{kind}_curve")
         if kind in config["--metric"] and not (
             isinstance(curve, list) and len(curve) == config["--steps"] + 1 and all(map(_number, curve))
         ):
             return f"field '{kind}_curve' is missing or not {config['--steps'] + 1} numbers"
+        if kind in config["--metric"] and not all(_undefined(v) or _within(v, 0.0, 1.0) for v in curve):
+            return f"field '{kind}_curve' holds values that are not probabilities (outside [0, 1])"
     return None
+
+
+# Rounding a value of a metric's range must be kept; 1e-9 is far above float64's error and far
+# below anything a damaged line would hold.
+_SLACK = 1e-9
+
+
+def _finite(value: object) -> bool:
+    return _number(value) and (isinstance(value, int) or math.isfinite(value))
+
+
+def _undefined(value: object) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    """Whether ``value`` is a finite number of [low, high] (a Python int of 400 digits included,
+    compared exactly, never converted)."""
+    return _finite(value) and low - _SLACK <= value <= high + _SLACK
+
+
+def _shown_number(value: float) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
 
 
 def _is_digest(value: object) -> bool:
