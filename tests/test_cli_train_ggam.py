@@ -120,7 +120,7 @@ def test_ctrl_c_leaves_a_run_that_resume_finishes(data, tmp_path, capsys, monkey
 @pytest.mark.parametrize("extra, code, message", [
     (["--attention", "bogus"], 2, "Invalid value for '--attention'"),
     (["--resize", "32"], 1, "bad input size 64 (resize 32)"),
-    (["--lambda", "nan"], 1, "lam must be a finite number >= 0"),
+    (["--lambda", "nan"], 2, "'nan' is not a finite number"),
 ])
 def test_bad_options_are_one_line(data, tmp_path, capsys, extra, code, message):
     got, out, err = run(args(data, tmp_path / "run", *extra), capsys)

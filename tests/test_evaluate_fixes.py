@@ -375,7 +375,7 @@ def test_one_run_at_a_time_per_output_folder(setup, capsys):
     from camlens.io import locked_output_dir
 
     setup.out.mkdir()
-    with locked_output_dir(setup.out):
+    with locked_output_dir(setup.out, "evaluate"):
         code, _, err = run(setup.args("--limit", "1"), capsys)
     one_line_error(code, err, 1, "another camlens run is writing to")
     assert not (setup.out / "results.jsonl").exists()
@@ -528,12 +528,12 @@ def test_an_in_place_operation_after_the_layer_does_not_fool_the_cam_check(monke
 
 
 def test_an_os_error_without_a_reason_is_still_named(tmp_path, monkeypatch):
-    import camlens.evaluate as evaluate
+    import camlens.io as io  # where file_digest lives; camlens.evaluate gives it too
 
     def fail(*args, **kwargs):
         raise OSError()
 
-    monkeypatch.setattr(evaluate, "open", fail, raising=False)
+    monkeypatch.setattr(io, "open", fail, raising=False)
     with pytest.raises(camlens.CamlensError, match=r"x.png: cannot be read \(OSError\)$"):
         file_digest(tmp_path / "x.png")
 

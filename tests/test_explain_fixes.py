@@ -307,7 +307,7 @@ def test_leftovers_of_killed_runs_are_removed(tiny_models, photo, tmp_path, caps
     (out / ".mine").write_text("the user's own hidden file")
     code, _, err = run(["explain", photo, *TINY, "-m", "gradcam", "--out", out], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.glob(".*")) == [".camlens-lock", ".mine"]
+    assert sorted(p.name for p in out.glob(".*")) == [".camlens-lock", ".camlens-run.json", ".mine"]
 
 
 # -- 10. error labels ---------------------------------------------------------------------------

@@ -166,6 +166,8 @@ def test_bad_run_folders(run_dir, tmp_path, model):
     state = torch.load(folder / "best.pt", weights_only=True)
     state["head.extra"] = torch.zeros(1)
     torch.save(state, folder / "best.pt")
+    assert "damaged or replaced (its digest is not the one run.json records)" in _error(folder)
+    _edit(folder, **{"weights sha256": None})  # a record without a digest: the weights' keys are checked
     assert "do not fit" in _error(folder)  # strict: an unexpected key
     torch.save({"model": nn.Linear(1, 1)}, folder / "best.pt")
     assert "weights_only=True" in _error(folder)  # a pickled module is never unpickled

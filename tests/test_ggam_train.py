@@ -162,7 +162,7 @@ def test_bad_input_is_refused_before_training(data, tmp_path):
         assert not out.exists() or not any((out / name).exists() for name in ("train.json", "last.pt", "run.json"))
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
-    with pytest.raises(CamlensError, match="not empty"):
+    with pytest.raises(CamlensError, match="camlens did not write"):
         train_ggam(train, tmp_path / "used", **TINY)
     with pytest.raises(CamlensError, match="no training run to resume"):
         train_ggam(train, tmp_path / "fresh", resume=True, **TINY)

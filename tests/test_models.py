@@ -124,13 +124,21 @@ def test_torch_export_archive_is_unflattened_and_hookable(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_torchscript_archive_loads_but_cannot_be_hooked(tmp_path):
+def test_torchscript_archive_is_refused_without_loading(tmp_path, monkeypatch):
+    """Loading a TorchScript archive runs its code (__setstate__): it is known by its zip entries
+    and refused before anything is loaded (issue 20, finding 7)."""
     path = tmp_path / "small.pt"
     torch.jit.script(make_small()).save(str(path))
-    loaded = load_model(str(path))
-    assert loaded.source.startswith("TorchScript")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the archive was loaded")
+
+    monkeypatch.setattr(torch.jit, "load", never)
+    monkeypatch.setattr(torch.serialization, "load", never)
+    with pytest.raises(CamlensError, match="a TorchScript archive, which camlens does not load"):
+        load_model(str(path))
     with pytest.raises(CamlensError, match="TorchScript models cannot be explained"):
-        camlens.GradCAM(loaded.module, "features")
+        camlens.GradCAM(torch.jit.script(make_small()), "features")  # a ScriptModule given in Python
 
 
 def test_pickled_module_is_never_unpickled(tmp_path):

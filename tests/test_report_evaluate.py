@@ -352,7 +352,11 @@ def test_a_model_without_class_names_keeps_no_classes_json(setup, tmp_path):
     (tmp_path / "mapping.json").write_text('{"cat": 0, "coffee": 1, "cup": 2}')
     plain[i:i + 2] = ["--mapping", tmp_path / "mapping.json"]
     out2.mkdir()
-    (out2 / "classes.json").write_text('["stale"]')  # left in the folder from elsewhere
+    from camlens.cli.evaluate import RUN_FILES
+    from camlens.io import RunFolder
+
+    RunFolder.claim(out2, "evaluate", RUN_FILES)  # an evaluate folder of camlens's ...
+    (out2 / "classes.json").write_text('["stale"]')  # ... with a classes.json an earlier run left
     assert cli(plain) == 0
     assert not (out2 / "classes.json").exists()
 

@@ -238,11 +238,14 @@ def test_html_flag_and_no_stale_report(base, tmp_path, capsys):
     assert code == 0, err
     assert not (out / "report.html").exists()
     assert list(json.loads((out / "sanity.json").read_text())["methods"]) == ["gradcam"]
-    # a run that stops before it has a method leaves neither the old report nor the old results
-    (out / "report.html").write_text("old")
+    # a run that stops before it has a method leaves the last complete results as they were, and
+    # removes the report camlens made of them (its own file)
+    assert cli([*base, "--out", out, "--html"], capsys)[0] == 0
+    results = {name: (out / name).read_bytes() for name in ("sanity.json", "maps.npz", "view.jpg", "sanity.png")}
     code, _, err = cli([*base, "--out", out, "--class", "nosuchclass"], capsys)
     assert code != 0
-    assert not (out / "report.html").exists() and not (out / "sanity.json").exists()
+    assert not (out / "report.html").exists()
+    assert {name: (out / name).read_bytes() for name in results} == results
 
 
 def test_report_command(run_dir, tmp_path, capsys):
@@ -259,6 +262,9 @@ def test_float16_maps_of_earlier_runs_give_the_same_pictures(run_dir, tmp_path):
     with np.load(folder / "maps.npz") as maps:
         half = {name: (maps[name].astype(np.float32) / 255).astype(np.float16) for name in maps.files}
     np.savez_compressed(folder / "maps.npz", **half)
+    record = json.loads((folder / "sanity.json").read_text())
+    del record["digests"]  # as those runs wrote it
+    (folder / "sanity.json").write_text(json.dumps(record))
     assert build_report(folder).images == build_report(copy_run(run_dir, tmp_path / "again")).images
     before, _ = page_data(run_dir / "report.html", "camlens-sanity")
     after, _ = page_data(folder / "report.html", "camlens-sanity")

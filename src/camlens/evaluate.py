@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import CamlensError
-from .io import os_reason, write_atomic
+from .io import Arrays, file_digest, os_reason, write_atomic  # noqa: F401 (file_digest: camlens.evaluate's API)
 from .methods.base import CAMMethod
 from .metrics import (
     area_under_curve,
@@ -372,9 +372,9 @@ def unquantise(saved: np.ndarray) -> np.ndarray:
 def read_maps(path: Path) -> dict[str, np.ndarray]:
     """The arrays of a maps file, or {} when it cannot be read (its records then show no map)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except Exception:  # a truncated zip raises BadZipFile, EOFError, ValueError, ...
+        arrays = Arrays(path)
+        return {key: arrays[key] for key in arrays}
+    except CamlensError:  # damaged, a link, or larger than camlens writes
         return {}
 
 
@@ -490,18 +490,6 @@ def _changes(name: str, old: object, new: object) -> list[str]:
     if _is_digest(old) or _is_digest(new):
         return [f"{name}: {'given' if _is_digest(old) else 'not given'} then, {'given' if _is_digest(new) else 'not given'} now"]
     return [f"{name}: {_shown(old)} -> {_shown(new)}"]
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """"sha256:<hex>" of a file's bytes."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as error:
-        raise CamlensError(f"{path}: cannot be read ({os_reason(error)})") from None
-    return f"sha256:{digest.hexdigest()}"
 
 
 def module_digest(module: torch.nn.Module) -> str:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
+import json
+import math
 import os
 import shutil
 import stat
 import tempfile
+import uuid
 import warnings
-from collections.abc import Callable, Iterable
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -66,6 +73,18 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     except (SyntaxError, ValueError, EOFError) as error:
         reason = str(error) or type(error).__name__
         raise CamlensError(f"{path}: corrupt or truncated image ({reason})") from None
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """"sha256:<hex>" of a file's bytes."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise CamlensError(f"{path}: cannot be read ({os_reason(error)})") from None
+    return f"sha256:{digest.hexdigest()}"
 
 
 def os_reason(error: OSError) -> str:
@@ -161,9 +180,210 @@ LOCK_NAME = ".camlens-lock"
 LEFTOVER_PATTERNS = (".camlens-staging-*", ".camlens-old-*", ".camlens-partial-*", ".manifest.json.*")
 
 
+RUN_MARKER = ".camlens-run.json"  # in every output folder camlens made: what kind of run, what it wrote
+MAX_MARKER_BYTES = 4 * 2**20
+
+
+class RunFolder:
+    """An output folder that camlens owns, and the only files in it that camlens may replace.
+
+    Its marker, ``.camlens-run.json``, names the kind of run (explain, evaluate, sanity,
+    train-ggam), an id of its own, and every entry camlens wrote in it; an entry is recorded
+    before it is first written, so a run killed half-way still owns what it left. camlens
+    writes only into a new or empty folder or one of its own of the same kind, removes and
+    replaces only what the marker lists, and never follows a symbolic link in the folder: any
+    other content is refused in one line before any work (:meth:`claim`).
+    """
+
+    def __init__(self, path: Path, kind: str, record: dict) -> None:
+        self.path = path
+        self.kind = kind
+        self.record = record
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    @classmethod
+    def claim(cls, path: Path, kind: str, files: Iterable[str] = ()) -> RunFolder:
+        """The folder ``path`` as a run folder of ``kind``: made a new one where it is empty, the
+        one recorded where camlens made it for the same kind; a CamlensError otherwise. ``files``:
+        the names a run of this kind always writes, recorded as camlens's at once."""
+        record = read_marker(path)
+        if record is not None and record["kind"] != kind:
+            raise CamlensError(f"{path} holds a camlens {record['kind']} run, not a {kind} run: choose another --out")
+        owned = set(record["files"]) if record is not None else set()
+        strangers, links = [], []
+        try:
+            entries = sorted(path.iterdir())
+        except OSError as error:
+            raise CamlensError(f"cannot read output directory {path}: {os_reason(error)}") from None
+        for entry in entries:
+            # The marker, the lock, temporaries of camlens; and hidden files (.DS_Store), which no
+            # camlens name can replace, left as they are, never read.
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink():
+                links.append(entry.name)
+            elif entry.name not in owned:
+                strangers.append(entry.name)
+        if links:
+            raise CamlensError(
+                f"{path / links[0]} is a symbolic link: camlens never follows a link in its output folder "
+                "(it could read or write outside it); remove it or choose another --out"
+            )
+        if strangers:
+            shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
+            why = "" if record is not None else " (it has no record of a camlens run; camlens 0.3 kept none)"
+            raise CamlensError(
+                f"{path} holds files camlens did not write{why}: {shown}; camlens writes only into a new or empty "
+                f"folder or one of its own {kind} runs, and never replaces a file it cannot prove it wrote: "
+                "choose another --out"
+            )
+        if record is None:
+            record = {"kind": kind, "id": uuid.uuid4().hex, "files": []}
+        record["files"] = sorted({*record["files"], *files})
+        folder = cls(path, kind, record)
+        folder._save()
+        return folder
+
+    def own(self, name: str) -> Path:
+        """``self.path / name``, recorded as camlens's before it is first written."""
+        if name not in self.record["files"]:
+            # What another writer under the same lock recorded (the report of --html) is kept.
+            on_disk = read_marker(self.path) or {"files": []}
+            self.record["files"] = sorted({*self.record["files"], *on_disk["files"], name})
+            self._save()
+        return self.path / name
+
+    def owns(self, name: str) -> bool:
+        return name in self.record["files"]
+
+    def remove(self, name: str) -> None:
+        """Remove ``name`` where camlens wrote it (a file or a link, never a link's target);
+        anything else of that name is left alone."""
+        if self.owns(name):
+            target = self.path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                with suppress(FileNotFoundError):
+                    target.unlink()
+
+    def write(self, name: str, write: Callable[[Path], None]) -> None:
+        """Write ``name`` atomically, as camlens's (a link of that name is replaced, never followed)."""
+        write_atomic(self.own(name), write)
+
+    def _save(self) -> None:
+        text = json.dumps(self.record, indent=1) + "\n"
+        write_atomic(self.path / RUN_MARKER, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def read_marker(path: Path) -> dict | None:
+    """The run folder record of ``path``, None where there is none; a CamlensError where it is
+    damaged or is not a plain file (camlens reads nothing through a link in a run folder)."""
+    marker = path / RUN_MARKER
+    if not marker.exists() and not marker.is_symlink():
+        return None
+    try:
+        record = json.loads(read_plain(marker, MAX_MARKER_BYTES).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        record = None
+    if not (isinstance(record, dict) and isinstance(record.get("kind"), str) and isinstance(record.get("id"), str)
+            and isinstance(record.get("files"), list) and all(isinstance(f, str) for f in record["files"])):
+        raise CamlensError(f"{marker} is damaged, so what camlens wrote in {path} is unknown: choose another --out")
+    return record
+
+
+def read_plain(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes opened without following
+    a symbolic link; a CamlensError otherwise (a link, a FIFO, a device, a file too large)."""
+    try:
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise CamlensError(f"{path}: a symbolic link, which camlens does not follow in a run folder") from None
+        if error.errno == errno.ENOENT:
+            raise CamlensError(f"{path}: missing") from None
+        raise CamlensError(f"{path}: cannot be read ({os_reason(error)})") from None
+    with os.fdopen(handle, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CamlensError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise CamlensError(f"{path}: {info.st_size} bytes, more than a camlens run writes there ({limit})")
+        data = file.read(info.st_size + 1)  # not limit + 1: read(n) allocates n bytes at once
+        while len(data) <= limit and (more := file.read(2**20)):  # a file that grew since fstat
+            data += more
+    if len(data) > limit:
+        raise CamlensError(f"{path}: more than {limit} bytes, more than a camlens run writes there")
+    return data
+
+
+MAX_NPZ_BYTES = 2**30  # a run's .npz file, compressed
+MAX_ARRAY_BYTES = 2**28  # one array of it, decompressed
+
+
+class Arrays(Mapping):
+    """The arrays of a run's ``.npz`` file, each read (decompressed) only when asked for, after
+    its declared size is checked: a crafted file of a few MB that would decompress to GBs, or an
+    array header that declares more than its data holds, is refused, not allocated. The file is
+    read without following a link; nothing is unpickled.
+    """
+
+    def __init__(self, path: Path, limit: int = MAX_ARRAY_BYTES, data: bytes | None = None) -> None:
+        self.path = path
+        self.limit = limit
+        try:
+            self._zip = zipfile.ZipFile(io.BytesIO(read_plain(path, MAX_NPZ_BYTES) if data is None else data))
+        except (zipfile.BadZipFile, ValueError, EOFError) as error:
+            raise CamlensError(f"{path}: cannot be read (not a .npz file camlens wrote: {error})") from None
+        self._members = {info.filename[:-4]: info for info in self._zip.infolist() if info.filename.endswith(".npy")}
+
+    def __iter__(self):
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        self._header(name)  # bounds what numpy allocates before it reads the data
+        try:
+            with self._zip.open(self._members[name]) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as error:
+            raise CamlensError(f"{self.path}: array {name!r} cannot be read ({error})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The array's shape, from its header alone."""
+        return self._header(name, bounded=False)[0]
+
+    def _header(self, name: str, bounded: bool = True) -> tuple[tuple[int, ...], np.dtype]:
+        info = self._members[name]
+        if info.file_size > self.limit and bounded:
+            raise CamlensError(f"{self.path}: array {name!r} would take {info.file_size} bytes, more than a camlens "
+                               f"run writes ({self.limit})")
+        try:
+            with self._zip.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read(member)
+                header = member.tell()
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as error:
+            raise CamlensError(f"{self.path}: array {name!r} cannot be read ({error})") from None
+        if dtype.hasobject:
+            raise CamlensError(f"{self.path}: array {name!r} holds Python objects, which camlens never loads")
+        if math.prod(shape) * dtype.itemsize > info.file_size - header:
+            raise CamlensError(f"{self.path}: array {name!r} declares more data than the file holds (damaged)")
+        return shape, dtype
+
+
 @contextmanager
-def locked_output_dir(path: Path):
-    """Hold an exclusive lock on an output folder for the whole run, and clear what killed runs left.
+def locked_output_dir(path: Path, kind: str, files: Iterable[str] = ()):
+    """Hold an exclusive lock on an output folder for the whole run, clear what killed runs left,
+    and yield it as a :class:`RunFolder` of ``kind`` (refused in one line where it is not one;
+    ``files``: see :meth:`RunFolder.claim`).
 
     The operating system releases the lock when its holder dies, however it dies; so while we
     hold it, every staging folder present belongs to a dead run.
@@ -187,7 +407,7 @@ def locked_output_dir(path: Path):
                 else:
                     with suppress(OSError):
                         leftover.unlink()
-        yield path
+        yield RunFolder.claim(path, kind, files)
     finally:
         lock.release()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -60,6 +62,21 @@ def printable(text: object) -> str:
 
 # -- shared options -----------------------------------------------------------------------------
 
+class Finite(click.FloatRange):
+    """A float option that must be a finite number (within ``min``/``max`` where given): click's
+    own float and range types take "nan" and "inf", and a NaN threshold passes every comparison."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = Finite()
+
 def model_options(command: Callable) -> Callable:
     options = [
         click.option("--model", "model_spec", default="efficientnet_lite0", show_default=True,
@@ -67,8 +84,8 @@ def model_options(command: Callable) -> Callable:
         click.option("--weights", type=click.Path(dir_okay=False), help="State dict for a factory model (loaded with weights_only=True)."),
         click.option("--input-size", type=click.IntRange(1, MAX_INPUT_SIZE), help="Side of the square model input (default: the model's, else 224)."),
         click.option("--resize", type=click.IntRange(1, 2 * MAX_INPUT_SIZE), help="Shorter side before the centre crop (default: input size x 8/7)."),
-        click.option("--mean", type=(float, float, float), help="Per-channel mean of the normalisation (RGB, on [0, 1] pixels)."),
-        click.option("--std", type=(float, float, float), help="Per-channel standard deviation of the normalisation."),
+        click.option("--mean", type=(FINITE, FINITE, FINITE), help="Per-channel mean of the normalisation (RGB, on [0, 1] pixels)."),
+        click.option("--std", type=(FINITE, FINITE, FINITE), help="Per-channel standard deviation of the normalisation."),
         click.option("--class-names", type=click.Path(dir_okay=False), help="Class names: a text file (one per line) or a JSON list."),
     ]
     for option in reversed(options):
@@ -111,9 +128,23 @@ def fc_option(command: Callable) -> Callable:
     )(command)
 
 
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _set_threads(context: click.Context, parameter: click.Parameter, threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if threads is None:
+        return
+    # More threads than cores never helps, and torch's pool crashes the process (a segmentation
+    # fault, no message) when asked for tens of thousands.
+    if threads > 4 * cores():
+        raise click.BadParameter(f"{threads} is more than 4 x this machine's {cores()} cores; give at most "
+                                 f"{4 * cores()} (about {cores()} is fastest)", context, parameter)
+    torch.set_num_threads(threads)
 
 
 def _stacked(options: list[Callable], command: Callable | None) -> Callable:

@@ -65,6 +65,9 @@ from .report import html_option, write_html
 STATISTIC = "mean ± 95% confidence interval (Student's t) over n images"
 SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the rest
 VIEW_SIDE = 224  # pixels of the longer side of each image's view (views/), kept for the report
+# What an evaluate run writes in its folder; the derived files are computed from results.jsonl.
+DERIVED = ("summary.json", "summary.csv", "curves.png", "metrics.png", "report.html")
+RUN_FILES = ("config.json", "results.jsonl", "results.set-aside.jsonl", "classes.json", "views", "maps", *DERIVED)
 
 
 @click.command(short_help="The Score-CAM paper's metrics over a labelled dataset.")
@@ -112,8 +115,9 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         except ValueError:
             return str(path)
 
-    with locked_output_dir(out_dir):  # one run at a time: two would compute and append the same pairs
-        (out_dir / "report.html").unlink(missing_ok=True)  # an earlier run's report is not this one's
+    # One run at a time: two would compute and append the same pairs.
+    with locked_output_dir(out_dir, "evaluate", RUN_FILES) as run_folder:
+        run_folder.remove("report.html")  # an earlier run's report is not this one's
         method_notes = [f"{METHODS[m].display_name} skipped: {reason}" for m, reason in skipped_methods.items()]
         notes = [*method_notes, *dataset.notes]
         samples = dataset.samples
@@ -144,6 +148,11 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
 
         pending = [(s, m) for s in samples for m in chosen if not store.done(key(s.path), m)]
         skipped = list(dataset.skipped)
+        if pending:
+            # The results are about to grow: what was derived from them goes first, so that a run
+            # killed now never leaves a summary beside results it was not computed from.
+            for name in DERIVED:
+                run_folder.remove(name)
         with LogProgress() as bar:
             task = bar.add_task("evaluating", total=len(pending))
             current = None
@@ -190,6 +199,9 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                   "summary": summary, "seconds_per_image": {m: speed[m]["mean"] for m in chosen},
                   "skipped": [printable(p) for p in skipped], "skipped_methods": skipped_methods,
                   "set_aside_lines": len(store.set_aside), "notes": [printable(p) for p in [*notes, *set_aside]],
+                  # Which images it summarised (a --limit summarises some of the results), so that
+                  # the report shows the same selection.
+                  "summarised images": sorted({r["image"] for r in records}),
                   # What it summarised: a report finds a results file that grew since (a later
                   # run, interrupted) by its size.
                   "results.jsonl bytes": store.path.stat().st_size if store.path.exists() else 0}

@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,13 +24,15 @@ from rich.table import Table
 from .. import __version__
 from ..errors import CamlensError
 from ..io import (
+    MAX_MARKER_BYTES,
+    RunFolder,
     ensure_writable_dir,
     expand_inputs,
     load_image,
     locked_output_dir,
     os_reason,
     publish_mode,
-    write_atomic,
+    read_plain,
 )
 from ..methods import METHODS
 from ..models import LoadedModel
@@ -208,16 +211,19 @@ def output_names(paths: Sequence[Path], out_dir: Path) -> list[str]:
 
 
 def made_for(folder: Path, path: Path) -> bool:
-    """Whether camlens made ``folder`` for the image file ``path`` (markers of camlens 0.1 do
-    not say which file: those folders are replaced, as that version did)."""
-    marker = folder / MARKER
-    if not marker.is_file():
-        return False
+    """Whether camlens made ``folder`` for the image file ``path``."""
+    record = folder_record(folder)
+    return record is not None and record.get("source") == str(path.resolve())
+
+
+def folder_record(folder: Path) -> dict | None:
+    """What the marker of an image folder camlens made records (its run and image), or None: no
+    marker, a damaged one, or a link (never followed)."""
     try:
-        source = json.loads(marker.read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        return True
-    return source is None or source == str(path.resolve())
+        record = json.loads(read_plain(folder / MARKER, MAX_MARKER_BYTES).decode("utf-8"))
+    except (CamlensError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 @click.command(short_help="Overlays, a comparison figure and maps for each image.")
@@ -258,22 +264,24 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
     explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or 1, torch_device, batch_size, seed,
                           fc=fc, colormap=colormap, caption=caption, engine=engine_settings(optimize, compile_model, torch_device),
                           top_channels=top_channels, smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
-    run_record = {"camlens": __version__, "created": now(), "command": command_line(), "methods": chosen, "model": loaded.name}
+    # Each run has an id, in its manifest and in the marker of every image folder it writes: the
+    # manifest of the last complete run stays until this run's replaces it, and the report tells
+    # which folders are still that run's.
+    run_record = {"id": uuid.uuid4().hex, "camlens": __version__, "created": now(), "command": command_line(),
+                  "methods": chosen, "model": loaded.name}
     results = [ImageResult(path, status="failed", error=reason) for path, reason in unreadable.items()]
 
-    with locked_output_dir(out_dir):
-        # A manifest from an earlier run would describe folders this run replaces: it goes first.
-        (out_dir / "manifest.json").unlink(missing_ok=True)
-        (out_dir / "report.html").unlink(missing_ok=True)  # so is an earlier run's report
+    with locked_output_dir(out_dir, "explain") as run_folder:
+        run_folder.remove("report.html")  # an earlier run's report is not this one's
         names = output_names(files, out_dir)
 
         def finish(status: str) -> list[dict]:
             kept = earlier_folders(out_dir, results)
             manifest = build_manifest(loaded, classes, explainer, chosen, skipped_methods, results, kept, skipped,
                                       torch_device, time.perf_counter() - started, top_k, class_index, seed,
-                                      batch_size, status)
+                                      batch_size, status, run_record["id"])
             try:
-                write_atomic(out_dir / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+                run_folder.write("manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
             except OSError as error:
                 raise CamlensError(f"cannot write {out_dir / 'manifest.json'}: {os_reason(error)}") from None
             return kept
@@ -288,7 +296,7 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
 
                 for path, name in zip(files, names):
                     bar.update(overall, description=printable(path.name))
-                    results.append(explain_one(explainer, path, out_dir, name, report, run_record))
+                    results.append(explain_one(explainer, path, run_folder, name, report, run_record))
                     bar.update(step, visible=False)
                     bar.advance(overall)
         except KeyboardInterrupt:
@@ -315,8 +323,10 @@ def command_line() -> list[str]:
     return ["camlens", *map(printable, sys.argv[1:])]
 
 
-def explain_one(explainer: Explainer, path: Path, out_dir: Path, name: str, report, run_record: dict) -> ImageResult:
-    """Explain one image into out_dir/name; on failure leave nothing behind but the error."""
+def explain_one(explainer: Explainer, path: Path, run_folder: RunFolder, name: str, report,
+                run_record: dict) -> ImageResult:
+    """Explain one image into the run folder's ``name``; on failure leave nothing behind but the error."""
+    out_dir = run_folder.path
     staging = None
     try:
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".camlens-staging-"))
@@ -327,7 +337,7 @@ def explain_one(explainer: Explainer, path: Path, out_dir: Path, name: str, repo
         record = {"run": {**run_record, "target_layers": list(explainer.target_layers)}, "image": result.to_dict(),
                   "source": str(path.resolve())}
         (staging / MARKER).write_text(json.dumps(record, indent=1) + "\n")
-        publish(staging, out_dir / name)
+        publish(staging, run_folder.own(name))
         return result
     except CamlensError as error:
         message = str(error)
@@ -364,20 +374,21 @@ def earlier_folders(out_dir: Path, results: Sequence[ImageResult]) -> list[dict]
     kept = []
     for marker in sorted(out_dir.glob(f"*/{MARKER}")):
         folder = marker.parent.name
-        if folder in ours or folder.startswith(".") or not marker.is_file():
+        if folder in ours or folder.startswith(".") or marker.parent.is_symlink():
             continue
+        record = folder_record(marker.parent)
         try:
-            record = json.loads(marker.read_text())
             kept.append({**record["image"], "output": folder, "run": record["run"]})
-        except (OSError, ValueError, KeyError, TypeError):
-            kept.append({"output": folder, "run": None})  # an older camlens wrote only a text marker
+        except (KeyError, TypeError):
+            kept.append({"output": folder, "run": None})  # damaged: the folder is kept, its run unknown
     return kept
 
 
 def build_manifest(loaded, classes, explainer, methods, skipped_methods, results, kept, skipped, device, seconds,
-                   top_k, class_index, seed, batch_size, status) -> dict:
+                   top_k, class_index, seed, batch_size, status, run_id) -> dict:
     return {
         "camlens": __version__,
+        "run id": run_id,
         "status": status,
         "created": now(),
         "command": command_line(),

@@ -22,7 +22,7 @@ from ..charts import (
     similarity_plot,
 )
 from ..combine import is_constant
-from ..evaluate import quantise
+from ..evaluate import file_digest, quantise
 from ..io import (
     ensure_writable_dir,
     load_image,
@@ -45,6 +45,7 @@ from ..metrics.sanity import (
 from ..render import model_view
 from .common import (
     SEEDED,
+    Finite,
     console,
     echo_error,
     engine_options,
@@ -85,10 +86,10 @@ _clock = time.perf_counter  # the timer of the planned cost (a test gives it a f
 @click.option("--steps", type=click.IntRange(min=1), metavar="N",
               help="Randomise in N steps spread over the model, the classifier alone first "
                    "(default: one step per block; the embedded model has 21).")
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=0.5, show_default=True,
+@click.option("--threshold", type=Finite(-1, 1), default=0.5, show_default=True,
               help="A map is still similar to the trained model's while its Spearman correlation "
                    "with it is at least this.")
-@click.option("--max-similar", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+@click.option("--max-similar", type=Finite(0, 1), default=0.25, show_default=True,
               help="PASS needs the map to be similar at no more than this fraction of the steps "
                    "(and changed at the last); more is LATE; similar at the last step is FAIL.")
 @click.option("--out", default="camlens-sanity", show_default=True, help="Output directory.")
@@ -119,10 +120,11 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
     engine = engine_settings(optimize, compile_model, torch_device, default=False)
     out_dir = ensure_writable_dir(out)
     photo = load_image(image)
-    with locked_output_dir(out_dir):  # one run at a time; clears what killed runs left
-        # An earlier run's results and report would be taken for this run's: they go first.
-        for name in RUN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
+    # One run at a time; clears what killed runs left. An earlier complete run's files stay until
+    # this run's replace them, its record (sanity.json) last: it names each file by its digest, so
+    # a run killed half-way leaves a record that the report can check, never a mix taken for one run.
+    with locked_output_dir(out_dir, "sanity", RUN_FILES) as run_folder:
+        run_folder.remove("report.html")  # an earlier run's report is not this one's
         model = loaded.module.to(torch_device)
         x = loaded.preprocess(photo).unsqueeze(0).to(torch_device)
         logits, forward_seconds = _timed_forward(model, x)
@@ -169,29 +171,37 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
                     "passed": judged["verdict"] == "PASS", "display_name": names[name],
                 }
             drawing = time.monotonic()
-            write_atomic(out_dir / "view.jpg", lambda p: view.save(p, format="JPEG", quality=90))
+            written = {}
+
+            def write(name, save):
+                write_atomic(out_dir / name, save)
+                written[name] = file_digest(out_dir / name)
+
+            write("view.jpg", lambda p: view.save(p, format="JPEG", quality=90))
             # 8 bits per pixel (the maps are in [0, 1]): a quarter of float32, and finer than the
             # colours a map is drawn with; as evaluate keeps its maps.
             arrays = {n: quantise(np.stack([m[0, 0].detach().cpu().float().numpy() for m in r["maps"]]))
                       for n, r in results.items()}
-            write_atomic(out_dir / "maps.npz", lambda p: np.savez_compressed(p, **arrays))
+            write("maps.npz", lambda p: np.savez_compressed(p, **arrays))
             if status == "complete" and results:
                 rows = {names[n]: [m[0, 0].cpu().numpy() for m in r["maps"]] for n, r in results.items()}
                 notes = {names[n]: ["reference", *("blank" if v is None else f"ρ {v:.2f}"
                                                    for v in verdicts[n]["spearman"])] for n in results}
-                write_atomic(out_dir / "sanity.png",
-                             lambda p: sanity_figure(view, rows, ["trained", *labels], notes, p))
+                write("sanity.png", lambda p: sanity_figure(view, rows, ["trained", *labels], notes, p))
                 similarity = {names[n]: {"spearman": [math.nan if s is None else s for s in v["spearman"]],
                                          "ssim": v["ssim"]} for n, v in verdicts.items()}
-                write_atomic(out_dir / "similarity.png", lambda p: similarity_plot(
+                write("similarity.png", lambda p: similarity_plot(
                     similarity, labels, threshold, p, {names[n]: v["verdict"] for n, v in verdicts.items()}))
+            else:  # an earlier run's figures are not this run's
+                run_folder.remove("sanity.png")
+                run_folder.remove("similarity.png")
             figures = time.monotonic() - drawing
             report = {"camlens": __version__, "status": status, "image": printable(image), "class": target,
                       "class_name": loaded.class_name(target), "model": loaded.name, "target_layer": layer,
                       "seed": seed, "threshold": threshold, "max_similar": max_similar, "criterion": criterion,
                       "groups": groups, "steps": labels, "step_groups": plan, "skipped_methods": skipped,
                       "smoothing": smooth, "planned_methods": [names[n] for n in chosen],
-                      "files": {"view": "view.jpg", "maps": "maps.npz"},
+                      "files": {"view": "view.jpg", "maps": "maps.npz"}, "digests": written,
                       "seconds": {"maps_estimated": round(estimate, 1), "maps": round(elapsed, 1),
                                   "figures": round(figures, 1)},
                       "methods": verdicts}
@@ -245,7 +255,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
     console("stdout").print(table)
 
 
-# What a run writes into OUT; an earlier run's are removed when a run starts.
+# What a run writes into OUT.
 RUN_FILES = ("sanity.json", "report.html", "maps.npz", "view.jpg", "sanity.png", "similarity.png")
 
 

@@ -13,7 +13,7 @@ from ..charts import training_curves
 from ..ggam.train import ATTENTION, BACKBONES, TrainPlan, train_ggam
 from ..io import write_atomic
 from ..models import LITE_MEAN, LITE_STD, Preprocess, class_names_from_file
-from .common import MAX_INPUT_SIZE, choose_device, console, printable, run_options
+from .common import FINITE, MAX_INPUT_SIZE, Finite, choose_device, console, printable, run_options
 from .progress import LogProgress
 from .report import html_option, write_html
 
@@ -26,16 +26,16 @@ CURVES = "curves.png"
 @click.option("--boxes", type=click.Path(), help="Boxes of DATA: a CSV path,xmin,ymin,xmax,ymax.")
 @click.option("--val-boxes", type=click.Path(), help="Boxes of --val-data (they give the localisation report).")
 @click.option("--backbone", type=click.Choice(list(BACKBONES)), default="efficientnet_lite0", show_default=True)
-@click.option("--lambda", "lam", type=float, default=1.0, show_default=True,
+@click.option("--lambda", "lam", type=FINITE, default=1.0, show_default=True,
               help="Weight of the GGAM loss: CE + lambda x L_GGAM.")
 @click.option("--attention", type=click.Choice(list(ATTENTION)), default="both", show_default=True,
               help="The GGAM head's attention (the GGAM loss needs the channel attention).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Epochs in all (with --resume: the total, not more epochs).")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW's learning rate (constant).")
+@click.option("--lr", type=FINITE, default=1e-3, show_default=True, help="AdamW's learning rate (constant).")
 @run_options(batch_size_help="Images per training step (default 32).",
              seed_help="Seed of the new head, the batches, the flips and the validation split.")
-@click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+@click.option("--val-split", type=Finite(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Share of each class of DATA held out to validate, without --val-data.")
 @click.option("--input-size", type=click.IntRange(1, MAX_INPUT_SIZE), help="Side of the square model input (default 224).")
 @click.option("--resize", type=click.IntRange(1, 2 * MAX_INPUT_SIZE), help="Shorter side before the centre crop (default: input size x 8/7).")

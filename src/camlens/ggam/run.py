@@ -9,6 +9,8 @@ RUN_DIR`` (and every command taking ``--model``) loads such a folder with :func:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,11 +20,12 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CamlensError
-from ..io import write_atomic
+from ..io import file_digest, read_plain, write_atomic
 from ..models import LoadedModel, Preprocess
 from .model import ggam_efficientnet_lite0
 
 RUN_FILE = "run.json"
+MAX_WEIGHTS_BYTES = 2**34  # 16 GiB: a weights file camlens reads whole
 FINISHED = "finished"
 # The builders a run can name; each takes ``pretrained`` (False when a run is rebuilt: the
 # weights come from the run's file).
@@ -77,6 +80,9 @@ def save_run(
     folder.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     write_atomic(folder / weights_name, lambda path: torch.save(state, path))
+    # The weights' digest: a weights file damaged on disk, or replaced, is refused at load.
+    record["weights sha256"] = file_digest(folder / weights_name)
+    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
     write_atomic(folder / RUN_FILE, lambda path: path.write_text(text, encoding="utf-8"))
     return folder / RUN_FILE
 
@@ -86,11 +92,11 @@ def load_run(folder: str | Path) -> LoadedModel:
     key must match), in eval mode, with its preprocessing and class names."""
     folder = Path(folder)
     path = folder / RUN_FILE
+    if not path.exists() and not path.is_symlink():
+        raise CamlensError(f"{folder}: not a camlens training run (no {RUN_FILE} in it)")
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CamlensError(f"{folder}: not a camlens training run (no {RUN_FILE} in it)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        record = json.loads(read_plain(path, 2**24).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise CamlensError(f"{path}: damaged ({type(error).__name__}); save the run again") from None
     if not isinstance(record, dict):
         raise CamlensError(f"{path}: damaged (not a JSON object); save the run again")
@@ -101,7 +107,11 @@ def load_run(folder: str | Path) -> LoadedModel:
             f"load it with camlens {_major(version)}.x"
         )
     status = record.get("status")
-    weights = folder / str(record.get("weights"))
+    name = record.get("weights")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..", RUN_FILE) or "\\" in name:
+        raise CamlensError(f"{path}: damaged: its weights file must be a plain file name of the run's folder, "
+                           f"not {name!r}")
+    weights = folder / name
     if status != FINISHED:
         has = f"weights in {weights.name}" if weights.is_file() else "no weights yet"
         raise CamlensError(
@@ -122,10 +132,18 @@ def load_run(folder: str | Path) -> LoadedModel:
         raise CamlensError(f"{path}: damaged: {error}") from None
     except (KeyError, TypeError, ValueError) as error:
         raise CamlensError(f"{path}: damaged (preprocessing or builder arguments: {error}); save the run again") from None
+    if not weights.exists() and not weights.is_symlink():
+        raise CamlensError(f"{folder}: the weights file {weights.name} named in {RUN_FILE} is missing")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CamlensError(f"{folder}: the weights file {weights.name} named in {RUN_FILE} is missing") from None
+        data = read_plain(weights, MAX_WEIGHTS_BYTES)
+    except CamlensError as error:
+        raise CamlensError(f"{error} (the weights file that {RUN_FILE} names)") from None
+    digest = record.get("weights sha256")
+    if digest is not None and digest != f"sha256:{hashlib.sha256(data).hexdigest()}":
+        raise CamlensError(f"{weights}: damaged or replaced (its digest is not the one {RUN_FILE} records); "
+                           "train again, or restore the file")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many kinds for a damaged or unsafe file
         raise CamlensError(f"{weights}: not a state dict that loads with weights_only=True ({type(error).__name__})") from None
     if not isinstance(state, dict):

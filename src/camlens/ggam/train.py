@@ -32,7 +32,7 @@ from ..api import explain
 from ..combine import upsample_normalise
 from ..datasets import Dataset, cub_class_names, dataset_entries, is_cub, load_cub, load_dataset
 from ..errors import CamlensError, check_positive_int
-from ..io import load_image, locked_output_dir, write_atomic
+from ..io import file_digest, load_image, locked_output_dir, write_atomic
 from ..metrics import box_mask, energy_pointing_game, localisation_correct
 from ..models import Preprocess
 from .loss import ggam_training_loss
@@ -51,6 +51,8 @@ EXAMPLE_COUNT = 6
 HISTORY_COLUMNS = ("epoch", "train_ce", "train_ggam", "train_accuracy", "val_accuracy", "val_ce", "seconds")
 # Files that make a folder a training run (refused without resume).
 RUN_MARKERS = (SETTINGS_FILE, RUN_FILE, LAST)
+# Everything a run writes in its folder (the command line adds its chart of the curves).
+RUN_FILES = (*RUN_MARKERS, BEST, LOCALISATION, EXAMPLES, "history.jsonl", "history.csv", "curves.png", "report.html")
 
 
 @dataclass
@@ -186,10 +188,10 @@ def train_ggam(
     if out.exists() and not out.is_dir():
         raise CamlensError(f"{out}: not a folder; choose another out")
     out.mkdir(parents=True, exist_ok=True)
-    with locked_output_dir(out):
+    with locked_output_dir(out, "train-ggam", RUN_FILES) as run_folder:
         done = _prepare(out, settings, epochs, resume)
         if resume:  # an earlier end's report and examples would be taken for this run's
-            (out / "report.html").unlink(missing_ok=True)
+            run_folder.remove("report.html")
             (out / EXAMPLES / "examples.json").unlink(missing_ok=True)
         y_train, y_val = (torch.tensor([s.label for s in part.samples]) for part in (train, val))
         model.to(kind)
@@ -214,7 +216,7 @@ def train_ggam(
                 torch.set_rng_state(checkpoint["torch rng"])
                 history = checkpoint["history"]
                 best = {"epoch": checkpoint["best epoch"], "accuracy": checkpoint["best val accuracy"]}
-                best_state = _load(out / BEST)
+                best_state = checkpoint["best state"]
             else:
                 torch.manual_seed(seed)
             if on_plan is not None:
@@ -227,9 +229,15 @@ def train_ggam(
                 text = json.dumps(settings, indent=2) + "\n"
                 write_atomic(out / SETTINGS_FILE, lambda path: path.write_text(text, encoding="utf-8"))
             _write_history(out, history)
+            # What run.json says of the run: always that of the last checkpoint written (an epoch
+            # stopped half-way is not done, and its model not kept).
             extra = lambda: {"epochs": epochs, "epochs done": len(history), "best epoch": best["epoch"],
                              "best val accuracy": best["accuracy"],
-                             "to finish": f"camlens.ggam.train_ggam(..., out={str(out)!r}, resume=True)"}
+                             "to finish": f"camlens.ggam.train_ggam(..., out={str(out)!r}, resume=True)",
+                             "checkpoint sha256": file_digest(out / LAST) if (out / LAST).is_file() else None}
+            recorded = extra()
+            if done:  # what a run killed after its checkpoint had not published yet, published now
+                _publish(out, model, best_state, builder_name, kwargs, names, preprocess, recorded, "running")
             try:
                 for epoch in range(done + 1, epochs + 1):
                     start = time.perf_counter()
@@ -239,28 +247,34 @@ def train_ggam(
                     row = {"epoch": epoch, **row, "seconds": time.perf_counter() - start}
                     history.append(row)
                     status = FINISHED if epoch == epochs else "running"
-                    if keep == "last" or row["val_accuracy"] > best["accuracy"]:
+                    improved = keep == "last" or row["val_accuracy"] > best["accuracy"]
+                    if improved:
                         best = {"epoch": epoch, "accuracy": row["val_accuracy"]}
                         best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                        save_run(out, model, builder_name, kwargs, names, preprocess, BEST, extra(), status)
-                    elif status == FINISHED:
-                        _set_status(out, status, extra())
+                    # The checkpoint first, holding everything (the kept model's weights too), then
+                    # what is published from it: the kept weights and run.json, which records the
+                    # checkpoint's digest. A run killed in between resumes from the checkpoint and
+                    # publishes again; run.json never claims an epoch the checkpoint lacks.
                     state = {
                         "model": model.state_dict(), "optimizer": optimiser.state_dict(), "epoch": epoch,
                         "generator": generator.get_state(), "torch rng": torch.get_rng_state(),
                         "best epoch": best["epoch"], "best val accuracy": best["accuracy"], "history": history,
+                        "best state": best_state,
                     }
                     write_atomic(out / LAST, lambda path: torch.save(state, path))
+                    recorded = extra()
+                    _publish(out, model, best_state if improved else None, builder_name, kwargs, names, preprocess,
+                             recorded, status)
                     _append_history(out, row, history)
                     if on_epoch is not None:
                         on_epoch(list(history))
             except BaseException:
                 # Killed outright, the run stays "running"; stopped by an error or Ctrl-C, it says so.
                 if (out / RUN_FILE).is_file():
-                    _set_status(out, "interrupted", extra())
+                    _set_status(out, "interrupted", recorded)
                 raise
             if done == epochs:  # resumed a run that had all its epochs: finish it
-                _set_status(out, FINISHED, extra())
+                _set_status(out, FINISHED, recorded)
         model.load_state_dict(best_state)
         model.eval()
         report = _localisation(model, val_inputs, y_val, val.samples, preprocess, batch_size, kind, freeze_backbone)
@@ -388,7 +402,22 @@ def _prepare(out: Path, settings: dict, epochs: int, resume: bool) -> int:
                            "resume with the same settings or train into another out")
     if not (out / LAST).is_file():
         return 0
-    done = int(_load(out / LAST)["epoch"])
+    checkpoint = _load(out / LAST)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("epoch"), int) or "best state" not in checkpoint:
+        raise CamlensError(f"{out / LAST}: not a checkpoint of this camlens (made by an older one?); start a new run")
+    done = checkpoint["epoch"]
+    try:
+        published = json.loads((out / RUN_FILE).read_text(encoding="utf-8")).get("extra") or {}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        published = {}
+    recorded = published.get("epochs done", 0) if isinstance(published, dict) else 0
+    if recorded == done:
+        if published.get("checkpoint sha256") != file_digest(out / LAST):
+            raise CamlensError(f"{out / LAST}: damaged (its digest is not the one {RUN_FILE} records); start a new "
+                               "run, or train into another out")
+    elif recorded != done - 1:  # one behind: killed after the checkpoint, before its publication
+        raise CamlensError(f"{out}: {RUN_FILE} records {recorded} epoch(s) done, {LAST} {done}: the run's files do "
+                           "not belong together; start a new run")
     if epochs < done:
         raise CamlensError(f"cannot resume {out}: {done} epochs are done, epochs={epochs} asks for fewer")
     return done
@@ -477,6 +506,20 @@ def _validate(model, attend, x, y, batch_size, kind) -> dict:
             ce += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
     return {"val_accuracy": correct / len(y), "val_ce": ce / len(y)}
+
+
+def _publish(out: Path, model: nn.Module, best_state: dict | None, builder_name: str, kwargs: dict,
+             names: Sequence[str], preprocess: Preprocess, extra: dict, status: str) -> None:
+    """best.pt (when ``best_state`` is given: the model is saved with those weights) and run.json."""
+    if best_state is None:
+        _set_status(out, status, extra)
+        return
+    current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    try:
+        save_run(out, model, builder_name, kwargs, names, preprocess, BEST, extra, status)
+    finally:
+        model.load_state_dict(current)
 
 
 def _set_status(out: Path, status: str, extra: dict) -> None:

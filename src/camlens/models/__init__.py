@@ -172,7 +172,7 @@ def load_model(
 
     - a registered name (``efficientnet_lite0``): the embedded model, its preprocessing and names;
     - a file: a ``torch.export`` archive (``.pt2``), unflattened so that its layers can be
-      hooked, or a TorchScript archive. Nothing is ever unpickled;
+      hooked (a TorchScript archive is refused unloaded). Nothing is ever unpickled;
     - a folder holding ``run.json``: a training run, rebuilt by ``camlens.ggam.load_run``;
     - ``package.module:factory``: a callable returning an ``nn.Module``; ``weights`` is then a
       state dict loaded with ``weights_only=True``.
@@ -280,13 +280,13 @@ def _from_archive(path: Path) -> tuple[nn.Module, str]:
             raise CamlensError(f"{path}: cannot load the torch.export archive: {error}") from None
         return module, "torch.export"
     if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
-        try:
-            with warnings.catch_warnings():  # torch.jit.load is deprecated in recent PyTorch
-                warnings.simplefilter("ignore", DeprecationWarning)
-                module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as error:
-            raise CamlensError(f"{path}: cannot load the TorchScript archive: {error}") from None
-        return module, "TorchScript"
+        # Known by its entries, refused unloaded: loading runs the archive's own code
+        # (__setstate__), and a ScriptModule could not be explained anyway (no forward hooks).
+        raise CamlensError(
+            f"{path}: a TorchScript archive, which camlens does not load (loading would run the archive's code, "
+            "and TorchScript models take no forward hooks): export the model with torch.export.save (.pt2), "
+            "or give its factory with --model module:factory and its weights with --weights"
+        )
     raise CamlensError(f"{path}: a zip file, but neither a TorchScript nor a torch.export archive")
 
 

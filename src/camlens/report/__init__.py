@@ -15,8 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..io import LOCK_NAME, os_reason, write_atomic
-from .common import ImageStore, RunError, human_size
+from ..errors import CamlensError
+from ..io import LOCK_NAME, RunFolder, os_reason, read_marker, write_atomic
+from .common import RUN_ROOT, ImageStore, RunError, human_size
 
 __all__ = ["Report", "RunError", "build_report", "detect_kind", "render_report"]
 
@@ -109,6 +110,11 @@ def render_report(folder: Path) -> tuple[str, str, ImageStore, dict]:
     store = ImageStore()
     from jinja2 import UndefinedError
 
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():  # never followed: a report of links could embed any local file
+            raise RunError(f"{entry}: a symbolic link; a report never follows a link in a run folder (it could "
+                           "embed a file from elsewhere): remove it, or run the command again")
+    reading = RUN_ROOT.set(folder)
     try:
         context = module.load(folder, store)
         context.setdefault("status", "complete")
@@ -127,7 +133,34 @@ def render_report(folder: Path) -> tuple[str, str, ImageStore, dict]:
         # belongs, null for a number): one line that says so, not a traceback.
         raise RunError(f"{folder}: the run's files hold values this camlens does not expect "
                        f"(damaged or edited? {type(error).__name__}: {error})") from None
+    finally:
+        RUN_ROOT.reset(reading)
     return html, kind, store, context
+
+
+def _own_in_run(folder: Path, target: Path) -> None:
+    """A report written into its own run folder is recorded there as camlens's; one of that name
+    that camlens did not write is never replaced."""
+    try:
+        inside = target.parent.resolve() == folder.resolve()
+    except OSError:
+        return
+    if not inside:
+        return
+    try:
+        record = read_marker(folder)
+    except CamlensError as error:
+        raise RunError(str(error)) from None
+    if record is None:
+        return
+    run = RunFolder(folder, record["kind"], record)
+    if (target.exists() or target.is_symlink()) and not run.owns(target.name):
+        raise RunError(f"cannot write {target}: camlens did not write the file of that name there (give another "
+                       "--out, or remove it first)")
+    try:
+        run.own(target.name)
+    except OSError as error:
+        raise RunError(f"cannot write {target}: {os_reason(error)}") from None
 
 
 def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
@@ -151,6 +184,7 @@ def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
                        "ending in .html, or remove it first)")
     if not target.parent.is_dir():
         raise RunError(f"cannot write {target}: {target.parent} is not a directory")
+    _own_in_run(folder, target)
     # Names from the run (image files, classes) may carry undecodable bytes as lone surrogates:
     # they are shown as replacement characters rather than failing the whole report.
     data = _utf8(html)

@@ -9,10 +9,12 @@ the file once.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
-from collections.abc import Mapping
+import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from PIL import Image
 
 from .. import __version__
 from ..errors import CamlensError
-from ..io import os_reason
+from ..io import MAX_NPZ_BYTES, Arrays, read_plain
 
 # The photo is shown at up to PHOTO_SIDE CSS pixels; a map is smooth at the scale of its layer
 # (7 x 7 on the embedded model), so HEAT_SIDE pixels draw it as sharply once the browser scales
@@ -51,15 +53,51 @@ class RunError(CamlensError):
         super().__init__(one_line(str(message)))
 
 
+# The run folder a report is being made of: every file it reads must lie in it, reached through
+# no symbolic link (one could pull a picture from elsewhere into a report meant to be sent).
+RUN_ROOT: ContextVar[Path | None] = ContextVar("RUN_ROOT", default=None)
+MAX_JSON_BYTES = 2**26
+MAX_JSONL_BYTES = 2**31
+MAX_PICTURE_BYTES = 2**26
+MAX_PICTURE_PIXELS = 40_000_000  # views and charts camlens writes are far smaller
+
+
+def read_run_file(path: Path, limit: int, digest: object = None) -> bytes:
+    """The bytes of a file of the run being reported: inside its folder, through no link, a
+    regular file of at most ``limit`` bytes, and with ``digest`` ("sha256:<hex>", as the run's
+    record gives it) the very file the record describes; a RunError that says which file and why
+    otherwise."""
+    root = RUN_ROOT.get()
+    if root is not None:
+        try:
+            parts = path.relative_to(root).parts
+        except ValueError:
+            raise RunError(f"{path}: outside the run folder {root}, never read into its report") from None
+        current = root
+        for part in parts:
+            current = current / part
+            if current.is_symlink():
+                raise RunError(f"{current}: a symbolic link; a report never follows a link in a run folder (it "
+                               "could embed a file from elsewhere): remove it, or run the command again")
+    try:
+        data = read_plain(path, limit)
+    except CamlensError as error:
+        message = str(error)
+        if message.endswith(": missing"):
+            message += " (was the run interrupted?)"
+        raise RunError(message) from None
+    if digest is not None and digest != f"sha256:{hashlib.sha256(data).hexdigest()}":
+        raise RunError(f"{path}: not the file the run's record describes (a later run was stopped while "
+                       "replacing the run's files?): run the command again")
+    return data
+
+
 def read_json(path: Path, what: str) -> Any:
     """A JSON file of a run, or a RunError that says which file and why."""
+    data = read_run_file(path, MAX_JSON_BYTES)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing") from None
-    except OSError as error:
-        raise RunError(f"{path}: cannot be read ({os_reason(error)})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise RunError(f"{path}: not a valid {what} (is the run folder damaged? {error})") from None
 
 
@@ -67,16 +105,13 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
     """The records of a JSON-lines file and the number of lines that could not be read (a run
     killed while writing leaves its last line cut)."""
     records, bad = [], 0
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise RunError(f"{path}: cannot be read ({os_reason(error)})") from None
+    text = read_run_file(path, MAX_JSONL_BYTES).decode("utf-8", "replace")
     for line in text.splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             bad += 1
             continue
         if isinstance(record, dict):
@@ -84,6 +119,24 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
         else:
             bad += 1
     return records, bad
+
+
+def read_picture(path: Path, digest: object = None) -> Image.Image:
+    """A picture of the run (a view, a chart), fully decoded; a RunError if it is missing, a link,
+    damaged, larger than camlens writes, or not the one of ``digest`` (see :func:`read_run_file`)."""
+    data = read_run_file(path, MAX_PICTURE_BYTES, digest)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as picture:
+                if picture.width * picture.height > MAX_PICTURE_PIXELS:
+                    raise RunError(f"{path}: {picture.width}x{picture.height} pixels, more than camlens writes")
+                picture.load()
+                return picture.convert("RGB")
+    except RunError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise RunError(f"{path}: cannot be read ({error or type(error).__name__})") from None
 
 
 def check_version(made_by: object, folder: Path, command: str) -> None:
@@ -162,14 +215,10 @@ class ImageStore:
 
     def file(self, path: Path, side: int = 1600, quality: int = 85) -> str:
         """A picture of the run (a chart) by path, downscaled to ``side``; PNG charts become JPEG."""
-        try:
-            with Image.open(path) as picture:
-                picture.load()
-                return self.add(fit(picture.convert("RGB"), side), quality, key=("file", str(path)))
-        except FileNotFoundError:
-            raise RunError(f"{path}: missing (was the run interrupted?)") from None
-        except OSError as error:
-            raise RunError(f"{path}: cannot be read ({os_reason(error) if error.errno else error})") from None
+        key = ("file", str(path))
+        if key in self._keys:
+            return self._keys[key]
+        return self.add(fit(read_picture(path), side), quality, key=key)
 
     @property
     def nbytes(self) -> int:
@@ -184,27 +233,33 @@ def own_file(folder: Path, name: object, where: object) -> Path:
     return folder / name
 
 
-def open_photo(path: Path) -> Image.Image:
+def open_photo(path: Path, digest: object = None) -> Image.Image:
     """A photo a run saved (its model view), fully decoded; a RunError if it is missing or damaged."""
-    try:
-        with Image.open(path) as picture:
-            picture.load()
-            return picture.convert("RGB")
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing (was the run interrupted, or made by an older camlens?)") from None
-    except OSError as error:
-        raise RunError(f"{path}: cannot be read ({os_reason(error) if error.errno else error})") from None
+    return read_picture(path, digest)
 
 
-def load_npz(path: Path) -> Mapping[str, np.ndarray]:
-    """All arrays of a run's .npz file, read now; a RunError if it is missing or damaged."""
+def load_npz(path: Path, digest: object = None) -> Arrays:
+    """The arrays of a run's .npz file, each read when used and bounded in size (see
+    :class:`camlens.io.Arrays`); a RunError if the file is missing, a link, or damaged."""
+    data = read_run_file(path, MAX_NPZ_BYTES, digest)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing (was the run interrupted?)") from None
-    except Exception as error:  # a truncated zip raises BadZipFile, EOFError, ValueError, ...
-        raise RunError(f"{path}: cannot be read ({type(error).__name__}: {error})") from None
+        return _Arrays(path, data=data)
+    except CamlensError as error:
+        raise RunError(str(error)) from None
+
+
+class _Arrays(Arrays):
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return super().__getitem__(name)
+        except CamlensError as error:
+            raise RunError(str(error)) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        try:
+            return super().shape(name)
+        except CamlensError as error:
+            raise RunError(str(error)) from None
 
 
 def fmt(value: object, digits: int = 3) -> str:

@@ -10,6 +10,7 @@ results.jsonl last grew) is reported with the images it has, and said to be inte
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -248,10 +249,10 @@ def _image(folder: Path, key: str, methods: list[str], metrics: list[str], recor
     view = view_name(sha256)
     if view is not None and (folder / view).is_file():
         photo = open_photo(folder / view)
-    arrays: dict[str, np.ndarray] = {}
+    arrays: Mapping[str, np.ndarray] = {}
     maps = maps_name(sha256, label)
     if maps is not None and (folder / maps).is_file():
-        arrays = dict(load_npz(folder / maps))
+        arrays = load_npz(folder / maps)
     heat: dict[str, str | None] = {}
     for method in methods:
         data = arrays.get(method)

@@ -27,22 +27,30 @@ def _named(entry: dict) -> dict:
 
 
 def _markers(folder: Path) -> list[dict]:
-    """The image records of a run killed before it wrote manifest.json, from its folders' markers."""
+    """The image records that the markers of the run's image folders hold, each with its folder
+    and run (a damaged marker, or one reached through a link, is no record)."""
     records = []
     for marker in sorted(folder.glob(f"*/{MARKER}")):
         try:
-            record = json.loads(marker.read_text(encoding="utf-8"))
+            record = read_json(marker, "image folder marker")
             records.append({**record["image"], "output": marker.parent.name, "run": record["run"]})
-        except (OSError, ValueError, KeyError, TypeError):
+        except (RunError, KeyError, TypeError):
             continue
-    return records
+    return [r for r in records if isinstance(r.get("run"), dict)]
+
+
+def _run_id(record: dict) -> object:
+    return record["run"].get("id")
 
 
 def load(folder: Path, store: ImageStore) -> dict:
-    """The template's context for the explain run in ``folder``."""
+    """The template's context for the explain run in ``folder``: the run of its manifest (the last
+    one that finished, or was stopped by Ctrl-C), with the image folders that are still that
+    run's; else, when a run was killed before it wrote a manifest, the newest run's folders."""
     manifest_path = folder / "manifest.json"
     notes: list[str] = []
-    if manifest_path.is_file():
+    found = _markers(folder)
+    if manifest_path.is_file() or manifest_path.is_symlink():
         manifest = read_json(manifest_path, "manifest")
         if not isinstance(manifest, dict):
             raise RunError(f"{manifest_path}: not a camlens manifest")
@@ -54,16 +62,31 @@ def load(folder: Path, store: ImageStore) -> dict:
         facts = manifest
         if status != "complete":
             notes.append(f"This run was {status}: the report shows the images it finished.")
+        run_id = manifest.get("run id")
+        if run_id is not None:
+            # A later run, killed before it wrote its own manifest, may have replaced some of
+            # this run's image folders: those are that run's now, not this one's.
+            owner = {r["output"]: _run_id(r) for r in found}
+            replaced = [r for r in records if r.get("status") == "ok" and owner.get(r.get("output")) != run_id]
+            if replaced:
+                records = [r for r in records if r not in replaced]
+                later = [r for r in found if _run_id(r) != run_id and r["output"] in {x.get("output") for x in replaced}]
+                when = max((str(r["run"].get("created", "")) for r in later), default="")
+                notes.append(
+                    f"A later run{f' (started {when})' if when else ''} was stopped before it finished and replaced "
+                    f"{len(replaced)} of this run's image folders ({', '.join(str(r.get('output')) for r in replaced[:5])}"
+                    f"{', ...' if len(replaced) > 5 else ''}): they are left out of this report, which shows only what "
+                    "this run wrote. Run `camlens explain` again to finish."
+                )
     else:
-        # A run killed outright removed the old manifest and never wrote its own: its finished
-        # image folders still say what they hold.
-        found = _markers(folder)
-        found = [r for r in found if isinstance(r.get("run"), dict) and r["run"].get("camlens") is not None]
+        # A run killed outright before it ever wrote a manifest: its finished image folders
+        # still say what they hold, and which run wrote them.
+        found = [r for r in found if r["run"].get("camlens") is not None]
         if not found:
             raise RunError(f"{folder}: not a finished explain run (no manifest.json and no image folders "
                            "of this camlens version): run `camlens explain` again")
-        newest = max(r["run"].get("created", "") for r in found)
-        found = [r for r in found if r["run"].get("created", "") == newest]
+        newest = max(found, key=lambda r: str(r["run"].get("created", "")))
+        found = [r for r in found if _run_id(r) == _run_id(newest) and r["run"].get("created") == newest["run"].get("created")]
         check_version(found[0]["run"].get("camlens"), folder, "explain")
         status = "interrupted"
         records = found
@@ -127,8 +150,8 @@ def _image(folder: Path, record: dict, methods: list[str], colormap: str, store:
         if stack.ndim != 3 or stack.shape[0] < len(targets):
             raise RunError(f"{sub / 'maps.npz'}: {method}'s maps have shape {stack.shape}, "
                            f"not one per target ({len(targets)})")
-        raw = [v for k, v in maps.items() if k.startswith(f"{method}/raw/")]
-        raw_side = max((max(v.shape[-2:]) for v in raw), default=None)
+        raw = [maps.shape(k) for k in maps if k.startswith(f"{method}/raw/")]
+        raw_side = max((max(shape[-2:], default=1) for shape in raw), default=None)
         heat[method] = [store.heat(stack[i], photo.size, colormap, raw_side) for i in range(len(targets))]
     return {
         "name": Path(str(record.get("input", output))).name,

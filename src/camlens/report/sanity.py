@@ -85,8 +85,10 @@ def load(folder: Path, store: ImageStore) -> dict:
     files = data.get("files") or {}
     if not isinstance(files, dict):
         raise RunError(f"{path}: names its files wrongly ({files!r})")
-    photo = open_photo(own_file(folder, files.get("view", "view.jpg"), path))
-    maps = load_npz(own_file(folder, files.get("maps", "maps.npz"), path))
+    digests = data.get("digests") if isinstance(data.get("digests"), dict) else {}
+    view, maps_file = files.get("view", "view.jpg"), files.get("maps", "maps.npz")
+    photo = open_photo(own_file(folder, view, path), digests.get(view))
+    maps = load_npz(own_file(folder, maps_file, path), digests.get(maps_file))
     columns = ["trained", *map(str, steps)]
     notes: list[str] = []
     if status != "complete":
