@@ -377,3 +377,80 @@ def test_the_feature_cache_sees_an_image_rewritten_in_place(data, tmp_path):
     assert len(cache) == 2  # a new entry, not the old image's features
     train_ggam(copy, tmp_path / "c", **{**common, "batch_size": 5})
     assert len(cache) == 3  # another batching: computed again
+
+
+# -- issue 20, finding 11: the checkpoint and the run record belong together -----------------------
+
+class Killed(BaseException):
+    """kill -9 at a chosen point: none of the run's own clean-up runs."""
+
+
+@pytest.mark.parametrize("where, epoch", [("before best.pt and run.json", 2), ("between best.pt and run.json", 1)])
+def test_a_run_killed_between_its_checkpoint_and_its_record_resumes_consistent(straight, data, tmp_path,
+                                                                               monkeypatch, where, epoch):
+    import camlens.ggam.run as run_module
+    import camlens.ggam.train as train_module
+
+    result, _ = straight
+    train, val = data
+    out = tmp_path / "killed"
+    common = dict(val_data=val, val_boxes=val / "boxes.csv", **TINY)
+    real_publish, real_write = train_module._publish, run_module.write_atomic
+    calls = []
+
+    def publish(*args):
+        calls.append(1)
+        if len(calls) == epoch and where.startswith("before"):
+            raise Killed
+        return real_publish(*args)
+
+    def write(target, save):
+        if target.name == "run.json" and len(calls) == epoch:
+            raise Killed  # best.pt written, run.json not
+        return real_write(target, save)
+
+    monkeypatch.setattr(train_module, "_publish", publish)
+    monkeypatch.setattr(run_module, "write_atomic", write)
+    with pytest.raises(Killed):
+        train_ggam(train, out, epochs=3, **common)
+    monkeypatch.undo()
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == epoch
+    if (out / "run.json").exists():  # run.json never claims more than the checkpoint holds
+        assert json.loads((out / "run.json").read_text())["extra"]["epochs done"] == epoch - 1
+    if epoch > 1:
+        with pytest.raises(CamlensError, match=f"{epoch} epochs are done, epochs=1 asks for fewer"):
+            train_ggam(train, out, epochs=1, resume=True, **common)
+    resumed = train_ggam(train, out, epochs=3, resume=True, **common)
+    assert resumed.best_epoch == result.best_epoch
+    record = json.loads((out / "run.json").read_text())
+    assert record["extra"]["epochs done"] == 3 and record["extra"]["best epoch"] == result.best_epoch
+    for name, key in (("last.pt", "model"), ("best.pt", None)):
+        a, b = state(result.folder / name, key), state(out / name, key)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resuming_a_finished_run_with_fewer_epochs_is_refused(straight, data):
+    result, _ = straight
+    train, val = data
+    with pytest.raises(CamlensError, match="3 epochs are done, epochs=2 asks for fewer"):
+        train_ggam(train, result.folder, epochs=2, resume=True, val_data=val, val_boxes=val / "boxes.csv", **TINY)
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
+def test_a_damaged_checkpoint_or_model_is_detected(straight, data, tmp_path, name):
+    result, _ = straight
+    train, val = data
+    out = tmp_path / "damaged"
+    shutil.copytree(result.folder, out, ignore=shutil.ignore_patterns(".camlens-lock"))
+    data_bytes = bytearray((out / name).read_bytes())
+    rng = np.random.default_rng(0)
+    # 50 bytes flipped inside the tensors' data (past the zip's headers): torch.load takes them silently
+    for position in rng.choice(np.arange(len(data_bytes) // 2, len(data_bytes) - 2000), 50, replace=False):
+        data_bytes[position] ^= 0xFF
+    (out / name).write_bytes(bytes(data_bytes))
+    if name == "last.pt":
+        with pytest.raises(CamlensError, match="last.pt: damaged"):
+            train_ggam(train, out, epochs=4, resume=True, val_data=val, val_boxes=val / "boxes.csv", **TINY)
+    else:
+        with pytest.raises(CamlensError, match="best.pt: damaged or replaced"):
+            load_model(str(out))

@@ -207,10 +207,12 @@ def test_the_report_counts_the_images_the_summary_counts(tmp_path, data, model, 
     assert run([*args, "--limit", "1"], capsys)[0] == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["summary"]["gradcam"]["drop"]["n"] == 1
-    html = build_report(tmp_path / "out").path.read_text()
-    table = json.loads(html.split('id="camlens-summary">')[1].split("</script>")[0]) if 'id="camlens-summary"' in html else None
-    assert "the last run summarised 1 of them" in html
-    assert table is None or table["gradcam"]["drop"]["n"] == 1
+    from camlens.report import render_report
+
+    _, _, _, context = render_report(tmp_path / "out")
+    assert "the last run summarised 1 of them (its --limit), and so does this report" in " ".join(context["notes"])
+    assert len(context["images"]) == 1
+    assert context["table"]["gradcam"]["drop"] == summary["summary"]["gradcam"]["drop"]
 
 
 # -- 5: links ------------------------------------------------------------------------------------

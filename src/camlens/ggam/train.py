@@ -262,13 +262,13 @@ def train_ggam(
                         "best state": best_state,
                     }
                     write_atomic(out / LAST, lambda path: torch.save(state, path))
-                    recorded = extra()
                     _publish(out, model, best_state if improved else None, builder_name, kwargs, names, preprocess,
-                             recorded, status)
+                             extra(), status)
+                    recorded = extra()  # what run.json says now
                     _append_history(out, row, history)
                     if on_epoch is not None:
                         on_epoch(list(history))
-            except BaseException:
+            except (Exception, KeyboardInterrupt):
                 # Killed outright, the run stays "running"; stopped by an error or Ctrl-C, it says so.
                 if (out / RUN_FILE).is_file():
                     _set_status(out, "interrupted", recorded)

@@ -102,12 +102,7 @@ def _status(folder: Path, images: int) -> tuple[str, list[str], dict]:
         return "interrupted", [f"This run was interrupted: results.jsonl grew after summary.json was written. "
                                f"The report shows the {images} image(s) in results.jsonl, and computes the table "
                                "from them."], {}
-    notes = []
-    counted = summary.get("images")
-    if isinstance(counted, int) and counted < images:
-        notes.append(f"results.jsonl holds {images} images; the last run summarised {counted} of them (its "
-                     f"--limit). The report shows all {images}.")
-    return "complete", notes, summary
+    return "complete", [], summary
 
 
 def _sampled(steps: int) -> list[int]:
@@ -166,6 +161,17 @@ def load(folder: Path, store: ImageStore) -> dict:
         raise RunError(f"{folder}: the run has no results yet (results.jsonl holds no result of this run)")
     order = list(dict.fromkeys(image for image, _ in records))
     status, notes, summary = _status(folder, len(order))
+    chosen = summary.get("summarised images")
+    if isinstance(chosen, list) and len(set(chosen)) < len(order):
+        # The images summary.json summarised (a --limit takes some of the results): the report
+        # shows the same selection, so that its table and summary.json agree.
+        chosen = set(chosen)
+        records = {key: r for key, r in records.items() if key[0] in chosen}
+        notes.append(f"results.jsonl holds {len(order)} images; the last run summarised {len(chosen)} of them (its "
+                     f"--limit), and so does this report, as summary.json does.")
+        order = [image for image in order if image in chosen]
+        if not records:
+            raise RunError(f"{folder}: summary.json summarised no image of results.jsonl (damaged?)")
     if bad or unusable:
         notes.append(f"{bad + unusable} line(s) of results.jsonl could not be used (damaged, or not of this "
                      "run's settings) and are left out.")
