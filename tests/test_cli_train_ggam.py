@@ -121,12 +121,16 @@ def test_ctrl_c_leaves_a_run_that_resume_finishes(data, tmp_path, capsys, monkey
     (["--attention", "bogus"], 2, "Invalid value for '--attention'"),
     (["--resize", "32"], 1, "bad input size 64 (resize 32)"),
     (["--lambda", "nan"], 2, "'nan' is not a finite number"),
+    (["--lr", "inf"], 2, "'inf' is not a finite number"),
+    # Trained a whole epoch and marked the run finished before it failed (issue 20, finding 15):
+    (["--input-size", "1", "--resize", "1"], 1, "input size 1 leaves the backbone a 1x1 feature map"),
+    (["--input-size", "32", "--resize", "32"], 1, "input size 32 leaves the backbone a 1x1 feature map"),
 ])
 def test_bad_options_are_one_line(data, tmp_path, capsys, extra, code, message):
     got, out, err = run(args(data, tmp_path / "run", *extra), capsys)
     assert got == code and out == ""
     assert err.count("\n") == 1 and err.startswith("camlens: error: ") and message in err, err
-    assert not (tmp_path / "run" / "train.json").exists()
+    assert not (tmp_path / "run" / "train.json").exists() and not (tmp_path / "run" / "run.json").exists()
 
 
 def test_an_empty_dataset_is_one_line(tmp_path, capsys):

@@ -156,7 +156,13 @@ def test_bad_run_folders(run_dir, tmp_path, model):
     assert '"epochs": 2' in message
     (folder / "run.json").write_text(text)
     _edit(folder, **{"builder kwargs": {**KWARGS, "num_classes": 4}})
-    assert "do not fit" in _error(folder)  # strict: the classifier's shape differs
+    assert "damaged: num_classes 4 for 3 class names" in _error(folder)
+    # Crafted: a head of 2e9 classes was allocated (a traceback); now refused before the model is built.
+    _edit(folder, **{"builder kwargs": {**KWARGS, "num_classes": 2_000_000_000}})
+    assert "damaged: num_classes 2000000000 for 3 class names" in _error(folder)
+    (folder / "run.json").write_text(text)
+    _edit(folder, preprocessing={**json.loads(text)["preprocessing"], "interpolation": "sinc"})
+    assert "unknown interpolation 'sinc'" in _error(folder)
     _edit(folder, **{"builder kwargs": {**KWARGS, "layers": 3}})
     assert "damaged" in _error(folder)
     (folder / "run.json").write_text(text)

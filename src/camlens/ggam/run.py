@@ -124,6 +124,10 @@ def load_run(folder: str | Path) -> LoadedModel:
     kwargs, names = record.get("builder kwargs"), record.get("class names")
     if not isinstance(kwargs, dict) or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CamlensError(f"{path}: damaged (builder kwargs or class names); save the run again")
+    classes = kwargs.get("num_classes")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes != len(names) or not names:
+        # Checked before the model is built: a crafted count (2e9) would allocate a head of that size.
+        raise CamlensError(f"{path}: damaged: num_classes {classes!r} for {len(names)} class names")
     try:
         settings = dict(record["preprocessing"])
         preprocess = Preprocess(**{**settings, "mean": tuple(settings["mean"]), "std": tuple(settings["std"])})
@@ -153,8 +157,6 @@ def load_run(folder: str | Path) -> LoadedModel:
     except (RuntimeError, TypeError) as error:
         first = " ".join(str(error).strip().splitlines()[:2])
         raise CamlensError(f"{weights}: the weights do not fit the {builder} model of {RUN_FILE}: {first}") from None
-    if len(names) != getattr(model, "num_classes", len(names)):
-        raise CamlensError(f"{path}: damaged: {len(names)} class names for a model of {model.num_classes} classes")
     model.preprocess = preprocess
     model.class_names = names
     model.eval()

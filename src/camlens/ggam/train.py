@@ -176,6 +176,7 @@ def train_ggam(
         torch.manual_seed(seed)
         model = builder(**kwargs, pretrained=pretrained, class_names=names, preprocess=preprocess)
     preprocess = model.preprocess
+    _check_feature_map(model, preprocess.size)
     settings = {
         "backbone": backbone, "attention": attention, "lam": float(lam), "lr": float(lr),
         "batch size": batch_size, "seed": seed,
@@ -287,6 +288,22 @@ def train_ggam(
             on_finish()
     return TrainResult(out, history, best["epoch"], best["accuracy"], history[-1]["val_accuracy"], report, problems,
                        keep)
+
+
+def _check_feature_map(model: GGAMNet, size: int) -> None:
+    """Refuse, before any training, an input size that leaves the backbone a 1x1 feature map: the
+    Grad-CAM maps of the loss, the spatial attention and the localisation report need a grid."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        was = model.backbone.training
+        model.backbone.eval()
+        try:
+            features = model.backbone(torch.zeros(1, 3, size, size))
+        finally:
+            model.backbone.train(was)
+    if features.shape[-2:].numel() < 2:
+        raise CamlensError(f"input size {size} leaves the backbone a {features.shape[-2]}x{features.shape[-1]} "
+                           "feature map: Grad-CAM's maps and GGAM's attention need at least 2 cells; give a larger "
+                           "input size (--input-size; the backbone divides it by 32)")
 
 
 def _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data, device,

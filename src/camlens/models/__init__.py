@@ -54,6 +54,9 @@ class Preprocess:
             raise CamlensError("mean and std need three values each")
         if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or any(s <= 0 for s in self.std):
             raise CamlensError("mean and std must be finite numbers, std > 0")
+        if not isinstance(self.interpolation, str) or self.interpolation.upper() not in Image.Resampling.__members__:
+            known = ", ".join(name.lower() for name in Image.Resampling.__members__)
+            raise CamlensError(f"unknown interpolation {self.interpolation!r} (one of {known})")
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The region (left, top, right, bottom) of the original image that the model sees."""
