@@ -207,3 +207,33 @@ def test_bad_channel_subsets(tiny, images):
         camlens.GradCAM(tiny, "features")(images, channels=[])
     with raises("not a target layer"):
         camlens.GradCAM(tiny, "features")(images, channels={"features.0": [0]})
+
+
+# -- issue 20, finding 16: the meta device ---------------------------------------------------------
+
+def _meta_net():
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "scorecam", "cam", "ablationcam", "smoothgradcam++", "eigencam"])
+@pytest.mark.parametrize("where, text", [
+    ("model", "the model's weights are on the meta device"),
+    ("images", "the input images are on the meta device"),
+])
+def test_the_meta_device_gets_one_line(method, where, text):
+    import camlens
+
+    model = _meta_net().to("meta") if where == "model" else _meta_net()
+    images = torch.randn(2, 3, 8, 8, device="meta" if where == "images" else "cpu")
+    with pytest.raises(camlens.CamlensError, match=text):
+        camlens.explain(model, images, method)
+
+
+def test_the_metrics_on_the_meta_device_get_one_line():
+    import camlens
+    from camlens.metrics import class_probabilities
+
+    with pytest.raises(camlens.CamlensError, match="the model's weights are on the meta device"):
+        class_probabilities(_meta_net().to("meta"), torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))

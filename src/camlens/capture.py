@@ -144,6 +144,7 @@ def _preserved(model: nn.Module) -> Iterator[None]:
             "the model has uninitialised (lazy) parameters: run one forward pass of a batch of "
             "images through it before explaining"
         )
+    check_has_values(model)
     try:
         for module, mode in modes:
             if mode:
@@ -689,12 +690,25 @@ def gradients(
     return result
 
 
+def check_has_values(item: Tensor | nn.Module, what: str = "model's weights") -> None:
+    """Refuse tensors, or a model's parameters and buffers, on the meta device (shapes, no values):
+    torch's own errors there ("Tensor.item() cannot be called on meta tensors") say nothing of
+    what to do."""
+    tensors = [item] if isinstance(item, Tensor) else [*item.parameters(), *item.buffers()]
+    if not any(tensor.is_meta for tensor in tensors):
+        return
+    fix = ("load them first (model.to_empty(device='cpu'), then model.load_state_dict(...)), or build the "
+           "model on a real device") if isinstance(item, nn.Module) else "make them on a real device (cpu, cuda, mps)"
+    raise CamlensError(f"the {what} are on the meta device, which holds no values: {fix}")
+
+
 def check_finite(values: Tensor, what: str, rows: Tensor | None = None) -> None:
     """Raise a CamlensError naming the images whose values are NaN or infinite.
 
     Row b of ``values`` belongs to image ``rows[b]`` (a noisy copy, a masked input); by
     default to image b.
     """
+    check_has_values(values, what)
     finite = torch.isfinite(values)
     if bool(finite.all()):
         return

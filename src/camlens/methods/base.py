@@ -22,6 +22,7 @@ from ..capture import (
     SelectedOutput,
     TokenGrid,
     check_finite,
+    check_has_values,
     check_hookable,
     gradients,
     model_failures,
@@ -357,6 +358,8 @@ class CAMMethod:
             raise CamlensError(
                 f"images must be a float tensor after preprocessing, got {images.dtype}"
             )
+        check_has_values(images, "input images")
+        check_has_values(self.model)
         reference = next(self.model.parameters(), None)
         if reference is None:
             reference = next(self.model.buffers(), None)
