@@ -7,7 +7,9 @@ command (``explain``, ``evaluate``, ``sanity``, ``report``, ``info``, ``train_gg
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 import click
@@ -36,7 +38,51 @@ for command in (explain, evaluate, sanity, report, layers, methods, train_ggam_c
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command; user errors become one line on stderr and exit code 1 (2 for usage)."""
+    """Run the command; user errors become one line on stderr and exit code 1 (2 for usage).
+    Warnings of the libraries underneath (torch's on an exported model, matplotlib's on a glyph
+    its font lacks) are summarised in one line at the end, not printed with their source lines."""
+    if sys.warnoptions:  # the user chose how warnings show (-W, PYTHONWARNINGS): as they chose
+        _run(argv)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # each warning once per place, as Python shows them
+        try:
+            _run(argv)
+        finally:
+            for line in warning_notes(caught):
+                echo_error(line)
+
+
+GLYPH = re.compile(r"Glyph \d+ \(.*\) missing from font\(s\) (.+)\.")
+
+
+def warning_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+    """One line for the characters no font could draw, one for the other warnings."""
+    glyphs: dict[str, str] = {}
+    others: list[str] = []
+    for item in caught:
+        text = str(item.message)
+        found = GLYPH.match(text)
+        if found:
+            glyphs.setdefault(text.split(" ")[1], found.group(1))
+            continue
+        line = f"{item.category.__name__}: {(text.strip().splitlines() or [''])[0]}"
+        if line not in others:
+            others.append(line)
+    notes = []
+    if glyphs:
+        shown = "".join(chr(int(code)) for code in glyphs)
+        notes.append(f"camlens: note: the font ({', '.join(sorted(set(glyphs.values())))}) has no glyph for "
+                     f"{len(glyphs)} character(s) of the names in the figures ({shown}): drawn as boxes there")
+    if others:
+        first = others[0] if len(others[0]) <= 200 else others[0][:199] + "…"
+        more = f"; and {len(others) - 1} more" if len(others) > 1 else ""
+        notes.append(f"camlens: note: a library warned ({first}{more}); PYTHONWARNINGS=default shows each with "
+                     "its source")
+    return notes
+
+
+def _run(argv: Sequence[str] | None) -> None:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="camlens", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as error:

@@ -9,8 +9,10 @@ or a ``package.module:factory`` callable.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import math
 import warnings
 import zipfile
@@ -24,7 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from ..errors import CamlensError
+from ..errors import CamlensError, first_line
 from ..io import upright_rgb
 from .efficientnet import EfficientNetLite0
 
@@ -267,6 +269,32 @@ def _load_weights(module: nn.Module, path: Path) -> None:
         raise CamlensError(f"{path}: the weights do not fit the model: {' '.join(first[:2])}") from None
 
 
+@contextlib.contextmanager
+def _torch_logs_held(held: list[logging.LogRecord]):
+    """torch.export logs the whole traceback of a failed load (10 and more lines) before it raises:
+    camlens says why in one line instead, so torch's log records are held back (into ``held``)."""
+    hold = _Hold(held)
+    loggers = [logger for name, logger in list(logging.Logger.manager.loggerDict.items())
+               if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch."))]
+    for logger in loggers:  # a logger's own filter sees each record logged to it (torch.export's)
+        logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hold)
+
+
+class _Hold(logging.Filter):
+    def __init__(self, held: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.held = held
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.held.append(record)
+        return False
+
+
 def _from_archive(path: Path) -> tuple[nn.Module, str]:
     if not zipfile.is_zipfile(path):
         raise CamlensError(
@@ -276,11 +304,16 @@ def _from_archive(path: Path) -> tuple[nn.Module, str]:
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
     if any(name.endswith("archive_format") for name in names):
+        held: list[logging.LogRecord] = []
         try:
-            program = torch.export.load(path)
-            module = torch.export.unflatten(program)
+            with _torch_logs_held(held):
+                program = torch.export.load(path)
+                module = torch.export.unflatten(program)
         except Exception as error:
-            raise CamlensError(f"{path}: cannot load the torch.export archive: {error}") from None
+            # torch's logged cause where it logged one ("check the warnings above", says its error)
+            causes = [record.exc_info[1] for record in held if record.exc_info and record.exc_info[1] is not None]
+            raise CamlensError(f"{path}: cannot load the torch.export archive: "
+                               f"{first_line(causes[0] if causes else error)}") from None
         return module, "torch.export"
     if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
         # Known by its entries, refused unloaded: loading runs the archive's own code
