@@ -422,10 +422,10 @@ def forward(model: nn.Module, inputs: Tensor) -> Tensor:
     return check_scores(model(inputs), inputs)
 
 
-def check_scores(output: object, inputs: Tensor) -> Tensor:
+def check_scores(output: object, inputs: Tensor, selector: OutputSpec = None) -> Tensor:
     """The class scores (N, classes) for ``inputs`` in what the model returned (picked as
-    :func:`model_output` does without a selector), else a clear error."""
-    scores = model_output(output, inputs)
+    :func:`model_output` does with ``selector``), else a clear error."""
+    scores = model_output(output, inputs, selector)
     if scores.dim() != 2:
         raise CamlensError(
             f"the model returned {describe(output)}; camlens needs class scores of shape "
@@ -551,8 +551,9 @@ def _select(output: object, selector: OutputSpec, count: int) -> Tensor:
         nested = f", e.g. output=lambda out: {path}" if path is not None else ""
         raise CamlensError(
             f"the model returned {describe(output)}; camlens needs class scores of shape ({count}, classes), "
-            f"or one output per image for a target function: {listing}; pick one with output= (an index, "
-            f"a key, an attribute name, or a function of the model's output){nested}"
+            f"or one output per image for a target function: {listing}; pick one with output= (--output on "
+            f"the command line: an index, a key, an attribute name, or in Python a function of the model's "
+            f"output){nested}"
         )
     if isinstance(selector, bool) or not (isinstance(selector, (int, str)) or callable(selector)):
         raise CamlensError(
@@ -751,7 +752,9 @@ def trace_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, torch.Si
     return trace
 
 
-def default_layer_output(model: nn.Module, example: Tensor) -> tuple[Tensor, str, Tensor]:
+def default_layer_output(
+    model: nn.Module, example: Tensor, output: OutputSpec = None
+) -> tuple[Tensor, str, Tensor]:
     """One forward pass that finds :func:`default_layer` and keeps its output:
     ``(class scores, layer name, a copy of the layer's output)``.
 
@@ -771,7 +774,7 @@ def default_layer_output(model: nn.Module, example: Tensor) -> tuple[Tensor, str
     if sum(name == layer for name, _ in trace) > 1:
         raise CamlensError(f"layer {display_name(layer)!r} runs more than once in one forward pass; "
                            "name a layer that is used once (target_layer= or --target-layer)")
-    return check_scores(scores, example), layer, kept[layer]
+    return check_scores(scores, example, output), layer, kept[layer]
 
 
 def default_layer(trace: Sequence[tuple[str, torch.Size | str]]) -> str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from .targets import UnitTarget
@@ -65,7 +66,10 @@ class Explanation:
         """The tensors as NumPy arrays (on the CPU), with ``raw`` and ``weights`` keyed by layer."""
 
         def convert(tensor: Tensor) -> np.ndarray:
-            return tensor.detach().cpu().numpy()
+            tensor = tensor.detach().cpu()
+            if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: float32 holds each value exactly
+                tensor = tensor.float()
+            return tensor.numpy()
 
         return {
             "maps": convert(self.maps),

@@ -187,6 +187,21 @@ def _set_reshape(context: click.Context, parameter: click.Parameter, value: str 
 
 
 RESHAPE = "camlens.reshape"  # where --reshape leaves its TokenGrid: in the click context's meta
+OUTPUT = "camlens.output"  # where --output leaves its selector
+
+
+def _set_output(context: click.Context, parameter: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        if not value.strip():
+            raise click.BadParameter("give an index, a key or an attribute name")
+        context.meta[OUTPUT] = int(value) if value.lstrip("-").isdigit() else value
+
+
+def output_given() -> int | str | None:
+    """The --output of the running command: which of a model's outputs holds the class scores (an
+    index of a tuple, a key of a dict, an attribute), as the methods' ``output=``; None when not given."""
+    context = click.get_current_context(silent=True)
+    return None if context is None else context.meta.get(OUTPUT)
 
 
 def reshape_given() -> TokenGrid | None:
@@ -207,6 +222,10 @@ def engine_options(
     --reshape: how they read a token layer. ``passes``: the forward-only passes of the command
     that --compile speeds up; ``default``: what no flag does, in words."""
     options = [
+        click.option("--output", metavar="I|KEY", expose_value=False, callback=_set_output,
+                     help="For a model that returns several outputs (a tuple, a dict, an object): the one that holds "
+                          "the class scores, by index (0), key or attribute name (logits). Default: the only tensor, "
+                          "or .logits / ['logits']."),
         click.option("--reshape", metavar="tokens[:P][:HxW]", expose_value=False, callback=_set_reshape,
                      help="For a vision transformer: the target layer's tokens (N, L, D) become a grid (N, D, h, w), "
                           "the first P tokens (class, register) left out. 'tokens' infers P and the grid (the largest "
@@ -276,6 +295,15 @@ def engine_settings(optimize: bool | None, compile_model: bool, device: torch.de
     if (reshape := reshape_given()) is not None:
         settings["reshape"] = reshape.describe()
     return settings
+
+
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's inputs: that of its floating-point weights (a model in float16,
+    bfloat16 or float64 takes its images so, as the methods give them), else float32."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
 
 
 def open_model(
@@ -428,6 +456,8 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
             options["batch_size"] = batch_size
         if "seed" in accepted:
             options["seed"] = seed
+        if output_given() is not None:
+            options["output"] = output_given()
         method = METHODS[name](model, target_layer=target_layer, **options)
         method._copies = shared
         objects[name] = smoothed(method, **(smooth or {}))
@@ -455,6 +485,7 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
     check_hookable(loaded.module)
     preprocess = loaded.preprocess
     blank = preprocess(Image.new("RGB", (preprocess.size, preprocess.size), (128, 128, 128)))
+    blank = blank.to(input_dtype(loaded.module))
     example = blank.unsqueeze(0).expand(2, -1, -1, -1).contiguous()
     layers = dict([resolve_layer(loaded.module, target_layer)]) if target_layer is not None else {}
     reshape = reshape_given()
@@ -462,11 +493,11 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
         raise CamlensError("--reshape needs --target-layer: the token layer to explain (see camlens layers)")
     try:
         if layers:
-            output, outputs = record(loaded.module, example, layers, reshape=reshape)
-            output = check_scores(output, example)
+            output, outputs = record(loaded.module, example, layers, reshape=reshape, output=output_given())
+            output = check_scores(output, example)  # picked by --output already
             layer, activation = next(iter(outputs.items()))
         else:
-            output, layer, activation = default_layer_output(loaded.module, example)
+            output, layer, activation = default_layer_output(loaded.module, example, output_given())
     except CamlensError as error:
         raise CamlensError(f"{error} (checked on a blank {preprocess.size}x{preprocess.size} input)") from None
     except Exception as error:

@@ -44,6 +44,7 @@ from ..methods import METHODS
 from ..models import REGISTRY, LoadedModel
 from ..render import model_view
 from .common import (
+    input_dtype,
     BATCHED,
     console,
     echo_error,
@@ -167,7 +168,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                     else:
                         # The region the model sees, without a map: the report lays the maps over it.
                         view = model_view(image, loaded.preprocess.crop_box(*image.size), max_side=VIEW_SIDE)
-                        current = (sample, loaded.preprocess(image).to(torch_device), digest, view)
+                        current = (sample, loaded.preprocess(image).to(torch_device, input_dtype(model)), digest, view)
                 if current[1] is None:
                     bar.advance(task)
                     continue

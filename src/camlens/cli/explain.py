@@ -47,6 +47,7 @@ from ..render import (
 )
 from ..targets import TopK
 from .common import (
+    input_dtype,
     MARKER,
     console,
     echo_error,
@@ -121,7 +122,7 @@ class Explainer:
         start = time.perf_counter()
         image = load_image(path)
         result.size = image.size
-        x = self.loaded.preprocess(image).unsqueeze(0).to(self.device)
+        x = self.loaded.preprocess(image).unsqueeze(0).to(self.device, input_dtype(self.loaded.module))
         result.timings["load"] = time.perf_counter() - start
 
         explanations = {}

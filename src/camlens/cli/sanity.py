@@ -16,7 +16,7 @@ import torch
 from rich.table import Table
 
 from .. import __version__
-from ..capture import record, resolve_layer
+from ..capture import check_scores, record, resolve_layer
 from ..charts import (
     sanity_figure,
     similarity_plot,
@@ -44,6 +44,7 @@ from ..metrics.sanity import (
 )
 from ..render import model_view
 from .common import (
+    input_dtype,
     SEEDED,
     Finite,
     console,
@@ -56,6 +57,7 @@ from .common import (
     note_skip,
     prepare,
     printable,
+    output_given,
     reshape_given,
     resolve_class,
     run_options,
@@ -126,7 +128,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
     with locked_output_dir(out_dir, "sanity", RUN_FILES) as run_folder:
         run_folder.remove("report.html")  # an earlier run's report is not this one's
         model = loaded.module.to(torch_device)
-        x = loaded.preprocess(photo).unsqueeze(0).to(torch_device)
+        x = loaded.preprocess(photo).unsqueeze(0).to(torch_device, input_dtype(model))
         logits, forward_seconds = _timed_forward(model, x)
         target = resolve_class(class_, loaded, classes) if class_ is not None else int(logits.argmax(dim=1)[0])
         groups = randomisation_groups(model, x)
@@ -184,7 +186,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
                       for n, r in results.items()}
             write("maps.npz", lambda p: np.savez_compressed(p, **arrays))
             if status == "complete" and results:
-                rows = {names[n]: [m[0, 0].cpu().numpy() for m in r["maps"]] for n, r in results.items()}
+                rows = {names[n]: [m[0, 0].cpu().float().numpy() for m in r["maps"]] for n, r in results.items()}
                 notes = {names[n]: ["reference", *("blank" if v is None else f"ρ {v:.2f}"
                                                    for v in verdicts[n]["spearman"])] for n in results}
                 write("sanity.png", lambda p: sanity_figure(view, rows, ["trained", *labels], notes, p))
@@ -272,7 +274,7 @@ def _timed_forward(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     that pays the one-off costs (the faster is the less disturbed by other work)."""
     with torch.no_grad():
         runs = [_timed(lambda: model(x), x.device) for _ in range(3)]
-    return runs[0][0], min(seconds for _, seconds in runs[1:])
+    return check_scores(runs[0][0], x, output_given()), min(seconds for _, seconds in runs[1:])
 
 
 def _channels(model: torch.nn.Module, x: torch.Tensor, layer: str) -> int:

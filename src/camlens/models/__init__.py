@@ -323,6 +323,12 @@ def _from_archive(path: Path) -> tuple[nn.Module, str]:
             "and TorchScript models take no forward hooks): export the model with torch.export.save (.pt2), "
             "or give its factory with --model module:factory and its weights with --weights"
         )
+    if any(name.endswith("data.pkl") for name in names):
+        raise CamlensError(
+            f"{path}: a torch.save file (a state dict, or a pickled model), neither a TorchScript nor a "
+            "torch.export archive, and camlens never unpickles one as a model: give the code that builds the model "
+            f"with --model module:factory and this file with --weights {path}"
+        )
     raise CamlensError(f"{path}: a zip file, but neither a TorchScript nor a torch.export archive")
 
 
