@@ -276,12 +276,14 @@ def dataset_entries(data: Path, notes: list[str]) -> list[tuple[Path, str]]:
 
 
 def _class_indices(label: str, lookup: dict[str, list[int]], classes: int) -> list[int]:
+    """The classes ``label`` names: by name or synonym, and by index when it is a number. A number
+    that is also the name of another class (names "1", "0", "2") names both, and is ambiguous, as
+    ``camlens explain --class`` takes it too."""
     key = label.strip().lower()
-    if key in lookup:
-        return lookup[key]
+    found = set(lookup.get(key, []))
     if key.isdigit() and int(key) < classes:
-        return [int(key)]
-    return []
+        found.add(int(key))
+    return sorted(found)
 
 
 def _boxes(data: Path, labelled: list[tuple[Path, int]], source: Path | None,
@@ -320,6 +322,19 @@ def _boxes(data: Path, labelled: list[tuple[Path, int]], source: Path | None,
         problems.extend(f"{source}: box for {path}, which is not in the dataset (skipped)" for path, _ in unmatched)
         return dict(table)
     found = 0
+    if source is not None:
+        # In a folder of XML files an image is known by its stem alone: images of one stem in two
+        # class folders would each get the boxes of the other.
+        stems: dict[str, list[Path]] = defaultdict(list)
+        for path, _ in labelled:
+            stems[path.stem].append(path)
+        shared = {stem: paths for stem, paths in stems.items() if len(paths) > 1 and (source / f"{stem}.xml").is_file()}
+        if shared:
+            stem, paths = next(iter(shared.items()))
+            raise CamlensError(
+                f"--boxes {source}: {len(shared)} XML file(s) there would stand for several images of the same name "
+                f"({stem}.xml: {', '.join(map(str, paths[:3]))}); put each image's XML file beside it instead"
+            )
     for path, _ in labelled:
         xml = (source / f"{path.stem}.xml") if source is not None else path.with_suffix(".xml")
         if xml.is_file():
@@ -331,7 +346,10 @@ def _boxes(data: Path, labelled: list[tuple[Path, int]], source: Path | None,
                     # VOC counts pixels from 1, both ends included: as edges, (x0 - 1, y0 - 1, x1, y1).
                     table[path.resolve()].append((x0 - 1, y0 - 1, x1, y1))
             except (ElementTree.ParseError, TypeError, ValueError):
-                problems.append(f"{xml}: not a Pascal VOC annotation (boxes skipped)")
+                table.pop(path.resolve(), None)  # none of a damaged file's boxes, not the ones before the damage
+                note = f"{xml}: not a Pascal VOC annotation (boxes skipped)"
+                if note not in problems:  # one note per file, however many images it serves
+                    problems.append(note)
     if source is not None and not found:
         raise CamlensError(f"--boxes {source}: no VOC XML file there is named after an image of the dataset (<image stem>.xml)")
     return dict(table)

@@ -352,27 +352,42 @@ def choose_device(name: str) -> torch.device:
 
 
 def resolve_class(value: str, loaded: LoadedModel, classes: int) -> int:
-    """A class given as an index or a name: a short name, a full label or one of its synonyms."""
+    """A class given as an index or a name: a short name, a full label or one of its synonyms.
+
+    A number names the class of that index, and also the class of that name where the names are
+    numbers ("1", "0", "2"): when those differ, it is ambiguous, as evaluate takes a label, and
+    ``index=N`` or ``name=TEXT`` says which."""
     text = value.strip()
-    if re.fullmatch(r"-?\d+", text):
-        index = int(text)
-        if not 0 <= index < classes:
-            raise CamlensError(f"class {index} is out of range: the model has {classes} classes (valid: 0 to {classes - 1})")
-        return index
+    kind, _, rest = text.partition("=")
+    if kind in ("index", "name") and rest.strip():
+        text = rest.strip()
+    else:
+        kind = None
     names = loaded.class_names
-    if not names:
-        raise CamlensError(f"class {value!r} is a name, but the model has no class names: give an index or --class-names")
-    labels = loaded.class_labels or names
-    wanted = text.lower()
-    matches = [
-        index for index, (name, label) in enumerate(zip(names, labels))
-        if wanted in {name.lower(), label.lower(), *(part.strip().lower() for part in label.split(","))}
-    ]
+    labels = (loaded.class_labels or names) if names else None
+    matches: set[int] = set()
+    if kind != "index" and names:
+        wanted = text.lower()
+        matches = {
+            index for index, (name, label) in enumerate(zip(names, labels))
+            if wanted in {name.lower(), label.lower(), *(part.strip().lower() for part in label.split(","))}
+        }
+    if kind != "name" and re.fullmatch(r"-?\d+", text):
+        index = int(text)
+        if not 0 <= index < classes and not matches:
+            raise CamlensError(f"class {index} is out of range: the model has {classes} classes (valid: 0 to {classes - 1})")
+        if 0 <= index < classes:
+            matches.add(index)
     if len(matches) > 1:
-        choices = ", ".join(f"{index} ({labels[index]})" for index in matches)
+        choices = ", ".join(f"{index} ({labels[index]})" for index in sorted(matches))
+        if re.fullmatch(r"-?\d+", text):
+            raise CamlensError(f"class {value!r} is ambiguous: an index and a class name, of classes {choices}: "
+                               f"give --class index={text} or --class name={text}")
         raise CamlensError(f"class {value!r} is ambiguous: give its index, one of {choices}")
     if matches:
-        return matches[0]
+        return matches.pop()
+    if not names:
+        raise CamlensError(f"class {value!r} is a name, but the model has no class names: give an index or --class-names")
     close = difflib.get_close_matches(text, names, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise CamlensError(f"unknown class {value!r}{hint}")
