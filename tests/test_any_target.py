@@ -244,8 +244,9 @@ def test_ambiguous_or_missing_outputs_give_one_clear_error(images):
     pair = Wrapped(lambda logits, features: (logits, logits.softmax(1)))
     with pytest.raises(CamlensError, match=r"^the model returned tuple; camlens needs class scores of shape \(3, "
                                            r"classes\), or one output per image for a target function: it holds 0 "
-                                           r"\(3, 5\), 1 \(3, 5\); pick one with output= \(an index, a key, an "
-                                           r"attribute name, or a function of the model's output\)$"):
+                                           r"\(3, 5\), 1 \(3, 5\); pick one with output= \(--output on the command "
+                                           r"line: an index, a key, an attribute name, or in Python a function of "
+                                           r"the model's output\)$"):
         camlens.GradCAM(pair, "net.features")(images)
     camlens.GradCAM(pair, "net.features", output=0)(images)
     two = Wrapped(lambda logits, features: {"a": logits, "b": features})

@@ -132,3 +132,16 @@ def test_an_error_on_one_thread_leaves_the_others_and_the_model_right():
             if maps is not None:
                 torch.testing.assert_close(maps, alone, rtol=0, atol=1e-12)
     assert_same_state(before, state(model))
+
+
+def test_looking_at_a_model_in_training_mode_changes_nothing():
+    """trace_outputs (camlens layers) and the default-layer search ran the model as it was: in
+    training mode, each look moved its batch norm statistics."""
+    from camlens.capture import find_default_layer, trace_outputs
+
+    model = mixed_model()
+    model.features[1].train()  # its batch norm in training mode too
+    before = state(model)
+    trace_outputs(model, IMAGES)
+    find_default_layer(model, IMAGES[:1])
+    assert_same_state(before, state(model))

@@ -725,9 +725,13 @@ def hooked_pass(
     model: nn.Module, example: Tensor, seen: Callable[[str, object, nn.Module, tuple], None]
 ) -> object:
     """One forward pass without gradients, every submodule hooked: ``seen(name, output, module,
-    inputs)`` is called for each in order of completion. Returns what the model returned."""
+    inputs)`` is called for each in order of completion. Returns what the model returned.
+
+    In eval mode, under :func:`preserved`: a model in training mode would otherwise update its
+    batch norm statistics (and drop out units) in a pass that only looks at it; and another
+    thread's forward pass must not reach these hooks."""
     handles = []
-    with model_lock(model):  # another thread's forward pass must not reach these hooks
+    with preserved(model):
         try:
             for name, module in model.named_modules():
                 if name:

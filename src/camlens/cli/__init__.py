@@ -40,7 +40,8 @@ for command in (explain, evaluate, sanity, report, layers, methods, train_ggam_c
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command; user errors become one line on stderr and exit code 1 (2 for usage).
     Warnings of the libraries underneath (torch's on an exported model, matplotlib's on a glyph
-    its font lacks) are summarised in one line at the end, not printed with their source lines."""
+    its font lacks) are summarised in one line at the end of a run that succeeded, not printed
+    with their source lines."""
     if sys.warnoptions:  # the user chose how warnings show (-W, PYTHONWARNINGS): as they chose
         _run(argv)
         return
@@ -48,9 +49,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         warnings.simplefilter("default")  # each warning once per place, as Python shows them
         try:
             _run(argv)
-        finally:
-            for line in warning_notes(caught):
-                echo_error(line)
+        except SystemExit as done:
+            if done.code not in (0, None):  # an error is its own one line: warnings are no news then
+                raise
+        for line in warning_notes(caught):
+            echo_error(line)
 
 
 GLYPH = re.compile(r"Glyph \d+ \(.*\) missing from font\(s\) (.+)\.")
