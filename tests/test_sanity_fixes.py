@@ -418,3 +418,11 @@ def test_the_plan_counts_each_score_cam_variants_forwards_per_channel():
     assert _passes(camlens.ScoreCAM(model), 10) == 11
     assert _passes(camlens.get_method("sscam")(model, n_samples=7), 10) == 71
     assert _passes(camlens.get_method("iscam")(model, n_steps=4), 10) == 41
+
+
+@pytest.mark.parametrize("options", [{"threshold": float("nan")}, {"threshold": 1.5}, {"max_similar": float("nan")},
+                                     {"max_similar": -0.1}, {"threshold": float("inf")}])
+def test_the_verdicts_bounds_must_be_numbers_in_range(options):
+    """A NaN threshold made every verdict PASS (issue 20, finding 12), in Python as on the command line."""
+    with pytest.raises(CamlensError, match="must be a"):
+        sanity_verdict([0.9, 0.9, 0.9], **options)

@@ -194,6 +194,11 @@ def sanity_verdict(spearman: Sequence[float | None], threshold: float = 0.5, max
     """
     if not spearman:
         raise CamlensError("no randomisation steps to judge")
+    # A NaN bound passes every comparison: every verdict would be PASS.
+    if not (isinstance(threshold, (int, float)) and -1 <= threshold <= 1):
+        raise CamlensError(f"threshold must be a Spearman correlation in [-1, 1], got {threshold!r}")
+    if not (isinstance(max_similar, (int, float)) and 0 <= max_similar <= 1):
+        raise CamlensError(f"max_similar must be a fraction in [0, 1], got {max_similar!r}")
     similar = [v is not None and not math.isnan(v) and v >= threshold for v in spearman]
     count = sum(similar)
     last_similar = max((i for i, s in enumerate(similar) if s), default=-1)
