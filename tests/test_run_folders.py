@@ -328,3 +328,14 @@ def test_a_bomb_in_a_sanity_run_is_refused_or_ignored(tmp_path, photos, model, c
     assert made.path.is_file()
     assert peak < 200 * 2**20
     os.remove(made.path)
+
+
+def test_a_linked_lock_file_is_refused_and_its_target_untouched(tmp_path, photos, model, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "bashrc"
+    target.write_text("precious")
+    (out / ".camlens-lock").symlink_to(target)
+    code, _, err = explain([photos], out, model, capsys)
+    one_line_error(code, err, 1, ".camlens-lock is a symbolic link")
+    assert target.read_text() == "precious"

@@ -390,6 +390,9 @@ def locked_output_dir(path: Path, kind: str, files: Iterable[str] = ()):
     """
     from filelock import FileLock, Timeout
 
+    if (path / LOCK_NAME).is_symlink():
+        raise CamlensError(f"{path / LOCK_NAME} is a symbolic link: camlens never follows a link in its output "
+                           "folder (it could write outside it); remove it or choose another --out")
     lock = FileLock(path / LOCK_NAME, timeout=0)
     try:
         lock.acquire()
