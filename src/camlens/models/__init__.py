@@ -14,7 +14,6 @@ import importlib
 import json
 import logging
 import math
-import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
