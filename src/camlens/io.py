@@ -200,10 +200,6 @@ class RunFolder:
         self.kind = kind
         self.record = record
 
-    @property
-    def id(self) -> str:
-        return self.record["id"]
-
     @classmethod
     def claim(cls, path: Path, kind: str, files: Iterable[str] = ()) -> RunFolder:
         """The folder ``path`` as a run folder of ``kind``: made a new one where it is empty, the
@@ -356,9 +352,11 @@ class Arrays(Mapping):
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The array's shape, from its header alone."""
-        return self._header(name, bounded=False)[0]
+        return self._header(name, bounded=False)
 
-    def _header(self, name: str, bounded: bool = True) -> tuple[tuple[int, ...], np.dtype]:
+    def _header(self, name: str, bounded: bool = True) -> tuple[int, ...]:
+        """The array's shape, once its header is checked: no Python objects, no more data declared
+        than the member holds, and (``bounded``) at most ``limit`` bytes."""
         info = self._members[name]
         if info.file_size > self.limit and bounded:
             raise CamlensError(f"{self.path}: array {name!r} would take {info.file_size} bytes, more than a camlens "
@@ -368,7 +366,7 @@ class Arrays(Mapping):
                 version = np.lib.format.read_magic(member)
                 read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                         else np.lib.format.read_array_header_2_0)
-                shape, fortran, dtype = read(member)
+                shape, _, dtype = read(member)
                 header = member.tell()
         except (zipfile.BadZipFile, ValueError, EOFError, OSError) as error:
             raise CamlensError(f"{self.path}: array {name!r} cannot be read ({error})") from None
@@ -376,7 +374,7 @@ class Arrays(Mapping):
             raise CamlensError(f"{self.path}: array {name!r} holds Python objects, which camlens never loads")
         if math.prod(shape) * dtype.itemsize > info.file_size - header:
             raise CamlensError(f"{self.path}: array {name!r} declares more data than the file holds (damaged)")
-        return shape, dtype
+        return shape
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from PIL import Image
 from rich.console import Console
 from torch import Tensor
 
+from ..accelerate import InferenceCopies
 from ..capture import (
     TokenGrid,
     check_finite,
@@ -30,7 +31,6 @@ from ..capture import (
     token_grid,
 )
 from ..errors import CamlensError, first_line
-from ..accelerate import InferenceCopies
 from ..methods import METHODS, get_method
 from ..methods.meta import smoothed
 from ..models import LoadedModel, Preprocess, class_names_from_file, load_model

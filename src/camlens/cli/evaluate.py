@@ -44,13 +44,13 @@ from ..methods import METHODS
 from ..models import REGISTRY, LoadedModel
 from ..render import model_view
 from .common import (
-    input_dtype,
     BATCHED,
     console,
     echo_error,
     engine_options,
     engine_settings,
     fc_option,
+    input_dtype,
     method_objects,
     method_option,
     model_options,

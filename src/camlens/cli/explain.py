@@ -47,7 +47,6 @@ from ..render import (
 )
 from ..targets import TopK
 from .common import (
-    input_dtype,
     MARKER,
     console,
     echo_error,
@@ -55,6 +54,7 @@ from .common import (
     engine_settings,
     fc_option,
     first_line,
+    input_dtype,
     method_objects,
     method_option,
     model_options,

@@ -22,9 +22,10 @@ from ..charts import (
     similarity_plot,
 )
 from ..combine import is_constant
-from ..evaluate import file_digest, quantise
+from ..evaluate import quantise
 from ..io import (
     ensure_writable_dir,
+    file_digest,
     load_image,
     locked_output_dir,
     write_atomic,
@@ -44,7 +45,6 @@ from ..metrics.sanity import (
 )
 from ..render import model_view
 from .common import (
-    input_dtype,
     SEEDED,
     Finite,
     console,
@@ -52,12 +52,13 @@ from .common import (
     engine_options,
     engine_settings,
     fc_option,
+    input_dtype,
     method_objects,
     model_options,
     note_skip,
+    output_given,
     prepare,
     printable,
-    output_given,
     reshape_given,
     resolve_class,
     run_options,

@@ -30,7 +30,14 @@ from torch import Tensor, nn
 
 from ..api import explain
 from ..combine import upsample_normalise
-from ..datasets import Dataset, cub_class_names, dataset_entries, is_cub, load_cub, load_dataset
+from ..datasets import (
+    Dataset,
+    cub_class_names,
+    dataset_entries,
+    is_cub,
+    load_cub,
+    load_dataset,
+)
 from ..errors import CamlensError, check_positive_int
 from ..io import file_digest, load_image, locked_output_dir, write_atomic
 from ..metrics import box_mask, energy_pointing_game, localisation_correct

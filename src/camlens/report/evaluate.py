@@ -30,7 +30,16 @@ from ..evaluate import (
 )
 from ..methods import METHODS
 from ..render import DEFAULT_COLORMAP
-from .common import ImageStore, RunError, check_version, load_npz, number, open_photo, read_json, read_jsonl
+from .common import (
+    ImageStore,
+    RunError,
+    check_version,
+    load_npz,
+    number,
+    open_photo,
+    read_json,
+    read_jsonl,
+)
 
 KIND = "evaluate"
 CURVE_POINTS = 65  # points of a curve kept for drawing (a curve of more steps is sampled)

@@ -6,7 +6,15 @@ from pathlib import Path
 
 from ..cli.common import MARKER
 from ..methods import METHODS
-from .common import ImageStore, RunError, check_version, load_npz, number, open_photo, read_json
+from .common import (
+    ImageStore,
+    RunError,
+    check_version,
+    load_npz,
+    number,
+    open_photo,
+    read_json,
+)
 
 KIND = "explain"
 

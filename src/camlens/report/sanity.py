@@ -5,10 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from ..charts import _coinciding
 from ..evaluate import unquantise
-from .common import ImageStore, RunError, broken_line, check_version, load_npz, number, open_photo, own_file, read_json
+from .common import (
+    ImageStore,
+    RunError,
+    broken_line,
+    check_version,
+    load_npz,
+    number,
+    open_photo,
+    own_file,
+    read_json,
+)
 
 KIND = "sanity"
 COLORMAP = "jet"  # the colormap of sanity.png
