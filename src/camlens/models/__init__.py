@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import math
+import sys
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -221,12 +222,37 @@ def load_model(
     return LoadedModel(module, chosen, names, spec, source, details, labels)
 
 
+def _import_user_module(name: str) -> object:
+    """Import ``name`` as ``python -m`` would find it: from the Python path, else from the current
+    folder (a console script's path starts with its own folder, not the user's)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        top = name.split(".")[0]
+        here = Path.cwd()
+        missing_top = error.name is not None and error.name.split(".")[0] == top
+        if not missing_top or not ((here / f"{top}.py").is_file() or (here / top / "__init__.py").is_file()):
+            raise
+    if str(Path.cwd()) not in sys.path and "" not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    importlib.invalidate_caches()
+    return importlib.import_module(name)
+
+
 def _from_factory(spec: str) -> nn.Module:
     module_name, _, attribute = spec.partition(":")
     if not module_name or module_name.startswith(".") or not attribute:
         raise CamlensError(f"--model {spec}: write an absolute package.module:factory")
     try:
-        namespace = importlib.import_module(module_name)
+        namespace = _import_user_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.split(".")[0] == error.name.split(".")[0]:
+            raise CamlensError(
+                f"cannot import {module_name!r} for --model {spec}: no module {error.name!r} in the current "
+                "folder or on the Python path; run camlens from the folder that holds it, or add that folder "
+                "to PYTHONPATH"
+            ) from None
+        raise CamlensError(f"cannot import {module_name!r} for --model {spec}: {type(error).__name__}: {error}") from None
     except Exception as error:  # the user's module may raise anything while it is imported
         raise CamlensError(
             f"cannot import {module_name!r} for --model {spec}: {type(error).__name__}: {error}"
