@@ -30,3 +30,44 @@ def test_a_factory_module_in_the_current_folder_is_found_as_python_m_would(tmp_p
     assert done.stderr.strip().splitlines() == [
         "camlens: error: cannot import 'elsewhere' for --model elsewhere:net: no module 'elsewhere' in the current "
         "folder or on the Python path; run camlens from the folder that holds it, or add that folder to PYTHONPATH"]
+
+
+# -- torch.compile'd models -------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import camlens  # noqa: E402
+from camlens.methods import METHODS  # noqa: E402
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+OPTIONS = {"gradcam++-general": {"score": "exp"}, "sscam": {"seed": 0}, "smoothgradcam++": {"seed": 0}}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_compiled_model_takes_its_own_layer_names_and_gives_the_eager_maps(name):
+    """On a torch.compile'd model the layers had to be written _orig_mod.<name>."""
+    model = Net().double().eval()
+    compiled = torch.compile(model)
+    images = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    options = OPTIONS.get(name, {})
+    for layer, targets in (("features", [0, 3]), ("features.3" if name == "cam" else "features.2", [2, 1])):
+        got = camlens.explain(compiled, images, name, target_layer=layer, targets=targets, **options)
+        expected = camlens.explain(model, images, name, target_layer=layer, targets=targets, **options)
+        torch.testing.assert_close(got.maps, expected.maps, rtol=0, atol=1e-10)
+    got = camlens.explain(compiled, images, name, target_layer="_orig_mod.features", **options)  # the old spelling
+    torch.testing.assert_close(got.maps, camlens.explain(model, images, name, target_layer="features", **options).maps,
+                               rtol=0, atol=1e-10)

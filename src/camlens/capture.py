@@ -29,6 +29,23 @@ LayersSpec = Union[LayerSpec, Sequence[LayerSpec]]
 OutputSpec = Union[None, int, str, Callable[[Any], Tensor]]
 
 
+COMPILED_PREFIX = "_orig_mod."  # how torch.compile's wrapper names the modules of the model it wraps
+
+
+def eager(model: nn.Module) -> nn.Module:
+    """The model that ``torch.compile`` wrapped, or ``model`` itself.
+
+    camlens hooks layers and takes gradients at them: on the compiled wrapper each new hook or
+    layer would recompile the model, and the layers' names would all start with ``_orig_mod.``.
+    The wrapped model holds the same parameters and gives the same maps (camlens's own
+    ``compile=True`` compiles what can be compiled around the target layer).
+    """
+    wrapped = getattr(model, "_orig_mod", None)
+    if isinstance(wrapped, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return wrapped
+    return model
+
+
 def display_name(name: str) -> str:
     return name if name else "<model>"
 
@@ -61,6 +78,8 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
         modules = dict(model.named_modules())
         if layer in modules:
             return layer, modules[layer]
+        if layer.startswith(COMPILED_PREFIX) and layer[len(COMPILED_PREFIX):] in modules:
+            return layer[len(COMPILED_PREFIX):], modules[layer[len(COMPILED_PREFIX):]]  # a compiled model's name
         names = [name for name in modules if name]
         close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
         if not close:  # a typo in a dotted path: compare with the names that share its last part
@@ -103,7 +122,9 @@ _MODEL_LOCKS_GUARD = threading.Lock()
 
 
 def model_lock(model: nn.Module) -> threading.RLock:
-    """The re-entrant lock that serialises camlens's calls on ``model`` across threads."""
+    """The re-entrant lock that serialises camlens's calls on ``model`` across threads (one lock
+    for a compiled model and the model it wraps)."""
+    model = eager(model)
     with _MODEL_LOCKS_GUARD:
         lock = _MODEL_LOCKS.get(model)
         if lock is None:

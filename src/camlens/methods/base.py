@@ -23,6 +23,7 @@ from ..capture import (
     TokenGrid,
     check_finite,
     check_has_values,
+    eager,
     check_hookable,
     gradients,
     model_failures,
@@ -177,6 +178,7 @@ class CAMMethod:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise CamlensError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        model = eager(model)  # a torch.compile'd model: the model it wraps, its layers by their own names
         check_hookable(model)
         for flag, value in (("optimize", optimize), ("compile", compile)):
             if not isinstance(value, bool):
