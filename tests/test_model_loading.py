@@ -71,3 +71,39 @@ def test_a_compiled_model_takes_its_own_layer_names_and_gives_the_eager_maps(nam
     got = camlens.explain(compiled, images, name, target_layer="_orig_mod.features", **options)  # the old spelling
     torch.testing.assert_close(got.maps, camlens.explain(model, images, name, target_layer="features", **options).maps,
                                rtol=0, atol=1e-10)
+
+
+# -- one map per image, always ------------------------------------------------------------------------
+
+class Folded(nn.Module):
+    """A layer whose output folds the batch with a split of the map (2N rows), unfolded after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.fold = nn.Identity()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.stem(x)
+        n, c, h, w = a.shape
+        folded = self.fold(a.reshape(n, c, 2, h // 2, w).transpose(1, 2).reshape(2 * n, c, h // 2, w))
+        return self.fc(folded.reshape(n, 2, c, h // 2, w).mean(dim=(1, 3, 4)))
+
+
+@pytest.mark.parametrize("name", ["gradcam", "scorecam", "ablationcam", "eigencam"])
+def test_a_layer_without_one_row_per_image_is_refused_in_one_line(name):
+    """A bias table or a batch folded with heads gave one map for two images, without a word."""
+    images = torch.randn(3, 3, 8, 8)
+    with pytest.raises(camlens.CamlensError, match=r"layer 'fold' outputs .*6 rows for 3 images, not one per image"):
+        camlens.explain(Folded().eval(), images, name, target_layer="fold")
+
+
+def test_the_default_layer_has_one_row_per_image():
+    """Without a layer named, the folded layer (the last 4-D map) is passed over for the stem."""
+    images = torch.randn(3, 3, 8, 8)
+    got = camlens.explain(Folded().eval(), images, "gradcam")
+    assert got.maps.shape[0] == 3
+    expected = camlens.explain(Folded().eval(), images, "gradcam", target_layer="stem")
+    torch.testing.assert_close(got.maps, expected.maps)

@@ -388,6 +388,15 @@ class Recorder:
                     f"layer {display_name(name)!r} runs more than once in one forward pass; "
                     "pick a layer that is used once"
                 )
+            if self.images and output.shape[0] != self.images[0] and not tokens:
+                # (N, ...) is one row per image; anything else (attention weights, a bias table, a
+                # batch folded with heads) cannot be split into maps per image: never a map for
+                # two images, or half a map each.
+                raise CamlensError(
+                    f"layer {display_name(name)!r} outputs {describe(output)}: {output.shape[0]} rows for "
+                    f"{self.images[0]} images, not one per image; pick a layer whose output has one row per "
+                    "image (see camlens layers)"
+                )
             rebuild = None
             if tokens:
                 output, rebuild = self.reshape.to_grid(output, self.images, name)
@@ -790,26 +799,27 @@ def default_layer_output(
 
     def seen(name: str, output: object, *_: object) -> None:
         trace.append((name, _shape(output)))
-        if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+        if isinstance(output, Tensor) and _is_map(output.shape, example.shape[0]):
             kept.clear()  # the default layer is the last such map: keep that one only
             kept[name] = output.clone()  # a copy: an in-place operation after the layer must not change it
 
     scores = hooked_pass(model, example, seen)
-    layer = default_layer(trace)
+    layer = default_layer(trace, example.shape[0])
     if sum(name == layer for name, _ in trace) > 1:
         raise CamlensError(f"layer {display_name(layer)!r} runs more than once in one forward pass; "
                            "name a layer that is used once (target_layer= or --target-layer)")
     return check_scores(scores, example, output), layer, kept[layer]
 
 
-def default_layer(trace: Sequence[tuple[str, torch.Size | str]]) -> str:
-    """The last module, in order of execution, whose output is a 4-D feature map larger than 1x1.
+def default_layer(trace: Sequence[tuple[str, torch.Size | str]], rows: int | None = None) -> str:
+    """The last module, in order of execution, whose output is a 4-D feature map larger than 1x1,
+    with one row per image (``rows``, the traced batch's size; None: any).
 
     That is the feature map that the classifier's global pooling reduces. Among modules that
     return the same map (a block and the container that ends with it), the outermost wins,
     because a container finishes after its children.
     """
-    maps = [name for name, shape in trace if not isinstance(shape, str) and len(shape) == 4 and shape[-2:].numel() > 1]
+    maps = [name for name, shape in trace if _is_map(shape, rows)]
     if not maps:
         raise CamlensError(
             "no module of this model outputs a 4-D feature map larger than 1x1; "
@@ -820,7 +830,14 @@ def default_layer(trace: Sequence[tuple[str, torch.Size | str]]) -> str:
 
 def find_default_layer(model: nn.Module, example: Tensor) -> str:
     """:func:`default_layer` of one traced forward pass of ``example``."""
-    return default_layer(trace_outputs(model, example))
+    return default_layer(trace_outputs(model, example), example.shape[0])
+
+
+def _is_map(shape: torch.Size | str, rows: int | None) -> bool:
+    """Whether an output of this shape is a feature map (N, C, h, w) larger than 1x1, with ``rows``
+    rows (one per image) where given."""
+    return (not isinstance(shape, str) and len(shape) == 4 and shape[-2:].numel() > 1
+            and (rows is None or shape[0] == rows))
 
 
 # model -> (its module tree when traced, {image signature: default layer name}). Weak keys: the

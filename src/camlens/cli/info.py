@@ -35,7 +35,7 @@ def layers(**model_args) -> None:
         shapes.setdefault(name, shape if isinstance(shape, str) else "x".join(map(str, shape[1:])))
         traced.setdefault(name, shape)
     try:
-        default = default_layer(trace)
+        default = default_layer(trace, 1)
     except CamlensError:
         default = None
     # Text, not markup: a model named package.module:factory would otherwise show an emoji.
