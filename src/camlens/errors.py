@@ -10,6 +10,11 @@ class CamlensError(Exception):
     """
 
 
+class BlankMapWarning(UserWarning):
+    """Some maps came back blank (zero everywhere): the message names the images and targets and
+    says why. ``Explanation.blank`` flags them; ``Explanation.blank_reasons()`` gives the reasons."""
+
+
 def first_line(error: BaseException) -> str:
     """An exception in one line: its type and the first line of its message."""
     lines = str(error).strip().splitlines()

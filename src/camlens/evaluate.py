@@ -86,6 +86,9 @@ def evaluate_image(
     record: dict = {
         "prediction": int(explanation.logits.argmax(dim=1)[0]),
         "probability": float(probability[0]),
+        # A blank map (zero everywhere) still gets the metrics of a map that ranks no pixel above
+        # another: said, so that a mean over such maps is not taken for a method's merit.
+        "blank": bool(explanation.blank[0, 0]),
     }
     wanted = [name for name in ("deletion", "insertion") if name in metrics]
     if "drop" in metrics or "increase" in metrics:
@@ -407,6 +410,8 @@ def record_problem(record: dict, config: dict) -> str | None:
         ok = _number(value) if kind is float else isinstance(value, kind) and not isinstance(value, bool)
         if not ok:
             return f"field {name!r} is missing or not a{'n' if kind is int else ''} {'number' if kind is float else kind.__name__}"
+    if "blank" in record and not isinstance(record["blank"], bool):
+        return "field 'blank' is not true or false"
     for name in ("label", "prediction"):
         if not 0 <= record[name] < 2**31:
             return f"field {name!r} is not a class index ({_shown_number(record[name])})"

@@ -62,6 +62,25 @@ class Explanation:
     def targets_per_image(self) -> int:
         return self.maps.shape[1]
 
+    @property
+    def blank(self) -> Tensor:
+        """(N, T) bool: True where the map is blank, zero everywhere. A raw map that is the same
+        value at every position (most often 0: the weighted sum of the channels is negative or
+        zero everywhere, and the ReLU leaves nothing) has no place that matters more than another:
+        its normalised map is all zeros. See :meth:`blank_reasons`."""
+        return self.maps.flatten(2).amax(dim=2) <= 0
+
+    def blank_reasons(self) -> dict[tuple[int, int], str]:
+        """Why each blank map is blank, keyed by (image, target), from its raw maps and weights."""
+        reasons = {}
+        for n, t in self.blank.nonzero().tolist():
+            found = []
+            for name, raw in self.raw.items():
+                weight = self.weights.get(name)
+                found.append(_why_blank(raw[n, t], None if weight is None else weight[n, t]))
+            reasons[(n, t)] = "; ".join(dict.fromkeys(found))
+        return reasons
+
     def to_numpy(self) -> dict[str, Any]:
         """The tensors as NumPy arrays (on the CPU), with ``raw`` and ``weights`` keyed by layer."""
 
@@ -87,3 +106,33 @@ class Explanation:
             f"Explanation(method={self.method!r}, images={n}, targets_per_image={t}, "
             f"size={h}x{w}, target_layers=[{layers}], score_kind={self.score_kind!r})"
         )
+
+
+def _why_blank(raw: Tensor, weight: Tensor | None) -> str:
+    """Why a raw map (h, w) is constant, from its weights: per channel (K,), or per activation."""
+    if bool((raw != 0).any()):
+        return "the map has the same value at every position"
+    if weight is not None and bool((weight == 0).all()):
+        return ("every weight is 0: the score's gradient at the layer is zero or negative everywhere (the "
+                "score falls where the layer is active, and the method keeps positive gradients only), or the "
+                "layer's activations are zero")
+    if weight is not None and weight.dim() == 1 and bool((weight <= 0).all()):
+        return "every channel's weight is negative or zero: the score falls where the layer is active"
+    return "the weighted activations sum to zero or less at every position, which the ReLU sets to 0"
+
+
+def warn_blank(explanation: Explanation, stacklevel: int = 3) -> None:
+    """A :class:`~camlens.errors.BlankMapWarning` naming the blank maps of ``explanation`` and why."""
+    reasons = explanation.blank_reasons()
+    if not reasons:
+        return
+    import warnings
+
+    from .errors import BlankMapWarning
+
+    shown = [f"image {n}, target {t}: {why}" for (n, t), why in list(reasons.items())[:5]]
+    more = f"; and {len(reasons) - 5} more" if len(reasons) > 5 else ""
+    warnings.warn(BlankMapWarning(
+        f"{explanation.method}: {len(reasons)} of {explanation.blank.numel()} maps are blank (zero everywhere; "
+        f"Explanation.blank flags them): {'; '.join(shown)}{more}"
+    ), stacklevel=stacklevel)

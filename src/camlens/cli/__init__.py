@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import click
 
 from .. import __version__
-from ..errors import CamlensError
+from ..errors import BlankMapWarning, CamlensError
 from ..io import os_reason
 from .common import echo_error
 from .evaluate import evaluate
@@ -64,6 +64,8 @@ def warning_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
     glyphs: dict[str, str] = {}
     others: list[str] = []
     for item in caught:
+        if issubclass(item.category, BlankMapWarning):  # each command says which maps are blank itself
+            continue
         text = str(item.message)
         found = GLYPH.match(text)
         if found:

@@ -191,6 +191,12 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                 notes.append(f"{TITLES[metric]}: {undefined} value(s) undefined (not a number, e.g. a class probability "
                              "of 0 on the image), left out of the mean and of n")
         summary = summarise(records, chosen, wanted)
+        blank = {m: sum(bool(r.get("blank")) for r in records if r["method"] == m) for m in chosen}
+        for m, count in blank.items():
+            if count:
+                notes.append(f"{METHODS[m].display_name}: {count} of {counted} map(s) are blank (zero everywhere), "
+                             "and count in its means as a map that ranks no pixel above another; "
+                             "camlens explain says why")
         speed = {m: mean_interval(r["seconds"] for r in records if r["method"] == m) for m in chosen}
         set_aside = store.set_aside[:SET_ASIDE_SHOWN]
         if len(store.set_aside) > SET_ASIDE_SHOWN:
@@ -203,6 +209,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                   # Which images it summarised (a --limit summarises some of the results), so that
                   # the report shows the same selection.
                   "summarised images": sorted({r["image"] for r in records}),
+                  "blank maps": blank,
                   # What it summarised: a report finds a results file that grew since (a later
                   # run, interrupted) by its size.
                   "results.jsonl bytes": store.path.stat().st_size if store.path.exists() else 0}

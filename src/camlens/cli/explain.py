@@ -81,6 +81,8 @@ class ImageResult:
     targets: list[dict] = field(default_factory=list)
     files: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # method -> the blank maps (zero everywhere): [{"target": index of the target, "reason": why}]
+    blank: dict[str, list[dict]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = {"input": printable(self.path), "status": self.status}
@@ -89,7 +91,7 @@ class ImageResult:
             return data
         data.update(output=self.output, size=list(self.size or ()), predictions=self.predictions,
                     targets=self.targets, files=self.files,
-                    timings={key: round(value, 4) for key, value in self.timings.items()})
+                    timings={key: round(value, 4) for key, value in self.timings.items()}, blank=self.blank)
         return data
 
 
@@ -139,6 +141,10 @@ class Explainer:
         result.targets = [
             self._describe(int(c), float(p)) for c, p in zip(first.targets[0].tolist(), first.probabilities[0].tolist())
         ]
+        for name, explanation in explanations.items():
+            reasons = explanation.blank_reasons()
+            if reasons:
+                result.blank[name] = [{"target": t, "reason": why} for (_, t), why in sorted(reasons.items())]
 
         tick = time.perf_counter()
         result.files = self._write(image, explanations, result, folder)
@@ -311,6 +317,11 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
     for r in results:
         if r.status != "ok":
             echo_error(f"failed: {r.error}")
+        for name, blanks in r.blank.items():
+            for blank in blanks:
+                target = r.targets[blank["target"]]["name"] if blank["target"] < len(r.targets) else "?"
+                echo_error(f"blank map: {printable(r.path.name)}, {METHODS[name].display_name}, {target}: "
+                           f"{blank['reason']}")
     print_summary(results, chosen, out_dir, class_index is not None, skipped_methods, kept)
     if any(r.status != "ok" for r in results):
         sys.exit(1)
@@ -468,7 +479,8 @@ def _image_table(results: list[ImageResult], methods: list[str], chosen_class: b
             top = [label(r.predictions[0])] if chosen_class else []
             times = ([f"{r.timings[name]:.2f}" for name in methods] if per_method
                      else [f"{sum(r.timings[name] for name in methods):.2f}"])
-            table.add_row(printable(r.path.name), names, probabilities, *top, *times, "ok")
+            status = "ok" if not r.blank else "blank: " + ", ".join(METHODS[m].display_name for m in r.blank)
+            table.add_row(printable(r.path.name), names, probabilities, *top, *times, status)
         else:
             table.add_row(printable(r.path.name), "-", "-", *(["-"] if chosen_class else []),
                           *["-"] * (len(methods) if per_method else 1), "failed")

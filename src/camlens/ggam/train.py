@@ -40,6 +40,7 @@ from ..datasets import (
 )
 from ..errors import CamlensError, check_positive_int
 from ..io import file_digest, load_image, locked_output_dir, write_atomic
+from ..methods.base import nested
 from ..metrics import box_mask, energy_pointing_game, localisation_correct
 from ..models import Preprocess
 from .loss import ggam_training_loss
@@ -622,14 +623,15 @@ def _localisation(model: GGAMNet, x, y, samples, preprocess: Preprocess, batch_s
     index = torch.tensor(chosen)
     batches = [index[s:s + batch_size] for s in range(0, len(chosen), batch_size)]
     # The default target layer is the backbone: the map GGAM attends to.
-    if frozen:
-        head = nn.Sequential(OrderedDict(features=nn.Identity(), head=_Logits(model.head)))
-        size = (preprocess.size, preprocess.size)
-        maps = torch.cat([upsample_normalise(explain(head, x[b].to(kind), "gradcam", "features", y[b].tolist())
-                                             .raw["features"], size)[:, 0].cpu() for b in batches])
-    else:
-        maps = torch.cat([explain(model, x[b].to(kind), "gradcam", targets=y[b].tolist()).maps[:, 0].cpu()
-                          for b in batches])
+    with nested():  # blank maps are counted in the report, not warned of one call at a time
+        if frozen:
+            head = nn.Sequential(OrderedDict(features=nn.Identity(), head=_Logits(model.head)))
+            size = (preprocess.size, preprocess.size)
+            maps = torch.cat([upsample_normalise(explain(head, x[b].to(kind), "gradcam", "features", y[b].tolist())
+                                                 .raw["features"], size)[:, 0].cpu() for b in batches])
+        else:
+            maps = torch.cat([explain(model, x[b].to(kind), "gradcam", targets=y[b].tolist()).maps[:, 0].cpu()
+                              for b in batches])
     report = localisation_report(maps, boxes)
     report["method"] = "gradcam, true class, kept model"
     return report
@@ -683,12 +685,13 @@ def _save_examples(out: Path, model: GGAMNet, x, y, samples, names, preprocess: 
     predicted = probabilities.argmax(dim=1)
     maps = []
     for targets in (y[index].tolist(), predicted.tolist()):
-        if frozen:
-            head = nn.Sequential(OrderedDict(features=nn.Identity(), head=_Logits(model.head)))
-            maps.append(upsample_normalise(explain(head, inputs, "gradcam", "features", targets).raw["features"],
-                                           size)[:, 0].cpu())
-        else:
-            maps.append(explain(model, inputs, "gradcam", targets=targets).maps[:, 0].cpu())
+        with nested():  # the report marks the blank ones
+            if frozen:
+                head = nn.Sequential(OrderedDict(features=nn.Identity(), head=_Logits(model.head)))
+                maps.append(upsample_normalise(explain(head, inputs, "gradcam", "features", targets).raw["features"],
+                                               size)[:, 0].cpu())
+            else:
+                maps.append(explain(model, inputs, "gradcam", targets=targets).maps[:, 0].cpu())
     stack = torch.stack(maps, dim=1).float().numpy().astype(np.float16)  # (N, 2, H, W)
     folder = out / EXAMPLES
     folder.mkdir(exist_ok=True)

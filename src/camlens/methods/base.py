@@ -7,7 +7,9 @@ normalisation, fusion, restoring the model) happens here, once, for all methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
@@ -37,7 +39,7 @@ from ..capture import (
 )
 from ..combine import fuse, upsample_normalise, weighted_sum
 from ..errors import CamlensError
-from ..explanation import Explanation
+from ..explanation import Explanation, warn_blank
 from ..targets import TargetSpec, Targets, resolve_targets, unit_layers
 
 Progress = Callable[[int, int], None]
@@ -126,6 +128,28 @@ class Context:
         check_finite(scores, "target scores of noisy copies", rows)
         grads = gradients(scores, {name: outputs[name] for name in self.layers}, rows)
         return {name: self.select(name, grad, 2) for name, grad in grads.items()}
+
+
+# True while a meta-method (AugmentSmooth, EigenSmooth) calls the method it wraps: the blank maps
+# of its result are said once, by the outermost call.
+_NESTED: ContextVar[bool] = ContextVar("camlens_nested", default=False)
+
+
+@contextlib.contextmanager
+def nested() -> Iterator[None]:
+    """Calls of methods inside this block are parts of a larger call: they say nothing of their own."""
+    token = _NESTED.set(True)
+    try:
+        yield
+    finally:
+        _NESTED.reset(token)
+
+
+def finished(explanation: Explanation) -> Explanation:
+    """``explanation``, after a BlankMapWarning that names its blank maps (by the outermost call)."""
+    if not _NESTED.get():
+        warn_blank(explanation, stacklevel=4)
+    return explanation
 
 
 class CAMMethod:
@@ -293,7 +317,7 @@ class CAMMethod:
             explanation.options["output"] = getattr(self.output, "__qualname__", self.output)
         if self.reshape is not None:
             explanation.options["reshape"] = self.reshape.describe()
-        return explanation
+        return finished(explanation)
 
     def _explanation(
         self, context: Context, weights: dict[str, Tensor], scores: Tensor, chosen: bool

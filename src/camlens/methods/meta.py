@@ -32,7 +32,7 @@ from ..targets import (
     _is_function,
     _per_image,
 )
-from .base import CAMMethod, ChannelsSpec, Progress
+from .base import CAMMethod, ChannelsSpec, Progress, finished, nested
 from .family import principal_axis, projection_map
 
 
@@ -160,9 +160,10 @@ class EigenSmooth(_Smoothing):
             method.raw_map = lambda name, weight, activation: eigen_map(weight, activation)
         else:
             method.raw_map = lambda name, weight, activation: finish(name, eigen_map(weight, activation))
-        explanation = method(images, targets, channels=channels, progress=progress)
+        with nested():
+            explanation = method(images, targets, channels=channels, progress=progress)
         explanation.options = {**explanation.options, **self.smoothing()}
-        return explanation
+        return finished(explanation)
 
 
 def _numbers(name: str, values: object) -> tuple[float, ...]:
@@ -352,7 +353,8 @@ class AugmentSmooth(_Smoothing):
                 rest = round(total * (images_total - seen["images"] - rows) / rows)
                 progress(seen["work"] + done, seen["work"] + total + rest)
 
-            explanation = self.method(batch, spec, channels=channels, progress=report if progress else None)
+            with nested():
+                explanation = self.method(batch, spec, channels=channels, progress=report if progress else None)
             seen["images"] += rows
             seen["work"] += last[0]
             return explanation
@@ -391,13 +393,13 @@ class AugmentSmooth(_Smoothing):
                     raw[name] += _back(out.raw[name][part], f, first.raw[name].shape[-2:])
                     weight = out.weights[name][part]
                     weights[name] += weight if weight.dim() == 3 else _back(weight, f, first.weights[name].shape[-2:])
-        return replace(
+        return finished(replace(
             first,
             maps=maps / count,
             raw={name: r / count for name, r in raw.items()},
             weights={name: w / count for name, w in weights.items()},
             options={**first.options, **self.smoothing()},
-        )
+        ))
 
 
 def smoothed(method: CAMMethod, aug_smooth: bool = False, eigen_smooth: bool = False) -> Any:

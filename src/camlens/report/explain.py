@@ -170,4 +170,13 @@ def _image(folder: Path, record: dict, methods: list[str], colormap: str, store:
         "predictions": [_named(p) for p in _list(record.get("predictions")) if isinstance(p, dict)],
         "heat": heat,
         "timings": record.get("timings", {}),
+        "blank": _blank(record.get("blank"), methods),
     }
+
+
+def _blank(value: object, methods: list[str]) -> dict[str, list[int]]:
+    """The blank maps a record names: method -> target indices (a damaged value names none)."""
+    if not isinstance(value, dict):
+        return {}
+    return {m: [b["target"] for b in value[m] if isinstance(b, dict) and isinstance(b.get("target"), int)]
+            for m in methods if isinstance(value.get(m), list)}
