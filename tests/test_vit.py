@@ -266,3 +266,91 @@ def test_explain_with_reshape(vit_module, tmp_path, capsys):
     saved = np.load(out / "photo" / "maps.npz")
     assert saved[f"gradcam/raw/{LAYER}"].shape == (1, 4, 4)
     assert saved["scorecam/maps"].shape == (1, 16, 16)
+
+
+# -- reshape as a function (pytorch-grad-cam's reshape_transform) and channels-last maps (issue 21) ---
+
+def drop_prefix(tokens: torch.Tensor) -> torch.Tensor:
+    """pgc's usual reshape_transform: the class and register tokens left out, the rest a 4x4 grid."""
+    patches = tokens[:, 2:]
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], 4, 4)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "scorecam", "ablationcam", "layercam", "eigencam",
+                                    "hirescam", "reciprocam"])
+def test_a_reshape_function_gives_the_token_grids_maps(vit, method):
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grid = camlens.explain(vit, images, method, target_layer=LAYER, reshape="tokens:2", targets=[1, 3])
+    function = camlens.explain(vit, images, method, target_layer=LAYER, reshape=drop_prefix, targets=[1, 3])
+    torch.testing.assert_close(function.maps, grid.maps, rtol=0, atol=1e-10)
+    torch.testing.assert_close(function.raw[LAYER], grid.raw[LAYER], rtol=0, atol=1e-10)
+    assert function.options["reshape"] == "drop_prefix"
+
+
+def test_a_reshape_function_that_makes_no_map_is_refused(vit):
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with pytest.raises(CamlensError, match=r"reshape .* made a tensor of shape \(2, 18\) .*not a map \(N, C, h, w\)"):
+        camlens.explain(vit, images, "gradcam", target_layer=LAYER, reshape=lambda t: t.mean(dim=2))
+
+
+class ChannelsLastNet(nn.Module):
+    """A convolution whose map goes on channels-last, (N, H, W, C), through ``stage``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.stage = nn.Identity()
+        self.act = nn.Identity()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        a = self.stage(torch.relu(self.conv(x)).permute(0, 2, 3, 1))
+        return self.fc((a * a).mean(dim=(1, 2)))
+
+
+class SameNetChannelsFirst(nn.Module):
+    def __init__(self, other: ChannelsLastNet) -> None:
+        super().__init__()
+        self.other = other
+        self.act = nn.Identity()
+
+    def forward(self, x):
+        a = self.act(torch.relu(self.other.conv(x)))
+        return self.other.fc((a * a).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "scorecam", "ablationcam", "layercam", "hirescam",
+                                    "eigencam"])
+def test_nhwc_reads_a_channels_last_map(method):
+    model = ChannelsLastNet().double().eval()
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = camlens.explain(model, images, method, target_layer="stage", reshape="nhwc", targets=[1, 2])
+    expected = camlens.explain(SameNetChannelsFirst(model).eval(), images, method, target_layer="act", targets=[1, 2])
+    torch.testing.assert_close(got.maps, expected.maps, rtol=0, atol=1e-10)
+
+
+def test_the_command_line_takes_nhwc_and_a_function(tmp_path, monkeypatch, capsys):
+    (tmp_path / "layouts.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); torch.manual_seed(0)\n"
+        "        self.conv = nn.Conv2d(3, 6, 3, padding=1); self.stage = nn.Identity(); self.fc = nn.Linear(6, 4)\n"
+        "    def forward(self, x):\n"
+        "        a = self.stage(torch.relu(self.conv(x)).permute(0, 2, 3, 1))\n"
+        "        return self.fc((a * a).mean(dim=(1, 2)))\n"
+        "def net():\n    return Net()\n"
+        "def first(output):\n    return output.permute(0, 3, 1, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from helpers import SAMPLES
+
+    maps = {}
+    for reshape in ("nhwc", "layouts:first"):
+        out = tmp_path / reshape.replace(":", "-")
+        code, _, err = run(["explain", SAMPLES / "coffee.png", "--model", "layouts:net", "--input-size", "16",
+                            "--target-layer", "stage", "--reshape", reshape, "-m", "gradcam", "--out", out], capsys)
+        assert code == 0, err
+        with __import__("numpy").load(out / "coffee" / "maps.npz") as saved:
+            maps[reshape] = saved["gradcam/maps"]
+    assert abs(maps["nhwc"] - maps["layouts:first"]).max() < 1e-6

@@ -253,6 +253,10 @@ class TokenGrid:
             )
         return length - a * b * scale * scale, a * scale, b * scale
 
+    def applies(self, output: object) -> bool:
+        """Whether ``output`` is tokens this grid reads (3-D); a 4-D map is taken as it is."""
+        return isinstance(output, Tensor) and output.dim() == 3
+
     def describe(self) -> str:
         """The spec as ``reshape=`` and ``--reshape`` take it (:func:`token_grid`)."""
         parts = ["tokens"]
@@ -300,20 +304,90 @@ def _is_count(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-ReshapeSpec = Union[None, str, TokenGrid]
+@dataclass(frozen=True)
+class ChannelsLast:
+    """A layer whose feature map is channels-last, (N, H, W, C) (ConvNeXt's and Swin's stages in
+    some implementations): read as (N, C, H, W), and given back to the model as it was."""
+
+    def applies(self, output: object) -> bool:
+        return isinstance(output, Tensor) and output.dim() == 4
+
+    def describe(self) -> str:
+        return "nhwc"
+
+    def to_grid(self, output: Tensor, images: Sequence[int], name: str) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        if output.shape[0] != images[0]:
+            raise CamlensError(f"layer {display_name(name)!r} outputs {describe(output)}, not channels-last "
+                               f"(N, H, W, C) for a batch of {images[0]}")
+        return output.permute(0, 3, 1, 2), lambda recorded: recorded.permute(0, 2, 3, 1)
+
+
+@dataclass(frozen=True)
+class Reshaped:
+    r"""A layer's output made a feature map (N, C, h, w) by a function of the user's, as
+    pytorch-grad-cam's ``reshape_transform``: ``function(output) -> (N, C, h, w)``.
+
+    The model goes on from the recorded map :math:`g = f(x)` through
+    :math:`x' = J^	op g + (x - J^	op f(x))`, with :math:`J` the Jacobian of ``function`` at the
+    layer's output :math:`x`: the model's own output is unchanged (:math:`x' = x`), and the
+    gradient of a score with respect to the map is :math:`J \, \partial y / \partial x`, the
+    output's gradient through the same function, as pytorch-grad-cam takes it (exact for the
+    re-indexings such functions are: slicing off tokens, reshaping, permuting).
+    """
+
+    function: Callable[[Tensor], Tensor]
+
+    def applies(self, output: object) -> bool:
+        return isinstance(output, Tensor)
+
+    def describe(self) -> str:
+        return getattr(self.function, "__qualname__", None) or repr(self.function)
+
+    def to_grid(self, output: Tensor, images: Sequence[int], name: str) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        x = output.detach().requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                grid = self.function(x)
+        except Exception as error:
+            raise CamlensError(f"reshape {self.describe()} failed on layer {display_name(name)!r}'s output "
+                               f"{describe(output)}: {first_line(error)}") from error
+        if not (isinstance(grid, Tensor) and grid.dim() == 4 and grid.shape[0] == images[0] and grid.requires_grad):
+            raise CamlensError(f"reshape {self.describe()} made {describe(grid)} of layer {display_name(name)!r}'s "
+                               f"output {describe(output)}, not a map (N, C, h, w) of it for a batch of {images[0]}")
+        with torch.enable_grad():
+            (back,) = torch.autograd.grad(grid, x, grid.detach(), retain_graph=True)
+        offset = output - back
+
+        def rebuild(recorded: Tensor) -> Tensor:
+            with torch.enable_grad():
+                (placed,) = torch.autograd.grad(grid, x, recorded, retain_graph=True,
+                                                create_graph=recorded.requires_grad)
+            return placed + offset
+
+        return grid.detach(), rebuild
+
+
+ReshapeSpec = Union[None, str, TokenGrid, ChannelsLast, Reshaped, Callable[[Tensor], Tensor]]
+Layout = Union[TokenGrid, ChannelsLast, Reshaped]
 _TOKENS = re.compile(r"tokens(?::(\d+))?(?::(\d+)x(\d+))?(:lnd)?")
 
 
-def token_grid(spec: ReshapeSpec) -> TokenGrid | None:
-    """A ``reshape`` option as a :class:`TokenGrid`: None, a TokenGrid, or the text
-    ``tokens[:PREFIX][:HxW][:lnd]`` (``tokens``: everything inferred; ``lnd``: tokens (L, N, D))."""
-    if spec is None or isinstance(spec, TokenGrid):
+def token_grid(spec: ReshapeSpec) -> Layout | None:
+    """A ``reshape`` option as a layout: None; a :class:`TokenGrid`, :class:`ChannelsLast` or
+    :class:`Reshaped`; the text ``tokens[:PREFIX][:HxW][:lnd]`` (``tokens``: everything inferred;
+    ``lnd``: tokens (L, N, D)) or ``nhwc``; or a function of the layer's output to (N, C, h, w)."""
+    if spec is None or isinstance(spec, (TokenGrid, ChannelsLast, Reshaped)):
         return spec
+    if callable(spec) and not isinstance(spec, str):
+        return Reshaped(spec)
+    if isinstance(spec, str) and spec.strip().lower() == "nhwc":
+        return ChannelsLast()
     match = _TOKENS.fullmatch(spec.strip().lower()) if isinstance(spec, str) else None
     if match is None:
         raise CamlensError(
             f"unknown reshape {spec!r}: give 'tokens' (a vision transformer's token sequence to a grid, "
-            "everything inferred), 'tokens:PREFIX', 'tokens:HxW', 'tokens:PREFIX:HxW', or a TokenGrid"
+            "everything inferred), 'tokens:PREFIX', 'tokens:HxW', 'tokens:PREFIX:HxW', 'nhwc' (a channels-last "
+            "map), a TokenGrid, or a function of the layer's output to (N, C, h, w)"
         )
     prefix, h, w, lnd = match.groups()
     return TokenGrid(
@@ -343,7 +417,7 @@ class Recorder:
         self,
         modules: Mapping[str, nn.Module],
         track_grad: bool = False,
-        reshape: TokenGrid | None = None,
+        reshape: Layout | None = None,
         images: Sequence[int] = (),
     ) -> None:
         self.modules = dict(modules)
@@ -372,8 +446,9 @@ class Recorder:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
+            laid_out = self.reshape is not None and self.reshape.applies(output)
             tokens = isinstance(output, Tensor) and output.dim() == 3
-            if not (isinstance(output, Tensor) and (output.dim() == 4 or tokens and self.reshape is not None)):
+            if not (isinstance(output, Tensor) and (output.dim() == 4 or laid_out)):
                 hint = (
                     ", or for a vision transformer's tokens (N, L, D) give reshape='tokens' (--reshape tokens)"
                     if tokens else ""
@@ -388,7 +463,7 @@ class Recorder:
                     f"layer {display_name(name)!r} runs more than once in one forward pass; "
                     "pick a layer that is used once"
                 )
-            if self.images and output.shape[0] != self.images[0] and not tokens:
+            if self.images and output.shape[0] != self.images[0] and not laid_out:
                 # (N, ...) is one row per image; anything else (attention weights, a bias table, a
                 # batch folded with heads) cannot be split into maps per image: never a map for
                 # two images, or half a map each.
@@ -398,7 +473,7 @@ class Recorder:
                     "image (see camlens layers)"
                 )
             rebuild = None
-            if tokens:
+            if laid_out:
                 output, rebuild = self.reshape.to_grid(output, self.images, name)
             if self.track_grad and not output.requires_grad:
                 output = output.detach().requires_grad_(True)
@@ -643,7 +718,7 @@ def record(
     track_grad: bool = False,
     *,
     output: OutputSpec = None,
-    reshape: TokenGrid | None = None,
+    reshape: Layout | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One forward pass, recording the outputs of ``modules`` (token layers as maps, with
     ``reshape``). Returns (the model's output picked by ``output``, :func:`model_output`;

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..accelerate import InferenceCopies
 from ..capture import (
-    TokenGrid,
+    Layout,
     check_finite,
     check_hookable,
     check_scores,
@@ -181,12 +181,30 @@ def run_options(
 def _set_reshape(context: click.Context, parameter: click.Parameter, value: str | None) -> None:
     if value is not None:
         try:
-            context.meta[RESHAPE] = token_grid(value)
+            if re.fullmatch(r"[\w.]+:[\w.]+", value.strip()):  # module:function, as --model takes a factory
+                context.meta[RESHAPE] = token_grid(_user_function(value.strip()))
+            else:
+                context.meta[RESHAPE] = token_grid(value)
         except CamlensError as error:
             raise click.BadParameter(str(error)) from None
 
 
-RESHAPE = "camlens.reshape"  # where --reshape leaves its TokenGrid: in the click context's meta
+def _user_function(spec: str) -> Callable:
+    from ..models import _import_user_module
+
+    module_name, _, attribute = spec.partition(":")
+    try:
+        found = _import_user_module(module_name)
+    except Exception as error:
+        raise CamlensError(f"cannot import {module_name!r}: {first_line(error)}") from None
+    for part in attribute.split("."):
+        found = getattr(found, part, None)
+    if not callable(found):
+        raise CamlensError(f"{spec}: no function {attribute!r} in {module_name!r}")
+    return found
+
+
+RESHAPE = "camlens.reshape"  # where --reshape leaves its layout: in the click context's meta
 OUTPUT = "camlens.output"  # where --output leaves its selector
 
 
@@ -204,8 +222,8 @@ def output_given() -> int | str | None:
     return None if context is None else context.meta.get(OUTPUT)
 
 
-def reshape_given() -> TokenGrid | None:
-    """The --reshape of the running command (its TokenGrid), None when not given. It travels in
+def reshape_given() -> Layout | None:
+    """The --reshape of the running command (its layout), None when not given. It travels in
     the click context, as --threads does to torch, so that every command that computes maps
     takes it without a parameter of its own."""
     context = click.get_current_context(silent=True)
@@ -226,10 +244,12 @@ def engine_options(
                      help="For a model that returns several outputs (a tuple, a dict, an object): the one that holds "
                           "the class scores, by index (0), key or attribute name (logits). Default: the only tensor, "
                           "or .logits / ['logits']."),
-        click.option("--reshape", metavar="tokens[:P][:HxW]", expose_value=False, callback=_set_reshape,
+        click.option("--reshape", metavar="tokens[:P][:HxW]|nhwc|MOD:FUNC", expose_value=False, callback=_set_reshape,
                      help="For a vision transformer: the target layer's tokens (N, L, D) become a grid (N, D, h, w), "
                           "the first P tokens (class, register) left out. 'tokens' infers P and the grid (the largest "
-                          "grid of the input's shape that fits); give them when that is wrong. Needs --target-layer. "
+                          "grid of the input's shape that fits); give them when that is wrong. 'nhwc': a channels-last "
+                          "map (N, H, W, C). MOD:FUNC: a function of yours from the layer's output to (N, C, h, w), "
+                          "as pytorch-grad-cam's reshape_transform. Needs --target-layer. "
                           "`camlens layers` shows the layers that need it."),
         click.option("--optimize/--no-optimize", default=None,
                      help="Run a verified inference copy of the model (batch norm folded into convolutions, "
@@ -461,7 +481,10 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
     shared = InferenceCopies()  # one inference copy of the model for all the methods of a run
     for name in methods:
         options: dict[str, Any] = {"fc": fc} if name == "cam" else {}
-        options.update(engine or {})
+        # The engine's record names the layout in words; the methods take the layout itself.
+        options.update({key: value for key, value in (engine or {}).items() if key != "reshape"})
+        if reshape_given() is not None:
+            options["reshape"] = reshape_given()
         # --batch-size, --seed and --top-channels reach every method that takes them (its
         # constructor's keywords).
         accepted = inspect.signature(METHODS[name]).parameters

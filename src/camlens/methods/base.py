@@ -22,6 +22,7 @@ from ..capture import (
     OutputSpec,
     ReshapeSpec,
     SelectedOutput,
+    Layout,
     TokenGrid,
     check_finite,
     check_has_values,
@@ -81,7 +82,7 @@ class Context:
     runner: nn.Module | None = None
     scorer: nn.Module | None = None
     output: OutputSpec = None  # the method's output selector (capture.model_output)
-    reshape: TokenGrid | None = None  # how token layers become maps (capture.TokenGrid)
+    reshape: Layout | None = None  # how token or channels-last layers become maps (capture.token_grid)
 
     def __post_init__(self) -> None:
         # "is None", not "or": a model may define __len__ (nn.Sequential) and so its truth.
@@ -166,11 +167,13 @@ class CAMMethod:
             tensor returned, a ``logits`` attribute or key, the single tensor of a tuple or
             dict) and says what to choose from where there is none; an int indexes a tuple, a
             str is a key or an attribute, a function takes the model's output and returns it.
-        reshape: how a target layer that outputs tokens (a vision transformer's (N, L, D))
-            becomes a feature map: ``"tokens"`` (prefix tokens and grid inferred),
-            ``"tokens:PREFIX"``, ``"tokens:HxW"``, or a :class:`~camlens.capture.TokenGrid`.
-            Applied to the activation and so to its gradient; layers with a 4-D output are
-            used as they are. Needs a named ``target_layer``.
+        reshape: how a target layer's output becomes a feature map (N, C, h, w): tokens (a
+            vision transformer's (N, L, D)) by ``"tokens"`` (prefix tokens and grid inferred),
+            ``"tokens:PREFIX"``, ``"tokens:HxW"`` or a :class:`~camlens.capture.TokenGrid`
+            (layers with a 4-D output are then used as they are); a channels-last map (N, H, W, C)
+            by ``"nhwc"``; anything else by a function of the output to (N, C, h, w), as
+            pytorch-grad-cam's ``reshape_transform`` (:class:`~camlens.capture.Reshaped`).
+            Applied to the activation and so to its gradient. Needs a named ``target_layer``.
         optimize: run a verified inference copy of the model (batch norm folded into
             convolutions, channels-last memory; see :mod:`camlens.accelerate`): the same maps up
             to float rounding (about 1e-6), faster. The copy is a snapshot that this object

@@ -155,7 +155,9 @@ def _head(model: nn.Module, context: Context, name: str) -> tuple[Head, Tensor, 
                 # The layer runs once per pass (camlens refuses others): its one output is replaced,
                 # by a copy: an in-place operation after the layer (ReLU(inplace=True), a
                 # residual's +=) must change neither the map nor the derivatives' point.
-                return a.clone() if output.dim() == 4 else grid.to_grid(output, images.shape, name)[1](a.clone())
+                if grid is None or not grid.applies(output):
+                    return a.clone()
+                return grid.to_grid(output, images.shape, name)[1](a.clone())
 
             handle = layer.register_forward_hook(hook)
             try:
@@ -171,7 +173,7 @@ def _head(model: nn.Module, context: Context, name: str) -> tuple[Head, Tensor, 
     if len(given) > 1 or grid is not None:
         with torch.no_grad():
             a, *rest = before(images)
-        if a.dim() == 3:
+        if grid is not None and grid.applies(a):
             a, rebuild = grid.to_grid(a, images.shape, name)
     users = list(given[0].users)
     mean_only = rebuild is None and bool(users) and all(_is_spatial_mean(node, given[0], model) for node in users)

@@ -121,7 +121,7 @@ class Replaced:
         shape = (rows.numel(), *context.images.shape[1:])
 
         def replace(module: nn.Module, inputs: object, output: object) -> Tensor:
-            if isinstance(output, Tensor) and output.dim() == 3 and context.reshape is not None:
+            if context.reshape is not None and context.reshape.applies(output):
                 return context.reshape.to_grid(output, shape, self.name)[1](features)
             return features
 
