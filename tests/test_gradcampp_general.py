@@ -16,6 +16,7 @@ from conftest import make_tiny
 from torch import nn
 
 import camlens
+from camlens import CamlensError
 from camlens.accelerate import cut
 from camlens.methods.gradcampp_general import GradCAMPlusPlusGeneral, diagonal_derivatives
 
@@ -230,7 +231,8 @@ def test_probability_differs_from_the_closed_form():
     model = make_tiny()
     general, _ = explain(model, images, None)  # probability by default
     closed = camlens.GradCAMPlusPlus(model, "features")(images)
-    assert general.score_kind == "probability" and general.options == {"score": "probability", "chunk_size": 64}
+    assert general.score_kind == "probability"
+    assert general.options == {"score": "probability", "chunk_size": 64, "max_directions": 50_000}
     assert (general.maps - closed.maps).abs().max() > 1e-3
 
 
@@ -338,3 +340,27 @@ def test_a_channels_last_map_stays_on_vmaps_batched_path():
         copied, _ = explain(model, images, None, optimize=True)
     assert not [w for w in caught if "performance drop" in str(w.message)]
     torch.testing.assert_close(copied.weights["features"], plain.weights["features"], rtol=1e-9, atol=1e-12)
+
+
+def test_a_call_above_the_direction_budget_is_refused_before_any_pass(monkeypatch):
+    """364 s for the middle layer of a three-convolution, 16-channel CNN, unannounced (issue 21, item 9)."""
+    import camlens.methods.gradcampp_general as general
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    images = torch.randn(1, 3, 10, 10)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a pass was run")
+
+    monkeypatch.setattr(general, "diagonal_derivatives", never)
+    with pytest.raises(CamlensError, match=r"would take 400 third-order passes .*\('1' \(4, 10, 10\): one per channel "
+                                           r"and position\), more than max_directions=399"):
+        camlens.explain(model, images, "gradcam++-general", target_layer="1", max_directions=399)
+    monkeypatch.undo()
+    explanation = camlens.explain(model, images, "gradcam++-general", target_layer="1", max_directions=400)
+    assert explanation.options["max_directions"] == 400
+    assert camlens.explain(model, images, "gradcam++-general", target_layer="3").options["max_directions"] == 50_000
+    with pytest.raises(CamlensError, match="max_directions must be a positive integer"):
+        camlens.explain(model, images, "gradcam++-general", max_directions=0)

@@ -206,6 +206,12 @@ def _user_function(spec: str) -> Callable:
 
 RESHAPE = "camlens.reshape"  # where --reshape leaves its layout: in the click context's meta
 OUTPUT = "camlens.output"  # where --output leaves its selector
+MAX_DIRECTIONS = "camlens.max_directions"  # where --max-directions leaves its bound
+
+
+def _set_max_directions(context: click.Context, parameter: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        context.meta[MAX_DIRECTIONS] = value
 
 
 def _set_output(context: click.Context, parameter: click.Parameter, value: str | None) -> None:
@@ -240,6 +246,9 @@ def engine_options(
     --reshape: how they read a token layer. ``passes``: the forward-only passes of the command
     that --compile speeds up; ``default``: what no flag does, in words."""
     options = [
+        click.option("--max-directions", type=click.IntRange(min=1), expose_value=False, callback=_set_max_directions,
+                     help="Grad-CAM++ (general): the most third-order passes (channels x positions of the target "
+                          "layer) an image may take; more is refused before any is run [default: 50,000]."),
         click.option("--output", metavar="I|KEY", expose_value=False, callback=_set_output,
                      help="For a model that returns several outputs (a tuple, a dict, an object): the one that holds "
                           "the class scores, by index (0), key or attribute name (logits). Default: the only tensor, "
@@ -494,6 +503,9 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
             options["batch_size"] = batch_size
         if "seed" in accepted:
             options["seed"] = seed
+        context = click.get_current_context(silent=True)
+        if "max_directions" in accepted and context is not None and MAX_DIRECTIONS in context.meta:
+            options["max_directions"] = context.meta[MAX_DIRECTIONS]
         if output_given() is not None:
             options["output"] = output_given()
         method = METHODS[name](model, target_layer=target_layer, **options)
