@@ -233,11 +233,14 @@ def vit_module(tmp_path, monkeypatch):
 
 
 def test_layers_marks_the_token_layers(vit_module, capsys):
-    code, out, _ = run(["layers", *vit_module], capsys)
+    code, out, err = run(["layers", *vit_module], capsys)
     assert code == 0
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 3}
     assert "tokens: needs --reshape tokens (2 + 4x4)" in rows["blocks.0"]
-    assert "default target layer" in rows["patch"]
+    # The patch embedding, the last 4-D map, is not a map of what the model concluded (issue 21):
+    # no default, and the reason names the token layers to choose from.
+    assert not any("default target layer" in row for row in rows.values())
+    assert err.startswith("no default target layer: the model's last layers that the score depends on output tokens (")
     assert "tokens" not in rows["head"] and "tokens" not in rows["patch"]
 
 

@@ -864,26 +864,25 @@ def trace_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, torch.Si
 def default_layer_output(
     model: nn.Module, example: Tensor, output: OutputSpec = None
 ) -> tuple[Tensor, str, Tensor]:
-    """One forward pass that finds :func:`default_layer` and keeps its output:
+    """:func:`find_default_layer` and one pass that keeps its output:
     ``(class scores, layer name, a copy of the layer's output)``.
 
     A layer that runs more than once in a forward pass has no single output to explain: refused.
     """
+    layer = find_default_layer(model, example, output)
     trace: list[tuple[str, torch.Size | str]] = []
-    kept: dict[str, Tensor] = {}
+    kept: list[Tensor] = []
 
-    def seen(name: str, output: object, *_: object) -> None:
-        trace.append((name, _shape(output)))
-        if isinstance(output, Tensor) and _is_map(output.shape, example.shape[0]):
-            kept.clear()  # the default layer is the last such map: keep that one only
-            kept[name] = output.clone()  # a copy: an in-place operation after the layer must not change it
+    def seen(name: str, out: object, *_: object) -> None:
+        trace.append((name, _shape(out)))
+        if name == layer and isinstance(out, Tensor):
+            kept.append(out.clone())  # a copy: an in-place operation after the layer must not change it
 
     scores = hooked_pass(model, example, seen)
-    layer = default_layer(trace, example.shape[0])
-    if sum(name == layer for name, _ in trace) > 1:
+    if len(kept) != 1:
         raise CamlensError(f"layer {display_name(layer)!r} runs more than once in one forward pass; "
                            "name a layer that is used once (target_layer= or --target-layer)")
-    return check_scores(scores, example, output), layer, kept[layer]
+    return check_scores(scores, example, output), layer, kept[0]
 
 
 def default_layer(trace: Sequence[tuple[str, torch.Size | str]], rows: int | None = None) -> str:
@@ -903,9 +902,70 @@ def default_layer(trace: Sequence[tuple[str, torch.Size | str]], rows: int | Non
     return maps[-1]
 
 
-def find_default_layer(model: nn.Module, example: Tensor) -> str:
-    """:func:`default_layer` of one traced forward pass of ``example``."""
-    return default_layer(trace_outputs(model, example), example.shape[0])
+def find_default_layer(model: nn.Module, example: Tensor, output: OutputSpec = None) -> str:
+    """The default target layer for images like ``example``: the last feature map (N, C, h, w)
+    larger than 1x1 that the explained score depends on, found in one forward and one backward
+    pass.
+
+    Passed over, as no map of what the model concluded: an output with another number of rows
+    than images (a bias table, attention weights, a batch folded with heads), one that does not
+    depend on the image, one the score (each image's top-1 class, or the sum of a dense output)
+    does not depend on (an auxiliary head, a branch not used), and one of the size of the model's
+    output (a segmentation model's logits, a depth head's depth map, before a last activation or
+    not). Where token
+    sequences (N, L, D) come after the last such map (a vision transformer's blocks after its
+    patch embedding), the choice is the user's, refused in one line naming the candidates.
+    """
+    rows = example.shape[0]
+    seen: list[tuple[str, object]] = []
+    x = example.detach().clone().requires_grad_(True)  # so that what depends on the image has a graph
+    with preserved(model), torch.enable_grad():
+        handles = [module.register_forward_hook(lambda m, i, out, name=name: seen.append((name, out)))
+                   for name, module in model.named_modules() if name]
+        try:
+            result = model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+    maps = [(name, out) for name, out in seen if isinstance(out, Tensor) and _is_map(out.shape, rows)]
+    tokens = [(name, out) for name, out in seen  # (N, L, D): a pooled (N, D, 1) is no sequence
+              if isinstance(out, Tensor) and out.dim() == 3 and out.shape[0] == rows and min(out.shape[1:]) > 1]
+    graphed = [out for _, out in maps + tokens if out.requires_grad]
+    try:
+        selected = model_output(result, example, output)
+    except CamlensError:
+        selected = None  # no score to follow: the methods say why when they run
+    depends: dict[int, bool] | None = None
+    if selected is not None and selected.requires_grad and graphed:
+        score = (selected.gather(1, selected.detach().argmax(dim=1, keepdim=True)) if selected.dim() == 2
+                 else selected).sum()
+        grads = torch.autograd.grad(score, graphed, allow_unused=True)
+        depends = {id(out): grad is not None and bool(grad.ne(0).any()) for out, grad in zip(graphed, grads)}
+    final = None if selected is None else selected.detach().reshape(-1)
+
+    def usable(out: Tensor) -> bool:
+        if not out.requires_grad or (depends is not None and not depends.get(id(out), False)):
+            return False
+        # A dense output's (segmentation, depth) own values, or a map of its size: the logits or depth
+        # before a last activation. Class scores (N, classes) are no map.
+        return final is None or selected.dim() <= 2 or out.numel() != final.numel()
+
+    order = {id(out): index for index, (_, out) in enumerate(seen)}
+    found = [(name, out) for name, out in maps if usable(out)]
+    later = [(name, out) for name, out in tokens if usable(out) and (not found or order[id(out)] > order[id(found[-1][1])])]
+    if later:
+        shown = ", ".join(f"{display_name(name)} {tuple(out.shape[1:])}" for name, out in later[-3:])
+        raise CamlensError(
+            f"the model's last layers that the score depends on output tokens ({shown}): camlens does not pick a "
+            "token layer by itself; name one with target_layer= and reshape='tokens' (--target-layer NAME "
+            "--reshape tokens; see camlens layers), e.g. the input of the last block's attention"
+        )
+    if not found:
+        raise CamlensError(
+            "no module of this model outputs a 4-D feature map larger than 1x1, with one row per image, that the "
+            "score depends on; name a convolutional layer as the target layer (target_layer= or --target-layer)"
+        )
+    return found[-1][0]
 
 
 def _is_map(shape: torch.Size | str, rows: int | None) -> bool:
@@ -923,7 +983,7 @@ _found_layers_lock = threading.Lock()
 _SHAPES_PER_MODEL = 32  # bounds the memory of a process that explains images of many sizes
 
 
-def remembered_default_layer(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]:
+def remembered_default_layer(model: nn.Module, images: Tensor, output: OutputSpec = None) -> tuple[str, nn.Module]:
     """``(name, module)`` of :func:`find_default_layer` for ``images`` (N, C, H, W), traced on
     the first image once per model, module tree and image signature, then remembered.
 
@@ -934,11 +994,16 @@ def remembered_default_layer(model: nn.Module, images: Tensor) -> tuple[str, nn.
     as a convolution's stride) is not seen: name the target layer for such a model.
     """
     modules = list(model.named_modules())
-    signature = (tuple(images.shape[1:]), images.dtype, images.device)
-    name = _remember(model, modules, signature)
+    try:  # the score the search follows depends on which output holds it
+        signature = (tuple(images.shape[1:]), images.dtype, images.device, output)
+        hash(signature)
+    except TypeError:
+        signature = None
+    name = None if signature is None else _remember(model, modules, signature)
     if name is None:
-        name = find_default_layer(model, images[:1])  # not under the lock: a forward can be long
-        _remember(model, modules, signature, name)
+        name = find_default_layer(model, images[:1], output)  # not under the lock: a forward can be long
+        if signature is not None:
+            _remember(model, modules, signature, name)
     return name, dict(modules)[name]
 
 

@@ -10,12 +10,12 @@ from rich.text import Text
 from ..capture import (
     TokenGrid,
     check_hookable,
-    default_layer,
+    find_default_layer,
     trace_outputs,
 )
 from ..errors import CamlensError
 from ..methods import list_methods
-from .common import console, echo_error, first_line, model_options, open_model
+from .common import console, echo_error, first_line, model_options, open_model, output_given
 
 
 @click.command(short_help="Hookable layers, their output shapes, the default target layer.")
@@ -34,10 +34,11 @@ def layers(**model_args) -> None:
     for name, shape in trace:
         shapes.setdefault(name, shape if isinstance(shape, str) else "x".join(map(str, shape[1:])))
         traced.setdefault(name, shape)
+    why = None
     try:
-        default = default_layer(trace, 1)
-    except CamlensError:
-        default = None
+        default = find_default_layer(loaded.module, torch.zeros(1, 3, size, size), output_given())
+    except CamlensError as error:
+        default, why = None, str(error)
     # Text, not markup: a model named package.module:factory would otherwise show an emoji.
     table = Table(title=Text(f"{loaded.name}: input 3x{size}x{size}"), title_justify="left")
     for column in ("layer", "type", "output (C x H x W)", "note"):
@@ -48,7 +49,10 @@ def layers(**model_args) -> None:
             table.add_row(name, type(module).__name__, shapes[name], note)
     console("stdout").print(table)
     if default is None:
-        echo_error("no layer outputs a feature map larger than 1x1: no default target layer")
+        echo_error(f"no default target layer: {why}")
+    else:
+        echo_error(f"default target layer: {default}, the last feature map (N, C, h, w) larger than 1x1 that the "
+                   "score depends on, one row per image, not the model's output itself")
 
 
 def _token_note(shape: object, size: int) -> str:

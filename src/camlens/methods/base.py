@@ -438,7 +438,7 @@ class CAMMethod:
         if self._layers is not None:
             return self._layers, False
         # Remembered across method objects: camlens.explain builds a new one on every call.
-        name, module = remembered_default_layer(self.model, x)
+        name, module = remembered_default_layer(self.model, x, self.output)
         return {name: module}, True
 
     def _channel_subsets(
