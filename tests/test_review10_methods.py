@@ -643,7 +643,7 @@ def test_general_gradcampp_takes_batch_size_as_its_chunk_size():
     whole = GradCAMPlusPlusGeneral(model, "layer")(x, [[1], [2]])
     close(chunked.weights["layer"], whole.weights["layer"], 1e-12, "chunks")
     assert totals[:2] == [3, 6]  # chunks of three directions
-    assert chunked.options == {"score": "probability", "chunk_size": 3}
+    assert chunked.options == {"score": "probability", "chunk_size": 3, "max_directions": 50_000}
 
 
 # -- the meta-methods ----------------------------------------------------------------------------

@@ -864,21 +864,20 @@ def trace_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, torch.Si
 def default_layer_output(
     model: nn.Module, example: Tensor, output: OutputSpec = None
 ) -> tuple[Tensor, str, Tensor]:
-    """:func:`find_default_layer` and one pass that keeps its output:
+    """:func:`find_default_layer` and, from the same pass, the layer's output:
     ``(class scores, layer name, a copy of the layer's output)``.
 
     A layer that runs more than once in a forward pass has no single output to explain: refused.
     """
-    layer = find_default_layer(model, example, output)
-    trace: list[tuple[str, torch.Size | str]] = []
-    kept: list[Tensor] = []
-
-    def seen(name: str, out: object, *_: object) -> None:
-        trace.append((name, _shape(out)))
-        if name == layer and isinstance(out, Tensor):
-            kept.append(out.clone())  # a copy: an in-place operation after the layer must not change it
-
-    scores = hooked_pass(model, example, seen)
+    layer, scores, seen, versions = _default_search(model, example, output)
+    kept = [out for name, out in seen if name == layer and isinstance(out, Tensor)]
+    if len(kept) == 1 and kept[0]._version != versions[id(kept[0])]:
+        # Changed in place after the layer (ReLU(inplace=True), a residual's +=): its own values,
+        # from a pass that copies them as the layer returns them.
+        kept = []
+        hooked_pass(model, example, lambda name, out, *_: kept.append(out.clone()) if name == layer else None)
+    kept = [out.detach().clone() for out in kept]
+    scores = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, scores)
     if len(kept) != 1:
         raise CamlensError(f"layer {display_name(layer)!r} runs more than once in one forward pass; "
                            "name a layer that is used once (target_layer= or --target-layer)")
@@ -903,6 +902,12 @@ def default_layer(trace: Sequence[tuple[str, torch.Size | str]], rows: int | Non
 
 
 def find_default_layer(model: nn.Module, example: Tensor, output: OutputSpec = None) -> str:
+    return _default_search(model, example, output)[0]
+
+
+def _default_search(
+    model: nn.Module, example: Tensor, output: OutputSpec = None
+) -> tuple[str, object, list[tuple[str, object]], dict[int, int]]:
     """The default target layer for images like ``example``: the last feature map (N, C, h, w)
     larger than 1x1 that the explained score depends on, found in one forward and one backward
     pass.
@@ -918,9 +923,16 @@ def find_default_layer(model: nn.Module, example: Tensor, output: OutputSpec = N
     """
     rows = example.shape[0]
     seen: list[tuple[str, object]] = []
+    versions: dict[int, int] = {}
+
+    def hook(module: nn.Module, inputs: object, out: object, name: str) -> None:
+        seen.append((name, out))
+        if isinstance(out, Tensor):
+            versions[id(out)] = out._version  # an in-place change after the layer shows in it
+
     x = example.detach().clone().requires_grad_(True)  # so that what depends on the image has a graph
     with preserved(model), torch.enable_grad():
-        handles = [module.register_forward_hook(lambda m, i, out, name=name: seen.append((name, out)))
+        handles = [module.register_forward_hook(lambda m, i, out, name=name: hook(m, i, out, name))
                    for name, module in model.named_modules() if name]
         try:
             result = model(x)
@@ -965,7 +977,7 @@ def find_default_layer(model: nn.Module, example: Tensor, output: OutputSpec = N
             "no module of this model outputs a 4-D feature map larger than 1x1, with one row per image, that the "
             "score depends on; name a convolutional layer as the target layer (target_layer= or --target-layer)"
         )
-    return found[-1][0]
+    return found[-1][0], result, seen, versions
 
 
 def _is_map(shape: torch.Size | str, rows: int | None) -> bool:

@@ -181,8 +181,9 @@ def run_options(
 def _set_reshape(context: click.Context, parameter: click.Parameter, value: str | None) -> None:
     if value is not None:
         try:
-            if re.fullmatch(r"[\w.]+:[\w.]+", value.strip()):  # module:function, as --model takes a factory
-                context.meta[RESHAPE] = token_grid(_user_function(value.strip()))
+            text = value.strip()
+            if re.fullmatch(r"[\w.]+:[\w.]+", text) and not text.lower().startswith("tokens"):  # module:function
+                context.meta[RESHAPE] = token_grid(_user_function(text))
             else:
                 context.meta[RESHAPE] = token_grid(value)
         except CamlensError as error:
