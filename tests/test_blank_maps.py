@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import camlens
 from camlens.errors import BlankMapWarning

@@ -23,7 +23,6 @@ from ..capture import (
     ReshapeSpec,
     SelectedOutput,
     Layout,
-    TokenGrid,
     check_finite,
     check_has_values,
     eager,
