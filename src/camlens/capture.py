@@ -884,24 +884,9 @@ def default_layer_output(
     return check_scores(scores, example, output), layer, kept[0]
 
 
-def default_layer(trace: Sequence[tuple[str, torch.Size | str]], rows: int | None = None) -> str:
-    """The last module, in order of execution, whose output is a 4-D feature map larger than 1x1,
-    with one row per image (``rows``, the traced batch's size; None: any).
-
-    That is the feature map that the classifier's global pooling reduces. Among modules that
-    return the same map (a block and the container that ends with it), the outermost wins,
-    because a container finishes after its children.
-    """
-    maps = [name for name, shape in trace if _is_map(shape, rows)]
-    if not maps:
-        raise CamlensError(
-            "no module of this model outputs a 4-D feature map larger than 1x1; "
-            "name a convolutional layer as the target layer (target_layer= or --target-layer)"
-        )
-    return maps[-1]
-
-
 def find_default_layer(model: nn.Module, example: Tensor, output: OutputSpec = None) -> str:
+    """The name of the default target layer for images like ``example`` (see :func:`_default_search`);
+    ``output`` picks the tensor that holds the scores, as the methods' ``output=``."""
     return _default_search(model, example, output)[0]
 
 
@@ -915,11 +900,14 @@ def _default_search(
     Passed over, as no map of what the model concluded: an output with another number of rows
     than images (a bias table, attention weights, a batch folded with heads), one that does not
     depend on the image, one the score (each image's top-1 class, or the sum of a dense output)
-    does not depend on (an auxiliary head, a branch not used), and one of the size of the model's
-    output (a segmentation model's logits, a depth head's depth map, before a last activation or
-    not). Where token
-    sequences (N, L, D) come after the last such map (a vision transformer's blocks after its
-    patch embedding), the choice is the user's, refused in one line naming the candidates.
+    does not depend on (an auxiliary head, a branch not used), and, for a dense output, one of its
+    size (a segmentation model's logits, a depth head's depth map, before a last activation or
+    not). Where token sequences (N, L, D) come after the last such map (a vision transformer's
+    blocks after its patch embedding), the choice is the user's, refused in one line naming the
+    candidates.
+
+    Returns ``(layer, what the model returned, [(module name, output)] in order of completion,
+    {id(output): its version when the module returned it})``.
     """
     rows = example.shape[0]
     seen: list[tuple[str, object]] = []

@@ -51,8 +51,8 @@ def layers(**model_args) -> None:
     if default is None:
         echo_error(f"no default target layer: {why}")
     else:
-        echo_error(f"default target layer: {default}, the last feature map (N, C, h, w) larger than 1x1 that the "
-                   "score depends on, one row per image, not the model's output itself")
+        echo_error(f"default target layer: {default}, the last feature map (N, C, h, w) larger than 1x1, with one "
+                   "row per image, that the score depends on")
 
 
 def _token_note(shape: object, size: int) -> str:
