@@ -870,6 +870,8 @@ def default_layer_output(
     A layer that runs more than once in a forward pass has no single output to explain: refused.
     """
     layer, scores, seen, versions = _default_search(model, example, output)
+    if (signature := _signature(example, output)) is not None:  # the methods' own search is then done
+        _remember(model, list(model.named_modules()), signature, layer)
     kept = [out for name, out in seen if name == layer and isinstance(out, Tensor)]
     if len(kept) == 1 and kept[0]._version != versions[id(kept[0])]:
         # Changed in place after the layer (ReLU(inplace=True), a residual's +=): its own values,
@@ -994,17 +996,25 @@ def remembered_default_layer(model: nn.Module, images: Tensor, output: OutputSpe
     as a convolution's stride) is not seen: name the target layer for such a model.
     """
     modules = list(model.named_modules())
-    try:  # the score the search follows depends on which output holds it
-        signature = (tuple(images.shape[1:]), images.dtype, images.device, output)
-        hash(signature)
-    except TypeError:
-        signature = None
+    signature = _signature(images, output)
     name = None if signature is None else _remember(model, modules, signature)
     if name is None:
         name = find_default_layer(model, images[:1], output)  # not under the lock: a forward can be long
         if signature is not None:
             _remember(model, modules, signature, name)
     return name, dict(modules)[name]
+
+
+def _signature(images: Tensor, output: OutputSpec) -> tuple | None:
+    """What the default layer depends on besides the model: the images' (C, H, W), dtype and
+    device, and which output holds the score; None where that cannot be a key (an unhashable
+    selector): nothing is remembered then."""
+    signature = (tuple(images.shape[1:]), images.dtype, images.device, output)
+    try:
+        hash(signature)
+    except TypeError:
+        return None
+    return signature
 
 
 def _remember(
