@@ -33,7 +33,7 @@ from ..capture import (
 from ..errors import CamlensError, first_line
 from ..methods import METHODS, get_method
 from ..methods.meta import smoothed
-from ..models import LoadedModel, Preprocess, class_names_from_file, load_model
+from ..models import LoadedModel, Preprocess, class_names_from_file, load_model, user_callable
 
 SEED_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam")
 MARKER = ".camlens"  # in every output folder camlens made: only those are ever replaced
@@ -183,26 +183,11 @@ def _set_reshape(context: click.Context, parameter: click.Parameter, value: str 
         try:
             text = value.strip()
             if re.fullmatch(r"[\w.]+:[\w.]+", text) and not text.lower().startswith("tokens"):  # module:function
-                context.meta[RESHAPE] = token_grid(_user_function(text))
+                context.meta[RESHAPE] = token_grid(user_callable(text, "--reshape"))
             else:
                 context.meta[RESHAPE] = token_grid(value)
         except CamlensError as error:
             raise click.BadParameter(str(error)) from None
-
-
-def _user_function(spec: str) -> Callable:
-    from ..models import _import_user_module
-
-    module_name, _, attribute = spec.partition(":")
-    try:
-        found = _import_user_module(module_name)
-    except Exception as error:
-        raise CamlensError(f"cannot import {module_name!r}: {first_line(error)}") from None
-    for part in attribute.split("."):
-        found = getattr(found, part, None)
-    if not callable(found):
-        raise CamlensError(f"{spec}: no function {attribute!r} in {module_name!r}")
-    return found
 
 
 RESHAPE = "camlens.reshape"  # where --reshape leaves its layout: in the click context's meta
@@ -222,19 +207,23 @@ def _set_output(context: click.Context, parameter: click.Parameter, value: str |
         context.meta[OUTPUT] = int(value) if value.lstrip("-").isdigit() else value
 
 
+def _given(key: str) -> Any:
+    """What an option of the running command left in the click context (None when not given): it
+    travels there, as --threads does to torch, so that every command that computes maps takes it
+    without a parameter of its own."""
+    context = click.get_current_context(silent=True)
+    return None if context is None else context.meta.get(key)
+
+
 def output_given() -> int | str | None:
     """The --output of the running command: which of a model's outputs holds the class scores (an
     index of a tuple, a key of a dict, an attribute), as the methods' ``output=``; None when not given."""
-    context = click.get_current_context(silent=True)
-    return None if context is None else context.meta.get(OUTPUT)
+    return _given(OUTPUT)
 
 
 def reshape_given() -> Layout | None:
-    """The --reshape of the running command (its layout), None when not given. It travels in
-    the click context, as --threads does to torch, so that every command that computes maps
-    takes it without a parameter of its own."""
-    context = click.get_current_context(silent=True)
-    return None if context is None else context.meta.get(RESHAPE)
+    """The --reshape of the running command (its layout), None when not given."""
+    return _given(RESHAPE)
 
 
 def engine_options(
@@ -504,9 +493,8 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
             options["batch_size"] = batch_size
         if "seed" in accepted:
             options["seed"] = seed
-        context = click.get_current_context(silent=True)
-        if "max_directions" in accepted and context is not None and MAX_DIRECTIONS in context.meta:
-            options["max_directions"] = context.meta[MAX_DIRECTIONS]
+        if "max_directions" in accepted and _given(MAX_DIRECTIONS) is not None:
+            options["max_directions"] = _given(MAX_DIRECTIONS)
         if output_given() is not None:
             options["output"] = output_given()
         method = METHODS[name](model, target_layer=target_layer, **options)

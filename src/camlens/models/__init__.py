@@ -16,7 +16,7 @@ import logging
 import math
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -239,31 +239,39 @@ def _import_user_module(name: str) -> object:
     return importlib.import_module(name)
 
 
-def _from_factory(spec: str) -> nn.Module:
+def user_callable(spec: str, option: str = "--model") -> Callable:
+    """The callable ``package.module:name`` (``name`` may be dotted) of a command-line ``option``,
+    its module found as :func:`_import_user_module` finds it; a CamlensError that names the
+    option and says what to do otherwise."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or module_name.startswith(".") or not attribute:
-        raise CamlensError(f"--model {spec}: write an absolute package.module:factory")
+        raise CamlensError(f"{option} {spec}: write an absolute package.module:{'factory' if option == '--model' else 'function'}")
     try:
         namespace = _import_user_module(module_name)
     except ModuleNotFoundError as error:
         if error.name is not None and module_name.split(".")[0] == error.name.split(".")[0]:
             raise CamlensError(
-                f"cannot import {module_name!r} for --model {spec}: no module {error.name!r} in the current "
+                f"cannot import {module_name!r} for {option} {spec}: no module {error.name!r} in the current "
                 "folder or on the Python path; run camlens from the folder that holds it, or add that folder "
                 "to PYTHONPATH"
             ) from None
-        raise CamlensError(f"cannot import {module_name!r} for --model {spec}: {type(error).__name__}: {error}") from None
+        raise CamlensError(f"cannot import {module_name!r} for {option} {spec}: {type(error).__name__}: {error}") from None
     except Exception as error:  # the user's module may raise anything while it is imported
         raise CamlensError(
-            f"cannot import {module_name!r} for --model {spec}: {type(error).__name__}: {error}"
+            f"cannot import {module_name!r} for {option} {spec}: {type(error).__name__}: {error}"
         ) from None
-    factory = namespace
+    found = namespace
     for part in attribute.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise CamlensError(f"{module_name!r} has no attribute {attribute!r} (--model {spec})")
-    if not callable(factory):
-        raise CamlensError(f"--model {spec}: {attribute!r} is not callable")
+        found = getattr(found, part, None)
+        if found is None:
+            raise CamlensError(f"{module_name!r} has no attribute {attribute!r} ({option} {spec})")
+    if not callable(found):
+        raise CamlensError(f"{option} {spec}: {attribute!r} is not callable")
+    return found
+
+
+def _from_factory(spec: str) -> nn.Module:
+    factory = user_callable(spec, "--model")
     try:
         model = factory()
     except (Exception, SystemExit) as error:  # the user's code: report it in one line
