@@ -102,7 +102,7 @@ def test_float_and_16_bit_images_are_not_black():
         (["--model", ":x"], 1, "write an absolute package.module:factory"),
         (["--model", ".relative:x"], 1, "write an absolute package.module:factory"),
         (["-m", "cam", "--target-layer", "_blocks.3"], 1, "CAM needs a head"),
-        (["--input-size", "1"], 1, "no module of this model outputs a 4-D feature map larger than 1x1"),
+        (["--input-size", "1"], 1, "no module of this model outputs a feature map larger than 1x1"),
         (["--class", "crane"], 1, "class 'crane' is ambiguous: give its index, one of 134 (crane), 517 (crane)"),
         (["--class-names", COFFEE], 1, "class names must be UTF-8 text"),
     ],

@@ -285,8 +285,8 @@ def test_bad_reshape_specs_are_one_clear_error(bad):
 
 
 def test_layers_note_reads_sequence_first_tokens():
-    assert _token_note(torch.Size([1, 18, 16]), 16) == "tokens: needs --reshape tokens (2 + 4x4)"
-    assert _token_note(torch.Size([18, 1, 16]), 16) == "tokens, (L, N, D): needs --reshape tokens (2 + 4x4)"
+    assert _token_note(torch.Size([1, 18, 16]), 16) == "tokens: --reshape tokens reads 2 + 4x4"
+    assert _token_note(torch.Size([18, 1, 16]), 16) == "tokens, (L, N, D): --reshape tokens reads 2 + 4x4"
     assert _token_note(torch.Size([1, 8, 16, 16]), 16) == ""
 
 

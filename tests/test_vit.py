@@ -236,11 +236,13 @@ def test_layers_marks_the_token_layers(vit_module, capsys):
     code, out, err = run(["layers", *vit_module], capsys)
     assert code == 0
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 3}
-    assert "tokens: needs --reshape tokens (2 + 4x4)" in rows["blocks.0"]
+    assert "tokens: --reshape tokens reads 2 + 4x4" in rows["blocks.1"]
     # The patch embedding, the last 4-D map, is not a map of what the model concluded (issue 21):
-    # no default, and the reason names the token layers to choose from.
-    assert not any("default target layer" in row for row in rows.values())
-    assert err.startswith("no default target layer: the model's last layers that the score depends on output tokens (")
+    # the default is the input of the last block's attention, read as 2 prefix tokens and a 4x4 grid.
+    assert "default target layer, read as tokens:2:4x4" in rows["blocks.0"]
+    assert [name for name, row in rows.items() if "default target layer" in row] == ["blocks.0"]
+    assert err.startswith("default target layer: blocks.0, read as tokens:2:4x4: the last token sequence whose patch "
+                          "tokens the score depends on: the input of the last attention")
     assert "tokens" not in rows["head"] and "tokens" not in rows["patch"]
 
 
@@ -357,3 +359,73 @@ def test_the_command_line_takes_nhwc_and_a_function(tmp_path, monkeypatch, capsy
         with __import__("numpy").load(out / "coffee" / "maps.npz") as saved:
             maps[reshape] = saved["gradcam/maps"]
     assert abs(maps["nhwc"] - maps["layouts:first"]).max() < 1e-6
+
+
+# -- the default layer, found with its layout (issue 21) ------------------------------------------
+
+@pytest.mark.parametrize("name", list(_method_names()))
+def test_every_method_finds_the_token_layer_and_its_layout_by_itself(name, vit, images):
+    """No layer given: the input of the last block's attention, read as 2 prefix tokens and a 4x4
+    grid, gives the maps that naming it with reshape='tokens' gives."""
+    cls = camlens.METHODS[name]
+    seed = {"seed": 0} if _accepts(cls, "seed") else {}
+    found = cls(vit, **seed)(images)
+    named = cls(vit, LAYER, reshape="tokens", **seed)(images)
+    assert found.target_layers == (LAYER,) and found.default_layer
+    assert found.options["reshape"] == "tokens:2:4x4"
+    assert found.maps.shape == (3, 1, 16, 16)
+    torch.testing.assert_close(found.maps, named.maps, rtol=0, atol=1e-12)
+
+
+def test_a_class_token_head_after_two_blocks_gets_the_first_blocks_output_not_the_last():
+    """The patch tokens reach the class token through the last attention only: after it (blocks.1's
+    output, the final norm) a map would be blank, so those are passed over."""
+    from camlens.capture import default_layer
+
+    found = default_layer(make_vit(), torch.randn(1, 3, 16, 16, dtype=torch.float64))
+    assert (found.name, found.layout) == (LAYER, TokenGrid(prefix=2, size=(4, 4)))
+    assert "the input of the last attention" in found.why
+
+
+def test_the_default_reads_a_channels_last_stage_as_nhwc():
+    model = ChannelsLastNet().double().eval()
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    found = camlens.explain(model, images, "gradcam", targets=[1, 2])
+    named = camlens.explain(model, images, "gradcam", target_layer="stage", reshape="nhwc", targets=[1, 2])
+    assert found.target_layers == ("stage",) and found.options["reshape"] == "nhwc"
+    torch.testing.assert_close(found.maps, named.maps, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape, image, reading", [
+    ((1, 768, 7, 7), (224, 224), "nchw"),
+    ((1, 7, 7, 768), (224, 224), "nhwc"),  # torchvision's Swin stages
+    ((1, 8, 8, 8), (64, 64), "nchw"),  # as many channels as the side: PyTorch's own layout
+    ((1, 6, 8, 8), (8, 8), "nchw"),
+    ((1, 8, 8, 6), (8, 8), "nhwc"),
+    ((1, 768, 7, 10), (224, 320), "nchw"),
+    ((1, 7, 10, 768), (224, 320), "nhwc"),
+    ((1, 1, 1, 768), (224, 224), None),  # a channels-last pooled output: 1x1
+    ((1, 768, 1, 1), (224, 224), None),
+])
+def test_a_four_dimensional_output_is_read_by_the_image_aspect_ratio(shape, image, reading):
+    from camlens.capture import _reading
+
+    assert _reading(torch.Size(shape), image) == reading
+
+
+def test_the_command_line_explains_a_transformer_with_no_layer_given(vit_module, tmp_path, capsys):
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (20, 20), (200, 30, 90)).save(photo)
+    out = tmp_path / "out"
+    code, _, err = run(["explain", photo, *vit_module, "-m", "gradcam", "-m", "scorecam", "-m", "cam", "--out", out,
+                        "--no-optimize"], capsys)
+    assert code == 1 and "CAM" in err  # CAM was asked for: its head reads the class token, not a pooled map
+    code, printed, err = run(["explain", photo, *vit_module, "--out", out], capsys)
+    assert code == 0, err
+    assert "CAM skipped: the model's output is not fc(global average pool of layer 'blocks.0')" in printed
+    assert "Traceback" not in err
+    import json
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target layer"] == LAYER, manifest

@@ -51,6 +51,7 @@ _EXPORTS = {
     "SemanticSegmentationTarget": "camlens.targets",
     "SimilarityTarget": "camlens.targets",
     "TokenGrid": "camlens.capture",
+    "PerImage": "camlens.capture",
     "TopK": "camlens.targets",
     "UnitTarget": "camlens.targets",
 }
@@ -83,6 +84,7 @@ __all__ = [
     "ScoreTarget",
     "SemanticSegmentationTarget",
     "SimilarityTarget",
+    "PerImage",
     "TokenGrid",
     "TopK",
     "UnitTarget",

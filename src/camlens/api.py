@@ -27,6 +27,9 @@ def explain(
     progress: Progress | None = None,
     aug_smooth: bool = False,
     eigen_smooth: bool = False,
+    forward_args: Any = None,
+    forward_kwargs: dict[str, Any] | None = None,
+    images_as: str | None = None,
     **options: Any,
 ) -> Explanation:
     """Explain ``images`` with ``method`` for ``targets``; ``options`` go to the method.
@@ -34,7 +37,9 @@ def explain(
     Equivalent to ``get_method(method)(model, target_layer, **options)(images, targets, ...)``;
     build the method object yourself to reuse it across calls. ``aug_smooth`` and
     ``eigen_smooth`` wrap it in :class:`~camlens.methods.meta.AugmentSmooth` (its default
-    augmentations) and :class:`~camlens.methods.meta.EigenSmooth`.
+    augmentations) and :class:`~camlens.methods.meta.EigenSmooth`. ``forward_args``,
+    ``forward_kwargs`` and ``images_as``: what the model takes besides the images
+    (:meth:`CAMMethod.__call__ <camlens.methods.base.CAMMethod.__call__>`).
     """
     cls = get_method(method)
     accepted = [
@@ -51,4 +56,5 @@ def explain(
             f"unknown option(s) {', '.join(unknown)} for method {cls.name!r} (its options: {valid})"
         )
     method_object = smoothed(cls(model, target_layer=target_layer, **options), aug_smooth, eigen_smooth)
-    return method_object(images, targets, channels=channels, progress=progress)
+    return method_object(images, targets, channels=channels, progress=progress, forward_args=forward_args,
+                         forward_kwargs=forward_kwargs, images_as=images_as)

@@ -15,7 +15,8 @@ import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
@@ -395,6 +396,154 @@ def token_grid(spec: ReshapeSpec) -> Layout | None:
         size=None if h is None else (int(h), int(w)),
         batch_first=False if lnd else None,
     )
+
+
+class PerImage:
+    """A forward argument with one row per image (an ``attention_mask``, a per-image text's
+    ``input_ids``): every pass that forwards versions of the images (masked, noisy, augmented)
+    gives the model the rows of the images they are versions of. An argument not so marked is
+    the same for every pass (a fixed set of texts, a flag)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor) -> None:
+        if not isinstance(value, Tensor) or value.dim() == 0:
+            raise CamlensError(f"PerImage holds a tensor with one row per image, not {describe(value)}")
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"PerImage({describe(self.value)})"
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    """What the model takes besides the images, in every forward pass of a method
+    (Captum's ``additional_forward_args``): ``model(images, *args, **kwargs)``, or, with
+    ``images_as``, ``model(*args, **{images_as: images}, **kwargs)`` (Hugging Face's
+    ``pixel_values=``). Values wrapped in :class:`PerImage` follow the images' rows; ``count``:
+    the number of images."""
+
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    images_as: str | None = None
+    count: int = 0
+
+    @classmethod
+    def make(cls, args: object, kwargs: object, images_as: object, count: int) -> ForwardInputs | None:
+        """Checked inputs for ``count`` images; None when there are none."""
+        if args is None and kwargs is None and images_as is None:
+            return None
+        if args is None:
+            args = ()
+        elif not isinstance(args, (tuple, list)):
+            args = (args,)
+        kwargs = {} if kwargs is None else kwargs
+        if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+            raise CamlensError(f"forward_kwargs is a dict of keyword arguments, not {type(kwargs).__name__}")
+        if images_as is not None and (not isinstance(images_as, str) or not images_as.isidentifier()):
+            raise CamlensError(f"images_as is the name of the model's image argument (e.g. 'pixel_values'), "
+                               f"not {images_as!r}")
+        if images_as is not None and images_as in kwargs:
+            raise CamlensError(f"forward_kwargs gives {images_as!r}, the argument the images go to (images_as)")
+        for value in _leaves((args, kwargs)):
+            if isinstance(value, PerImage) and value.value.shape[0] != count:
+                raise CamlensError(f"a PerImage argument of shape {tuple(value.value.shape)} has "
+                                   f"{value.value.shape[0]} rows for {count} images: give one row per image")
+        return cls(tuple(args), dict(kwargs), images_as, count)
+
+    @property
+    def per_image(self) -> bool:
+        return any(isinstance(value, PerImage) for value in _leaves((self.args, self.kwargs)))
+
+    def take(self, rows: Tensor) -> ForwardInputs:
+        """The inputs of a batch whose row b is a version of image ``rows[b]``."""
+        rows = rows.reshape(-1)
+        return ForwardInputs(_rows(self.args, rows, True), _rows(dict(self.kwargs), rows, True), self.images_as,
+                             rows.numel())
+
+    def call(self, images: Tensor, given_args: tuple, given_kwargs: dict) -> tuple[tuple, dict]:
+        """The arguments of ``model(images)`` with these inputs added, for the rows being run."""
+        rows = _BATCH_ROWS.get()
+        if rows is None:
+            if images.shape[0] != self.count and self.per_image:
+                raise CamlensError(
+                    f"a forward pass of {images.shape[0]} inputs for {self.count} images, which camlens cannot "
+                    "match to per-image arguments: pass the arguments as fixed ones, or report this"
+                )
+            rows = torch.arange(images.shape[0], device=images.device) if self.per_image else None
+        args = _rows(self.args, rows)
+        kwargs = {**given_kwargs, **_rows(dict(self.kwargs), rows)}
+        if self.images_as is not None:
+            return (*given_args[1:], *args), {self.images_as: images, **kwargs}
+        return (*given_args, *args), kwargs
+
+
+def _leaves(value: object) -> Iterator[object]:
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _leaves(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    else:
+        yield value
+
+
+def _rows(value: object, rows: Tensor | None, keep: bool = False) -> Any:
+    """``value`` with every :class:`PerImage` taken at ``rows`` (kept marked with ``keep``, else
+    unwrapped), the rest as it is."""
+    if isinstance(value, PerImage):
+        taken = value.value if rows is None else value.value.index_select(0, rows.to(value.value.device))
+        return PerImage(taken) if keep else taken
+    if isinstance(value, tuple):
+        return tuple(_rows(item, rows, keep) for item in value)
+    if isinstance(value, list):
+        return [_rows(item, rows, keep) for item in value]
+    if isinstance(value, dict):
+        return {key: _rows(item, rows, keep) for key, item in value.items()}
+    return value
+
+
+_FORWARD_INPUTS: ContextVar[ForwardInputs | None] = ContextVar("camlens_forward_inputs", default=None)
+_BATCH_ROWS: ContextVar[Tensor | None] = ContextVar("camlens_batch_rows", default=None)
+
+
+def forward_inputs() -> ForwardInputs | None:
+    """The forward inputs of the call running in this thread (None: the images alone)."""
+    return _FORWARD_INPUTS.get()
+
+
+@contextlib.contextmanager
+def batch_rows(rows: Tensor) -> Iterator[None]:
+    """Passes in this block forward versions of images ``rows`` (row b: of image ``rows[b]``)."""
+    token = _BATCH_ROWS.set(rows.reshape(-1))
+    try:
+        yield
+    finally:
+        _BATCH_ROWS.reset(token)
+
+
+@contextlib.contextmanager
+def bound_inputs(model: nn.Module, inputs: ForwardInputs | None) -> Iterator[None]:
+    """In this block, every call ``model(x)`` from this thread gets ``inputs`` too (a forward
+    pre-hook that reads them from a context variable: another thread's calls are left alone)."""
+    if inputs is None:
+        yield
+        return
+    token = _FORWARD_INPUTS.set(inputs)
+    handle = model.register_forward_pre_hook(_add_inputs, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        _FORWARD_INPUTS.reset(token)
+
+
+def _add_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    inputs = _FORWARD_INPUTS.get()
+    if inputs is None or not args or not isinstance(args[0], Tensor):
+        return None
+    return inputs.call(args[0], args, kwargs)
 
 
 class Recorder:
@@ -863,15 +1012,16 @@ def trace_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, torch.Si
 
 def default_layer_output(
     model: nn.Module, example: Tensor, output: OutputSpec = None
-) -> tuple[Tensor, str, Tensor]:
-    """:func:`find_default_layer` and, from the same pass, the layer's output:
-    ``(class scores, layer name, a copy of the layer's output)``.
+) -> tuple[Tensor, DefaultLayer, Tensor]:
+    """:func:`default_layer` and, from the same pass, the layer's output:
+    ``(class scores, the layer found, a copy of the layer's output as the layer returned it)``.
 
     A layer that runs more than once in a forward pass has no single output to explain: refused.
     """
-    layer, scores, seen, versions = _default_search(model, example, output)
+    found, scores, seen, versions = _default_search(model, example, output)
+    layer = found.name
     if (signature := _signature(example, output)) is not None:  # the methods' own search is then done
-        _remember(model, list(model.named_modules()), signature, layer)
+        _remember(model, list(model.named_modules()), signature, found)
     kept = [out for name, out in seen if name == layer and isinstance(out, Tensor)]
     if len(kept) == 1 and kept[0]._version != versions[id(kept[0])]:
         # Changed in place after the layer (ReLU(inplace=True), a residual's +=): its own values,
@@ -883,37 +1033,110 @@ def default_layer_output(
     if len(kept) != 1:
         raise CamlensError(f"layer {display_name(layer)!r} runs more than once in one forward pass; "
                            "name a layer that is used once (target_layer= or --target-layer)")
-    return check_scores(scores, example, output), layer, kept[0]
+    return check_scores(scores, example, output), found, kept[0]
 
 
 def find_default_layer(model: nn.Module, example: Tensor, output: OutputSpec = None) -> str:
-    """The name of the default target layer for images like ``example`` (see :func:`_default_search`);
+    """The name of the default target layer for images like ``example`` (see :func:`default_layer`);
     ``output`` picks the tensor that holds the scores, as the methods' ``output=``."""
+    return default_layer(model, example, output).name
+
+
+def default_layer(model: nn.Module, example: Tensor, output: OutputSpec = None) -> DefaultLayer:
+    """The default target layer for images like ``example``, with how its output becomes a
+    feature map and why it was chosen (:class:`DefaultLayer`)."""
     return _default_search(model, example, output)[0]
+
+
+@dataclass(frozen=True)
+class DefaultLayer:
+    """The default target layer that :func:`default_layer` found.
+
+    ``layout``: how its output becomes a feature map (N, C, h, w): None for a map already,
+    a :class:`TokenGrid` (prefix and grid inferred) for tokens (N, L, D), :class:`ChannelsLast`
+    for a channels-last map (N, h, w, C). ``why``: the rule that chose it, in words.
+    """
+
+    name: str
+    layout: Layout | None = None
+    why: str = ""
+
+
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_WHY_MAP = "the last feature map (N, C, h, w) larger than 1x1, with one row per image, that the score depends on"
+_WHY_CHANNELS_LAST = ("the last feature map, channels-last (N, h, w, C), larger than 1x1, with one row per image, "
+                      "that the score depends on")
+_WHY_POOLED = ("the last token sequence whose patch tokens the score depends on (a head that pools the patch "
+               "tokens reads it)")
+_WHY_CLASS_TOKEN = ("the last token sequence whose patch tokens the score depends on: the input of the last "
+                    "attention, as the head reads only the class token(s) after it")
+
+
+def _inside_attention(name: str, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether module ``name`` is an attention module or part of one (its query, key, value and
+    output projections, a bias table), by the names of the module and its parents and their types."""
+    parts = name.split(".")
+    return any(
+        _ATTENTION.search(parts[depth - 1]) or _ATTENTION.search(type(modules.get(".".join(parts[:depth]))).__name__)
+        for depth in range(1, len(parts) + 1)
+    )
+
+
+def _reading(shape: torch.Size, image: Sequence[int]) -> str | None:
+    """How a 4-D output (N, A, B, C) of images ``image`` (H, W) reads as a feature map larger
+    than 1x1: ``"nchw"`` (channels A, grid B x C), ``"nhwc"`` (grid A x B, channels C, as
+    torchvision's Swin stages), or None (a 1x1 map).
+
+    The reading whose grid has the image's aspect ratio the more closely (every stride keeps it,
+    to rounding); channels-first, PyTorch's own layout, unless channels-last is closer by a clear
+    margin, so that a square image's map with as many channels as its side stays channels-first.
+    """
+    aspect = math.log(image[0] / image[1])
+
+    def off(h: int, w: int) -> float:
+        return abs(math.log(h / w) - aspect) if h and w else math.inf
+
+    if off(shape[1], shape[2]) + 0.05 < off(shape[2], shape[3]):
+        return "nhwc" if shape[1] * shape[2] > 1 else None
+    return "nchw" if shape[2] * shape[3] > 1 else None
 
 
 def _default_search(
     model: nn.Module, example: Tensor, output: OutputSpec = None
-) -> tuple[str, object, list[tuple[str, object]], dict[int, int]]:
-    """The default target layer for images like ``example``: the last feature map (N, C, h, w)
-    larger than 1x1 that the explained score depends on, found in one forward and one backward
-    pass.
+) -> tuple[DefaultLayer, object, list[tuple[str, object]], dict[int, int]]:
+    """The default target layer for images like ``example``, found in one forward and one
+    backward pass: the last feature map larger than 1x1 (N, C, h, w), or (N, h, w, C) where
+    only that reads as the image's grid, or token sequence (N, L, D), that the explained score
+    depends on.
 
     Passed over, as no map of what the model concluded: an output with another number of rows
     than images (a bias table, attention weights, a batch folded with heads), one that does not
     depend on the image, one the score (each image's top-1 class, or the sum of a dense output)
-    does not depend on (an auxiliary head, a branch not used), and, for a dense output, one of its
-    size (a segmentation model's logits, a depth head's depth map, before a last activation or
-    not). Where token sequences (N, L, D) come after the last such map (a vision transformer's
-    blocks after its patch embedding), the choice is the user's, refused in one line naming the
-    candidates.
+    does not depend on (an auxiliary head, a branch not used), a layer that runs more than once,
+    and, for a dense output (N, K, H, W) or (N, H, W), a map of its size or with its K channels (one
+    for depth): a segmentation model's logits, a depth head's depth map, before a last activation
+    or resize or not.
 
-    Returns ``(layer, what the model returned, [(module name, output)] in order of completion,
-    {id(output): its version when the module returned it})``.
+    Token sequences (a vision transformer's) are read by :class:`TokenGrid`, prefix (class,
+    distillation and register tokens) and grid inferred, and are candidates where the score
+    depends on their patch tokens, not only on the prefix; attention internals (anything in a
+    module named or typed ``attn``/``attention``) and ``nn.Identity`` (its output is its input,
+    the module before it) are passed over. So a head that pools the patch tokens (DINOv2, BEiT,
+    Swin) gets the sequence it pools, the final norm or the last block's output, where Grad-CAM
+    is CAM as at a CNN's last map; a head that reads the class token alone (ViT, DeiT, CLIP) gets
+    the input of the last block's attention (its first norm), the last sequence whose patch
+    tokens reach the score: after the attention, the patch tokens no longer do, and every map
+    there would be blank. Where token sequences come after the last map but none can be read
+    as a grid, the choice is the user's, refused in one line naming the candidates.
+
+    Returns ``(the layer found, what the model returned, [(module name, output)] in order of
+    completion, {id(output): its version when the module returned it})``.
     """
     rows = example.shape[0]
+    image = example.shape[-2:]
     seen: list[tuple[str, object]] = []
     versions: dict[int, int] = {}
+    modules = dict(model.named_modules())
 
     def hook(module: nn.Module, inputs: object, out: object, name: str) -> None:
         seen.append((name, out))
@@ -923,58 +1146,81 @@ def _default_search(
     x = example.detach().clone().requires_grad_(True)  # so that what depends on the image has a graph
     with preserved(model), torch.enable_grad():
         handles = [module.register_forward_hook(lambda m, i, out, name=name: hook(m, i, out, name))
-                   for name, module in model.named_modules() if name]
+                   for name, module in modules.items() if name]
         try:
             result = model(x)
         finally:
             for handle in handles:
                 handle.remove()
-    maps = [(name, out) for name, out in seen if isinstance(out, Tensor) and _is_map(out.shape, rows)]
-    tokens = [(name, out) for name, out in seen  # (N, L, D): a pooled (N, D, 1) is no sequence
-              if isinstance(out, Tensor) and out.dim() == 3 and out.shape[0] == rows and min(out.shape[1:]) > 1]
-    graphed = [out for _, out in maps + tokens if out.requires_grad]
+    runs: dict[str, int] = {}
+    for name, _ in seen:
+        runs[name] = runs.get(name, 0) + 1
+    once = [(name, out) for name, out in seen if isinstance(out, Tensor) and runs[name] == 1 and out.shape[:1] == (rows,)]
+    maps = [(name, out, reading) for name, out in once
+            if out.dim() == 4 and (reading := _reading(out.shape, image)) is not None]
+    tokens = [(name, out) for name, out in once  # (N, L, D): a pooled (N, D, 1) is no sequence
+              if out.dim() == 3 and min(out.shape[1:]) > 1 and not isinstance(modules[name], nn.Identity)
+              and not _inside_attention(name, modules)]
+    graphed = [out for _, out, *_ in maps + tokens if out.requires_grad]
     try:
         selected = model_output(result, example, output)
     except CamlensError:
         selected = None  # no score to follow: the methods say why when they run
-    depends: dict[int, bool] | None = None
+    grads: dict[int, Tensor | None] | None = None
     if selected is not None and selected.requires_grad and graphed:
         score = (selected.gather(1, selected.detach().argmax(dim=1, keepdim=True)) if selected.dim() == 2
                  else selected).sum()
-        grads = torch.autograd.grad(score, graphed, allow_unused=True)
-        depends = {id(out): grad is not None and bool(grad.ne(0).any()) for out, grad in zip(graphed, grads)}
+        grads = dict(zip(map(id, graphed), torch.autograd.grad(score, graphed, allow_unused=True)))
     final = None if selected is None else selected.detach().reshape(-1)
 
-    def usable(out: Tensor) -> bool:
-        if not out.requires_grad or (depends is not None and not depends.get(id(out), False)):
+    def usable(out: Tensor, part: slice = slice(None)) -> bool:
+        if not out.requires_grad:
             return False
-        # A dense output's (segmentation, depth) own values, or a map of its size: the logits or depth
-        # before a last activation. Class scores (N, classes) are no map.
-        return final is None or selected.dim() <= 2 or out.numel() != final.numel()
+        if grads is not None and ((grad := grads.get(id(out))) is None or not bool(grad[:, part].ne(0).any())):
+            return False
+        # A dense output's (segmentation, depth) own values, or a map of its size or of its channels: the
+        # logits or depth before a last activation or resize. Class scores (N, classes) are no map.
+        if final is None or selected.dim() <= 2:
+            return True
+        channels = selected.shape[1] if selected.dim() == 4 else 1
+        return out.numel() != final.numel() and not (out.dim() == 4 and out.shape[1] == channels)
 
     order = {id(out): index for index, (_, out) in enumerate(seen)}
-    found = [(name, out) for name, out in maps if usable(out)]
-    later = [(name, out) for name, out in tokens if usable(out) and (not found or order[id(out)] > order[id(found[-1][1])])]
+    found = [(name, out, reading) for name, out, reading in maps if usable(out)]
+    after = -1 if not found else order[id(found[-1][1])]
+    later, read = [], []
+    for name, out in tokens:
+        if order[id(out)] < after or not usable(out):
+            continue
+        later.append((name, out))
+        try:
+            prefix, h, w = TokenGrid().layout(out.shape[1], image)
+        except CamlensError:
+            continue
+        if usable(out, slice(prefix, None)) and h * w > 1:
+            read.append((name, out, TokenGrid(prefix=prefix, size=(h, w))))
+    if read:
+        name, out, grid = read[-1]
+        # Later sequences reach the score by their prefix alone: a class-token head, after the last attention.
+        class_token = any(order[id(other)] > order[id(out)] for _, other in later)
+        return DefaultLayer(name, grid, _WHY_CLASS_TOKEN if class_token else _WHY_POOLED), result, seen, versions
     if later:
         shown = ", ".join(f"{display_name(name)} {tuple(out.shape[1:])}" for name, out in later[-3:])
         raise CamlensError(
-            f"the model's last layers that the score depends on output tokens ({shown}): camlens does not pick a "
-            "token layer by itself; name one with target_layer= and reshape='tokens' (--target-layer NAME "
-            "--reshape tokens; see camlens layers), e.g. the input of the last block's attention"
+            f"the model's last layers that the score depends on output tokens ({shown}) that camlens cannot read as "
+            "a grid of patches; name one with target_layer= and its layout with reshape='tokens:PREFIX:HxW' "
+            "(--target-layer NAME --reshape tokens:PREFIX:HxW; see camlens layers)"
         )
     if not found:
         raise CamlensError(
-            "no module of this model outputs a 4-D feature map larger than 1x1, with one row per image, that the "
-            "score depends on; name a convolutional layer as the target layer (target_layer= or --target-layer)"
+            "no module of this model outputs a feature map larger than 1x1 (N, C, h, w), or tokens (N, L, D), with "
+            "one row per image, that the score depends on; name a convolutional layer as the target layer "
+            "(target_layer= or --target-layer)"
         )
-    return found[-1][0], result, seen, versions
-
-
-def _is_map(shape: torch.Size | str, rows: int | None) -> bool:
-    """Whether an output of this shape is a feature map (N, C, h, w) larger than 1x1, with ``rows``
-    rows (one per image) where given."""
-    return (not isinstance(shape, str) and len(shape) == 4 and shape[-2:].numel() > 1
-            and (rows is None or shape[0] == rows))
+    name, _, reading = found[-1]
+    if reading == "nhwc":
+        return DefaultLayer(name, ChannelsLast(), _WHY_CHANNELS_LAST), result, seen, versions
+    return DefaultLayer(name, None, _WHY_MAP), result, seen, versions
 
 
 # model -> (its module tree when traced, {image signature: default layer name}). Weak keys: the
@@ -985,24 +1231,26 @@ _found_layers_lock = threading.Lock()
 _SHAPES_PER_MODEL = 32  # bounds the memory of a process that explains images of many sizes
 
 
-def remembered_default_layer(model: nn.Module, images: Tensor, output: OutputSpec = None) -> tuple[str, nn.Module]:
-    """``(name, module)`` of :func:`find_default_layer` for ``images`` (N, C, H, W), traced on
-    the first image once per model, module tree and image signature, then remembered.
+def remembered_default_layer(
+    model: nn.Module, images: Tensor, output: OutputSpec = None
+) -> tuple[DefaultLayer, nn.Module]:
+    """``(the layer found, its module)`` of :func:`default_layer` for ``images`` (N, C, H, W),
+    traced on the first image once per model, module tree and image signature, then remembered.
 
     The signature is (C, H, W), dtype and device, not N: every module's output for a batch of N
     is that for one image with N rows (the trace already runs one image), while H and W can
-    bring a late map down to 1x1. Adding, removing or replacing a module under any name
-    re-traces. A forward whose shapes change with other state (an attribute set in place, such
-    as a convolution's stride) is not seen: name the target layer for such a model.
+    bring a late map down to 1x1 and change a token grid. Adding, removing or replacing a module
+    under any name re-traces. A forward whose shapes change with other state (an attribute set
+    in place, such as a convolution's stride) is not seen: name the target layer for such a model.
     """
     modules = list(model.named_modules())
     signature = _signature(images, output)
-    name = None if signature is None else _remember(model, modules, signature)
-    if name is None:
-        name = find_default_layer(model, images[:1], output)  # not under the lock: a forward can be long
+    found = None if signature is None else _remember(model, modules, signature)
+    if found is None:
+        found = default_layer(model, images[:1], output)  # not under the lock: a forward can be long
         if signature is not None:
-            _remember(model, modules, signature, name)
-    return name, dict(modules)[name]
+            _remember(model, modules, signature, found)
+    return found, dict(modules)[found.name]
 
 
 def _signature(images: Tensor, output: OutputSpec) -> tuple | None:
@@ -1018,8 +1266,8 @@ def _signature(images: Tensor, output: OutputSpec) -> tuple | None:
 
 
 def _remember(
-    model: nn.Module, modules: list[tuple[str, nn.Module]], signature: tuple, name: str | None = None
-) -> str | None:
+    model: nn.Module, modules: list[tuple[str, nn.Module]], signature: tuple, name: DefaultLayer | None = None
+) -> DefaultLayer | None:
     """The default layer remembered for ``model`` with module tree ``modules`` and images of
     ``signature``; with ``name``, remember that (replacing a record made for another module
     tree, or one that holds too many signatures)."""

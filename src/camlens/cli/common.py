@@ -226,6 +226,15 @@ def reshape_given() -> Layout | None:
     return _given(RESHAPE)
 
 
+FOUND_LAYOUT = "camlens.found_layout"  # where the probe leaves the layout of the default layer it found
+
+
+def layer_layout() -> Layout | None:
+    """How the running command reads its target layer: the --reshape given, else the layout the
+    probe found for the default layer (a vision transformer's token grid, a channels-last map)."""
+    return reshape_given() or _given(FOUND_LAYOUT)
+
+
 def engine_options(
     command: Callable | None = None,
     *,
@@ -455,7 +464,7 @@ def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | N
     if smooth and any(smooth.values()):
         for name in [name for name in chosen if name not in named]:
             try:  # construction only: a method refuses a smoothing when it is built
-                smoothed(METHODS[name](loaded.module, target_layer=found.layer, reshape=reshape_given()), **smooth)
+                smoothed(METHODS[name](loaded.module, target_layer=found.layer, reshape=found.layout), **smooth)
             except CamlensError as error:
                 chosen.remove(name)
                 (on_skip or note_skip)(name, str(error))
@@ -482,8 +491,10 @@ def method_objects(model, methods: Sequence[str], target_layer: str | None, batc
         options: dict[str, Any] = {"fc": fc} if name == "cam" else {}
         # The engine's record names the layout in words; the methods take the layout itself.
         options.update({key: value for key, value in (engine or {}).items() if key != "reshape"})
-        if reshape_given() is not None:
-            options["reshape"] = reshape_given()
+        # A layer named (by the user, or sanity's found default) is read as --reshape says, or as
+        # the probe found the default; with no layer, each method finds the default and its layout.
+        if target_layer is not None and layer_layout() is not None:
+            options["reshape"] = layer_layout()
         # --batch-size, --seed and --top-channels reach every method that takes them (its
         # constructor's keywords).
         accepted = inspect.signature(METHODS[name]).parameters
@@ -510,8 +521,9 @@ class Probe:
 
     classes: int
     layer: str  # the target layer's name, the default one found
-    activation: Tensor  # its output on the blank batch
+    activation: Tensor  # its output on the blank batch, as a feature map (N, C, h, w)
     logits: Tensor
+    layout: Layout | None = None  # how the layer's output becomes that map (--reshape, or found)
 
 
 def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
@@ -536,7 +548,12 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
             output = check_scores(output, example)  # picked by --output already
             layer, activation = next(iter(outputs.items()))
         else:
-            output, layer, activation = default_layer_output(loaded.module, example, output_given())
+            output, found, activation = default_layer_output(loaded.module, example, output_given())
+            layer, reshape = found.name, found.layout
+            if reshape is not None:
+                activation = reshape.to_grid(activation, example.shape, layer)[0]
+                if (context := click.get_current_context(silent=True)) is not None:
+                    context.meta[FOUND_LAYOUT] = reshape
     except CamlensError as error:
         raise CamlensError(f"{error} (checked on a blank {preprocess.size}x{preprocess.size} input)") from None
     except Exception as error:
@@ -549,7 +566,7 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
     check_finite(output, "model outputs on a blank input (check --mean and --std)")
     if loaded.class_names is not None and len(loaded.class_names) != output.shape[1]:
         raise CamlensError(f"{len(loaded.class_names)} class names for a model with {output.shape[1]} classes")
-    return Probe(int(output.shape[1]), layer, activation, output)
+    return Probe(int(output.shape[1]), layer, activation.detach(), output, reshape)
 
 
 def cam_misfit(loaded: LoadedModel, found: Probe, fc: str | None) -> str | None:
@@ -559,7 +576,7 @@ def cam_misfit(loaded: LoadedModel, found: Probe, fc: str | None) -> str | None:
     checked as CAM checks it on every image (its classifier, logits = fc(GAP(layer))).
     """
     try:
-        cam = METHODS["cam"](loaded.module, target_layer=found.layer, fc=fc)
+        cam = METHODS["cam"](loaded.module, target_layer=found.layer, fc=fc, reshape=found.layout)
     except CamlensError as error:
         raise CamlensError(f"--fc {fc}: {error}") from None
     try:

@@ -10,7 +10,7 @@ from rich.text import Text
 from ..capture import (
     TokenGrid,
     check_hookable,
-    find_default_layer,
+    default_layer,
     trace_outputs,
 )
 from ..errors import CamlensError
@@ -34,25 +34,27 @@ def layers(**model_args) -> None:
     for name, shape in trace:
         shapes.setdefault(name, shape if isinstance(shape, str) else "x".join(map(str, shape[1:])))
         traced.setdefault(name, shape)
-    why = None
+    refusal = found = None
     try:
-        default = find_default_layer(loaded.module, torch.zeros(1, 3, size, size), output_given())
+        found = default_layer(loaded.module, torch.zeros(1, 3, size, size), output_given())
     except CamlensError as error:
-        default, why = None, str(error)
+        refusal = str(error)
     # Text, not markup: a model named package.module:factory would otherwise show an emoji.
     table = Table(title=Text(f"{loaded.name}: input 3x{size}x{size}"), title_justify="left")
     for column in ("layer", "type", "output (C x H x W)", "note"):
         table.add_column(column)
     for name, module in loaded.module.named_modules():
         if name in shapes:
-            note = "default target layer" if name == default else _token_note(traced[name], size)
+            note = _token_note(traced[name], size)
+            if found is not None and name == found.name:
+                note = "default target layer" + (f", read as {found.layout.describe()}" if found.layout else "")
             table.add_row(name, type(module).__name__, shapes[name], note)
     console("stdout").print(table)
-    if default is None:
-        echo_error(f"no default target layer: {why}")
+    if found is None:
+        echo_error(f"no default target layer: {refusal}")
     else:
-        echo_error(f"default target layer: {default}, the last feature map (N, C, h, w) larger than 1x1, with one "
-                   "row per image, that the score depends on")
+        read = f", read as {found.layout.describe()}" if found.layout else ""
+        echo_error(f"default target layer: {found.name}{read}: {found.why}")
 
 
 def _token_note(shape: object, size: int) -> str:
@@ -65,8 +67,8 @@ def _token_note(shape: object, size: int) -> str:
     try:
         prefix, h, w = TokenGrid().layout(length, (size, size))
     except CamlensError:
-        return f"tokens{order}: needs --reshape tokens:P:HxW"
-    return f"tokens{order}: needs --reshape tokens ({prefix} + {h}x{w})"
+        return f"tokens{order}: name it with --reshape tokens:P:HxW"
+    return f"tokens{order}: --reshape tokens reads {prefix} + {h}x{w}"
 
 
 @click.command()

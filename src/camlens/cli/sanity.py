@@ -59,7 +59,7 @@ from .common import (
     output_given,
     prepare,
     printable,
-    reshape_given,
+    layer_layout,
     resolve_class,
     run_options,
     smooth_options,
@@ -284,7 +284,7 @@ def _channels(model: torch.nn.Module, x: torch.Tensor, layer: str) -> int:
 
 def _activation(model: torch.nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
     name, module = resolve_layer(model, layer)
-    return record(model, x, {name: module}, reshape=reshape_given())[1][name]
+    return record(model, x, {name: module}, reshape=layer_layout())[1][name]
 
 
 def _core(method: Any) -> Any:

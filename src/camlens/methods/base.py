@@ -21,8 +21,13 @@ from ..capture import (
     LayersSpec,
     OutputSpec,
     ReshapeSpec,
+    ForwardInputs,
+    PerImage,
     SelectedOutput,
     Layout,
+    batch_rows,
+    bound_inputs,
+    forward_inputs,
     check_finite,
     check_has_values,
     eager,
@@ -102,7 +107,10 @@ class Context:
         image in ``rows`` (the all-zero input) is forwarded once and its outputs shared.
         """
         units = self.targets.unit_layers
-        with model_failures(self.model, inputs):
+        given = forward_inputs()
+        if given is not None and given.per_image and inputs.shape[0] == 1 and rows.numel() > 1:
+            inputs = inputs.expand(rows.numel(), *inputs.shape[1:])  # a baseline scored with each image's inputs
+        with model_failures(self.model, inputs), batch_rows(rows):
             if units:
                 logits, outputs = record(
                     self.runner, inputs, hooked(self.runner, units), output=self.output, reshape=self.reshape
@@ -119,7 +127,7 @@ class Context:
 
     def gradients_at(self, inputs: Tensor, rows: Tensor) -> dict[str, Tensor]:
         """Gradients ``{layer: (B, T, K', h, w)}`` of the target scores of a batch of versions."""
-        with model_failures(self.model, inputs):
+        with model_failures(self.model, inputs), batch_rows(rows):
             logits, outputs = record(
                 self.runner, inputs, hooked(self.runner, {**self.layers, **self.targets.unit_layers}), track_grad=True,
                 output=self.output, reshape=self.reshape,
@@ -143,6 +151,20 @@ def nested() -> Iterator[None]:
         yield
     finally:
         _NESTED.reset(token)
+
+
+def _described(inputs: ForwardInputs) -> str:
+    """The forward inputs of a call in words, for the Explanation's options."""
+    def one(value: object) -> str:
+        kind = "per image" if isinstance(value, PerImage) else "fixed"
+        tensor = value.value if isinstance(value, PerImage) else value
+        return f"{kind} {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else f"{kind} {type(tensor).__name__}"
+
+    parts = [f"arg {index}: {one(value)}" for index, value in enumerate(inputs.args)]
+    parts += [f"{key}: {one(value)}" for key, value in inputs.kwargs.items()]
+    if inputs.images_as is not None:
+        parts.insert(0, f"images as {inputs.images_as}")
+    return "; ".join(parts)
 
 
 def finished(explanation: Explanation) -> Explanation:
@@ -257,6 +279,9 @@ class CAMMethod:
         *,
         channels: ChannelsSpec = None,
         progress: Progress | None = None,
+        forward_args: object = None,
+        forward_kwargs: Mapping[str, object] | None = None,
+        images_as: str | None = None,
     ) -> Explanation:
         """Explain ``images`` (N, C, H, W), or one image (C, H, W), for ``targets``.
 
@@ -268,19 +293,28 @@ class CAMMethod:
             channels: build the maps from these channels of the target layer only: a list of
                 indices, or ``{layer: indices}`` for several layers.
             progress: called as ``progress(done, total)`` during long work (Score-CAM).
+            forward_args, forward_kwargs: what the model takes besides the images, in every
+                forward pass: ``model(images, *forward_args, **forward_kwargs)`` (Captum's
+                ``additional_forward_args``). Wrap a value with one row per image in
+                :class:`~camlens.capture.PerImage` (an ``attention_mask``): the passes over
+                masked, noisy or augmented versions of the images then get the rows of the images
+                they are versions of; anything else is the same in every pass (a set of texts).
+            images_as: the keyword the images go to, where it is not the model's first argument
+                (``"pixel_values"`` for a Hugging Face CLIP model).
         """
         model = self.model
         if progress is not None and not callable(progress):
             raise CamlensError(f"progress must be a function progress(done, total), not {type(progress).__name__}")
         x = self._prepare(images)
-        with preserved(model):
+        inputs = ForwardInputs.make(forward_args, forward_kwargs, images_as, x.shape[0])
+        with preserved(model), bound_inputs(model, inputs):
             with model_failures(model, x):
-                layers, chosen = self._target_layers(x)
+                layers, chosen, layout = self._target_layers(x)
                 units = unit_layers(model, targets)
                 runner, scorer = self._runners(x, [*layers, *units])
                 logits, outputs = record(
                     runner, x, hooked(runner, {**layers, **units}), track_grad=self.needs_gradients,
-                    output=self.output, reshape=self.reshape,
+                    output=self.output, reshape=layout,
                 )
             check_finite(logits, "model outputs")
             resolved = resolve_targets(model, targets, logits, outputs, self.score_kind())
@@ -302,7 +336,7 @@ class CAMMethod:
                 runner=runner,
                 scorer=scorer,
                 output=self.output,
-                reshape=self.reshape,
+                reshape=layout,
             )
             if self.needs_gradients:
                 context.gradients = {
@@ -317,8 +351,10 @@ class CAMMethod:
         explanation = self._explanation(context, weights, scores.detach(), chosen)
         if self.output is not None:
             explanation.options["output"] = getattr(self.output, "__qualname__", self.output)
-        if self.reshape is not None:
-            explanation.options["reshape"] = self.reshape.describe()
+        if layout is not None:
+            explanation.options["reshape"] = layout.describe()
+        if inputs is not None:
+            explanation.options["forward inputs"] = _described(inputs)
         return finished(explanation)
 
     def _explanation(
@@ -400,6 +436,8 @@ class CAMMethod:
     def _inference(self, x: Tensor, names: Sequence[str] = ()) -> InferenceCopy | None:
         """The inference copy to run for inputs like ``x`` when observing layers ``names``:
         None without ``optimize``, or where the copy does not apply."""
+        if forward_inputs() is not None:
+            return None  # the copy would not get the forward inputs: the model itself runs
         inference = self._copies.get(self.model, x) if self.optimize else None
         return inference if inference is not None and inference.serves(names) else None
 
@@ -433,12 +471,15 @@ class CAMMethod:
     def _compiled(self, inference: InferenceCopy, batch_size: int) -> CompiledForward:
         return CompiledForward(inference, batch_size, select=lambda out, x: model_output(out, x, self.output))
 
-    def _target_layers(self, x: Tensor) -> tuple[dict[str, nn.Module], bool]:
+    def _target_layers(self, x: Tensor) -> tuple[dict[str, nn.Module], bool, Layout | None]:
+        """``(target layers, whether the default was chosen, how their outputs become maps)``:
+        the layers given with ``reshape``, or the default layer with the layout found for it."""
         if self._layers is not None:
-            return self._layers, False
+            return self._layers, False, self.reshape
         # Remembered across method objects: camlens.explain builds a new one on every call.
-        name, module = remembered_default_layer(self.model, x, self.output)
-        return {name: module}, True
+        with batch_rows(torch.arange(1, device=x.device)):  # the search runs the first image
+            found, module = remembered_default_layer(self.model, x, self.output)
+        return {found.name: module}, True, found.layout
 
     def _channel_subsets(
         self, channels: ChannelsSpec, activations: dict[str, Tensor]

@@ -19,12 +19,30 @@ def cam_weights(fc_weight: Tensor, classes: Tensor) -> Tensor:
     return fc_weight[classes]
 
 
+def linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` can be CAM's classifier: an ``nn.Linear``, or a module holding a linear
+    layer's tensors without its type (a ``torch.export`` model's layers, unflattened, are
+    ``InterpreterModule`` objects): a 2-D ``weight`` (out, in), no or a 1-D ``bias`` (out,), no
+    submodules. Not an ``nn.Embedding``. Either way :meth:`CAM._check_head` checks that the model's
+    logits are ``fc(GAP(A))``."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (
+        not isinstance(module, nn.Embedding)
+        and isinstance(weight, Tensor) and weight.dim() == 2 and weight.is_floating_point()
+        and (bias is None or (isinstance(bias, Tensor) and bias.shape == weight.shape[:1]))
+        and next(module.children(), None) is None
+    )
+
+
 class CAM(CAMMethod):
     """Class Activation Mapping: needs ``features -> global average pooling -> linear``.
 
     Args:
-        fc: the linear classifier (module or name). None finds the last ``nn.Linear`` whose
-            inputs match the target layer's channels. Either way camlens checks that the
+        fc: the linear classifier (module or name). None finds the last ``nn.Linear`` (or
+            linear layer of an exported model, :func:`linear_like`) whose inputs match the target
+            layer's channels. Either way camlens checks that the
             model's logits are ``fc(GAP(A))`` and raises a clear error if they are not.
     """
 
@@ -41,8 +59,9 @@ class CAM(CAMMethod):
     ) -> None:
         super().__init__(model, target_layer, **engine)
         self.fc = None if fc is None else resolve_layer(model, fc)[1]
-        if self.fc is not None and not isinstance(self.fc, nn.Linear):
-            raise CamlensError(f"fc must be an nn.Linear, not {type(self.fc).__name__}")
+        if self.fc is not None and not linear_like(self.fc):
+            raise CamlensError(f"fc must be an nn.Linear (or a linear layer of an exported model), not "
+                               f"{type(self.fc).__name__}")
 
     def options(self) -> dict[str, Any]:
         return {"fc": None if self.fc is None else resolve_layer(self.model, self.fc)[0]}
@@ -59,8 +78,8 @@ class CAM(CAMMethod):
             weights[name] = context.select(name, weight, 2)
         return weights
 
-    def _find_fc(self, channels: int, layer: str) -> nn.Linear:
-        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear) and m.in_features == channels]
+    def _find_fc(self, channels: int, layer: str) -> nn.Module:
+        linears = [m for m in self.model.modules() if linear_like(m) and m.weight.shape[1] == channels]
         if not linears:
             raise CamlensError(
                 f"CAM needs a head 'features -> global average pooling -> linear', but the model "
@@ -70,10 +89,10 @@ class CAM(CAMMethod):
         return linears[-1]
 
     @staticmethod
-    def _check_head(fc: nn.Linear, activation: Tensor, logits: Tensor, layer: str) -> None:
-        if fc.in_features != activation.shape[1]:
+    def _check_head(fc: nn.Module, activation: Tensor, logits: Tensor, layer: str) -> None:
+        if fc.weight.shape[1] != activation.shape[1]:
             raise CamlensError(
-                f"the classifier takes {fc.in_features} inputs but layer {layer!r} has "
+                f"the classifier takes {fc.weight.shape[1]} inputs but layer {layer!r} has "
                 f"{activation.shape[1]} channels: CAM needs the layer that feeds the global pooling"
             )
         predicted = fc(activation.mean(dim=(2, 3)))

@@ -28,7 +28,7 @@ from torch.func import jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..accelerate import cut
-from ..capture import LayersSpec, model_output
+from ..capture import LayersSpec, forward_inputs, model_output
 from ..errors import CamlensError, check_positive_int, first_line
 from ..targets import SCORE_KINDS
 from .base import CAMMethod, Context
@@ -146,7 +146,8 @@ def _head(model: nn.Module, context: Context, name: str) -> tuple[Head, Tensor, 
     def scores(output: object) -> Tensor:
         return context.targets.score(model_output(output, images, context.output), {}, rows)
 
-    parts = cut(model, name)
+    # A traced cut would not get the forward inputs (capture.bound_inputs): the hooked model runs then.
+    parts = None if forward_inputs() is not None else cut(model, name)
     if parts is None:
         layer = context.layers[name]
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..accelerate import CutMemory, PlainForward, SplitForward, _close, cut, remember_cut, remembered_cut
-from ..capture import LayersSpec
+from ..capture import LayersSpec, forward_inputs
 from ..errors import CamlensError, check_positive_int
 from .base import CAMMethod, Context, hooked
 from .scorecam import Perturb, ScoreCAM
@@ -52,7 +52,8 @@ class Replaced:
         self.context = context
         self.name = name
         self.memory = memory
-        self.parts = None if context.targets.unit_layers else self._cut(batch_size)
+        # A traced cut would not get the forward inputs (capture.bound_inputs): the whole model runs then.
+        self.parts = None if context.targets.unit_layers or forward_inputs() is not None else self._cut(batch_size)
 
     def _cut(self, batch_size: int) -> tuple[nn.Module, list] | None:
         """The part after the layer and what it reads besides, checked. The cut of an earlier

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..capture import ForwardInputs
 from ..combine import FLAT_EPS
 from ..errors import CamlensError
 from ..explanation import Explanation
@@ -149,6 +150,9 @@ class EigenSmooth(_Smoothing):
         *,
         channels: ChannelsSpec = None,
         progress: Progress | None = None,
+        forward_args: object = None,
+        forward_kwargs: Mapping[str, object] | None = None,
+        images_as: str | None = None,
     ) -> Explanation:
         # A shallow copy per call, so the method object the user holds is never changed; it
         # shares the method's inference copy.
@@ -161,7 +165,8 @@ class EigenSmooth(_Smoothing):
         else:
             method.raw_map = lambda name, weight, activation: finish(name, eigen_map(weight, activation))
         with nested():
-            explanation = method(images, targets, channels=channels, progress=progress)
+            explanation = method(images, targets, channels=channels, progress=progress, forward_args=forward_args,
+                                 forward_kwargs=forward_kwargs, images_as=images_as)
         explanation.options = {**explanation.options, **self.smoothing()}
         return finished(explanation)
 
@@ -337,6 +342,9 @@ class AugmentSmooth(_Smoothing):
         *,
         channels: ChannelsSpec = None,
         progress: Progress | None = None,
+        forward_args: object = None,
+        forward_kwargs: Mapping[str, object] | None = None,
+        images_as: str | None = None,
     ) -> Explanation:
         _check_progress(progress)
         plan = self.copies()
@@ -344,8 +352,15 @@ class AugmentSmooth(_Smoothing):
         images_total = count * (images.shape[0] if isinstance(images, Tensor) and images.dim() == 4 else 1)
         seen = {"images": 0, "work": 0}  # over the calls so far: images explained, progress total
 
+        images_count = images.shape[0] if isinstance(images, Tensor) and images.dim() == 4 else 1
+        forward = ForwardInputs.make(forward_args, forward_kwargs, images_as, images_count)
+
         def explain(batch: Tensor, spec: TargetSpec) -> Explanation:
             rows, last = batch.shape[0], [0]
+            # The batch holds copies of the images in order, one after another: row b is image b % N.
+            taken = None if forward is None else forward.take(torch.arange(rows) % images_count)
+            passed = {} if taken is None else {"forward_args": taken.args, "forward_kwargs": taken.kwargs,
+                                              "images_as": taken.images_as}
 
             def report(done: int, total: int) -> None:
                 # The calls to come are assumed to cost what this one does per image.
@@ -354,7 +369,8 @@ class AugmentSmooth(_Smoothing):
                 progress(seen["work"] + done, seen["work"] + total + rest)
 
             with nested():
-                explanation = self.method(batch, spec, channels=channels, progress=report if progress else None)
+                explanation = self.method(batch, spec, channels=channels, progress=report if progress else None,
+                                          **passed)
             seen["images"] += rows
             seen["work"] += last[0]
             return explanation

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import json
 import logging
 import math
+import re
 import sys
 import zipfile
 from collections.abc import Callable, Sequence
@@ -328,6 +330,50 @@ class _Hold(logging.Filter):
         return False
 
 
+_UNREGISTERED = re.compile(r"Deserializing ([\w.]+) in pytree is not registered")
+
+
+def _exported(path: Path, retried: bool = False) -> nn.Module:
+    """The ``torch.export`` archive at ``path``, unflattened so that its layers take hooks.
+
+    A model that returns an output class of its library (a Hugging Face ``ImageClassifierOutput``)
+    loads only where that class is registered with torch's pytree, as importing transformers
+    does: for a class of transformers, its module is imported (that library only: an archive
+    names the class, and importing runs a module's code) and the load retried once; else one line
+    says what to do.
+    """
+    held: list[logging.LogRecord] = []
+    try:
+        with _torch_logs_held(held):
+            return torch.export.unflatten(torch.export.load(path))
+    except Exception as error:
+        # torch's logged cause where it logged one ("check the warnings above", says its error)
+        causes = [record.exc_info[1] for record in held if record.exc_info and record.exc_info[1] is not None]
+        cause = causes[0] if causes else error
+    unknown = _UNREGISTERED.search(str(cause))
+    if unknown is None:
+        raise CamlensError(f"{path}: cannot load the torch.export archive: {first_line(cause)}")
+    kind = unknown.group(1)
+    library, _, _ = kind.rpartition(".")
+    if kind.startswith("transformers.") and not retried:
+        if importlib.util.find_spec("transformers") is None:
+            raise CamlensError(
+                f"{path}: the exported model returns {kind}, a class of the transformers package, which is not "
+                "installed here: pip install transformers, or export a wrapper whose forward returns the logits tensor"
+            )
+        try:
+            importlib.import_module(library)  # registers its output classes with torch's pytree
+        except Exception as error:
+            raise CamlensError(f"{path}: the exported model returns {kind}, and importing {library} failed: "
+                               f"{first_line(error)}") from None
+        return _exported(path, retried=True)
+    raise CamlensError(
+        f"{path}: the exported model returns {kind}, a class this process does not know (it is not registered "
+        "with torch.utils._pytree): export a wrapper whose forward returns a tensor, or load it from Python after "
+        "importing the library that registers that class"
+    )
+
+
 def _from_archive(path: Path) -> tuple[nn.Module, str]:
     if not zipfile.is_zipfile(path):
         raise CamlensError(
@@ -337,17 +383,7 @@ def _from_archive(path: Path) -> tuple[nn.Module, str]:
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
     if any(name.endswith("archive_format") for name in names):
-        held: list[logging.LogRecord] = []
-        try:
-            with _torch_logs_held(held):
-                program = torch.export.load(path)
-                module = torch.export.unflatten(program)
-        except Exception as error:
-            # torch's logged cause where it logged one ("check the warnings above", says its error)
-            causes = [record.exc_info[1] for record in held if record.exc_info and record.exc_info[1] is not None]
-            raise CamlensError(f"{path}: cannot load the torch.export archive: "
-                               f"{first_line(causes[0] if causes else error)}") from None
-        return module, "torch.export"
+        return _exported(path), "torch.export"
     if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
         # Known by its entries, refused unloaded: loading runs the archive's own code
         # (__setstate__), and a ScriptModule could not be explained anyway (no forward hooks).
