@@ -428,4 +428,5 @@ def test_the_command_line_explains_a_transformer_with_no_layer_given(vit_module,
     assert "Traceback" not in err
     import json
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["target layer"] == LAYER, manifest
+    assert manifest["target_layers"] == [LAYER] and manifest["default_layer"] is True
+    assert manifest["layout"] == "tokens:2:4x4"

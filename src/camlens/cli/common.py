@@ -257,8 +257,8 @@ def engine_options(
                           "the first P tokens (class, register) left out. 'tokens' infers P and the grid (the largest "
                           "grid of the input's shape that fits); give them when that is wrong. 'nhwc': a channels-last "
                           "map (N, H, W, C). MOD:FUNC: a function of yours from the layer's output to (N, C, h, w), "
-                          "as pytorch-grad-cam's reshape_transform. Needs --target-layer. "
-                          "`camlens layers` shows the layers that need it."),
+                          "as pytorch-grad-cam's reshape_transform. Needs --target-layer: the default layer is read "
+                          "as it needs (`camlens layers` shows how)."),
         click.option("--optimize/--no-optimize", default=None,
                      help="Run a verified inference copy of the model (batch norm folded into convolutions, "
                           f"channels-last memory): the same maps up to float rounding, faster [default: {default}]."),
@@ -541,7 +541,8 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
     layers = dict([resolve_layer(loaded.module, target_layer)]) if target_layer is not None else {}
     reshape = reshape_given()
     if reshape is not None and not layers:
-        raise CamlensError("--reshape needs --target-layer: the token layer to explain (see camlens layers)")
+        raise CamlensError("--reshape needs --target-layer: with none, camlens finds the default layer and reads its "
+                           "tokens or channels-last map itself (see camlens layers)")
     try:
         if layers:
             output, outputs = record(loaded.module, example, layers, reshape=reshape, output=output_given())

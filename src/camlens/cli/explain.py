@@ -113,6 +113,7 @@ class Explainer:
         self.caption = caption
         self.target_layers: tuple[str, ...] = ()
         self.default_layer: bool | None = None
+        self.layout: str | None = None  # how the target layer's output was read (tokens, nhwc), if not as a map
         self.methods = method_objects(self.model, methods, target_layer, batch_size, seed, fc=fc, engine=engine,
                                       top_channels=top_channels, smooth=smooth)
 
@@ -134,6 +135,7 @@ class Explainer:
             result.timings[name] = time.perf_counter() - tick
         first = next(iter(explanations.values()))
         self.target_layers, self.default_layer = first.target_layers, first.default_layer
+        self.layout = first.options.get("reshape")
         # The methods' own clean forward gives the predictions: no extra forward pass.
         probabilities = first.logits.softmax(dim=1)[0].cpu()
         top = probabilities.topk(min(5, probabilities.numel()))
@@ -414,6 +416,7 @@ def build_manifest(loaded, classes, explainer, methods, skipped_methods, results
         "options": {name: m.options() for name, m in explainer.methods.items()},
         "target_layers": list(explainer.target_layers),
         "default_layer": explainer.default_layer,
+        "layout": explainer.layout,
         "targets": {"class": class_index} if class_index is not None else {"top_k": top_k or 1},
         "seed": seed,
         "batch_size": batch_size,

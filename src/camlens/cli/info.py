@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 import torch
 from rich.table import Table
 from rich.text import Text
@@ -14,8 +15,8 @@ from ..capture import (
     trace_outputs,
 )
 from ..errors import CamlensError
-from ..methods import list_methods
-from .common import console, echo_error, first_line, model_options, open_model, output_given
+from ..methods import METHODS, list_methods
+from .common import console, echo_error, first_line, model_options, open_model, output_given, probe
 
 
 @click.command(short_help="Hookable layers, their output shapes, the default target layer.")
@@ -71,11 +72,43 @@ def _token_note(shape: object, size: int) -> str:
     return f"tokens{order}: --reshape tokens reads {prefix} + {h}x{w}"
 
 
-@click.command()
-def methods() -> None:
-    """The methods, one line each, with their cost per image."""
+@click.command(short_help="The methods and their cost per image, counted on a model.")
+@click.option("--costs", is_flag=True,
+              help="Count each method's passes per image on the model at hand (the embedded one by default), at its "
+                   "default target layer or --target-layer. Implied by --model and --target-layer.")
+@click.option("--target-layer", metavar="NAME", help="The layer to count the costs at (default: the default layer).")
+@model_options
+def methods(costs: bool, target_layer: str | None, **model_args) -> None:
+    """The methods, one line each, with their cost per image; with --costs (or --model), the passes
+    each one makes per image on that model, counted at its target layer."""
     summaries = list_methods()
     width = max(map(len, summaries))
     for name, summary in summaries.items():
         click.echo(f"{name:<{width}} {summary}")
+    context = click.get_current_context()
+    named = target_layer is not None or context.get_parameter_source("model_spec") is not ParameterSource.DEFAULT
+    if costs or named:
+        _costs(target_layer, model_args)
+
+
+def _costs(target_layer: str | None, model_args: dict) -> None:
+    """The table of what each method costs per image on the model, at the layer, default options."""
+    loaded = open_model(**model_args)
+    found = probe(loaded, target_layer)
+    channels, height, width = (int(side) for side in found.activation.shape[1:])
+    read = f", read as {found.layout.describe()}" if found.layout is not None else ""
+    title = (f"{loaded.name}: passes per image at layer {found.layer}{read} ({channels:,} channels, "
+             f"{height}x{width}), default options")
+    table = Table(title=Text(title), title_justify="left")
+    for column, justify in (("method", "left"), ("forwards", "right"), ("backwards", "right"),
+                            ("passes after the layer", "right"), ("note", "left")):
+        table.add_column(column, justify=justify)
+    for name, cls in METHODS.items():
+        cost = cls(loaded.module, target_layer=found.layer, reshape=found.layout).cost(channels, height, width)
+        bound = "≤ " if cost.at_most else ""
+        table.add_row(name, f"{bound if not cost.after else ''}{cost.forwards:,}", f"{cost.backwards:,}",
+                      f"{bound}{cost.after:,}" if cost.after else "", cost.note)
+    console("stdout").print(table)
+    echo_error("forwards: passes of the whole model, batched where a method batches them; passes after the layer: of "
+               "the layers after the target layer (of the whole model where camlens cannot cut it there), batched")
 

@@ -174,6 +174,21 @@ def finished(explanation: Explanation) -> Explanation:
     return explanation
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a call costs per image, on a target layer of K channels and an h x w map: passes of
+    the whole model (``forwards``), backward passes (``backwards``), and passes of the layers
+    after the target layer (``after``: of the whole model where camlens cannot cut it there).
+    ``at_most``: the counts are bounds (Score-CAM does not forward a constant channel);
+    ``note``: what else to know, in words (a refusal above a budget)."""
+
+    forwards: int
+    backwards: int = 0
+    after: int = 0
+    at_most: bool = False
+    note: str = ""
+
+
 class CAMMethod:
     """Base class of every method: reusable across calls, on any model, images and targets.
 
@@ -242,10 +257,11 @@ class CAMMethod:
         self.output = output
         self.reshape = token_grid(reshape)
         if self.reshape is not None and target_layer is None:
-            # The default layer is a 4-D map: for a vision transformer, its patch embedding.
+            # The default layer comes with the layout found for it: reshape= reads a layer the user names.
             raise CamlensError(
-                "reshape needs a named target layer: the token layer to explain, e.g. the input of the "
-                "last block's attention (target_layer=, --target-layer; see camlens layers)"
+                "reshape needs a named target layer: with none, camlens finds the default layer and reads its "
+                "tokens or channels-last map itself; name the layer whose output reshape= reads (target_layer=, "
+                "--target-layer; see camlens layers)"
             )
         self._copies = InferenceCopies()
         self._layers = None if target_layer is None else resolve_layers(model, target_layer)
@@ -270,6 +286,12 @@ class CAMMethod:
     def score_kind(self) -> str:
         """The score of class targets that do not name one."""
         return self.default_score
+
+    def cost(self, channels: int, height: int, width: int) -> Cost:
+        """What one call costs per image with these options, on a target layer of ``channels``
+        channels and an ``height`` x ``width`` map (:class:`Cost`): by default one forward pass,
+        and one backward pass for a gradient method."""
+        return Cost(1, int(self.needs_gradients))
 
     # -- the pipeline -----------------------------------------------------------------------
     def __call__(

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..capture import LayersSpec, resolve_layer
 from ..errors import CamlensError
-from .base import CAMMethod, Context
+from .base import CAMMethod, Context, Cost
 
 
 def cam_weights(fc_weight: Tensor, classes: Tensor) -> Tensor:
@@ -62,6 +62,9 @@ class CAM(CAMMethod):
         if self.fc is not None and not linear_like(self.fc):
             raise CamlensError(f"fc must be an nn.Linear (or a linear layer of an exported model), not "
                                f"{type(self.fc).__name__}")
+
+    def cost(self, channels: int, height: int, width: int) -> Cost:
+        return Cost(1, after=1, note="after the layer: the check that the logits are fc(GAP(layer))")
 
     def options(self) -> dict[str, Any]:
         return {"fc": None if self.fc is None else resolve_layer(self.model, self.fc)[0]}

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..capture import LayersSpec
 from ..errors import CamlensError, check_positive_int
-from .base import CAMMethod, Context
+from .base import CAMMethod, Context, Cost
 
 
 def gradcam_weights(grad: Tensor) -> Tensor:
@@ -133,6 +133,9 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         self.seed = None if seed is None else int(seed)
         self.generator = generator
         self.batch_size = batch_size
+
+    def cost(self, channels: int, height: int, width: int) -> Cost:
+        return Cost(1 + self.n_samples, 1 + self.n_samples)
 
     def options(self) -> dict[str, Any]:
         return {

@@ -31,7 +31,7 @@ from ..accelerate import cut
 from ..capture import LayersSpec, forward_inputs, model_output
 from ..errors import CamlensError, check_positive_int, first_line
 from ..targets import SCORE_KINDS
-from .base import CAMMethod, Context
+from .base import CAMMethod, Context, Cost
 from .gradcam import gradcampp_weights
 
 Head = Callable[[Tensor], Tensor]
@@ -292,6 +292,30 @@ class GradCAMPlusPlusGeneral(CAMMethod):
 
     def score_kind(self) -> str:
         return self.score
+
+    def cost(self, channels: int, height: int, width: int) -> Cost:
+        mean_only = self._reads_mean_only()
+        directions = channels * (1 if mean_only else height * width)
+        note = "third-order passes: one per channel" + ("" if mean_only else (
+            " and position" if mean_only is False else
+            " and position, or per channel where the head reads the layer through its mean only"))
+        if self.max_directions is not None and directions > self.max_directions:
+            note += f"; refused above max_directions={self.max_directions:,} (--max-directions raises it)"
+        return Cost(1, 1, after=directions, at_most=mean_only is None, note=note)
+
+    def _reads_mean_only(self) -> bool | None:
+        """Whether the part of the model after the one named target layer reads it only through
+        its spatial mean (one third-order pass per channel then serves every position); None
+        where that is not known here (the default layer, several layers, a token layer)."""
+        if self._layers is None or len(self._layers) != 1 or self.reshape is not None:
+            return None
+        (name,) = self._layers
+        parts = cut(self.model, name)
+        if parts is None:
+            return False
+        given = [node for node in parts[1].graph.nodes if node.op == "placeholder"]
+        users = list(given[0].users) if given else []
+        return bool(users) and all(_is_spatial_mean(node, given[0], self.model) for node in users)
 
     def weigh(self, context: Context) -> dict[str, Tensor]:
         if context.targets.units is not None:

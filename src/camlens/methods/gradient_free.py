@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..accelerate import CutMemory, PlainForward, SplitForward, _close, cut, remember_cut, remembered_cut
 from ..capture import LayersSpec, forward_inputs
 from ..errors import CamlensError, check_positive_int
-from .base import CAMMethod, Context, hooked
+from .base import CAMMethod, Context, Cost, hooked
 from .scorecam import Perturb, ScoreCAM
 
 
@@ -149,6 +149,10 @@ def ablation_weights(score: Tensor, ablated: Tensor) -> Tensor:
     return (score - ablated) / score
 
 
+_CHECK = ("with a check of the model cut at the layer: a pass of the layers before it (counted as a forward) and "
+          "one after it")
+
+
 class _TailBatched(CAMMethod):
     """A method that re-runs the layers after the target layer on batches of ``batch_size``
     changed copies of the layer's map."""
@@ -193,6 +197,9 @@ class AblationCAM(_TailBatched):
         "the score lost when it is zeroed; (channels not all zero + 1) forwards of the layers after "
         "the target layer, batched"
     )
+
+    def cost(self, channels: int, height: int, width: int) -> Cost:
+        return Cost(2, after=channels + 3, at_most=True, note="a channel that is zero everywhere is not ablated; " + _CHECK)
 
     def weigh(self, context: Context) -> dict[str, Tensor]:
         x = context.images
@@ -423,6 +430,9 @@ class ReciproCAM(_TailBatched):
     # Its map is a score per position, not a weighted sum of the layer's channels: EigenSmooth,
     # which decomposes the weighted channels, refuses it.
     weighs_channels: ClassVar[bool] = False
+
+    def cost(self, channels: int, height: int, width: int) -> Cost:
+        return Cost(2, after=height * width + 2, at_most=True, note=_CHECK)
 
     def weigh(self, context: Context) -> dict[str, Tensor]:
         x = context.images

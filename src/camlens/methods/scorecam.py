@@ -13,7 +13,7 @@ from ..combine import is_constant, upsample_normalise
 from ..errors import CamlensError, check_positive_int
 from ..explanation import Explanation
 from ..targets import SCORE_KINDS
-from .base import CAMMethod, Context
+from .base import CAMMethod, Context, Cost
 
 # make(images, masks, version) -> masked inputs: see ScoreCAM.perturbation.
 Perturb = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -133,6 +133,13 @@ class ScoreCAM(CAMMethod):
     def forwards_per_channel(self) -> int:
         """Masked inputs forwarded per non-constant channel (a time estimate's unit)."""
         return 1
+
+    def cost(self, channels: int, height: int, width: int) -> Cost:
+        top = self.top_channels
+        if top is not None:
+            channels = min(channels, max(1, int(top * channels + 0.5))) if isinstance(top, float) else min(top, channels)
+        return Cost(2 + channels * self.forwards_per_channel(), at_most=True,
+                    note="a constant channel is not forwarded; the all-zero input is, where the baseline needs it")
 
     def options(self) -> dict[str, Any]:
         baseline = self.baseline if not isinstance(self.baseline, Tensor) else "tensor"
