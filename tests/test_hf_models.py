@@ -18,6 +18,15 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, interme
              patch_size=8, num_labels=5)
 
 
+def random_head(model):
+    """transformers starts EfficientNet's classifier (and more) at zero: every score, and every map, would be
+    0. PyTorch's own initialisation of each layer instead."""
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return model
+
+
 def build(name):
     t = transformers
     return {
@@ -35,6 +44,8 @@ def build(name):
             embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=5)),
         "mobilenetv2": lambda: t.MobileNetV2ForImageClassification(t.MobileNetV2Config(
             image_size=64, depth_multiplier=0.25, num_labels=5)),
+        "efficientnet": lambda: random_head(t.EfficientNetForImageClassification(t.EfficientNetConfig(
+            image_size=64, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=5))),
         "dinov2-registers": lambda: t.Dinov2WithRegistersForImageClassification(t.Dinov2WithRegistersConfig(
             **SMALL, num_register_tokens=4)),
         "clip": lambda: t.CLIPVisionModel(t.CLIPVisionConfig(**{k: v for k, v in SMALL.items() if k != "num_labels"})),
@@ -73,6 +84,7 @@ FAMILIES = {
     "resnet": ("logits", "resnet.encoder.stages.1", None),
     "regnet": ("logits", "regnet.encoder.stages.1", None),
     "mobilenetv2": ("logits", "mobilenet_v2.conv_1x1", None),
+    "efficientnet": ("logits", "efficientnet.encoder.top_activation", None),
     # Dense outputs: the last map before the logits or the depth, at any resolution.
     "segformer": ("logits", "decode_head.dropout", None),
     "upernet": ("logits", "decode_head.fpn_bottleneck", None),
@@ -116,7 +128,7 @@ def test_the_default_layer_is_a_map_of_what_the_model_concluded(name):
     selector, expected, layout = FAMILIES[name]
     torch.manual_seed(0)
     model = build(name).eval()
-    size = 64 if name in ("mobilenetv2", "upernet") else 32
+    size = 64 if name in ("mobilenetv2", "efficientnet", "upernet") else 32
     images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     targets = dense_sum if name in DENSE else None
     before = state(model)
