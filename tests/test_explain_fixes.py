@@ -150,7 +150,7 @@ def test_fc_names_the_classifier(tiny_models, photo, tmp_path, capsys):
     [
         (["-m", "gradcam", "--fc", "fc"], "--fc names CAM's classifier, but CAM is not among the methods"),
         (["-m", "cam", "--fc", "fcc"], "--fc fcc: unknown layer 'fcc'"),
-        (["-m", "cam", "--fc", "features"], "--fc features: fc must be an nn.Linear, not Sequential"),
+        (["-m", "cam", "--fc", "features"], "--fc features: fc must be an nn.Linear (or a linear layer of an exported model), not Sequential"),
     ],
 )
 def test_fc_errors_are_one_line(args, text, tiny_models, photo, tmp_path, capsys):
