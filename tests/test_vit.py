@@ -430,3 +430,23 @@ def test_the_command_line_explains_a_transformer_with_no_layer_given(vit_module,
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target_layers"] == [LAYER] and manifest["default_layer"] is True
     assert manifest["layout"] == "tokens:2:4x4"
+
+
+def test_a_map_flattened_channels_first_is_not_read_as_tokens():
+    """(N, C, h*w) after the last map (a head that flattens before pooling) holds channels, not
+    tokens: the default stays the map, never a grid made of channels."""
+    from camlens.capture import default_layer
+
+    class Flattening(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.features = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, stride=2), nn.ReLU())
+            self.flatten = nn.Flatten(2)
+            self.fc = nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.fc(self.flatten(self.features(x)).mean(dim=2))
+
+    found = default_layer(Flattening().eval(), torch.randn(1, 3, 16, 16))
+    assert (found.name, found.layout) == ("features", None)

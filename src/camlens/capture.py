@@ -1188,16 +1188,18 @@ def _default_search(
     order = {id(out): index for index, (_, out) in enumerate(seen)}
     found = [(name, out, reading) for name, out, reading in maps if usable(out)]
     after = -1 if not found else order[id(found[-1][1])]
+    # A map flattened channels-first, (N, C, h*w), is no token sequence: its "tokens" are channels.
+    flattened = {(out.shape[1], out.shape[2] * out.shape[3]) for _, out, reading in maps if reading == "nchw"}
     later, read = [], []
     for name, out in tokens:
-        if order[id(out)] < after or not usable(out):
+        if order[id(out)] < after or not usable(out) or tuple(out.shape[1:]) in flattened:
             continue
         later.append((name, out))
         try:
             prefix, h, w = TokenGrid().layout(out.shape[1], image)
         except CamlensError:
             continue
-        if usable(out, slice(prefix, None)) and h * w > 1:
+        if usable(out, slice(prefix, None)) and h * w > 1 and prefix < h * w:
             read.append((name, out, TokenGrid(prefix=prefix, size=(h, w))))
     if read:
         name, out, grid = read[-1]
