@@ -54,7 +54,7 @@ def test_resumption_gives_the_same_table(small_dataset, tmp_path, capsys):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     code, out, err = run(["evaluate", small_dataset, *ARGS, "--out", whole], capsys)
     assert code == 0, err
-    assert "Average Drop" in out and "gradcam" in out
+    assert "Average Drop" in out and "Grad-CAM" in out
     code, _, err = run(["evaluate", small_dataset, *ARGS, "--out", resumed, "--limit", "1"], capsys)
     assert code == 0, err
     lines = (resumed / "results.jsonl").read_text().splitlines()

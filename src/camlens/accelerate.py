@@ -45,6 +45,7 @@ model, turns it on for CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import linecache
 import os
@@ -59,7 +60,7 @@ import torch.utils._pytree
 from torch import Tensor, nn
 
 from .capture import hooked_pass, preserved
-
+from .timing import one_time
 
 # Agreement asked of the copy, in epsilons of the dtype, relative to each output's magnitude.
 TOLERANCE_EPS = 1000
@@ -145,6 +146,7 @@ class CompiledForward(nn.Module):
         self.batch = batch
         self.copy = inference.module  # a submodule, so that preserved() and .to() see it
         self.select = select or (lambda output, inputs: output)
+        self._compiled_shapes: set = set()
 
     def forward(self, inputs: Tensor) -> Tensor:
         if torch.is_grad_enabled() or not self.inference.rows_independent:
@@ -156,7 +158,11 @@ class CompiledForward(nn.Module):
             rows = chunk.shape[0]
             if rows < self.batch:
                 chunk = torch.cat([chunk, chunk.new_zeros(self.batch - rows, *chunk.shape[1:])])
-            parts.append(self.select(compiled(self.inference.prepare(chunk)), chunk)[:rows])
+            signature = (tuple(chunk.shape), chunk.dtype, chunk.device)
+            # The first pass of a shape compiles it: start-up, timed apart (camlens.timing).
+            with one_time("compiling the model") if signature not in self._compiled_shapes else contextlib.nullcontext():
+                parts.append(self.select(compiled(self.inference.prepare(chunk)), chunk)[:rows])
+            self._compiled_shapes.add(signature)
         return torch.cat(parts)
 
 
@@ -250,7 +256,9 @@ def _graph_module(root: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModul
 
 
 def _forget_source(key: str) -> None:
-    from torch.fx.graph_module import _loader  # where torch.fx keeps the sources it compiled
+    from torch.fx.graph_module import (
+        _loader,  # where torch.fx keeps the sources it compiled
+    )
 
     _loader.eval_cache.pop(key, None)
     linecache.cache.pop(key, None)
@@ -393,6 +401,7 @@ class SplitForward(nn.Module):
         self._compiled = None
         self._verified: dict = {}
         self._eager: set = set()  # input shapes where the compiled part failed
+        self._compiled_shapes: set = set()  # input shapes compiled (the first pass of each)
 
     @classmethod
     def make(cls, inference: InferenceCopy, layer: str) -> SplitForward | None:
@@ -415,7 +424,12 @@ class SplitForward(nn.Module):
         shape = tuple(inputs.shape)
         if shape not in self._eager:
             try:
-                return self._compiled(inputs)
+                if shape in self._compiled_shapes:
+                    return self._compiled(inputs)
+                with one_time("compiling the model"):  # the first pass of a shape compiles it
+                    given = self._compiled(inputs)
+                self._compiled_shapes.add(shape)
+                return given
             except Exception:
                 self._eager.add(shape)
         return self.before(inputs)
@@ -509,7 +523,7 @@ class InferenceCopies:
             remembered = self._made.get(model)
         if remembered is not None and _same_state(remembered[0], state) and signature in remembered[2]:
             return remembered[1] if remembered[2][signature] else None
-        with preserved(model):
+        with preserved(model), one_time("the inference copy"):
             if remembered is None or not _same_state(remembered[0], state):
                 remembered = (_remembered(state), _make(model, example[:1], self.fold, self.channels_last), {})
             made, verified = remembered[1], remembered[2]

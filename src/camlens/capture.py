@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CamlensError, first_line
+from .timing import one_time
 
 LayerSpec = Union[str, int, nn.Module]
 LayersSpec = Union[LayerSpec, Sequence[LayerSpec]]
@@ -1249,7 +1250,8 @@ def remembered_default_layer(
     signature = _signature(images, output)
     found = None if signature is None else _remember(model, modules, signature)
     if found is None:
-        found = default_layer(model, images[:1], output)  # not under the lock: a forward can be long
+        with one_time("finding the default layer"):  # not under the lock: a forward can be long
+            found = default_layer(model, images[:1], output)
         if signature is not None:
             _remember(model, modules, signature, found)
     return found, dict(modules)[found.name]

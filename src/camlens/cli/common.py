@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,13 @@ from ..capture import (
 from ..errors import CamlensError, first_line
 from ..methods import METHODS, get_method
 from ..methods.meta import smoothed
-from ..models import LoadedModel, Preprocess, class_names_from_file, load_model, user_callable
+from ..models import (
+    LoadedModel,
+    Preprocess,
+    class_names_from_file,
+    load_model,
+    user_callable,
+)
 
 SEED_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam")
 MARKER = ".camlens"  # in every output folder camlens made: only those are ever replaced
@@ -473,6 +480,40 @@ def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | N
 
 def note_skip(method: str, reason: str) -> None:
     echo_error(f"camlens: note: {METHODS[method].display_name} skipped: {reason}")
+
+
+def describe_start_up(start_up: dict[str, float]) -> str | None:
+    """The start-up of a run in one line, or None where there was none worth a word."""
+    total = sum(start_up.values())
+    if total < 0.005:
+        return None
+    parts = ", ".join(f"{what} {seconds:.2f}" for what, seconds in sorted(start_up.items(), key=lambda kv: -kv[1]))
+    return f"start-up, once per run: {total:.2f} s ({parts}); not in the methods' seconds"
+
+
+def warm_up(objects: dict[str, Any], x: torch.Tensor) -> None:
+    """One Grad-CAM pass (a forward and a backward) on ``x`` through the run's model and engine
+    (the first method's inference copy, compiled or not), timed as start-up: the copy, the default
+    layer's search and PyTorch's first-call set-up of its kernels then count once for the run,
+    not in the seconds of whichever method comes first (camlens.timing). Best effort: a model the
+    gradient cannot run through is left to the methods."""
+    from ..methods.base import CAMMethod, nested
+    from ..timing import one_time
+
+    core = next(iter(objects.values()), None)
+    while core is not None and not isinstance(core, CAMMethod):
+        core = getattr(core, "method", None)
+    if core is None:
+        return
+    warm = METHODS["gradcam"](core.model, target_layer=None if core._layers is None else list(core._layers),
+                              optimize=core.optimize, compile=core.compile, output=core.output, reshape=core.reshape)
+    warm._copies = core._copies
+    with one_time("warming up the model"), nested(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            warm(x)
+        except CamlensError:
+            pass
 
 
 def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import click
 import torch
 from rich.table import Table
 
-from .. import __version__
+from .. import __version__, timing
 from ..charts import (
     bar_chart,
     curve_plot,
@@ -43,9 +42,11 @@ from ..io import (
 from ..methods import METHODS
 from ..models import REGISTRY, LoadedModel
 from ..render import model_view
+from ..timing import take_start_up
 from .common import (
     BATCHED,
     console,
+    describe_start_up,
     echo_error,
     engine_options,
     engine_settings,
@@ -59,6 +60,7 @@ from .common import (
     run_options,
     smooth_options,
     top_channels_option,
+    warm_up,
 )
 from .progress import LogProgress
 from .report import html_option, write_html
@@ -148,6 +150,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         chunk = batch_size or 8
 
         pending = [(s, m) for s in samples for m in chosen if not store.done(key(s.path), m)]
+        start_up: dict[str, float] = {}
         skipped = list(dataset.skipped)
         if pending:
             # The results are about to grow: what was derived from them goes first, so that a run
@@ -173,12 +176,20 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                     bar.advance(task)
                     continue
                 bar.update(task, description=f"{printable(sample.path.name)} {METHODS[name].display_name}")
-                tick = time.perf_counter()
+                take_start_up()
+                if not start_up:  # the run's one-time work, timed apart (camlens.timing)
+                    warm_up(objects, current[1])
+                    start_up.update(take_start_up())
+                tick = timing.clock()
                 kept: dict = {}
                 record = evaluate_image(objects[name], current[1], sample.label, input_boxes[key(sample.path)], wanted,
                                         steps, chunk, keep=kept)
+                elapsed = timing.clock() - tick
+                for what, seconds in (once := take_start_up()).items():
+                    start_up[what] = start_up.get(what, 0.0) + seconds
                 record.update(image=key(sample.path), method=name, label=sample.label, sha256=current[2],
-                              boxes=[list(b) for b in sample.boxes], seconds=round(time.perf_counter() - tick, 4))
+                              boxes=[list(b) for b in sample.boxes],
+                              seconds=round(max(0.0, elapsed - sum(once.values())), 4))
                 store.add(record, view=current[3], saliency=kept)
                 bar.advance(task)
 
@@ -210,6 +221,8 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                   # the report shows the same selection.
                   "summarised images": sorted({r["image"] for r in records}),
                   "blank maps": blank,
+                  # Work done once by this run (an earlier run's, resumed, is not here): not in the seconds per image.
+                  "start-up seconds": {what: round(seconds, 4) for what, seconds in start_up.items()},
                   # What it summarised: a report finds a results file that grew since (a later
                   # run, interrupted) by its size.
                   "results.jsonl bytes": store.path.stat().st_size if store.path.exists() else 0}
@@ -225,6 +238,8 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         write_atomic(out_dir / "metrics.png",
                      lambda p: bar_chart(summary, wanted, TITLES, p, names, HIGHER_IS_BETTER, RANGES))
 
+        if start_up_note := describe_start_up(start_up):
+            notes.append(start_up_note)
         for line in [*notes, *set_aside]:
             echo_error(f"note: {printable(line)}")
         for line in skipped:
@@ -248,7 +263,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                 interval = "" if v["ci95"] is None else f" ± {v['ci95']:.2g}"
                 cells.append("-" if v["mean"] is None else f"{v['mean']:.3g}{interval}")
             seconds = speed[m]["mean"]
-            table.add_row(m, *cells, "-" if seconds is None else f"{seconds:.2f}")
+            table.add_row(METHODS[m].display_name, *cells, "-" if seconds is None else f"{seconds:.2f}")
         try:
             console("stdout").print(table)
         except BrokenPipeError:

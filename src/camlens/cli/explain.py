@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from rich.table import Table
 
-from .. import __version__
+from .. import __version__, timing
 from ..errors import CamlensError
 from ..io import (
     MAX_MARKER_BYTES,
@@ -46,9 +46,11 @@ from ..render import (
     overlay,
 )
 from ..targets import TopK
+from ..timing import take_start_up
 from .common import (
     MARKER,
     console,
+    describe_start_up,
     echo_error,
     engine_options,
     engine_settings,
@@ -65,6 +67,7 @@ from .common import (
     slug,
     smooth_options,
     top_channels_option,
+    warm_up,
 )
 from .progress import LogProgress
 from .report import html_option, write_html
@@ -114,6 +117,9 @@ class Explainer:
         self.target_layers: tuple[str, ...] = ()
         self.default_layer: bool | None = None
         self.layout: str | None = None  # how the target layer's output was read (tokens, nhwc), if not as a map
+        # Work done once (the default layer's search, the inference copy, a cut, a compilation), by
+        # kind: timed apart from each method's seconds per image (camlens.timing).
+        self.start_up: dict[str, float] = {}
         self.methods = method_objects(self.model, methods, target_layer, batch_size, seed, fc=fc, engine=engine,
                                       top_channels=top_channels, smooth=smooth)
 
@@ -129,10 +135,18 @@ class Explainer:
         result.timings["load"] = time.perf_counter() - start
 
         explanations = {}
+        take_start_up()
+        if not self.start_up:
+            warm_up(self.methods, x)
+            self.start_up.update(take_start_up())
         for name, method in self.methods.items():
-            tick = time.perf_counter()
+            tick = timing.clock()
             explanations[name] = method(x, self.targets(), progress=lambda done, total, n=name: progress(n, done, total))
-            result.timings[name] = time.perf_counter() - tick
+            elapsed = timing.clock() - tick
+            once = take_start_up()
+            for what, seconds in once.items():
+                self.start_up[what] = self.start_up.get(what, 0.0) + seconds
+            result.timings[name] = max(0.0, elapsed - sum(once.values()))
         first = next(iter(explanations.values()))
         self.target_layers, self.default_layer = first.target_layers, first.default_layer
         self.layout = first.options.get("reshape")
@@ -324,7 +338,7 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
                 target = r.targets[blank["target"]]["name"] if blank["target"] < len(r.targets) else "?"
                 echo_error(f"blank map: {printable(r.path.name)}, {METHODS[name].display_name}, {target}: "
                            f"{blank['reason']}")
-    print_summary(results, chosen, out_dir, class_index is not None, skipped_methods, kept)
+    print_summary(results, chosen, out_dir, class_index is not None, skipped_methods, kept, explainer.start_up)
     if any(r.status != "ok" for r in results):
         sys.exit(1)
 
@@ -417,6 +431,7 @@ def build_manifest(loaded, classes, explainer, methods, skipped_methods, results
         "target_layers": list(explainer.target_layers),
         "default_layer": explainer.default_layer,
         "layout": explainer.layout,
+        "start-up seconds": {what: round(seconds, 4) for what, seconds in explainer.start_up.items()},
         "targets": {"class": class_index} if class_index is not None else {"top_k": top_k or 1},
         "seed": seed,
         "batch_size": batch_size,
@@ -435,11 +450,14 @@ WIDE_UP_TO = 3  # methods that always get a column of seconds each in the summar
 
 
 def print_summary(results: list[ImageResult], methods: list[str], out_dir: Path, chosen_class: bool,
-                  skipped_methods: dict[str, str], kept: list[dict]) -> None:
+                  skipped_methods: dict[str, str], kept: list[dict], start_up: dict[str, float] | None = None) -> None:
     """The run in a table: one row per image with a column of seconds per method (always for up to
     ``WIDE_UP_TO`` methods, and for more where that fits the terminal); else one row per image,
-    with the seconds of all methods, then one row per method with its seconds."""
+    with the seconds of all methods, then one row per method with its seconds. ``start_up``: the
+    seconds of work done once, by kind, said under the table (not in the methods' seconds)."""
     notes = [f"{METHODS[name].display_name} skipped: {reason}" for name, reason in skipped_methods.items()]
+    if start_up_note := describe_start_up(start_up or {}):
+        notes.append(start_up_note)
     if kept:
         notes.append(f"{len(kept)} folder(s) of earlier runs kept in {printable(out_dir)}: "
                      "listed under \"kept\" in manifest.json")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..accelerate import CutMemory, PlainForward, SplitForward, _close, cut, remember_cut, remembered_cut
 from ..capture import LayersSpec, forward_inputs
 from ..errors import CamlensError, check_positive_int
+from ..timing import one_time
 from .base import CAMMethod, Context, Cost, hooked
 from .scorecam import Perturb, ScoreCAM
 
@@ -69,8 +70,9 @@ class Replaced:
             checked = self._checked(remembered, copy, batch_size)
             if checked is not None:
                 return checked
-        parts = cut(module, self.name)
-        checked = None if parts is None else self._checked(parts, copy, batch_size)
+        with one_time("cutting the model"):
+            parts = cut(module, self.name)
+            checked = None if parts is None else self._checked(parts, copy, batch_size)
         remember_cut(module, self.name, None if checked is None else parts, self.memory)
         return checked
 
