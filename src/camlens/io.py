@@ -134,7 +134,8 @@ def _to_8_bit(values: np.ndarray, mode: str) -> np.ndarray:
 def expand_inputs(
     paths: Iterable[str | os.PathLike[str]],
 ) -> tuple[list[Path], list[Path], dict[Path, str]]:
-    """Files to explain, files skipped, and folders that could not be listed (with the reason).
+    """Files to explain, files skipped, and paths that could not be read: missing files, broken
+    links and folders that could not be listed (with the reason).
 
     A directory gives its image files (by suffix, sorted; not its sub-folders). A file named
     explicitly is always tried, so a bad one is reported rather than ignored; so is an entry
@@ -147,7 +148,10 @@ def expand_inputs(
         path = Path(raw)
         try:
             if not path.is_dir():
-                files.append(path)
+                if not path.exists():  # known now: a run with nothing to read makes no output folder
+                    unreadable[path] = f"{path}: {'broken symbolic link' if path.is_symlink() else 'no such file'}"
+                else:
+                    files.append(path)
                 continue
             entries = sorted(p for p in path.iterdir() if not p.name.startswith(".") and not p.is_dir())
         except OSError as error:

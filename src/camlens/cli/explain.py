@@ -276,6 +276,13 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
         raise CamlensError("give --class or --top-k, not both")
     check_colormap(colormap)
     files, skipped, unreadable = expand_inputs(inputs)
+    if not files:
+        # Nothing to explain: said before the model loads, and no output folder is made or touched.
+        for path in skipped:
+            echo_error(f"skipped (not an image file): {printable(path)}")
+        for reason in unreadable.values():
+            echo_error(f"failed: {printable(reason)}")
+        raise CamlensError("nothing to explain: none of the inputs is an image file that can be read")
     skipped_methods: dict[str, str] = {}
     chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
                                                     on_skip=skipped_methods.__setitem__,
