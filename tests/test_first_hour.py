@@ -17,8 +17,7 @@ def test_a_missing_input_makes_no_output_folder(tmp_path, capsys):
     out = tmp_path / "out"
     code, printed, err = run(["explain", tmp_path / "nothere.jpg", "--out", out], capsys)
     assert code == 1
-    assert err.splitlines() == [f"failed: {tmp_path / 'nothere.jpg'}: no such file",
-                                "camlens: error: nothing to explain: none of the inputs is an image file that can be read"]
+    assert err.splitlines() == [f"camlens: error: nothing to explain: {tmp_path / 'nothere.jpg'}: no such file"]
     assert printed == "" and not out.exists()  # was a table of dashes, a manifest and a lock file
 
 
@@ -27,8 +26,11 @@ def test_a_missing_input_leaves_an_earlier_run_as_it_was(tmp_path, capsys):
     code, _, err = run(["explain", SAMPLES / "coffee.png", "-m", "cam", "--out", out], capsys)
     assert code == 0, err
     before = listing(out)
-    code, _, _ = run(["explain", tmp_path / "nothere.jpg", tmp_path / "gone.png", "--out", out], capsys)
+    code, _, err = run(["explain", tmp_path / "nothere.jpg", tmp_path / "gone.png", "--out", out], capsys)
     assert code == 1
+    assert err.splitlines() == [f"failed: {tmp_path / 'nothere.jpg'}: no such file",
+                                f"failed: {tmp_path / 'gone.png'}: no such file",
+                                "camlens: error: nothing to explain: none of the inputs is an image file that can be read"]
     assert listing(out) == before
 
 

@@ -278,6 +278,8 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
     files, skipped, unreadable = expand_inputs(inputs)
     if not files:
         # Nothing to explain: said before the model loads, and no output folder is made or touched.
+        if len(unreadable) == 1 and not skipped:
+            raise CamlensError(f"nothing to explain: {printable(next(iter(unreadable.values())))}")
         for path in skipped:
             echo_error(f"skipped (not an image file): {printable(path)}")
         for reason in unreadable.values():
