@@ -43,3 +43,43 @@ def test_a_missing_input_beside_a_good_one_is_one_failed_line(tmp_path, capsys):
     assert f"failed: {tmp_path / 'nothere.jpg'}: no such file" in err
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(image["status"] for image in manifest["images"]) == ["failed", "ok"]
+
+
+# -- classes by any name (item 3) ------------------------------------------------------------------
+
+def test_a_word_of_several_classes_lists_them(tmp_path, capsys):
+    code, _, err = run(["explain", SAMPLES / "chelsea.png", "--class", "cat", "-m", "cam", "--out", tmp_path / "o"],
+                       capsys)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("camlens: error: class 'cat' names no class, but is a word of 7: 281 (tabby, tabby cat), "
+                          "282 (tiger cat), 283 (Persian cat), 284 (Siamese cat, Siamese), 285 (Egyptian cat), ")
+    assert err.rstrip().endswith("give one by its index (--class 281)")
+    assert "crate" not in err and "oxcart" not in err  # was: did you mean 'crate' or 'oxcart' or 'castle'?
+
+
+def test_a_word_of_one_class_is_that_class(tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = run(["explain", SAMPLES / "chelsea.png", "--class", "egyptian", "-m", "cam", "--out", out], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["targets"] == {"class": 285}
+
+
+def test_a_word_is_whole_not_part_of_one(tmp_path, capsys):
+    from camlens.datasets import class_index_lookup, word_matches
+    from camlens.models import imagenet_class_names, imagenet_labels
+
+    lookup = class_index_lookup(imagenet_class_names(), imagenet_labels())
+    assert 484 not in word_matches("cat", lookup)  # catamaran
+    assert word_matches("Tiger  Cat", lookup) == [282]
+    assert word_matches("281", lookup) == []
+
+
+def test_evaluate_lists_the_classes_an_unknown_folder_may_be(tmp_path, capsys):
+    data = tmp_path / "data" / "cat"
+    data.mkdir(parents=True)
+    shutil.copy(SAMPLES / "chelsea.png", data / "chelsea.png")
+    code, _, err = run(["evaluate", tmp_path / "data", "-m", "cam", "--out", tmp_path / "eval"], capsys)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "label(s) the model does not know: cat ('cat' may be 281 (tabby, tabby cat), 282 (tiger cat)" in err
+    assert "name the folders by class names, or give a mapping file (label,index)" in err

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import xml.etree.ElementTree as ElementTree
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -125,6 +126,36 @@ def class_index_lookup(class_names: Sequence[str], class_labels: Sequence[str] |
     return {key: sorted(indices) for key, indices in found.items()}
 
 
+def word_matches(text: str, lookup: dict[str, list[int]]) -> list[int]:
+    """The classes one of whose names or synonyms holds ``text`` as whole words ("cat": tabby cat,
+    tiger cat, Persian cat, Siamese cat, Egyptian cat; not "catamaran"), for a name that is no
+    class's own."""
+    wanted = " ".join(text.strip().lower().split())
+    if not wanted or wanted.isdigit():
+        return []
+    pattern = re.compile(rf"(?<!\w){re.escape(wanted)}(?!\w)")
+    return sorted({index for key, indices in lookup.items() if pattern.search(key) for index in indices})
+
+
+def describe_classes(indices: Sequence[int], lookup: dict[str, list[int]], shown: int = 8,
+                     labels: Sequence[str] | None = None) -> str:
+    """``281 (tabby, tabby cat), 282 (tiger cat), ...``: classes by index and their names (their
+    ``labels`` where given, else the lookup's lower-case keys), at most ``shown``."""
+    names: dict[int, list[str]] = defaultdict(list)
+    for key, found in lookup.items():
+        for index in found:
+            names[index].append(key)
+
+    def named(index: int) -> str:
+        if labels is not None and 0 <= index < len(labels):
+            return labels[index]
+        return ", ".join(sorted(names[index], key=len)[:2])
+
+    parts = [f"{index} ({named(index)})" for index in indices[:shown]]
+    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
+    return ", ".join(parts) + more
+
+
 def load_dataset(
     data: str | Path,
     class_names: Sequence[str] | None,
@@ -161,7 +192,7 @@ def load_dataset(
         inner = [path for path in sorted(data.iterdir()) if is_cub(path)] if data.is_dir() else []
         hint = f" (did you mean the CUB-200-2011 folder {inner[0]}?)" if inner else ""
         raise CamlensError(f"{data}: the dataset has no images{hint}")
-    labelled = _labelled(data, entries, lookup, classes, notes)
+    labelled = _labelled(data, entries, lookup, classes, notes, None if mapping else (class_labels or class_names))
     box_table = _boxes(data, labelled, Path(boxes) if boxes else None, notes)
     return _opened(data, labelled, box_table, notes, limit, bool(box_table))
 
@@ -200,7 +231,7 @@ def _opened(data: Path, labelled: list[tuple[Path, int]], box_table: dict[Path, 
 
 
 def _labelled(data: Path, entries: list[tuple[Path, str]], lookup: dict[str, list[int]], classes: int,
-              notes: list[str]) -> list[tuple[Path, int]]:
+              notes: list[str], labels: Sequence[str] | None = None) -> list[tuple[Path, int]]:
     """Each image once with its class index; unknown, ambiguous or conflicting labels stop here."""
     unknown: set[str] = set()
     ambiguous: dict[str, list[int]] = {}
@@ -227,8 +258,12 @@ def _labelled(data: Path, entries: list[tuple[Path, str]], lookup: dict[str, lis
         labelled.append((path, indices[0]))
     if unknown:
         names = ", ".join(sorted(unknown)[:10]) + (" ..." if len(unknown) > 10 else "")
+        candidates = [f"{label!r} may be {describe_classes(found, lookup, 5, labels)}" for label in sorted(unknown)[:3]
+                      if (found := word_matches(label, lookup))]
+        hint = f" ({'; '.join(candidates)})" if candidates else ""
         raise CamlensError(
-            f"{len(unknown)} label(s) the model does not know: {names}; give a mapping file (label,index)"
+            f"{len(unknown)} label(s) the model does not know: {names}{hint}; name the folders by class names, or "
+            "give a mapping file (label,index)"
         )
     if ambiguous:
         names = "; ".join(f"{label!r}: classes {', '.join(map(str, indices))}" for label, indices in sorted(ambiguous.items())[:5])

@@ -31,6 +31,7 @@ from ..capture import (
     resolve_layer,
     token_grid,
 )
+from ..datasets import class_index_lookup, describe_classes, word_matches
 from ..errors import CamlensError, first_line
 from ..methods import METHODS, get_method
 from ..methods.meta import smoothed
@@ -423,6 +424,15 @@ def resolve_class(value: str, loaded: LoadedModel, classes: int) -> int:
         return matches.pop()
     if not names:
         raise CamlensError(f"class {value!r} is a name, but the model has no class names: give an index or --class-names")
+    # A word of classes' names or synonyms ("cat": tabby cat, tiger cat, ...): one such class is
+    # the one meant; several are listed, for the user to pick by index.
+    lookup = class_index_lookup(names, labels)
+    found = word_matches(text, lookup)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise CamlensError(f"class {value!r} names no class, but is a word of {len(found)}: "
+                           f"{describe_classes(found, lookup, labels=labels)}; give one by its index (--class {found[0]})")
     close = difflib.get_close_matches(text, names, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise CamlensError(f"unknown class {value!r}{hint}")
