@@ -24,10 +24,12 @@ def summary(names: dict[str, str]) -> dict:
     out = {}
     for i, method in enumerate(names):
         k = 0 if i == 1 else i
-        out[method] = {"drop": {"mean": 5.0 + 4 * k, "ci95": 3.0, "n": 32},
-                       "increase": {"mean": 95.0 - 5 * k, "ci95": 10.0, "n": 32},  # 95 ± 10 is cut at 100
-                       "deletion": {"mean": 0.1 + 0.02 * k, "ci95": 0.03, "n": 31 + (k == 3)},
-                       "insertion": {"mean": 0.3 + 0.03 * k, "ci95": 0.05, "n": 32}}
+        out[method] = {"drop": {"mean": 5.0 + 4 * k, "low": 2.0 + 4 * k, "high": 8.0 + 4 * k, "n": 32},
+                       # an interval past the range is cut at 100
+                       "increase": {"mean": 95.0 - 5 * k, "low": 85.0 - 5 * k, "high": 105.0 - 5 * k, "n": 32},
+                       "deletion": {"mean": 0.1 + 0.02 * k, "low": 0.07 + 0.02 * k, "high": 0.13 + 0.02 * k,
+                                    "n": 31 + (k == 3)},
+                       "insertion": {"mean": 0.3 + 0.03 * k, "low": 0.25 + 0.03 * k, "high": 0.35 + 0.03 * k, "n": 32}}
     return out
 
 

@@ -336,9 +336,12 @@ def test_curves_of_methods_that_coincide_share_a_labelled_line(drawn, tmp_path):
 
 def test_bars_clip_the_interval_to_the_metric_range_and_mark_equal_bars(drawn, tmp_path):
     stats = {
-        "cam": {"increase": {"mean": 90.0, "ci95": 25.0, "n": 4}, "deletion": {"mean": 0.05, "ci95": 0.1, "n": 4}},
-        "gradcam": {"increase": {"mean": 90.05, "ci95": 24.98, "n": 4}, "deletion": {"mean": 0.3, "ci95": 0.1, "n": 4}},
-        "scorecam": {"increase": {"mean": 50.0, "ci95": 20.0, "n": 4}, "deletion": {"mean": 0.3, "ci95": 0.1, "n": 3}},
+        "cam": {"increase": {"mean": 90.0, "low": 65.0, "high": 105.0, "n": 4},
+                "deletion": {"mean": 0.05, "low": -0.05, "high": 0.15, "n": 4}},
+        "gradcam": {"increase": {"mean": 90.05, "low": 65.07, "high": 105.0, "n": 4},
+                    "deletion": {"mean": 0.3, "low": 0.2, "high": 0.4, "n": 4}},
+        "scorecam": {"increase": {"mean": 50.0, "low": 30.0, "high": 70.0, "n": 4},
+                     "deletion": {"mean": 0.3, "low": 0.2, "high": 0.4, "n": 3}},
     }
     names = {"cam": "CAM", "gradcam": "Grad-CAM", "scorecam": "Score-CAM"}
     bar_chart(stats, ["increase", "deletion"], TITLES, tmp_path / "m.png", names, HIGHER_IS_BETTER, RANGES)
@@ -351,15 +354,16 @@ def test_bars_clip_the_interval_to_the_metric_range_and_mark_equal_bars(drawn, t
     assert [t.get_text() for t in deletion.get_yticklabels()] == ["CAM", "Grad-CAM", "Score-CAM (= Grad-CAM)"]
     assert "higher is better, n = 4" in increase.get_title() and "lower is better, n = 3/4" in deletion.get_title()
     assert increase.get_xlim()[1] <= 100.0
-    assert "mean ± 95% confidence interval" in drawn[0].get_suptitle()
+    assert "mean and 95% bootstrap interval" in drawn[0].get_suptitle()
 
 
 def test_tables_say_what_their_numbers_are(setup, capsys):
     code, out, err = run(setup.args(), capsys)
     assert code == 0, err
-    assert "mean ± 95% confidence interval (Student's t) over n images" in out and "n = 4" in out
-    assert (setup.out / "summary.csv").read_text().splitlines()[0] == "method,metric,mean,ci95_half_width,n"
-    assert summary(setup.out)["statistic"].startswith("mean ± 95% confidence interval")
+    assert "mean [95% bootstrap percentile interval of the mean" in " ".join(out.split()) and "n = 4" in out
+    assert (setup.out / "summary.csv").read_text().splitlines()[0] == "method,metric,mean,ci95_low,ci95_high,n"
+    assert summary(setup.out)["statistic"].startswith("mean [95% bootstrap percentile interval")
+    assert "(n < 5)" in out  # 4 images: no interval
 
 
 def test_help_names_the_default_methods(capsys):
@@ -416,7 +420,7 @@ def test_cam_left_out_of_the_default_methods_is_said_in_the_summary_and_under_th
     assert report["skipped_methods"] == {"cam": reason}
     assert f"CAM skipped: {reason}" in report["notes"]
     assert sorted(report["summary"]) == ["gradcam", "gradcam++", "scorecam", "smoothgradcam++"]
-    caption = out[out.index("mean ± 95% confidence interval"):]
+    caption = out[out.index("mean [95% bootstrap"):]
     assert "note: CAM skipped: the model's output is not fc(global average pool of layer 'features.1')" in caption
 
 

@@ -83,3 +83,39 @@ def test_evaluate_lists_the_classes_an_unknown_folder_may_be(tmp_path, capsys):
     assert code == 1 and len(err.splitlines()) == 1
     assert "label(s) the model does not know: cat ('cat' may be 281 (tabby, tabby cat), 282 (tiger cat)" in err
     assert "name the folders by class names, or give a mapping file (label,index)" in err
+
+
+# -- intervals inside the range, one colour per method (items 5 and 6) -----------------------------
+
+def test_one_colour_per_method_in_every_panel_and_chart():
+    """Colours followed groups of equal bars: Score-CAM was green in three panels and orange in a fourth."""
+    from matplotlib.colors import to_hex
+
+    from camlens.charts import draw_bar_chart, draw_curve_plot
+
+    def stat(mean):
+        return {"mean": mean, "low": mean * 0.9, "high": mean * 1.1, "n": 8}
+
+    summary = {"cam": {"drop": stat(10.0), "deletion": stat(0.2)},
+               "gradcam": {"drop": stat(10.0), "deletion": stat(0.3)},  # equal to CAM in one panel only
+               "scorecam": {"drop": stat(5.0), "deletion": stat(0.3)}}  # equal to Grad-CAM in the other
+    figure = draw_bar_chart(summary, ["drop", "deletion"], {"drop": "Average Drop", "deletion": "Deletion"})
+    colours = [[to_hex(bar.get_facecolor()) for bar in ax.patches] for ax in figure.axes]
+    assert colours[0] == colours[1] and len(set(colours[0])) == 3
+    curves = {"deletion": {m: [0.5, 0.2 + i / 10, 0.1] for i, m in enumerate(summary)}}
+    lines = draw_curve_plot(curves).axes[0].get_lines()
+    assert [to_hex(line.get_color()) for line in lines] == colours[0]
+
+
+def test_the_terminal_table_prints_intervals_inside_the_range(tmp_path, capsys):
+    data = tmp_path / "data"
+    for photo, label in (("coffee.png", "espresso"), ("chelsea.png", "tabby")):
+        (data / label).mkdir(parents=True)
+        shutil.copy(SAMPLES / photo, data / label / photo)
+    out = tmp_path / "eval"
+    code, printed, err = run(["evaluate", data, "-m", "cam", "--steps", "2", "--metric", "insertion", "--out", out],
+                             capsys)
+    assert code == 0, err
+    assert "±" not in printed and "(n < 5)" in printed  # was "0.507 ± 4" for two images
+    summary = json.loads((out / "summary.json").read_text())["summary"]["cam"]["insertion"]
+    assert summary["n"] == 2 and summary["low"] is None and summary["high"] is None

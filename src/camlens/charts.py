@@ -35,6 +35,12 @@ def _coinciding(values: dict[str, Sequence[float | None]], names: dict[str, str]
     return {m: " = ".join(names.get(g, g) for g in group) for group in groups for m in group}
 
 
+def method_colours(methods: Sequence[str]) -> dict[str, str]:
+    """One colour per method, by its place in the run's methods: matplotlib's tab10 (``C0``...), as
+    the HTML report's palette, the same in every panel and chart of a run."""
+    return {method: f"C{index % 10}" for index, method in enumerate(methods)}
+
+
 CURVE_TOLERANCE = 1e-3  # probability: well below a line's width on the plot
 BAR_TOLERANCE = 1e-3  # of the metric's range: 0.1 percentage points of a % metric
 
@@ -59,6 +65,7 @@ def draw_curve_plot(curves: dict[str, dict[str, list[float]]], names: dict[str, 
     names = names or {}
     kinds = [kind for kind in ("deletion", "insertion") if curves.get(kind)]
     labels = {kind: _coinciding(curves[kind], names, CURVE_TOLERANCE) for kind in kinds}
+    palette = method_colours(list(dict.fromkeys(m for kind in kinds for m in curves[kind])))
     entries = max((len(set(labels[kind].values())) for kind in kinds), default=0)
     figure = new_figure(5.0 * max(1, len(kinds)), 4.0 + LEGEND_ROW * (entries + 2), layout="constrained")
     axes = figure.subplots(1, max(1, len(kinds)), squeeze=False)[0]
@@ -72,7 +79,7 @@ def draw_curve_plot(curves: dict[str, dict[str, list[float]]], names: dict[str, 
             # Dashes and markers of their own, so that curves that nearly coincide stay apart; the
             # marker changes once the dashes wrap, so that no two of 25 lines look alike (the
             # 10 colours wrap too).
-            ax.plot([i / steps for i in range(steps + 1)], values, label=labels[kind][method],
+            ax.plot([i / steps for i in range(steps + 1)], values, label=labels[kind][method], color=palette[method],
                     linestyle=_DASHES[index % len(_DASHES)], marker=_MARKERS[index // len(_DASHES) % len(_MARKERS)],
                     markersize=3)
         better = "lower" if kind == "deletion" else "higher"
@@ -94,9 +101,10 @@ def draw_curve_plot(curves: dict[str, dict[str, list[float]]], names: dict[str, 
 def bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str], path: Path,
               names: dict[str, str] | None = None, higher_is_better: dict[str, bool] | None = None,
               ranges: dict[str, tuple[float, float]] | None = None) -> None:
-    """One bar chart per metric: the mean of each method with its 95% confidence interval, the
-    interval cut at the metric's ``ranges`` (a share cannot exceed 100%). Methods whose mean and
-    interval agree to within 0.1% of the range share a colour and say so by their bar
+    """One bar chart per metric: the mean of each method with its 95% bootstrap interval
+    (:func:`camlens.evaluate.mean_interval`; inside the metric's ``ranges`` already, and cut at
+    them all the same). One colour per method in every panel (:func:`method_colours`); methods
+    whose mean and interval agree to within 0.1% of the range say so by their bar
     ("Grad-CAM (= CAM)")."""
     draw_bar_chart(summary, metrics, titles, names, higher_is_better, ranges).savefig(path, format="png")
 
@@ -117,20 +125,23 @@ def draw_bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str]
     # The longest name may carry "(= another name)"; about 0.06 inch per character at 8 points.
     width = max(4.6, columns * (2.6 + 0.06 * 2 * longest))
     figure = new_figure(width, rows * (1.2 + BAR_ROW * len(methods)) + 0.5, layout="constrained")
-    colours = [f"C{i}" for i in range(10)]
+    palette = method_colours(methods)
     for index, metric in enumerate(metrics):
         ax = figure.add_subplot(rows, columns, index + 1)
         low, high = (ranges or {}).get(metric, (-np.inf, np.inf))
-        values = {m: (summary[m][metric]["mean"], summary[m][metric]["ci95"]) for m in methods}
+        stats = {m: summary[m][metric] for m in methods}
+        values = {m: (stats[m]["mean"], stats[m].get("low"), stats[m].get("high")) for m in methods}
         scale = high - low if np.isfinite(high - low) else max((abs(v) for pair in values.values() for v in pair if v), default=1.0)
         labels = _coinciding(values, names, BAR_TOLERANCE * scale)
-        firsts = list(dict.fromkeys(labels.values()))
         means = [np.nan if values[m][0] is None else values[m][0] for m in methods]
-        spans = [0.0 if values[m][1] is None else values[m][1] for m in methods]
-        below = [min(s, mean - low) if np.isfinite(mean) else 0.0 for s, mean in zip(spans, means)]
-        above = [min(s, high - mean) if np.isfinite(mean) else 0.0 for s, mean in zip(spans, means)]
+        # The interval (inside the range already: a bootstrap of the mean), cut at the range all the same.
+        below = [0.0 if values[m][1] is None or not np.isfinite(mean) else max(0.0, mean - max(values[m][1], low))
+                 for m, mean in zip(methods, means)]
+        above = [0.0 if values[m][2] is None or not np.isfinite(mean) else max(0.0, min(values[m][2], high) - mean)
+                 for m, mean in zip(methods, means)]
+        # One colour per method, the same in every panel (and in every chart: method_colours).
         ax.barh(range(len(methods)), means, xerr=[below, above], capsize=3,
-                color=[colours[firsts.index(labels[m]) % len(colours)] for m in methods])
+                color=[palette[m] for m in methods])
         ticks = []
         for m in methods:
             first = labels[m].split(" = ")[0]
@@ -145,8 +156,8 @@ def draw_bar_chart(summary: dict, metrics: Sequence[str], titles: dict[str, str]
         top = max(tops, default=0.0)
         ax.set_xlim(low if np.isfinite(low) else None, min(high, top * 1.1) if top > 0 else None)
         ax.tick_params(axis="x", labelsize=8)
-    figure.suptitle("mean ± 95% confidence interval\n(= A): the same bar as A, to within 0.1% of the "
-                    "metric's range", fontsize=9)
+    figure.suptitle("mean and 95% bootstrap interval (none for n < 5)\n(= A): the same bar as A, to within 0.1% "
+                    "of the metric's range", fontsize=9)
     return figure
 
 

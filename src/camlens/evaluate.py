@@ -508,36 +508,41 @@ def module_digest(module: torch.nn.Module) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-# Two-sided 95% quantiles of Student's t distribution by degrees of freedom (statistical table).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
-        18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060,
-        26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-
-
-def t_quantile(freedom: int) -> float:
-    """The 97.5% quantile of Student's t with ``freedom`` degrees of freedom (table, then 1.96)."""
-    if freedom in _T95:
-        return _T95[freedom]
-    larger = [d for d in _T95 if d > freedom]
-    return _T95[min(larger)] if larger else 1.960
+INTERVAL_MIN_N = 5  # below this many values an interval of the mean says nothing: none is given
+BOOTSTRAP_RESAMPLES = 2000
+INTERVAL = ("95% bootstrap percentile interval of the mean (2,000 resamples, fixed seed): inside the metric's "
+            f"range by construction; none for n < {INTERVAL_MIN_N}, where it would mean nothing")
 
 
 def mean_interval(values: Iterable[float]) -> dict:
-    """Mean, 95% confidence half-width (Student's t) and count of the values."""
-    data = [v for v in values if v is not None and math.isfinite(v)]
-    count = len(data)
+    """Mean, 95% interval and count of the finite values: ``{"mean", "low", "high", "n"}``.
+
+    The interval is the bootstrap percentile interval of the mean: the 2.5% and 97.5% quantiles
+    of the means of :data:`BOOTSTRAP_RESAMPLES` resamples with replacement (seed 0, so that a run
+    gives the same figures on any machine). Each resampled mean lies between the smallest and
+    largest value, so the interval stays inside the metric's range (a percentage, an AUC in
+    [0, 1]), where Student's t's mean ± half-width did not (``0.507 ± 4`` for an AUC of two
+    images). Below :data:`INTERVAL_MIN_N` values, ``low`` and ``high`` are None.
+    """
+    data = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    count = int(data.size)
     if count == 0:
-        return {"mean": None, "ci95": None, "n": 0}
-    mean = sum(data) / count
-    if count == 1:
-        return {"mean": mean, "ci95": None, "n": 1}
-    deviation = math.sqrt(sum((v - mean) ** 2 for v in data) / (count - 1))
-    return {"mean": mean, "ci95": t_quantile(count - 1) * deviation / math.sqrt(count), "n": count}
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean = float(data.mean())
+    if count < INTERVAL_MIN_N:
+        return {"mean": mean, "low": None, "high": None, "n": count}
+    generator = np.random.default_rng(0)
+    means = np.empty(BOOTSTRAP_RESAMPLES)
+    step = max(1, 2_000_000 // count)  # resamples per batch: at most 2 million values at once
+    for start in range(0, BOOTSTRAP_RESAMPLES, step):
+        rows = min(step, BOOTSTRAP_RESAMPLES - start)
+        means[start : start + rows] = data[generator.integers(0, count, size=(rows, count))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"mean": mean, "low": float(min(low, mean)), "high": float(max(high, mean)), "n": count}
 
 
 def summarise(records: Iterable[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict:
-    """``{method: {metric: {"mean", "ci95", "n"}}}`` over the records."""
+    """``{method: {metric: {"mean", "low", "high", "n"}}}`` over the records (:func:`mean_interval`)."""
     rows = list(records)
     return {
         method: {

@@ -29,6 +29,7 @@ from ..evaluate import (
     evaluate_image,
     file_digest,
     mean_curves,
+    INTERVAL,
     mean_interval,
     module_digest,
     summarise,
@@ -65,7 +66,7 @@ from .common import (
 from .progress import LogProgress
 from .report import html_option, write_html
 
-STATISTIC = "mean ± 95% confidence interval (Student's t) over n images"
+STATISTIC = f"mean [{INTERVAL}] over n images"
 SET_ASIDE_SHOWN = 5  # notes on single set-aside lines; a total stands for the rest
 VIEW_SIDE = 224  # pixels of the longer side of each image's view (views/), kept for the report
 # What an evaluate run writes in its folder; the derived files are computed from results.jsonl.
@@ -227,8 +228,9 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                   # run, interrupted) by its size.
                   "results.jsonl bytes": store.path.stat().st_size if store.path.exists() else 0}
         write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-        lines = ["method,metric,mean,ci95_half_width,n"] + [
-            f"{m},{metric},{_csv(v['mean'])},{_csv(v['ci95'])},{v['n']}" for m in chosen for metric, v in summary[m].items()
+        lines = ["method,metric,mean,ci95_low,ci95_high,n"] + [
+            f"{m},{metric},{_csv(v['mean'])},{_csv(v['low'])},{_csv(v['high'])},{v['n']}"
+            for m in chosen for metric, v in summary[m].items()
         ]
         write_atomic(out_dir / "summary.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
         names = {m: objects[m].display_name for m in chosen}
@@ -260,7 +262,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
             cells = []
             for metric in wanted:
                 v = summary[m][metric]
-                interval = "" if v["ci95"] is None else f" ± {v['ci95']:.2g}"
+                interval = " (n < 5)" if v["low"] is None else f" [{v['low']:.3g}, {v['high']:.3g}]"
                 cells.append("-" if v["mean"] is None else f"{v['mean']:.3g}{interval}")
             seconds = speed[m]["mean"]
             table.add_row(METHODS[m].display_name, *cells, "-" if seconds is None else f"{seconds:.2f}")
