@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from helpers import SAMPLES, run
 
 
@@ -119,3 +121,63 @@ def test_the_terminal_table_prints_intervals_inside_the_range(tmp_path, capsys):
     assert "±" not in printed and "(n < 5)" in printed  # was "0.507 ± 4" for two images
     summary = json.loads((out / "summary.json").read_text())["summary"]["cam"]["insertion"]
     assert summary["n"] == 2 and summary["low"] is None and summary["high"] is None
+
+
+# -- a plan before long runs (item 2) -----------------------------------------------------------------
+
+@pytest.fixture
+def everything_is_long(monkeypatch):
+    """Every run counts as long: the thresholds at 0, and a clock that moves 1 s per reading."""
+    import itertools
+
+    from camlens import timing
+    from camlens.cli import common
+
+    ticks = itertools.count()
+    monkeypatch.setattr(timing, "clock", lambda: float(next(ticks)))
+    monkeypatch.setattr(common, "PLAN_FROM", 0.0)
+    monkeypatch.setattr(common, "LONG_RUN", 0.0)
+    return common
+
+
+def test_a_long_run_says_its_plan_and_goes_on_when_nobody_can_answer(everything_is_long, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = run(["explain", SAMPLES / "coffee.png", "-m", "gradcam", "-m", "scorecam", "--out", out], capsys)
+    assert code == 0, err
+    plan = next(line for line in err.splitlines() if line.startswith("camlens: plan: "))
+    assert plan.startswith("camlens: plan: 1 image(s); Score-CAM: ≤ ")
+    assert "Grad-CAM: 1 forward(s) + 1 backward(s) per image" in plan and "timed now on the first image" in plan
+    assert "camlens: note: a long run (the costliest: Score-CAM, Grad-CAM; or fewer methods (-m), --top-channels N" \
+           in err and "it goes on (not interactive)" in err
+    assert (out / "manifest.json").exists()
+
+
+def test_an_interactive_long_run_asks_and_a_no_leaves_nothing(everything_is_long, monkeypatch, tmp_path, capsys):
+    asked = []
+    monkeypatch.setattr(everything_is_long, "interactive", lambda: True)
+    monkeypatch.setattr(everything_is_long.click, "confirm", lambda text, **kw: asked.append(text) or False)
+    out = tmp_path / "o"
+    code, _, err = run(["explain", SAMPLES / "coffee.png", "-m", "gradcam", "--out", out], capsys)
+    assert code == 1 and len(asked) == 1 and asked[0].startswith("camlens: this run may take ")
+    assert "camlens: error: not started: give --yes to run it without asking" in err
+    assert not out.exists()
+    code, _, err = run(["explain", SAMPLES / "coffee.png", "-m", "gradcam", "--out", out, "--yes"], capsys)
+    assert code == 0 and len(asked) == 1  # --yes: not asked
+
+
+def test_evaluate_plans_the_images_still_to_do(everything_is_long, tmp_path, capsys):
+    data = tmp_path / "data"
+    for photo, label in (("coffee.png", "espresso"), ("chelsea.png", "tabby")):
+        (data / label).mkdir(parents=True)
+        shutil.copy(SAMPLES / photo, data / label / photo)
+    out = tmp_path / "eval"
+    code, _, err = run(["evaluate", data, "-m", "gradcam", "--steps", "3", "--metric", "deletion", "--out", out,
+                        "--limit", "1"], capsys)
+    assert code == 0, err
+    plan = next(line for line in err.splitlines() if line.startswith("camlens: plan: "))
+    # The method's forward and backward, and 3 deletion steps.
+    assert plan.startswith("camlens: plan: 1 image(s); Grad-CAM: 4 forward(s) + 1 backward(s) per image")
+    code, _, err = run(["evaluate", data, "-m", "gradcam", "--steps", "3", "--metric", "deletion", "--out", out],
+                       capsys)
+    assert code == 0, err
+    assert "camlens: plan: 1 image(s)" in err  # resumed: one image left

@@ -60,7 +60,8 @@ def test_explain_charges_start_up_to_no_method(order, slow_start_up, tmp_path, c
     manifest = json.loads((out / "manifest.json").read_text())
     (image,) = manifest["images"]
     assert {name: image["timings"][name] for name in order} == {name: 0.0 for name in order}
-    assert manifest["start-up seconds"] == {"warming up the model": 100.0, "cutting the model": 40.0}
+    assert manifest["start-up seconds"] == {"warming up the model": 100.0, "cutting the model": 40.0,
+                                            "planning the run": 0.0}
     assert "start-up, once per run: 140.00 s (warming up the model 100.00, cutting the model 40.00); not in the " \
            "methods' seconds" in " ".join(printed.split())
 
@@ -77,7 +78,8 @@ def test_evaluate_charges_start_up_to_no_method(slow_start_up, tmp_path, capsys)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(record["seconds"] == 0.0 for record in records)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["start-up seconds"] == {"warming up the model": 100.0, "cutting the model": 40.0}
+    assert summary["start-up seconds"] == {"warming up the model": 100.0, "cutting the model": 40.0,
+                                           "planning the run": 0.0}
     assert "note: start-up, once per run: 140.00 s" in err
     # People read display names; files keep the ids.
     assert "Ablation-CAM" in printed and "│ ablationcam" not in printed

@@ -3,6 +3,7 @@ model and device set-up, and the up-front checks that run before any work."""
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import math
@@ -20,6 +21,7 @@ from PIL import Image
 from rich.console import Console
 from torch import Tensor
 
+from .. import timing
 from ..accelerate import InferenceCopies
 from ..capture import (
     Layout,
@@ -29,6 +31,7 @@ from ..capture import (
     default_layer_output,
     record,
     resolve_layer,
+    resolve_layers,
     token_grid,
 )
 from ..datasets import class_index_lookup, describe_classes, word_matches
@@ -497,7 +500,8 @@ def describe_start_up(start_up: dict[str, float]) -> str | None:
     total = sum(start_up.values())
     if total < 0.005:
         return None
-    parts = ", ".join(f"{what} {seconds:.2f}" for what, seconds in sorted(start_up.items(), key=lambda kv: -kv[1]))
+    parts = ", ".join(f"{what} {seconds:.2f}" for what, seconds in sorted(start_up.items(), key=lambda kv: -kv[1])
+                      if seconds >= 0.005)
     return f"start-up, once per run: {total:.2f} s ({parts}); not in the methods' seconds"
 
 
@@ -524,6 +528,165 @@ def warm_up(objects: dict[str, Any], x: torch.Tensor) -> None:
             warm(x)
         except CamlensError:
             pass
+
+
+LONG_RUN = 600.0  # seconds: above this estimate, an interactive run asks before it starts (--yes skips)
+PLAN_FROM = 30.0  # seconds: a run estimated to take less starts without a plan
+
+
+@dataclass
+class Plan:
+    """What a run will cost before it starts: per method, its passes per image
+    (:meth:`~camlens.methods.base.CAMMethod.cost`) and seconds, estimated from passes timed on the
+    model just now; ``extra``: passes per image and method besides the method's (the metrics')."""
+
+    images: int
+    seconds: dict[str, tuple[float, float]]  # method -> (about, at most), for all the images
+    passes: dict[str, str]  # method -> its passes per image, in words
+    probe: str  # what was timed, in words
+
+    @property
+    def about(self) -> float:
+        return sum(low for low, _ in self.seconds.values())
+
+    @property
+    def at_most(self) -> float:
+        return sum(high for _, high in self.seconds.values())
+
+
+def plan_run(objects: dict[str, Any], x: torch.Tensor, images: int, extra_forwards: int = 0,
+             per_method: dict[str, int] | None = None) -> Plan:
+    """Estimate a run of ``images`` images like ``x`` (one image, on the model's device) with the
+    method ``objects``: a batch of 16 forwards and one Grad-CAM call (a forward and a backward)
+    are timed on ``x`` through the first method's engine (after :func:`warm_up`); a method's
+    forwards cost the batch's time per row, its backwards Grad-CAM's, and its passes of the layers
+    after the target layer at most a forward each (the bound: they are cheaper). ``extra_forwards``:
+    passes per image and method besides the method's (the metrics'); ``per_method``: the images
+    each method has still to do, where not all (a resumed run)."""
+    from ..methods.base import CAMMethod
+    from ..methods.gradient_free import AblationCAM
+    from ..methods.meta import AugmentSmooth
+    from ..methods.scorecam import ScoreCAM
+
+    core = next(iter(objects.values()))
+    while not isinstance(core, CAMMethod):
+        core = core.method
+    scorer = core.fast_forward(x, batch_size=16)
+    batch = x.expand(16, *x.shape[1:]).contiguous()
+    with torch.no_grad():
+        start = timing.clock()
+        scorer(batch)
+        row = (timing.clock() - start) / 16
+    gradcam = METHODS["gradcam"](core.model, target_layer=None if core._layers is None else list(core._layers),
+                                 optimize=core.optimize, output=core.output, reshape=core.reshape)
+    gradcam._copies = core._copies
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = timing.clock()
+        try:
+            explanation = gradcam(x)
+        except CamlensError:
+            explanation = None
+        grad = max(timing.clock() - start, row)
+    layer, live, nonzero = None, None, None
+    if explanation is not None:
+        name = explanation.target_layers[0]
+        layer = (explanation.weights[name].shape[2], *explanation.raw[name].shape[-2:])
+        # The channels Score-CAM forwards (not constant over the map) and Ablation-CAM ablates
+        # (not zero everywhere), on this image: far fewer than all of them after a ReLU.
+        module = dict(core.model.named_modules())[name]
+        with torch.no_grad():
+            activation = record(core.model, x, {name: module}, output=core.output,
+                                reshape=token_grid(explanation.options.get("reshape")))[1][name].flatten(2)
+        live = int((activation.amax(dim=2) > activation.amin(dim=2)).sum())
+        nonzero = int(activation.ne(0).any(dim=2).sum())
+    seconds, passes = {}, {}
+    for name, method in objects.items():
+        inner = method
+        copies = 1
+        while not isinstance(inner, CAMMethod):
+            if isinstance(inner, AugmentSmooth):
+                copies *= 1 + sum(map(len, inner.copies().values()))
+            inner = inner.method
+        channels, height, width = layer or (1, 1, 1)
+        if inner._layers is None and explanation is not None:
+            # The default layer, named as the Grad-CAM probe found it: a cost can then see the model
+            # after it (Grad-CAM++ general's one pass per channel before a global average pool).
+            inner = copy.copy(inner)
+            inner._layers = resolve_layers(inner.model, list(explanation.target_layers))
+            inner.reshape = token_grid(explanation.options.get("reshape"))
+        if isinstance(inner, ScoreCAM) and live is not None:
+            channels = max(live, 1)
+        elif isinstance(inner, AblationCAM) and nonzero is not None:
+            channels = nonzero
+        cost = inner.cost(channels, height, width)
+        forwards = cost.forwards - cost.backwards + extra_forwards
+        about = copies * (cost.backwards * grad + forwards * row)
+        count = images if per_method is None else per_method.get(name, 0)
+        seconds[name] = (count * about, count * (about + copies * cost.after * row))
+        words = f"{'≤ ' if cost.at_most and not cost.after else ''}{cost.forwards + extra_forwards:,} forward(s)"
+        if cost.backwards:
+            words += f" + {cost.backwards:,} backward(s)"
+        if cost.after:
+            words += f" + {'≤ ' if cost.at_most else ''}{cost.after:,} pass(es) after the layer"
+        passes[name] = words + (f", x {copies} copies" if copies > 1 else "")
+    probe = (f"timed now on the first image: a forward {row * 1000:.1f} ms per image in a batch of 16, Grad-CAM "
+             f"{grad * 1000:.0f} ms" + ("" if live is None else f"; {live:,} channels not constant there"))
+    return Plan(images, seconds, passes, probe)
+
+
+def announce_plan(plan: Plan, yes: bool, cheaper: str) -> None:
+    """Say the plan of a long run before it starts (nothing for a short one). Above
+    :data:`LONG_RUN`, an interactive terminal asks to go on (``--yes`` does not ask); a run that
+    is not interactive is never held: it says which methods cost most and goes on."""
+    if plan.at_most < PLAN_FROM:
+        return
+    costly = sorted(plan.seconds, key=lambda m: (-plan.seconds[m][0], -plan.seconds[m][1]))
+    shown = [m for m in costly if plan.seconds[m][0] >= 1 or plan.seconds[m][1] >= 10] or costly[:1]
+    parts = "; ".join(f"{METHODS[m].display_name}: {plan.passes[m]} per image, {_span(*plan.seconds[m])}"
+                      for m in shown)
+    if len(shown) < len(costly):
+        parts += f"; {len(costly) - len(shown)} other method(s) under a second each"
+    echo_error(f"camlens: plan: {plan.images} image(s); {parts}. In all {_span(plan.about, plan.at_most)} "
+               f"({plan.probe})")
+    if plan.about < LONG_RUN or yes:
+        return
+    names = ", ".join(METHODS[m].display_name for m in costly[:2])
+    advice = f"the costliest: {names}; {cheaper}"
+    if not interactive():
+        echo_error(f"camlens: note: a long run ({advice}); it goes on (not interactive)")
+        return
+    if not click.confirm(f"camlens: this run may take {_duration(plan.about)} ({advice}). Go on?", default=False,
+                         err=True):
+        raise CamlensError("not started: give --yes to run it without asking, or fewer images or methods")
+
+
+def interactive() -> bool:
+    """Whether someone can answer a question: standard input and error are a terminal."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def yes_option(command: Callable) -> Callable:
+    """--yes: start a long run without asking (a run that is not interactive never asks)."""
+    return click.option("--yes", "-y", is_flag=True,
+                        help=f"Start a run estimated above {LONG_RUN / 60:.0f} minutes without asking (the plan is "
+                             "said before any long run; a run that is not interactive never asks).")(command)
+
+
+def _span(about: float, at_most: float) -> str:
+    """``about 2 min``, or ``1 s to 2 min`` where passes after the layer (counted at most as whole
+    forwards) leave a range."""
+    if at_most > 1.5 * about and _duration(at_most) != _duration(about):
+        return f"{_duration(about)} to {_duration(at_most)}"
+    return f"about {_duration(about)}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def method_objects(model, methods: Sequence[str], target_layer: str | None, batch_size: int | None,

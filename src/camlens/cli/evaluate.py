@@ -21,6 +21,7 @@ from ..errors import CamlensError
 from ..evaluate import (
     FAITHFULNESS,
     HIGHER_IS_BETTER,
+    INTERVAL,
     LOCALISATION,
     METRICS,
     RANGES,
@@ -29,7 +30,6 @@ from ..evaluate import (
     evaluate_image,
     file_digest,
     mean_curves,
-    INTERVAL,
     mean_interval,
     module_digest,
     summarise,
@@ -43,9 +43,10 @@ from ..io import (
 from ..methods import METHODS
 from ..models import REGISTRY, LoadedModel
 from ..render import model_view
-from ..timing import take_start_up
+from ..timing import one_time, take_start_up
 from .common import (
     BATCHED,
+    announce_plan,
     console,
     describe_start_up,
     echo_error,
@@ -56,12 +57,14 @@ from .common import (
     method_objects,
     method_option,
     model_options,
+    plan_run,
     prepare,
     printable,
     run_options,
     smooth_options,
     top_channels_option,
     warm_up,
+    yes_option,
 )
 from .progress import LogProgress
 from .report import html_option, write_html
@@ -96,9 +99,10 @@ RUN_FILES = ("config.json", "results.jsonl", "results.set-aside.jsonl", "classes
                              "metrics); it may differ between runs into one --out.")
 @engine_options(passes="Score-CAM's masked inputs and the metrics' perturbed inputs")
 @html_option
+@yes_option
 @model_options
 def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, top_channels, aug_smooth,
-             eigen_smooth, device, batch_size, seed, optimize, compile_model, html, **model_args) -> None:
+             eigen_smooth, device, batch_size, seed, optimize, compile_model, html, yes, **model_args) -> None:
     """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
     skipped_methods: dict[str, str] = {}
     layers: list[str] = []
@@ -152,6 +156,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
 
         pending = [(s, m) for s in samples for m in chosen if not store.done(key(s.path), m)]
         start_up: dict[str, float] = {}
+        _plan(objects, loaded, pending, wanted, steps, torch_device, start_up, yes)
         skipped = list(dataset.skipped)
         if pending:
             # The results are about to grow: what was derived from them goes first, so that a run
@@ -274,6 +279,31 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
             write_html(out_dir)
         if skipped:
             sys.exit(1)
+
+
+def _plan(objects: dict, loaded: LoadedModel, pending: list, wanted: list[str], steps: int, device: torch.device,
+          start_up: dict[str, float], yes: bool) -> None:
+    """Warm up on the first pending image that loads and say the run's plan when it is long
+    (:func:`announce_plan`): the methods' passes and the metrics' (one forward for Average Drop and
+    Increase, ``steps`` each for deletion and insertion), per image still to do."""
+    counts: dict[str, int] = {}
+    for _, name in pending:
+        counts[name] = counts.get(name, 0) + 1
+    for sample, _ in pending:
+        try:
+            x = loaded.preprocess(load_image(sample.path)).unsqueeze(0).to(device, input_dtype(loaded.module))
+        except CamlensError:
+            continue  # the run says why, in its turn
+        take_start_up()
+        warm_up(objects, x)
+        extra = int(bool({"drop", "increase"} & set(wanted))) + steps * len({"deletion", "insertion"} & set(wanted))
+        with one_time("planning the run"):
+            plan = plan_run(objects, x, 0, extra_forwards=extra, per_method=counts)
+        start_up.update(take_start_up())
+        plan.images = len({id(sample) for sample, _ in pending})
+        announce_plan(plan, yes, "or fewer methods (-m), --top-channels N for Score-CAM and its variants, fewer "
+                                 "--steps, or --limit N images (a later run resumes)")
+        return
 
 
 def _csv(value: float | None) -> str:

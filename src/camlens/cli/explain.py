@@ -46,9 +46,10 @@ from ..render import (
     overlay,
 )
 from ..targets import TopK
-from ..timing import take_start_up
+from ..timing import one_time, take_start_up
 from .common import (
     MARKER,
+    announce_plan,
     console,
     describe_start_up,
     echo_error,
@@ -60,6 +61,7 @@ from .common import (
     method_objects,
     method_option,
     model_options,
+    plan_run,
     prepare,
     printable,
     resolve_class,
@@ -68,6 +70,7 @@ from .common import (
     smooth_options,
     top_channels_option,
     warm_up,
+    yes_option,
 )
 from .progress import LogProgress
 from .report import html_option, write_html
@@ -125,6 +128,23 @@ class Explainer:
 
     def targets(self):
         return self.class_index if self.class_index is not None else TopK(self.top_k)
+
+    def plan(self, files: Sequence[Path], yes: bool) -> None:
+        """Warm up on the first image that loads and say the run's plan when it is long
+        (:func:`announce_plan`); the warm-up and the timed probe are the run's start-up."""
+        for path in files:
+            try:
+                x = self.loaded.preprocess(load_image(path)).unsqueeze(0).to(self.device, input_dtype(self.loaded.module))
+            except CamlensError:
+                continue  # the run says why, in its turn
+            take_start_up()
+            warm_up(self.methods, x)
+            with one_time("planning the run"):
+                plan = plan_run(self.methods, x, len(files))
+            self.start_up.update(take_start_up())
+            announce_plan(plan, yes, "or fewer methods (-m), --top-channels N for Score-CAM and its variants, or "
+                                     "fewer images")
+            return
 
     def run(self, path: Path, folder: Path, progress: Callable[[str, int, int], None]) -> ImageResult:
         result = ImageResult(path)
@@ -267,9 +287,10 @@ def folder_record(folder: Path) -> dict | None:
 @run_options
 @engine_options
 @html_option
+@yes_option
 @model_options
 def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption, fc, top_channels, aug_smooth,
-            eigen_smooth, device, batch_size, seed, optimize, compile_model, html, **model_args) -> None:
+            eigen_smooth, device, batch_size, seed, optimize, compile_model, html, yes, **model_args) -> None:
     """Explain IMAGE_OR_DIR... with each method: overlays, a comparison figure, maps and a manifest."""
     started = time.perf_counter()
     if class_ is not None and top_k is not None:
@@ -289,13 +310,14 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
     chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
                                                     on_skip=skipped_methods.__setitem__,
                                                     smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
-    out_dir = ensure_writable_dir(out)
     class_index = resolve_class(class_, loaded, classes) if class_ is not None else None
     if top_k is not None and top_k > classes:
         raise CamlensError(f"--top-k {top_k} is more than the model's {classes} classes")
     explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or 1, torch_device, batch_size, seed,
                           fc=fc, colormap=colormap, caption=caption, engine=engine_settings(optimize, compile_model, torch_device),
                           top_channels=top_channels, smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
+    explainer.plan(files, yes)  # before any output: a run declined leaves nothing
+    out_dir = ensure_writable_dir(out)
     # Each run has an id, in its manifest and in the marker of every image folder it writes: the
     # manifest of the last complete run stays until this run's replaces it, and the report tells
     # which folders are still that run's.

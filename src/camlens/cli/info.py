@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import click
-from click.core import ParameterSource
 import torch
+from click.core import ParameterSource
 from rich.table import Table
 from rich.text import Text
 
@@ -16,7 +16,15 @@ from ..capture import (
 )
 from ..errors import CamlensError
 from ..methods import METHODS, list_methods
-from .common import console, echo_error, first_line, model_options, open_model, output_given, probe
+from .common import (
+    console,
+    echo_error,
+    first_line,
+    model_options,
+    open_model,
+    output_given,
+    probe,
+)
 
 
 @click.command(short_help="Hookable layers, their output shapes, the default target layer.")

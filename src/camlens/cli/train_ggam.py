@@ -13,7 +13,15 @@ from ..charts import training_curves
 from ..ggam.train import ATTENTION, BACKBONES, TrainPlan, train_ggam
 from ..io import write_atomic
 from ..models import LITE_MEAN, LITE_STD, Preprocess, class_names_from_file
-from .common import FINITE, MAX_INPUT_SIZE, Finite, choose_device, console, printable, run_options
+from .common import (
+    FINITE,
+    MAX_INPUT_SIZE,
+    Finite,
+    choose_device,
+    console,
+    printable,
+    run_options,
+)
 from .progress import LogProgress
 from .report import html_option, write_html
 
