@@ -16,9 +16,10 @@ setup: $(VENV)/.installed
 test: setup
 	$(BIN)/python -m pytest -q --durations=15
 
-# The main job on the sample photos, with the embedded model: see demo-out/*/comparison.png.
+# The main job on the sample photos, with the embedded model: see demo-out/*/comparison.png and
+# demo-out/report.html.
 demo: setup
-	$(BIN)/camlens explain samples --out demo-out
+	$(BIN)/camlens explain samples --out demo-out --html
 
 # The Score-CAM paper's comparison on the embedded model: crops and flips of the samples.
 reproduce: setup

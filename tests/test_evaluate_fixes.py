@@ -412,8 +412,10 @@ def test_cam_left_out_of_the_default_methods_is_said_in_the_summary_and_under_th
     """features.1 does not feed the pooling: CAM cannot explain it, the other four run."""
     code, out, err = run(setup.args("--limit", "1", "--target-layer", "features.1", methods=()), capsys)
     assert code == 0, err
-    reason = ("the model's output is not fc(global average pool of layer 'features.1'): CAM needs a head "
-              "'features -> global average pooling -> linear' with that layer as the features")
+    reason = ("the model's output is not fc(global average pool of layer 'features.1'), fc being 'fc': CAM needs a "
+              "head 'features -> global average pooling -> linear' with that layer as the features, and this model "
+              "does something else between the layer and its linear classifier (a norm, an activation, another "
+              "layer)")
     assert f"note: CAM skipped: {reason}" in err.splitlines()
     assert "camlens: note" not in err
     report = summary(setup.out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 
@@ -181,3 +182,48 @@ def test_evaluate_plans_the_images_still_to_do(everything_is_long, tmp_path, cap
                        capsys)
     assert code == 0, err
     assert "camlens: plan: 1 image(s)" in err  # resumed: one image left
+
+
+# -- error wording (item 8) ----------------------------------------------------------------------------
+
+def test_cams_refusal_names_the_classifier_and_what_is_between():
+    import torch
+    from torch import nn
+
+    import camlens
+
+    class NormedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+            self.norm = nn.LayerNorm(8)
+            self.classifier = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.classifier(self.norm(self.features(x).mean(dim=(2, 3))))
+
+    with pytest.raises(camlens.CamlensError) as error:
+        camlens.explain(NormedHead().eval(), torch.randn(2, 3, 8, 8), "cam")
+    message = str(error.value)
+    assert "fc(global average pool of layer 'features'), fc being 'classifier'" in message
+    assert "does something else between the layer and its linear classifier (a norm" in message
+    assert "pick that layer" not in message
+
+
+def test_a_pil_image_points_at_the_preprocessing():
+    from PIL import Image
+    from torch import nn
+
+    import camlens
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(camlens.CamlensError, match=r"not a PIL image: preprocess it as the model expects, e\.g\. "
+                                                   r"camlens\.models\.Preprocess\(\)\(image\)"):
+        camlens.explain(model, Image.new("RGB", (8, 8)), "gradcam")
+    from camlens.models import Preprocess
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a blank picture: blank maps
+        explanation = camlens.explain(model, Preprocess()(Image.new("RGB", (300, 260))), "gradcam")
+    assert explanation.maps.shape == (1, 1, 224, 224)

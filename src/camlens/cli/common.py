@@ -797,7 +797,7 @@ def cam_misfit(loaded: LoadedModel, found: Probe, fc: str | None) -> str | None:
     try:
         with torch.no_grad():
             head = cam.fc if cam.fc is not None else cam._find_fc(found.activation.shape[1], found.layer)
-            cam._check_head(head, found.activation, found.logits, found.layer)
+            cam._check_head(head, found.activation, found.logits, found.layer, cam.name_of(head))
     except CamlensError as error:
         # The library's hint names the Python argument; on the command line it is --fc.
         return str(error).replace("(fc=)", "(--fc)")

@@ -426,6 +426,12 @@ class CAMMethod:
 
     def _prepare(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor):
+            if type(images).__module__.startswith("PIL."):
+                raise CamlensError(
+                    "images must be a torch.Tensor (N, C, H, W), not a PIL image: preprocess it as the model "
+                    "expects, e.g. camlens.models.Preprocess()(image) (ImageNet's resize, crop and normalisation; "
+                    "the embedded model's own is camlens.models.efficientnet_lite0().preprocess)"
+                )
             raise CamlensError(
                 f"images must be a torch.Tensor (N, C, H, W), not {type(images).__name__}"
             )

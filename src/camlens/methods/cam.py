@@ -76,10 +76,14 @@ class CAM(CAMMethod):
         weights = {}
         for name, activation in context.full_activations.items():
             fc = self.fc or self._find_fc(activation.shape[1], name)
-            self._check_head(fc, activation, context.logits, name)
+            self._check_head(fc, activation, context.logits, name, self.name_of(fc))
             weight = cam_weights(fc.weight.detach(), classes)
             weights[name] = context.select(name, weight, 2)
         return weights
+
+    def name_of(self, module: nn.Module) -> str:
+        """``module``'s name in the model ("" where it is not one of its modules)."""
+        return next((name for name, each in self.model.named_modules() if each is module), "")
 
     def _find_fc(self, channels: int, layer: str) -> nn.Module:
         linears = [m for m in self.model.modules() if linear_like(m) and m.weight.shape[1] == channels]
@@ -92,7 +96,7 @@ class CAM(CAMMethod):
         return linears[-1]
 
     @staticmethod
-    def _check_head(fc: nn.Module, activation: Tensor, logits: Tensor, layer: str) -> None:
+    def _check_head(fc: nn.Module, activation: Tensor, logits: Tensor, layer: str, fc_name: str = "") -> None:
         if fc.weight.shape[1] != activation.shape[1]:
             raise CamlensError(
                 f"the classifier takes {fc.weight.shape[1]} inputs but layer {layer!r} has "
@@ -102,7 +106,10 @@ class CAM(CAMMethod):
         tolerance = 1e-4 * max(1.0, logits.abs().max().item())
         if predicted.shape != logits.shape or (predicted - logits).abs().max().item() > tolerance:
             raise CamlensError(
-                f"the model's output is not fc(global average pool of layer {layer!r}): CAM needs a "
+                f"the model's output is not fc(global average pool of layer {layer!r})"
+                + (f", fc being {fc_name!r}" if fc_name else "") + ": CAM needs a "
                 "head 'features -> global average pooling -> linear' with that layer as the "
-                "features; pick that layer, or use Grad-CAM, which needs no particular head"
+                "features, and this model does something else between the layer and its linear classifier "
+                "(a norm, an activation, another layer); explain the layer the pooling reads, where there is "
+                "one, or use Grad-CAM, which needs no particular head"
             )
