@@ -227,3 +227,39 @@ def test_a_pil_image_points_at_the_preprocessing():
         warnings.simplefilter("ignore")  # a blank picture: blank maps
         explanation = camlens.explain(model, Preprocess()(Image.new("RGB", (300, 260))), "gradcam")
     assert explanation.maps.shape == (1, 1, 224, 224)
+
+
+# -- reports meant to be sent (item 6) ----------------------------------------------------------------
+
+def test_reports_show_no_absolute_local_path(tmp_path, capsys):
+    """The explain report's footer said "from /home/<user>/...", the evaluate report's facts the data folder."""
+    home = tmp_path / "home" / "ann" / "holiday pictures"
+    home.mkdir(parents=True)
+    shutil.copy(SAMPLES / "coffee.png", home / "coffee.png")
+    out = tmp_path / "home" / "ann" / "runs" / "demo"
+    code, _, err = run(["explain", home / "coffee.png", "-m", "cam", "--out", out, "--html"], capsys)
+    assert code == 0, err
+    html = (out / "report.html").read_text()
+    assert "/home/ann" not in html and str(tmp_path) not in html
+    assert "from <code>demo</code>" in html
+    assert str(home / "coffee.png") in (out / "coffee" / ".camlens").read_text()  # the run's JSON keeps it
+
+    data = tmp_path / "home" / "ann" / "data"
+    (data / "espresso").mkdir(parents=True)
+    shutil.copy(SAMPLES / "coffee.png", data / "espresso" / "coffee.png")
+    evaluated = tmp_path / "home" / "ann" / "runs" / "eval"
+    code, _, err = run(["evaluate", data, "-m", "cam", "--steps", "2", "--metric", "drop", "--out", evaluated,
+                        "--html"], capsys)
+    assert code == 0, err
+    html = (evaluated / "report.html").read_text()
+    assert "/home/ann" not in html and str(tmp_path) not in html
+    assert "<code>.../data</code>" in html
+
+
+def test_private_keeps_what_is_no_path(tmp_path):
+    from camlens.report import private
+
+    values = {"ratio": "similar at 4/4 steps", "url": "https://example.org/a/b", "relative": "tabby/chelsea.png",
+              "base64": "data:image/jpeg;base64,ab+/cd/ef==", "number": 3}
+    assert private(values, tmp_path) == values
+    assert private([f"{tmp_path}/x/y.png", "/etc/passwd"], tmp_path) == ["x/y.png", ".../passwd"]

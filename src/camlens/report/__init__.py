@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,6 +104,38 @@ def _utf8(text: str) -> bytes:
             return text.encode("utf-8", "replace")
 
 
+# An absolute POSIX path of two parts or more, not inside a word, a number or a URL.
+_ABSOLUTE = re.compile(r"(?<![\w.:/~+=-])/(?:[^\s/\"'<>|]+/)+[^\s/\"'<>|,;)]*")
+
+
+def private(value: object, folder: Path) -> object:
+    """``value`` (a report's context: dicts, lists, strings) with every absolute local path in its
+    strings shown relative to the run ``folder`` where it is inside it, else as ``.../<its name>``:
+    a report meant to be mailed tells no one the user's name or folder layout. The run's JSON files
+    keep the full paths."""
+    root = str(folder.resolve())
+
+    def shown(match: re.Match) -> str:
+        path = match.group(0)
+        for base in (root, str(folder)):
+            if path == base:
+                return folder.resolve().name
+            if path.startswith(base.rstrip("/") + "/"):
+                return path[len(base.rstrip("/")) + 1:]
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        return f".../{name}" if name else "..."
+
+    if isinstance(value, str):
+        if value.startswith("/") and "\n" not in value and len(value) > 1:  # a whole path: spaces and all
+            return shown(re.match(r".*", value, re.S))
+        return _ABSOLUTE.sub(shown, value)
+    if isinstance(value, dict):
+        return {key: private(item, folder) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(private(item, folder) for item in value)
+    return value
+
+
 def render_report(folder: Path) -> tuple[str, str, ImageStore, dict]:
     """The HTML of ``folder``'s report, its kind, its image store and its context."""
     kind = detect_kind(folder)
@@ -119,14 +152,17 @@ def render_report(folder: Path) -> tuple[str, str, ImageStore, dict]:
         context = module.load(folder, store)
         context.setdefault("status", "complete")
         context.setdefault("notes", [])
+        # A report is meant to be sent: no absolute local path in it (the user's name, their folders).
+        context = private(context, folder)
         template = environment().get_template(f"{kind}.html.j2")
         html = template.render(
             **context,
             images_store=store.images,
             version=__version__,
             generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            # A folder name of undecodable bytes (surrogate escapes) cannot go into a UTF-8 file.
-            run_folder=_utf8(str(folder)).decode("utf-8"),
+            # The run folder by its name only; one of undecodable bytes (surrogate escapes) cannot go
+            # into a UTF-8 file.
+            run_folder=_utf8(folder.resolve().name or str(folder)).decode("utf-8"),
         )
     except (TypeError, AttributeError, KeyError, IndexError, ValueError, UndefinedError) as error:
         # A run file edited or damaged into values of the wrong type (a list where a mapping
