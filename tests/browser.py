@@ -62,6 +62,26 @@ class Browser:
     def js(self, script: str, *args):
         return self.driver.execute_script(script, *args)
 
+    def cut_off(self) -> list[str]:
+        """What a reader cannot see nor scroll to: the page wider than the window, and each visible
+        table (by id) whose right edge passes the window without a scrolling box of its own that
+        fits in it."""
+        return self.js("""
+            var found = [], width = document.documentElement.clientWidth;
+            if (document.documentElement.scrollWidth > width + 1) found.push("the page");
+            document.querySelectorAll("table").forEach(function (table, i) {
+              if (!table.getClientRects().length) return;
+              var name = table.id || ("table " + i);
+              var box = table.closest(".scroll");
+              if (box) {
+                var rect = box.getBoundingClientRect();
+                if (rect.right > width + 1) found.push(name + ": its scrolling box passes the window");
+              } else if (table.getBoundingClientRect().right > width + 1) {
+                found.push(name);
+              }
+            });
+            return found;""")
+
     def broken_images(self) -> list[str]:
         """Images shown on the page that did not load (data-ref or the start of their src)."""
         return self.js("""

@@ -382,3 +382,11 @@ def test_long_and_empty_class_names(browser, run_dir, tmp_path):
             browser.js(f"document.querySelectorAll('#images tbody button.pick')[{i}].click()")
             assert "()" not in browser.js("return document.getElementById('detail-facts').textContent")
     assert browser.errors() == []
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_every_table_fits_or_scrolls_in_its_card(report, browser, width):
+    """At 1280 px the per-image table was cut off on the right (issue 28, item 6)."""
+    browser.open(report, width=width)
+    browser.js("document.querySelectorAll('details').forEach(function (d) { d.open = true; });")
+    assert browser.cut_off() == []

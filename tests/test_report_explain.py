@@ -271,3 +271,11 @@ def test_html_flag_and_no_stale_report(tmp_path, capsys):
     code, stdout, err = cli(["explain", SAMPLES / "chelsea.png", "-m", "cam", "--out", out], capsys)
     assert code == 0, err
     assert not (out / "report.html").exists()
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_every_table_fits_or_scrolls_in_its_card(report, browser, width):
+    """Issue 28, item 6: no table cut off, at a laptop's width and a phone's."""
+    browser.open(report, width=width)
+    browser.js("document.querySelectorAll('details').forEach(function (d) { d.open = true; });")
+    assert browser.cut_off() == []

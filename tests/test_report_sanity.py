@@ -288,3 +288,33 @@ def test_coinciding_similarity_lines_are_named_together(run_dir, tmp_path):
     widths = [float(w) for w in
               re.findall(r'<polyline points="[^"]*" fill="none" stroke-width="([0-9.]+)"', text)]
     assert len(set(widths)) == 2
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_every_table_fits_or_scrolls_in_its_card(report, browser, width):
+    """Issue 28, item 6: no table cut off, at a laptop's width and a phone's."""
+    browser.open(report, width=width)
+    browser.js("document.querySelectorAll('details').forEach(function (d) { d.open = true; });")
+    assert browser.cut_off() == []
+
+
+def test_verdicts_are_said_once_and_names_break_only_between_words(report, browser):
+    """The verdict cell said "PASS" above "PASS: similar at ..."; the grid's row labels wrapped
+    mid-word ("Grad-CAM+" / "+") (issue 28, item 6)."""
+    browser.open(report, width=1280)
+    cells = browser.js("return Array.from(document.querySelectorAll('#verdicts td.verdict-cell'))"
+                       ".map(function (td) { return td.textContent; });")
+    assert cells and all(len(re.findall(r"\b(PASS|LATE|FAIL)\b", cell)) == 1 for cell in cells), cells
+    breaks = browser.js("""
+        var bad = [];
+        document.querySelectorAll('#grid th[scope=row], #verdicts td:first-child').forEach(function (cell) {
+          var text = cell.firstChild, range = document.createRange(), top = null;
+          for (var i = 0; i < text.length; i++) {
+            range.setStart(text, i); range.setEnd(text, i + 1);
+            var rect = range.getBoundingClientRect();
+            if (top !== null && rect.top > top + 2 && !/[\\s-]/.test(text.data[i - 1])) bad.push(text.data);
+            top = rect.top;
+          }
+        });
+        return bad;""")
+    assert breaks == []
