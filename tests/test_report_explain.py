@@ -68,8 +68,9 @@ def test_every_picture_stored_once(report, run_dir):
     text = report.read_text(encoding="utf-8")
     store = page_script(text)
     # a photo per image, a map per image, method and class (2 + 2 x 3 x 2), but CAM's maps are
-    # Grad-CAM's on this network (it pools globally before its one linear layer): stored once
-    assert len(store) == 2 + 2 * 2 * 2
+    # Grad-CAM's on this network (it pools globally before its one linear layer): stored once; and
+    # the colour bar
+    assert len(store) == 2 + 2 * 2 * 2 + 1
     assert len(set(store.values())) == len(store)
     for uri in store.values():
         assert text.count(uri) == 1
@@ -279,3 +280,14 @@ def test_every_table_fits_or_scrolls_in_its_card(report, browser, width):
     browser.open(report, width=width)
     browser.js("document.querySelectorAll('details').forEach(function (d) { d.open = true; });")
     assert browser.cut_off() == []
+
+
+def test_the_maps_have_a_colour_bar_that_says_what_it_means(report, browser):
+    """The header only said "coloured with jet" (issue 28, item 6)."""
+    browser.open(report, width=1280)
+    bar = browser.js("var img = document.querySelector('.colourbar img'); return img && "
+                     "[img.complete && img.naturalWidth, img.alt, img.closest('p').textContent];")
+    assert bar and bar[0] == 256
+    assert bar[1].startswith("colour scale of the maps (") and "from 0 on the left to 1 on the right" in bar[1]
+    assert "0: the least" in bar[2] and "1: the most that map's method credits with the class" in bar[2]
+    assert browser.broken_images() == []

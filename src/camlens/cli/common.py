@@ -589,6 +589,10 @@ def plan_run(objects: dict[str, Any], x: torch.Tensor, images: int, extra_forwar
             explanation = None
         grad = max(timing.clock() - start, row)
     layer, live, nonzero = None, None, None
+    # How the layer was read: as the method was told, else as the default layer was found (its
+    # recorded layout, "tokens:1:14x14" or "nhwc"; a function of the user's is given, never recorded).
+    layout = core.reshape if core.reshape is not None or explanation is None else token_grid(
+        explanation.options.get("reshape"))
     if explanation is not None:
         name = explanation.target_layers[0]
         layer = (explanation.weights[name].shape[2], *explanation.raw[name].shape[-2:])
@@ -596,8 +600,7 @@ def plan_run(objects: dict[str, Any], x: torch.Tensor, images: int, extra_forwar
         # (not zero everywhere), on this image: far fewer than all of them after a ReLU.
         module = dict(core.model.named_modules())[name]
         with torch.no_grad():
-            activation = record(core.model, x, {name: module}, output=core.output,
-                                reshape=token_grid(explanation.options.get("reshape")))[1][name].flatten(2)
+            activation = record(core.model, x, {name: module}, output=core.output, reshape=layout)[1][name].flatten(2)
         live = int((activation.amax(dim=2) > activation.amin(dim=2)).sum())
         nonzero = int(activation.ne(0).any(dim=2).sum())
     seconds, passes = {}, {}
@@ -614,7 +617,7 @@ def plan_run(objects: dict[str, Any], x: torch.Tensor, images: int, extra_forwar
             # after it (Grad-CAM++ general's one pass per channel before a global average pool).
             inner = copy.copy(inner)
             inner._layers = resolve_layers(inner.model, list(explanation.target_layers))
-            inner.reshape = token_grid(explanation.options.get("reshape"))
+            inner.reshape = layout
         if isinstance(inner, ScoreCAM) and live is not None:
             channels = max(live, 1)
         elif isinstance(inner, AblationCAM) and nonzero is not None:

@@ -178,6 +178,13 @@ def heat_image(saliency: np.ndarray, shape: tuple[int, int], colormap: str, side
     return Image.fromarray(colorize(np.asarray(field), colormap))
 
 
+def colour_bar(colormap: str, width: int = 256, height: int = 12) -> Image.Image:
+    """The scale of the maps: ``colormap`` from 0 (left) to 1 (right)."""
+    from ..render import colorize
+
+    return Image.fromarray(colorize(np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1)), colormap))
+
+
 def heat_side(raw_side: int | None) -> int:
     """Pixels to keep of a map whose layer is ``raw_side`` cells across: fine layers keep more."""
     if raw_side is None or raw_side <= 20:

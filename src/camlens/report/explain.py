@@ -10,6 +10,7 @@ from .common import (
     ImageStore,
     RunError,
     check_version,
+    colour_bar,
     load_npz,
     number,
     open_photo,
@@ -129,6 +130,7 @@ def load(folder: Path, store: ImageStore) -> dict:
         "model": (facts.get("model") or {}).get("name") if isinstance(facts.get("model"), dict) else facts.get("model"),
         "facts": facts,
         "colormap": colormap,
+        "colourbar": store.add(colour_bar(colormap), quality=95) if images else None,  # no map, no scale
     }
 
 
