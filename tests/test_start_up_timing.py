@@ -93,3 +93,11 @@ def test_nested_start_up_counts_once(clock):
             clock.now += 2
     assert timing.take_start_up() == {"outer": 5.0}
     assert timing.take_start_up() == {}
+
+
+def test_the_explain_report_shows_the_start_up_apart(slow_start_up, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(["explain", SAMPLES / "coffee.png", "-m", "ablationcam", "--out", out, "--html"], capsys)
+    assert code == 0, err
+    html = (out / "report.html").read_text()
+    assert "<dt>start-up</dt><dd>warming up the model 100" in html and "once for the run: not in the methods" in html
