@@ -101,3 +101,14 @@ def test_the_explain_report_shows_the_start_up_apart(slow_start_up, tmp_path, ca
     assert code == 0, err
     html = (out / "report.html").read_text()
     assert "<dt>start-up</dt><dd>warming up the model 100" in html and "once for the run: not in the methods" in html
+
+
+def test_the_evaluate_report_shows_the_start_up_apart(slow_start_up, tmp_path, capsys):
+    data = tmp_path / "data" / "espresso"
+    data.mkdir(parents=True)
+    Image.open(SAMPLES / "coffee.png").convert("RGB").resize((256, 256)).save(data / "coffee.png")
+    out = tmp_path / "eval"
+    code, _, err = run(["evaluate", tmp_path / "data", "-m", "gradcam", "--steps", "2", "--metric", "drop",
+                        "--out", out, "--html"], capsys)
+    assert code == 0, err
+    assert "start-up, once per run: 100.00 s (warming up the model 100.00)" in (out / "report.html").read_text()

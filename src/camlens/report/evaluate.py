@@ -229,6 +229,14 @@ def load(folder: Path, store: ImageStore) -> dict:
 
     run_notes = [str(n) for n in summary.get("notes", []) if isinstance(n, str)]
     run_notes += [f"skipped: {s}" for s in summary.get("skipped", []) if isinstance(s, str)]
+    start_up = summary.get("start-up seconds")
+    if isinstance(start_up, dict):
+        from ..cli.common import describe_start_up
+
+        said = describe_start_up({str(k): float(v) for k, v in start_up.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+        if said:
+            run_notes.append(said)
     return {
         "kind": KIND,
         "title": f"camlens evaluate: {len(order)} image{'s' if len(order) != 1 else ''}, "
