@@ -45,6 +45,7 @@ from ..models import (
     load_model,
     user_callable,
 )
+from ..timing import one_time, take_start_up
 
 SEED_METHODS = ("cam", "gradcam", "gradcam++", "smoothgradcam++", "scorecam")
 MARKER = ".camlens"  # in every output folder camlens made: only those are ever replaced
@@ -505,29 +506,56 @@ def describe_start_up(start_up: dict[str, float]) -> str | None:
     return f"start-up, once per run: {total:.2f} s ({parts}); not in the methods' seconds"
 
 
+def _core(objects: dict[str, Any]) -> Any:
+    """The method object under the first of ``objects`` (a smoothing meta-method wraps one), or None."""
+    from ..methods.base import CAMMethod
+
+    core = next(iter(objects.values()), None)
+    while core is not None and not isinstance(core, CAMMethod):
+        core = getattr(core, "method", None)
+    return core
+
+
+def _gradcam_like(core: Any, compile_model: bool = False) -> Any:
+    """A Grad-CAM object that runs as ``core`` does: its model, layers, layout, output and
+    inference copy (shared)."""
+    gradcam = METHODS["gradcam"](core.model, target_layer=None if core._layers is None else list(core._layers),
+                                 optimize=core.optimize, compile=compile_model, output=core.output,
+                                 reshape=core.reshape)
+    gradcam._copies = core._copies
+    return gradcam
+
+
 def warm_up(objects: dict[str, Any], x: torch.Tensor) -> None:
     """One Grad-CAM pass (a forward and a backward) on ``x`` through the run's model and engine
     (the first method's inference copy, compiled or not), timed as start-up: the copy, the default
     layer's search and PyTorch's first-call set-up of its kernels then count once for the run,
     not in the seconds of whichever method comes first (camlens.timing). Best effort: a model the
     gradient cannot run through is left to the methods."""
-    from ..methods.base import CAMMethod, nested
-    from ..timing import one_time
+    from ..methods.base import nested
 
-    core = next(iter(objects.values()), None)
-    while core is not None and not isinstance(core, CAMMethod):
-        core = getattr(core, "method", None)
+    core = _core(objects)
     if core is None:
         return
-    warm = METHODS["gradcam"](core.model, target_layer=None if core._layers is None else list(core._layers),
-                              optimize=core.optimize, compile=core.compile, output=core.output, reshape=core.reshape)
-    warm._copies = core._copies
     with one_time("warming up the model"), nested(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            warm(x)
+            _gradcam_like(core, core.compile)(x)
         except CamlensError:
             pass
+
+
+def warm_and_plan(objects: dict[str, Any], x: torch.Tensor, images: int, yes: bool, cheaper: str,
+                  extra_forwards: int = 0, per_method: dict[str, int] | None = None) -> dict[str, float]:
+    """Warm up on ``x`` (:func:`warm_up`), plan the run (:func:`plan_run`) and say the plan when the
+    run is long (:func:`announce_plan`). Returns the start-up seconds spent, by kind."""
+    take_start_up()
+    warm_up(objects, x)
+    with one_time("planning the run"):
+        plan = plan_run(objects, x, images, extra_forwards, per_method)
+    spent = take_start_up()
+    announce_plan(plan, yes, cheaper)
+    return spent
 
 
 LONG_RUN = 600.0  # seconds: above this estimate, an interactive run asks before it starts (--yes skips)
@@ -568,18 +596,14 @@ def plan_run(objects: dict[str, Any], x: torch.Tensor, images: int, extra_forwar
     from ..methods.meta import AugmentSmooth
     from ..methods.scorecam import ScoreCAM
 
-    core = next(iter(objects.values()))
-    while not isinstance(core, CAMMethod):
-        core = core.method
+    core = _core(objects)
     scorer = core.fast_forward(x, batch_size=16)
     batch = x.expand(16, *x.shape[1:]).contiguous()
     with torch.no_grad():
         start = timing.clock()
         scorer(batch)
         row = (timing.clock() - start) / 16
-    gradcam = METHODS["gradcam"](core.model, target_layer=None if core._layers is None else list(core._layers),
-                                 optimize=core.optimize, output=core.output, reshape=core.reshape)
-    gradcam._copies = core._copies
+    gradcam = _gradcam_like(core)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = timing.clock()

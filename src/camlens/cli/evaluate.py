@@ -43,10 +43,9 @@ from ..io import (
 from ..methods import METHODS
 from ..models import REGISTRY, LoadedModel
 from ..render import model_view
-from ..timing import one_time, take_start_up
+from ..timing import take_start_up
 from .common import (
     BATCHED,
-    announce_plan,
     console,
     describe_start_up,
     echo_error,
@@ -57,12 +56,12 @@ from .common import (
     method_objects,
     method_option,
     model_options,
-    plan_run,
     prepare,
     printable,
     run_options,
     smooth_options,
     top_channels_option,
+    warm_and_plan,
     warm_up,
     yes_option,
 )
@@ -294,15 +293,11 @@ def _plan(objects: dict, loaded: LoadedModel, pending: list, wanted: list[str], 
             x = loaded.preprocess(load_image(sample.path)).unsqueeze(0).to(device, input_dtype(loaded.module))
         except CamlensError:
             continue  # the run says why, in its turn
-        take_start_up()
-        warm_up(objects, x)
         extra = int(bool({"drop", "increase"} & set(wanted))) + steps * len({"deletion", "insertion"} & set(wanted))
-        with one_time("planning the run"):
-            plan = plan_run(objects, x, 0, extra_forwards=extra, per_method=counts)
-        start_up.update(take_start_up())
-        plan.images = len({id(sample) for sample, _ in pending})
-        announce_plan(plan, yes, "or fewer methods (-m), --top-channels N for Score-CAM and its variants, fewer "
-                                 "--steps, or --limit N images (a later run resumes)")
+        start_up.update(warm_and_plan(
+            objects, x, len({id(sample) for sample, _ in pending}), yes,
+            "or fewer methods (-m), --top-channels N for Score-CAM and its variants, fewer --steps, or --limit N "
+            "images (a later run resumes)", extra_forwards=extra, per_method=counts))
         return
 
 

@@ -46,10 +46,9 @@ from ..render import (
     overlay,
 )
 from ..targets import TopK
-from ..timing import one_time, take_start_up
+from ..timing import take_start_up
 from .common import (
     MARKER,
-    announce_plan,
     console,
     describe_start_up,
     echo_error,
@@ -61,7 +60,6 @@ from .common import (
     method_objects,
     method_option,
     model_options,
-    plan_run,
     prepare,
     printable,
     resolve_class,
@@ -69,6 +67,7 @@ from .common import (
     slug,
     smooth_options,
     top_channels_option,
+    warm_and_plan,
     warm_up,
     yes_option,
 )
@@ -137,13 +136,9 @@ class Explainer:
                 x = self.loaded.preprocess(load_image(path)).unsqueeze(0).to(self.device, input_dtype(self.loaded.module))
             except CamlensError:
                 continue  # the run says why, in its turn
-            take_start_up()
-            warm_up(self.methods, x)
-            with one_time("planning the run"):
-                plan = plan_run(self.methods, x, len(files))
-            self.start_up.update(take_start_up())
-            announce_plan(plan, yes, "or fewer methods (-m), --top-channels N for Score-CAM and its variants, or "
-                                     "fewer images")
+            self.start_up.update(warm_and_plan(
+                self.methods, x, len(files), yes,
+                "or fewer methods (-m), --top-channels N for Score-CAM and its variants, or fewer images"))
             return
 
     def run(self, path: Path, folder: Path, progress: Callable[[str, int, int], None]) -> ImageResult:
