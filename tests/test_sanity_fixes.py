@@ -3,6 +3,7 @@ a coarser cascade on request, the planned cost and progress lines in logs, and t
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import math
@@ -11,6 +12,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import count_rows, make_tiny
+from helpers import NET_MODELS, model_module, random_photo, run
 from matplotlib.lines import Line2D
 from PIL import Image
 
@@ -20,10 +23,11 @@ from camlens.cli.sanity import DEFAULT_METHODS, _passes
 from camlens.combine import is_constant
 from camlens.errors import CamlensError
 from camlens.methods import METHODS
-from camlens.metrics.sanity import cascade_steps, cascading_randomisation, sanity_verdict
-
-from conftest import count_rows, make_tiny
-from helpers import NET_MODELS, model_module, random_photo, run
+from camlens.metrics.sanity import (
+    cascade_steps,
+    cascading_randomisation,
+    sanity_verdict,
+)
 
 NAN = math.nan
 # The module itself: the attribute camlens.cli.sanity is the click command of the same name.
@@ -151,7 +155,9 @@ def test_the_plan_is_printed_first_and_progress_shows_in_a_log(tiny_cli, tmp_pat
     # Score-CAM: the clean forward + 8 channels; Smooth Grad-CAM++: the clean forward + 8 copies.
     assert re.match(r"camlens sanity: 2 method\(s\) x 3 maps \(trained \+ 2 steps\) = 6 explanations, "
                     r"about 54 forward passes; estimated about \d+ s on cpu, then the figures \(a map, timed on "
-                    r"the trained model: Score-CAM 9 forwards, [\d.]+ s; Smooth Grad-CAM\+\+ 9 forwards, [\d.]+ s; ",
+                    r"the trained model, Score-CAM's per channel on a sample of them and counted with the randomised "
+                    r"model's live channels for the steps: Score-CAM 9 forwards, [\d.]+ s; Smooth Grad-CAM\+\+ 9 "
+                    r"forwards, [\d.]+ s; ",
                     lines[0]), lines[0]
     # Off a terminal rich draws nothing: plain lines, at least one per method when it completes.
     assert "Score-CAM: 3/3 (" in err and "Smooth Grad-CAM++: 3/3 (" in err
@@ -266,6 +272,13 @@ def test_similarity_plot_marks_blank_steps_instead_of_dropping_them(figures, tmp
 # -- the planned cost: measured, not counted (review of issue 7) -----------------------------------
 
 @pytest.mark.usefixtures("no_inference_copy")  # counts the model's own forwards
+def _live(model, x):
+    """The channels of layer "features" that are not constant over the map (what Score-CAM forwards)."""
+    from camlens.combine import is_constant
+
+    return int((~is_constant(command._activation(model, x, "features"))).sum())
+
+
 def test_the_estimate_is_built_from_timed_explanations_of_each_method(images, monkeypatch):
     """With a clock that moves only when the model forwards (1 ms an image) or a group is
     re-initialised (1 s), a map costs what one real explanation forwards, and a cascade's fixed
@@ -288,12 +301,26 @@ def test_the_estimate_is_built_from_timed_explanations_of_each_method(images, mo
     groups = randomisation_groups(model, x)
     forward = command._timed_forward(model, x)[1]
     assert forward == pytest.approx(0.001)
+    state = torch.get_rng_state()
     per_map, per_cascade = command._measure(model, x, 0, "features", objects, groups, 4, torch.device("cpu"), forward)
+    # The fully randomised copy _measure makes (from the same random state), for Score-CAM's steps.
+    torch.set_rng_state(state)
+    randomised = copy.deepcopy(model)
+    for group in groups:
+        reinitialise(dict(randomised.named_modules())[group])
     for name in names:  # an independent count: the images one real explanation forwards
         rows, handle = count_rows(model)
         METHODS[name](model, "features")(x, 0)
         handle.remove()
-        assert per_map[name] == pytest.approx(0.001 * sum(rows)), name
+        if name != "scorecam":
+            assert per_map[name] == pytest.approx(0.001 * sum(rows)), name
+            continue
+        # Score-CAM: its map on the trained model, and its steps at the randomised model's count of
+        # the channels it forwards (more come alive), with the trained model's clean and zero inputs.
+        trained_extra = sum(rows) - 1 - _live(model, x)  # the all-zero input, where a channel is constant
+        random_forwards = 1 + trained_extra + _live(randomised, x)
+        assert _live(randomised, x) != _live(model, x)  # the case the trained count alone missed
+        assert per_map[name] == pytest.approx(0.001 * (sum(rows) + 4 * random_forwards) / 5), name
     assert per_map["smoothgradcam++"] == pytest.approx(0.009)
     assert per_cascade == pytest.approx(len(groups) * 1.0) and len(groups) == 5
     # Each method: the trained model and every step, plus its own cascade's fixed part.
@@ -324,8 +351,9 @@ def test_the_plan_line_gives_the_estimate_before_any_cascade_work_and_the_end_co
 # -- one run at a time per output folder -----------------------------------------------------------
 
 def test_a_second_run_into_a_locked_folder_is_refused_and_leftovers_are_cleared(tiny_cli, tmp_path, capsys):
-    from camlens.io import locked_output_dir
     from helpers import one_line_error
+
+    from camlens.io import locked_output_dir
 
     out = tmp_path / "o"
     out.mkdir()
