@@ -1,0 +1,237 @@
+"""Issue 30, item 1: the gaps mutation testing found, each closed by a test that computes the
+expected number independently (NumPy or plain Python), on asymmetric and multi-batch cases."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import camlens
+from camlens.metrics.faithfulness import deletion_curve, gaussian_blur, insertion_curve
+from camlens.metrics.localisation import (
+    box_iou,
+    energy_pointing_game,
+    localisation_boxes,
+    localisation_correct,
+    pointing_game,
+)
+
+
+# -- the insertion metric's blur ---------------------------------------------------------------------
+
+def blur_reference(image: np.ndarray, kernel_size: int, sigma: float) -> np.ndarray:
+    """exp(-(i - r)^2 / 2 sigma^2), normalised; edges padded by repeating them; rows, then columns."""
+    radius = kernel_size // 2
+    kernel = np.array([np.exp(-((i - radius) ** 2) / (2 * sigma**2)) for i in range(kernel_size)])
+    kernel /= kernel.sum()
+    padded = np.pad(image, radius, mode="edge")
+    height, width = image.shape
+    rows = np.array([[sum(kernel[k] * padded[y, x + k] for k in range(kernel_size)) for x in range(width)]
+                     for y in range(height + 2 * radius)])
+    return np.array([[sum(kernel[k] * rows[y + k, x] for k in range(kernel_size)) for x in range(width)]
+                     for y in range(height)])
+
+
+@pytest.mark.parametrize("where", ["constant", "centre", "border", "asymmetric"])
+@pytest.mark.parametrize("kernel_size, sigma", [(5, 1.3), (11, 5.0)])
+def test_the_blur_is_a_separable_gaussian_with_edges_repeated(where, kernel_size, sigma):
+    image = np.zeros((9, 13))
+    if where == "constant":
+        image[:] = 0.7
+    elif where == "centre":
+        image[4, 6] = 1.0
+    elif where == "border":
+        image[0, 12] = 1.0  # a corner: the repeated edge weighs in
+    else:
+        image = np.random.default_rng(0).random((9, 13))
+    got = gaussian_blur(torch.tensor(image)[None, None].repeat(1, 2, 1, 1), kernel_size, sigma)
+    expected = blur_reference(image, kernel_size, sigma)
+    for channel in range(2):
+        np.testing.assert_allclose(got[0, channel].numpy(), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_the_blurs_defaults_are_the_papers_kernel_11_and_sigma_5():
+    image = np.random.default_rng(1).random((12, 12))
+    got = gaussian_blur(torch.tensor(image)[None, None])
+    np.testing.assert_allclose(got[0, 0].numpy(), blur_reference(image, 11, 5.0), rtol=1e-12, atol=1e-14)
+
+
+# -- deletion and insertion over several batches ---------------------------------------------------------
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).double().eval()
+
+
+@pytest.mark.parametrize("curve", [deletion_curve, insertion_curve])
+def test_curves_in_any_batch_size_equal_one_batch(curve):
+    model = small_model()
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(3, 3, 6, 7, generator=generator, dtype=torch.float64)
+    maps = torch.rand(3, 6, 7, generator=generator, dtype=torch.float64)
+    classes = torch.tensor([0, 2, 1])
+    whole = curve(model, images, maps, classes, steps=5, batch_size=1000)
+    assert whole.shape == (3, 6)
+    for batch_size in (1, 2, 5):
+        assert torch.equal(curve(model, images, maps, classes, steps=5, batch_size=batch_size), whole), batch_size
+
+
+def test_a_deletion_curve_by_hand():
+    """Step s shows the baseline on the round(s * HW / steps) most salient pixels (ties by index)."""
+    model = small_model()
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 4, 5, generator=generator, dtype=torch.float64)
+    maps = torch.rand(2, 4, 5, generator=generator, dtype=torch.float64)
+    classes = torch.tensor([1, 0])
+    got = deletion_curve(model, images, maps, classes, steps=4, baseline=0.25, batch_size=3)
+    for n in range(2):
+        order = sorted(range(20), key=lambda i: (-float(maps[n].flatten()[i]), i))
+        for step in range(5):
+            image = images[n].clone().reshape(3, 20)
+            image[:, order[: round(step * 20 / 4)]] = 0.25
+            with torch.no_grad():
+                expected = model(image.reshape(1, 3, 4, 5)).softmax(dim=1)[0, classes[n]]
+            assert float(got[n, step]) == pytest.approx(float(expected), abs=1e-12)
+
+
+# -- localisation, against plain Python ------------------------------------------------------------------
+
+def iou_by_hand(a, b):
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def random_box(rng):
+    x0, y0 = rng.uniform(0, 20), rng.uniform(0, 30)
+    return [x0, y0, x0 + rng.uniform(0, 15), y0 + rng.uniform(0, 8)]  # never square, x and y apart
+
+
+def test_box_iou_on_asymmetric_boxes_and_empty_ones():
+    rng = random.Random(4)
+    first = [random_box(rng) for _ in range(200)]
+    second = [random_box(rng) for _ in range(200)]
+    got = box_iou(torch.tensor(first, dtype=torch.float64), torch.tensor(second, dtype=torch.float64))
+    np.testing.assert_allclose(got.numpy(), [iou_by_hand(a, b) for a, b in zip(first, second)], rtol=1e-12, atol=0)
+    empty = torch.tensor([[3.0, 4.0, 3.0, 9.0]], dtype=torch.float64)
+    assert float(box_iou(empty, empty)) == 0.0  # two empty boxes: 0, not 1
+    assert float(box_iou(torch.tensor([[0.0, 0, 4, 2]]), torch.tensor([[0.0, 0, 2, 4]]))) == pytest.approx(4 / 12)
+
+
+def peaked_maps(count=6, height=9, width=14, seed=5):
+    """Maps whose peaks sit at different heights and widths, one per image."""
+    rng = np.random.default_rng(seed)
+    maps = rng.random((count, height, width)) * 0.5
+    for n in range(count):
+        maps[n, (2 * n + 1) % height, (5 * n + 3) % width] = 1.0
+    return maps
+
+
+def test_pointing_game_by_hand_with_tolerances_0_and_2():
+    maps = peaked_maps()
+    rng = random.Random(6)
+    boxes = [[[b * 0.5 for b in random_box(rng)]] for _ in range(len(maps))]
+    for tolerance in (0.0, 2.0):
+        expected = []
+        for n, image_boxes in enumerate(boxes):
+            index = int(np.argmax(maps[n]))  # the first maximum, row-major
+            y, x = index // maps.shape[2] + 0.5, index % maps.shape[2] + 0.5
+            hit = any(np.hypot(max(x0 - x, 0, x - x1), max(y0 - y, 0, y - y1)) <= tolerance
+                      for x0, y0, x1, y1 in image_boxes)
+            expected.append(float(hit))
+        got = pointing_game(torch.tensor(maps), boxes, tolerance=tolerance)
+        assert got.tolist() == expected, tolerance
+    inside = [[[3.0, 1.0, 4.0, 2.0]]]  # the peak's pixel (3, 1) exactly: a hit at tolerance 0
+    peak = np.zeros((1, 9, 14))
+    peak[0, 1, 3] = 1.0
+    assert pointing_game(torch.tensor(peak), inside, tolerance=0.0).tolist() == [1.0]
+    assert pointing_game(torch.tensor(peak), [[[5.0, 1.0, 6.0, 2.0]]], tolerance=0.0).tolist() == [0.0]
+
+
+def test_energy_pointing_game_when_the_maps_total_is_below_one():
+    rng = np.random.default_rng(7)
+    maps = rng.random((4, 5, 6)) * 0.01  # totals well below 1
+    masks = rng.random((4, 5, 6)) > 0.6
+    got = energy_pointing_game(torch.tensor(maps), torch.tensor(masks))
+    expected = [(maps[n] * masks[n]).sum() / maps[n].sum() for n in range(4)]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    zero = energy_pointing_game(torch.zeros(1, 5, 6, dtype=torch.float64), torch.tensor(masks[:1]))
+    assert zero.tolist() == [0.0]
+
+
+def components_by_hand(mask):
+    """8-connected components of a 2-D bool array, by flood fill: lists of (row, col)."""
+    seen, found = set(), []
+    for start in itertools.product(range(mask.shape[0]), range(mask.shape[1])):
+        if not mask[start] or start in seen:
+            continue
+        stack, component = [start], []
+        seen.add(start)
+        while stack:
+            r, c = stack.pop()
+            component.append((r, c))
+            for dr, dc in itertools.product((-1, 0, 1), repeat=2):
+                near = (r + dr, c + dc)
+                if (0 <= near[0] < mask.shape[0] and 0 <= near[1] < mask.shape[1] and mask[near]
+                        and near not in seen):
+                    seen.add(near)
+                    stack.append(near)
+        found.append(component)
+    return found
+
+
+def box_by_hand(saliency, threshold):
+    peak = saliency.max()
+    if peak <= 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    components = components_by_hand(saliency >= threshold * peak)
+    # The largest; of equal ones, the one whose first pixel (row-major) comes first.
+    best = max(components, key=lambda comp: (len(comp), [-(r * saliency.shape[1] + c) for r, c in [min(comp)]]))
+    rows, cols = [r for r, _ in best], [c for _, c in best]
+    return [min(cols), min(rows), max(cols) + 1.0, max(rows) + 1.0]
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.6])
+def test_localisation_boxes_per_image_by_hand(threshold):
+    maps = peaked_maps(seed=8)
+    maps[2] *= 5  # the peaks differ between images: each image is thresholded at its own
+    maps[3] = 0.0  # an all-zero map: an empty box, not the whole image
+    got = localisation_boxes(torch.tensor(maps), threshold)
+    assert got.tolist() == [box_by_hand(maps[n], threshold) for n in range(len(maps))]
+
+
+def test_localisation_correct_uses_its_threshold_and_the_best_box():
+    maps = peaked_maps(seed=9)
+    rng = random.Random(10)
+    truth = [[[b * 0.6 for b in random_box(rng)], [b * 0.6 for b in random_box(rng)]] for _ in range(len(maps))]
+    for threshold, bar in ((0.2, 0.5), (0.6, 0.1)):
+        best, correct = localisation_correct(torch.tensor(maps), truth, threshold=threshold, iou=bar)
+        expected = [max(iou_by_hand(box_by_hand(maps[n], threshold), t) for t in truth[n]) for n in range(len(maps))]
+        np.testing.assert_allclose(best.numpy(), expected, rtol=1e-12)
+        assert correct.tolist() == [float(value >= bar) for value in expected]
+
+
+# -- what a run records ----------------------------------------------------------------------------------
+
+def test_the_recorded_options_are_exactly_these():
+    """Resume relies on these records: a renamed key, or Score-CAM's baseline recorded as None."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    assert camlens.SmoothGradCAMPlusPlus(model, "1").options() == {
+        "n_samples": 8, "noise_level": 0.15, "seed": None, "batch_size": 8}
+    assert camlens.SmoothGradCAMPlusPlus(model, "1", n_samples=3, noise_level=0.2, seed=7, batch_size=2).options() \
+        == {"n_samples": 3, "noise_level": 0.2, "seed": 7, "batch_size": 2}
+    assert camlens.ScoreCAM(model, "1").options() == {
+        "score": "probability", "baseline": None, "channel_softmax": False, "batch_size": 16}
+    assert camlens.ScoreCAM(model, "1", score="logit", baseline="zeros", channel_softmax=True, batch_size=4,
+                            top_channels=2).options() == {
+        "score": "logit", "baseline": "zeros", "channel_softmax": True, "batch_size": 4, "top_channels": 2}
+    assert camlens.ScoreCAM(model, "1", baseline=torch.zeros(1, 3, 8, 8)).options()["baseline"] == "tensor"
