@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test demo reproduce ggam bench clean
+.PHONY: setup test demo reproduce ggam bench clean mutation
 
 # One stamp file: the venv is rebuilt when the dependencies change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -15,6 +15,15 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=15
+
+# Mutation testing of the numeric core (docs/testing.md): every operator and constant changed one
+# at a time, each change run against the tests that reach it. Long (the whole core: an hour and
+# more on 2 cores); MUTANTS="camlens.combine*" runs one module. One thread: mutmut's workers hang
+# on torch's thread pool otherwise.
+MUTANTS ?=
+mutation: setup
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results
 
 # The main job on the sample photos, with the embedded model: see demo-out/*/comparison.png and
 # demo-out/report.html.

@@ -235,3 +235,53 @@ def test_the_recorded_options_are_exactly_these():
                             top_channels=2).options() == {
         "score": "logit", "baseline": "zeros", "channel_softmax": True, "batch_size": 4, "top_channels": 2}
     assert camlens.ScoreCAM(model, "1", baseline=torch.zeros(1, 3, 8, 8)).options()["baseline"] == "tensor"
+
+
+# -- combine: per-activation weights, and maps flat to float rounding -------------------------------
+
+def test_a_channel_sum_with_a_weight_per_activation_by_hand():
+    from camlens.combine import channel_sum, weighted_sum
+
+    generator = torch.Generator().manual_seed(11)
+    weights = torch.randn(2, 3, 4, 5, 6, generator=generator, dtype=torch.float64)  # (N, T, K, h, w)
+    activations = torch.randn(2, 4, 5, 6, generator=generator, dtype=torch.float64)
+    expected = torch.zeros(2, 3, 5, 6, dtype=torch.float64)
+    for n, t, k in itertools.product(range(2), range(3), range(4)):
+        expected[n, t] += weights[n, t, k] * activations[n, k]
+    torch.testing.assert_close(channel_sum(weights, activations), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weighted_sum(weights, activations), expected.clamp(min=0), rtol=1e-12, atol=1e-12)
+
+
+def test_a_map_that_differs_by_rounding_alone_normalises_to_zero_and_a_real_spread_does_not():
+    from camlens.combine import is_constant, normalise
+
+    base = torch.full((1, 1, 4, 4), 0.3, dtype=torch.float32)
+    noisy = base.clone()
+    noisy[0, 0, 1, 2] = torch.nextafter(torch.tensor(0.3), torch.tensor(1.0))  # one ulp apart
+    assert bool(is_constant(noisy).all())
+    assert torch.equal(normalise(noisy), torch.zeros_like(noisy))  # not noise stretched to [0, 1]
+    spread = base.clone()
+    spread[0, 0, 1, 2] = 0.31
+    assert float(normalise(spread)[0, 0, 1, 2]) == 1.0 and float(normalise(spread).sum()) == 1.0
+
+
+def test_normalise_keeps_a_spread_of_exactly_one_and_zeroes_what_it_is_told_is_constant():
+    from camlens.combine import normalise
+
+    ramp = torch.linspace(0, 1, 16, dtype=torch.float64).reshape(1, 1, 4, 4)  # min 0, max 1: span exactly 1
+    assert torch.equal(normalise(ramp), ramp)
+    told = normalise(ramp, constant=torch.tensor([[True]]))
+    assert torch.equal(told, torch.zeros_like(ramp))
+
+
+def test_flat_is_at_most_64_epsilons_of_the_magnitude():
+    from camlens.combine import normalise
+
+    eps = torch.finfo(torch.float32).eps
+    edge = torch.full((1, 1, 2, 2), 1.0)
+    edge[0, 0, 0, 0] = 1.0 - 64 * eps  # a spread of exactly 64 epsilons of 1.0: flat, "at most"
+    assert float(edge.max() - edge.min()) == 64 * eps
+    assert torch.equal(normalise(edge), torch.zeros_like(edge))
+    large = torch.full((1, 1, 2, 2), 100.0)
+    large[0, 0, 1, 1] = torch.nextafter(torch.nextafter(torch.tensor(100.0), torch.tensor(200.0)), torch.tensor(200.0))
+    assert torch.equal(normalise(large), torch.zeros_like(large))  # 2 ulps at 100: relative to the magnitude
