@@ -285,3 +285,55 @@ def test_flat_is_at_most_64_epsilons_of_the_magnitude():
     large = torch.full((1, 1, 2, 2), 100.0)
     large[0, 0, 1, 1] = torch.nextafter(torch.nextafter(torch.tensor(100.0), torch.tensor(200.0)), torch.tensor(200.0))
     assert torch.equal(normalise(large), torch.zeros_like(large))  # 2 ulps at 100: relative to the magnitude
+
+
+# -- the smaller gaps: checks and defaults pinned ----------------------------------------------------
+
+def test_the_metrics_refuse_what_would_give_a_wrong_number():
+    from camlens.metrics.faithfulness import drop_and_increase
+
+    model = small_model()
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    maps = torch.rand(2, 8, 8, dtype=torch.float64)
+    cases = [
+        (lambda: deletion_curve(model, images[0], maps[0], torch.tensor([0])),
+         r"images must be a non-empty float tensor \(N, C, H, W\), got \(3, 8, 8\)"),
+        (lambda: deletion_curve(model, images, maps, torch.tensor([0, 1, 2])),
+         r"classes must be 2 integer class indices, one per image, got torch.int64 of shape \(3,\)"),
+        (lambda: drop_and_increase(model, images, maps, torch.tensor([0])),
+         r"classes must be 2 integer class indices, one per image"),
+        (lambda: gaussian_blur(images, 11.0), r"the blur's kernel_size must be a positive odd integer, got 11.0"),
+        (lambda: gaussian_blur(images, 4), r"the blur's kernel_size must be a positive odd integer, got 4"),
+        (lambda: gaussian_blur(images, 5, float("inf")), r"the blur's sigma must be a finite number > 0"),
+        (lambda: deletion_curve(model, images, maps, torch.tensor([0, 1]), baseline=float("nan")),
+         r"the deletion baseline must be a finite number, got nan"),
+    ]
+    for call, message in cases:
+        with pytest.raises(camlens.CamlensError, match=message):
+            call()
+
+
+def test_the_curves_default_to_16_steps():
+    model = small_model()
+    images = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    maps = torch.rand(1, 8, 8, dtype=torch.float64)
+    assert deletion_curve(model, images, maps, torch.tensor([0])).shape == (1, 17)
+    assert insertion_curve(model, images, maps, torch.tensor([0])).shape == (1, 17)
+
+
+def test_targets_and_seeds_are_checked():
+    model = small_model()
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(camlens.CamlensError, match=r"seed must be an integer that fits in 64 bits"):
+        camlens.SmoothGradCAMPlusPlus(model, "1", seed=2**64)
+    with pytest.raises(camlens.CamlensError, match=r"unknown score 'nonsense': choose one of"):
+        camlens.TopK(2, score="nonsense")
+    with pytest.raises(camlens.CamlensError, match=r"top-k needs a positive integer k, got 0"):
+        camlens.TopK(0)
+    for index in (3, -1):  # one past the last class, and a negative one: the project's error, not IndexError
+        with pytest.raises(camlens.CamlensError, match=rf"class {index} is out of range: the model has 3 classes"):
+            camlens.explain(model, images, "gradcam", "1", targets=index)
+    # A target function may give (B, 1) as well as (B,): the same maps.
+    column = camlens.explain(model, images, "gradcam", "1", targets=lambda output: output[:, 1:2])
+    flat = camlens.explain(model, images, "gradcam", "1", targets=lambda output: output[:, 1])
+    assert torch.equal(column.maps, flat.maps) and torch.equal(column.scores, flat.scores)
