@@ -337,3 +337,74 @@ def test_targets_and_seeds_are_checked():
     column = camlens.explain(model, images, "gradcam", "1", targets=lambda output: output[:, 1:2])
     flat = camlens.explain(model, images, "gradcam", "1", targets=lambda output: output[:, 1])
     assert torch.equal(column.maps, flat.maps) and torch.equal(column.scores, flat.scores)
+
+
+# -- localisation: what mutation testing of metrics/localisation.py left ---------------------------------
+
+def test_localisation_refuses_maps_and_boxes_of_the_wrong_kind():
+    from camlens.metrics.localisation import box_mask
+
+    flat = torch.rand(4, 5)
+    for call, message in [
+        (lambda: localisation_boxes(flat), r"maps must have shape \(N, H, W\), e\.g\. explanation\.maps\[:, t\], "
+                                           r"got \(4, 5\)$"),
+        (lambda: localisation_boxes(torch.zeros(0, 4, 5)), r"maps must have shape \(N, H, W\).*got \(0, 4, 5\)$"),
+        (lambda: localisation_boxes([[1.0]]), r"maps must have shape \(N, H, W\).*got list$"),
+        (lambda: pointing_game(torch.rand(2, 4, 5), [[[0, 0, 1, 1]]]),
+         r"boxes must be a list of 2 lists of boxes, one list per image"),
+        (lambda: box_mask([[0, 0, 1]], 4, 5), r"a box is four finite numbers \(x_min, y_min, x_max, y_max\), got \[0, 0, 1\]"),
+        (lambda: box_mask([[0, 0, 1, float("nan")]], 4, 5), r"a box is four finite numbers .*, got \[0, 0, 1, nan\]"),
+        (lambda: energy_pointing_game(torch.rand(2, 4, 5), torch.ones(2, 4, 4, dtype=torch.bool)),
+         r"masks must have the maps' shape \(2, 4, 5\), got \(2, 4, 4\)"),
+        (lambda: energy_pointing_game(torch.rand(2, 4, 5), [[True]]), r"masks must have the maps' shape \(2, 4, 5\), got list"),
+        (lambda: box_mask(5, 4, 5), r"a box is four finite numbers \(x_min, y_min, x_max, y_max\), got 5$"),
+        (lambda: box_mask([["a", "b", "c", "d"]], 4, 5), r"a box is four finite numbers .*, got \['a', 'b', 'c', 'd'\]"),
+    ]:
+        with pytest.raises(camlens.CamlensError, match=message):
+            call()
+
+
+def test_box_mask_takes_the_pixels_whose_centre_lies_in_a_box_edges_included():
+    from camlens.metrics.localisation import box_mask
+
+    rng = random.Random(12)
+    boxes = [[rng.randint(0, 8) + rng.choice([0.0, 0.5]), rng.randint(0, 5) + rng.choice([0.0, 0.5]), 0, 0]
+             for _ in range(3)]
+    for box in boxes:  # edges on pixel centres (k + 0.5) too: those pixels are in
+        box[2], box[3] = box[0] + rng.randint(0, 4) + 0.5, box[1] + rng.randint(0, 3) + 0.5
+    got = box_mask(boxes, 7, 11)
+    expected = [[any(x0 <= c + 0.5 <= x1 and y0 <= r + 0.5 <= y1 for x0, y0, x1, y1 in boxes) for c in range(11)]
+                for r in range(7)]
+    assert got.tolist() == expected
+
+
+def test_the_pointing_game_row_is_the_whole_row_not_a_fraction():
+    peak = np.zeros((1, 6, 14))
+    peak[0, 2, 12] = 1.0  # column 12 of 14: a fractional row would move the point past the box
+    assert pointing_game(torch.tensor(peak), [[[12.0, 2.0, 13.0, 3.0]]], tolerance=0.0).tolist() == [1.0]
+    assert pointing_game(torch.tensor(peak), [[[12.0, 3.0, 13.0, 4.0]]], tolerance=0.0).tolist() == [0.0]
+
+
+def test_a_pixel_at_exactly_the_threshold_is_in_the_box():
+    saliency = np.zeros((1, 5, 8))
+    saliency[0, 1, 1] = 1.0
+    saliency[0, 1, 2:6] = 0.25  # exactly 0.25 x the peak
+    assert localisation_boxes(torch.tensor(saliency), 0.25).tolist() == [[1.0, 1.0, 6.0, 2.0]]
+
+
+def test_iou_of_boxes_smaller_than_a_pixel_and_a_hit_at_exactly_the_bar():
+    small = torch.tensor([[0.0, 0.0, 0.5, 0.5]], dtype=torch.float64)
+    other = torch.tensor([[0.25, 0.0, 0.75, 0.5]], dtype=torch.float64)  # union 0.375, below 1
+    assert float(box_iou(small, other)) == pytest.approx(iou_by_hand([0, 0, 0.5, 0.5], [0.25, 0, 0.75, 0.5]))
+    assert float(box_iou(small, other)) == pytest.approx(1 / 3)
+    saliency = np.zeros((1, 5, 8))
+    saliency[0, 1:3, 2:5] = 1.0
+    best, correct = localisation_correct(torch.tensor(saliency), [[[2.0, 1.0, 5.0, 3.0]]], iou=1.0)
+    assert best.tolist() == [1.0] and correct.tolist() == [1.0]  # IoU exactly at the bar counts
+
+
+def test_a_box_edge_on_a_pixel_centre_takes_that_pixel_at_either_end():
+    from camlens.metrics.localisation import box_mask
+
+    mask = box_mask([[0.5, 0.5, 2.5, 1.5]], 3, 4)  # centres at 0.5 .. 2.5 across, 0.5 .. 1.5 down
+    assert mask.tolist() == [[True, True, True, False], [True, True, True, False], [False, False, False, False]]
