@@ -408,3 +408,117 @@ def test_a_box_edge_on_a_pixel_centre_takes_that_pixel_at_either_end():
 
     mask = box_mask([[0.5, 0.5, 2.5, 1.5]], 3, 4)  # centres at 0.5 .. 2.5 across, 0.5 .. 1.5 down
     assert mask.tolist() == [[True, True, True, False], [True, True, True, False], [False, False, False, False]]
+
+
+# -- faithfulness: what mutation testing of metrics/faithfulness.py left ------------------------------
+
+def test_ties_in_a_map_are_broken_by_pixel_index():
+    """A map with equal values (a coarse map upsampled, a blank region): the curve ranks them by index."""
+    model = small_model()
+    generator = torch.Generator().manual_seed(13)
+    images = torch.rand(1, 3, 4, 5, generator=generator, dtype=torch.float64)
+    maps = (torch.rand(1, 4, 5, generator=generator, dtype=torch.float64) * 3).floor() / 3  # 3 levels: ties
+    got = deletion_curve(model, images, maps, torch.tensor([2]), steps=10, baseline=0.5)
+    order = sorted(range(20), key=lambda i: (-float(maps[0].flatten()[i]), i))
+    for step in range(11):
+        image = images[0].clone().reshape(3, 20)
+        image[:, order[: int(step * 20 / 10 + 0.5)]] = 0.5
+        with torch.no_grad():
+            expected = model(image.reshape(1, 3, 4, 5)).softmax(dim=1)[0, 2]
+        assert float(got[0, step]) == pytest.approx(float(expected), abs=1e-12), step
+
+
+def test_insertion_starts_from_the_papers_blur_and_given_probabilities_change_nothing():
+    from camlens.metrics.faithfulness import class_probabilities, drop_and_increase
+
+    model = small_model()
+    generator = torch.Generator().manual_seed(14)
+    images = torch.rand(2, 3, 12, 12, generator=generator, dtype=torch.float64)
+    maps = torch.rand(2, 12, 12, generator=generator, dtype=torch.float64)
+    classes = torch.tensor([1, 0])
+    curve = insertion_curve(model, images, maps, classes, steps=3)
+    blurred = torch.tensor(np.stack([[blur_reference(images[n, c].numpy(), 11, 5.0) for c in range(3)]
+                                     for n in range(2)]))
+    torch.testing.assert_close(curve[:, 0], class_probabilities(model, blurred, classes), rtol=1e-10, atol=1e-12)
+    given = class_probabilities(model, images, classes)
+    assert torch.equal(insertion_curve(model, images, maps, classes, steps=3, probability=given), curve)
+    assert torch.equal(deletion_curve(model, images, maps, classes, steps=3, probability=given),
+                       deletion_curve(model, images, maps, classes, steps=3))
+    with_given = drop_and_increase(model, images, maps, classes, probability=given)
+    without = drop_and_increase(model, images, maps, classes)
+    assert all(torch.equal(with_given[key], without[key]) for key in without)
+
+
+def test_explanation_images_weigh_every_channel_by_the_map():
+    from camlens.metrics.faithfulness import explanation_images
+
+    images = torch.rand(2, 3, 4, 5, dtype=torch.float64)
+    maps = torch.rand(2, 4, 5, dtype=torch.float64)
+    expected = torch.stack([torch.stack([images[n, c] * maps[n] for c in range(3)]) for n in range(2)])
+    assert torch.equal(explanation_images(images, maps), expected)
+
+
+def test_the_blurs_and_the_areas_limits():
+    from camlens.metrics.faithfulness import area_under_curve
+
+    images = torch.rand(1, 2, 5, 6, dtype=torch.float64)
+    assert torch.equal(gaussian_blur(images, 1, 3.0), images)  # a kernel of 1: the image itself
+    np.testing.assert_allclose(gaussian_blur(images, 3, 0.4)[0, 0].numpy(), blur_reference(images[0, 0].numpy(), 3, 0.4),
+                               rtol=1e-12)  # a sigma below 1 is a sigma
+    for kernel_size, sigma in ((2, 1.0), (0, 1.0), (True, 1.0)):
+        with pytest.raises(camlens.CamlensError, match="the blur's kernel_size must be a positive odd integer"):
+            gaussian_blur(images, kernel_size, sigma)
+    with pytest.raises(camlens.CamlensError, match=r"the blur's sigma must be a finite number > 0, got 0"):
+        gaussian_blur(images, 3, 0)
+    two = torch.tensor([[0.2, 0.6], [1.0, 0.0]], dtype=torch.float64)  # one step: the trapezoid
+    assert area_under_curve(two).tolist() == pytest.approx([0.4, 0.5])
+    for bad, got in ((torch.zeros(2, 1), r"\(2, 1\)"), (torch.zeros(3), r"\(3,\)"), ([[0.0, 1.0]], "list")):
+        with pytest.raises(camlens.CamlensError, match=rf"curves must have shape \(N, steps \+ 1\) with steps >= 1, "
+                                                        rf"got {got}$"):
+            area_under_curve(bad)
+
+
+def test_the_faithfulness_inputs_are_checked():
+    model = small_model()
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    maps = torch.rand(2, 8, 8, dtype=torch.float64)
+    classes = torch.tensor([0, 1])
+    for call, message in [
+        (lambda: deletion_curve(model, torch.zeros(0, 3, 8, 8), maps[:0], classes[:0]),
+         r"images must be a non-empty float tensor \(N, C, H, W\), got \(0, 3, 8, 8\)$"),
+        (lambda: deletion_curve(model, images.long(), maps, classes),
+         r"images must be a non-empty float tensor \(N, C, H, W\), got \(2, 3, 8, 8\)$"),
+        (lambda: deletion_curve(model, images.tolist(), maps, classes), r"images must be .*, got list$"),
+        (lambda: insertion_curve(model, images, maps[:, :4], classes),
+         r"maps must have shape \(2, 8, 8\) \(one map per image, at input resolution, e\.g\. explanation\.maps\[:, t\]\), "
+         r"got \(2, 4, 8\)$"),
+        (lambda: insertion_curve(model, images, maps.tolist(), classes), r"maps must have shape \(2, 8, 8\) .*got list$"),
+        (lambda: deletion_curve(model, images, maps, torch.tensor([0.0, 1.0])),
+         r"classes must be 2 integer class indices, one per image, got torch.float32 of shape \(2,\)$"),
+        (lambda: deletion_curve(model, images, maps, torch.tensor([True, False])),
+         r"classes must be 2 integer .*, got torch.bool of shape \(2,\)$"),
+        (lambda: deletion_curve(model, images, maps, classes, steps=0), r"steps must be"),
+        (lambda: deletion_curve(model, images, maps, classes, batch_size=0), r"batch_size must be"),
+    ]:
+        with pytest.raises(camlens.CamlensError, match=message):
+            call()
+
+
+def test_given_probabilities_are_used_and_the_blur_follows_its_options():
+    from camlens.metrics.faithfulness import average_drop, class_probabilities, drop_and_increase
+
+    model = small_model()
+    generator = torch.Generator().manual_seed(15)
+    images = torch.rand(2, 3, 9, 9, generator=generator, dtype=torch.float64)
+    maps = torch.rand(2, 9, 9, generator=generator, dtype=torch.float64)
+    classes = torch.tensor([2, 1])
+    given = torch.tensor([0.9, 0.05], dtype=torch.float64)  # not the model's: the caller's Y is what is used
+    result = drop_and_increase(model, images, maps, classes, probability=given)
+    assert torch.equal(result["probability"], given)
+    assert torch.equal(result["drop"], average_drop(given, result["explained_probability"]))
+    curve = insertion_curve(model, images, maps, classes, steps=2, kernel_size=5, sigma=2.0)
+    blurred = torch.tensor(np.stack([[blur_reference(images[n, c].numpy(), 5, 2.0) for c in range(3)]
+                                     for n in range(2)]))
+    torch.testing.assert_close(curve[:, 0], class_probabilities(model, blurred, classes), rtol=1e-10, atol=1e-12)
+    with pytest.raises(camlens.CamlensError, match=r"classes must be 2 integer class indices, one per image, got str$"):
+        deletion_curve(model, images, maps, "ab")
