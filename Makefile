@@ -17,9 +17,9 @@ test: setup
 	$(BIN)/python -m pytest -q --durations=15
 
 # Mutation testing of the numeric core (docs/testing.md): every operator and constant changed one
-# at a time, each change run against the tests that reach it. Long (the whole core: an hour and
-# more on 2 cores); MUTANTS="camlens.combine*" runs one module. One thread: mutmut's workers hang
-# on torch's thread pool otherwise.
+# at a time, each change run against the tests that reach it. Long: each survivor runs every test
+# that reaches its function; MUTANTS="camlens.combine*" runs one module. One thread: mutmut's
+# workers hang on torch's thread pool otherwise.
 MUTANTS ?=
 mutation: setup
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run $(MUTANTS)
