@@ -34,6 +34,7 @@ from ..capture import (
     resolve_layers,
     token_grid,
 )
+from ..combine import is_constant
 from ..datasets import class_index_lookup, describe_classes, word_matches
 from ..errors import CamlensError, first_line
 from ..methods import METHODS, get_method
@@ -506,14 +507,34 @@ def describe_start_up(start_up: dict[str, float]) -> str | None:
     return f"start-up, once per run: {total:.2f} s ({parts}); not in the methods' seconds"
 
 
-def _core(objects: dict[str, Any]) -> Any:
-    """The method object under the first of ``objects`` (a smoothing meta-method wraps one), or None."""
+def core_method(method: Any) -> Any:
+    """The method object inside its smoothings (--aug-smooth, --eigen-smooth)."""
     from ..methods.base import CAMMethod
 
-    core = next(iter(objects.values()), None)
-    while core is not None and not isinstance(core, CAMMethod):
-        core = getattr(core, "method", None)
-    return core
+    while not isinstance(method, CAMMethod) and getattr(method, "method", None) is not None:
+        method = method.method
+    return method
+
+
+def copies_per_image(method: Any) -> int:
+    """How many times a smoothed method explains each image: once per augmented copy."""
+    from ..methods.base import CAMMethod
+    from ..methods.meta import AugmentSmooth
+
+    count = 1
+    while not isinstance(method, CAMMethod) and getattr(method, "method", None) is not None:
+        if isinstance(method, AugmentSmooth):
+            count *= 1 + sum(map(len, method.copies().values()))
+        method = method.method
+    return count
+
+
+def _core(objects: dict[str, Any]) -> Any:
+    """The method object under the first of ``objects``, or None where there is none."""
+    from ..methods.base import CAMMethod
+
+    core = core_method(next(iter(objects.values()), None))
+    return core if isinstance(core, CAMMethod) else None
 
 
 def _gradcam_like(core: Any, compile_model: bool = False) -> Any:
@@ -591,9 +612,7 @@ def plan_run(objects: dict[str, Any], x: torch.Tensor, images: int, extra_forwar
     after the target layer at most a forward each (the bound: they are cheaper). ``extra_forwards``:
     passes per image and method besides the method's (the metrics'); ``per_method``: the images
     each method has still to do, where not all (a resumed run)."""
-    from ..methods.base import CAMMethod
     from ..methods.gradient_free import AblationCAM
-    from ..methods.meta import AugmentSmooth
     from ..methods.scorecam import ScoreCAM
 
     core = _core(objects)
@@ -624,17 +643,12 @@ def plan_run(objects: dict[str, Any], x: torch.Tensor, images: int, extra_forwar
         # (not zero everywhere), on this image: far fewer than all of them after a ReLU.
         module = dict(core.model.named_modules())[name]
         with torch.no_grad():
-            activation = record(core.model, x, {name: module}, output=core.output, reshape=layout)[1][name].flatten(2)
-        live = int((activation.amax(dim=2) > activation.amin(dim=2)).sum())
-        nonzero = int(activation.ne(0).any(dim=2).sum())
+            activation = record(core.model, x, {name: module}, output=core.output, reshape=layout)[1][name]
+        live = int((~is_constant(activation)).sum())
+        nonzero = int(activation.flatten(2).ne(0).any(dim=2).sum())
     seconds, passes = {}, {}
     for name, method in objects.items():
-        inner = method
-        copies = 1
-        while not isinstance(inner, CAMMethod):
-            if isinstance(inner, AugmentSmooth):
-                copies *= 1 + sum(map(len, inner.copies().values()))
-            inner = inner.method
+        inner, copies = core_method(method), copies_per_image(method)
         channels, height, width = layer or (1, 1, 1)
         if inner._layers is None and explanation is not None:
             # The default layer, named as the Grad-CAM probe found it: a cost can then see the model

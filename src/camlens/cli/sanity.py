@@ -31,9 +31,8 @@ from ..io import (
     locked_output_dir,
     write_atomic,
 )
-from ..methods import METHODS, CAMMethod
+from ..methods import METHODS
 from ..methods.gradcam import SmoothGradCAMPlusPlus
-from ..methods.meta import AugmentSmooth
 from ..methods.scorecam import ScoreCAM
 from ..metrics.sanity import (
     cascade_steps,
@@ -49,6 +48,8 @@ from .common import (
     SEEDED,
     Finite,
     console,
+    copies_per_image,
+    core_method,
     echo_error,
     engine_options,
     engine_settings,
@@ -143,7 +144,7 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
         smooth = {"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth}
         objects = method_objects(model, chosen, layer, batch_size, seed, fc, engine, top_channels=top_channels,
                                  smooth=smooth)
-        channels = _channels(model, x, layer) if any(isinstance(_core(m), ScoreCAM) for m in objects.values()) else 0
+        channels = _channels(model, x, layer) if any(isinstance(core_method(m), ScoreCAM) for m in objects.values()) else 0
         passes = {name: _passes(method, channels) for name, method in objects.items()}
         per_map, per_cascade = _measure(model, x, target, layer, objects, groups, len(plan), torch_device,
                                         forward_seconds)
@@ -288,23 +289,6 @@ def _activation(model: torch.nn.Module, x: torch.Tensor, layer: str) -> torch.Te
     return record(model, x, {name: module}, reshape=layer_layout())[1][name]
 
 
-def _core(method: Any) -> Any:
-    """The method object inside its smoothings (--aug-smooth, --eigen-smooth)."""
-    while not isinstance(method, CAMMethod) and getattr(method, "method", None) is not None:
-        method = method.method
-    return method
-
-
-def _copies(method: Any) -> int:
-    """How many times a smoothed method explains the image: once per augmented copy."""
-    count = 1
-    while not isinstance(method, CAMMethod) and getattr(method, "method", None) is not None:
-        if isinstance(method, AugmentSmooth):
-            count *= 1 + sum(map(len, method.copies().values()))
-        method = method.method
-    return count
-
-
 def _forwarded_channels(method: ScoreCAM, channels: int) -> int:
     """The channels Score-CAM (and its variants) forward at most: all, or its --top-channels."""
     top = method.top_channels
@@ -317,13 +301,13 @@ def _passes(method: Any, channels: int) -> int:
     """Forward passes of one map. Score-CAM's is at most: a constant channel is not forwarded,
     though the all-zero input is, once. The backward of a gradient method is not counted. A
     smoothed method (--aug-smooth) makes one map per augmented copy."""
-    core = _core(method)
+    core = core_method(method)
     passes = 1
     if isinstance(core, SmoothGradCAMPlusPlus):
         passes += core.n_samples
     if isinstance(core, ScoreCAM):
         passes += _forwarded_channels(core, channels) * core.forwards_per_channel()
-    return passes * _copies(method)
+    return passes * copies_per_image(method)
 
 
 def _measure(model: torch.nn.Module, x: torch.Tensor, target: int, layer: str, objects: dict[str, Any],
@@ -345,7 +329,7 @@ def _measure(model: torch.nn.Module, x: torch.Tensor, target: int, layer: str, o
         modules = dict(work.named_modules())
         resetting = _timed(lambda: [reinitialise(modules[g]) for g in groups], device)[1]
         for name, method in objects.items():
-            core = _core(method)
+            core = core_method(method)
             if isinstance(core, ScoreCAM):
                 # The channels it forwards: the trained model's for its map; the fully randomised
                 # model's for the steps, where channels a trained network leaves dead (constant, not
@@ -363,7 +347,7 @@ def _measure(model: torch.nn.Module, x: torch.Tensor, target: int, layer: str, o
                 sample = live[0].nonzero().flatten()[: 4 * core.batch_size].tolist()
                 each = _per_channel(core, x, target, sample, device, forward) if sample else 0.0
                 channels = (int(live[0].sum()) + steps * int(live[1].sum())) / (steps + 1)
-                per_map[name] = _copies(method) * (forward * (1 + trained_constant) + channels * each)
+                per_map[name] = copies_per_image(method) * (forward * (1 + trained_constant) + channels * each)
             else:
                 per_map[name] = min(_timed(lambda method=method: method(x, target).maps, device)[1] for _ in range(2))
         maps = torch.rand(steps, 1, 1, *x.shape[-2:]).to(device)
