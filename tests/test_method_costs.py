@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import run
 from torch import nn
 
 import camlens
-from helpers import run
 
 
 def small():
@@ -82,3 +82,46 @@ def test_the_command_line_counts_them_on_the_model_at_hand(tmp_path, monkeypatch
     assert rows["gradcam++-general"] == ["1", "1", "6"]
     code, plain, _ = run(["methods"], capsys)  # no model named: the list alone, no model loaded
     assert code == 0 and "passes per image" not in plain
+
+
+CHECK = ("with a check of the model cut at the layer: a pass of the layers before it (counted as a forward) and "
+         "one after it")
+SCORE_NOTE = "a constant channel is not forwarded; the all-zero input is, where the baseline needs it"
+
+
+@pytest.mark.parametrize("name, kwargs, expected", [
+    # (forwards, backwards, after, at_most, note) on a layer of K = 6 channels, 3 x 5 positions
+    ("cam", {}, (1, 0, 1, False, "after the layer: the check that the logits are fc(GAP(layer))")),
+    ("gradcam", {}, (1, 1, 0, False, "")),
+    ("eigencam", {}, (1, 0, 0, False, "")),
+    ("smoothgradcam++", {}, (9, 9, 0, False, "")),  # 1 + 8 noisy copies, each forward and backward
+    ("smoothgradcam++", {"n_samples": 3}, (4, 4, 0, False, "")),
+    ("scorecam", {}, (8, 0, 0, True, SCORE_NOTE)),  # the image, the all-zero baseline, one per channel
+    ("scorecam", {"top_channels": 4}, (6, 0, 0, True, SCORE_NOTE)),
+    ("scorecam", {"top_channels": 40}, (8, 0, 0, True, SCORE_NOTE)),  # no more than the layer has
+    ("scorecam", {"top_channels": 0.25}, (4, 0, 0, True, SCORE_NOTE)),  # 1.5 channels, rounded half up
+    ("scorecam", {"top_channels": 0.2}, (3, 0, 0, True, SCORE_NOTE)),  # 1.2: 1
+    ("scorecam", {"top_channels": 0.01}, (3, 0, 0, True, SCORE_NOTE)),  # 0.06: at least 1
+    ("sscam", {}, (2 + 6 * 35, 0, 0, True, SCORE_NOTE)),  # 35 noisy masks per channel
+    ("iscam", {}, (2 + 6 * 10, 0, 0, True, SCORE_NOTE)),  # 10 steps per channel
+    ("ablationcam", {}, (2, 0, 6 + 3, True, "a channel that is zero everywhere is not ablated; " + CHECK)),
+    ("reciprocam", {}, (2, 0, 3 * 5 + 2, True, CHECK)),
+    ("gradcam++-general", {}, (1, 1, 6, False, "third-order passes: one per channel")),  # a mean-only head
+])
+def test_each_methods_cost_by_hand_on_an_oblong_layer(name, kwargs, expected):
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 5))
+    cost = camlens.METHODS[name](model, "1", **options(name), **kwargs).cost(6, 3, 5)
+    assert (cost.forwards, cost.backwards, cost.after, cost.at_most, cost.note) == expected
+
+
+def test_the_third_order_cost_where_the_head_reads_every_position():
+    conv_head = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 15, 5))
+    cost = camlens.METHODS["gradcam++-general"](conv_head, "1").cost(6, 3, 5)
+    assert (cost.forwards, cost.backwards, cost.after, cost.at_most) == (1, 1, 6 * 15, False)
+    assert cost.note == "third-order passes: one per channel and position"
+    capped = camlens.METHODS["gradcam++-general"](conv_head, "1", max_directions=89).cost(6, 3, 5)
+    assert capped.note == ("third-order passes: one per channel and position; refused above max_directions=89 "
+                           "(--max-directions raises it)")
+    assert camlens.METHODS["gradcam++-general"](conv_head, "1", max_directions=90).cost(6, 3, 5).note == (
+        "third-order passes: one per channel and position")

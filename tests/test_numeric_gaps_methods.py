@@ -1,0 +1,229 @@
+"""Issue 30: the gaps mutation testing found in the methods (methods/*.py), each closed by a test
+that computes the expected result independently: by hand, in a plain loop, or from the paper's
+formula on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import camlens
+from camlens.errors import CamlensError
+from camlens.methods.cam import CAM, linear_like
+
+
+class Head(nn.Module):
+    """conv -> relu -> mean -> fc, plus ``offset`` added to every logit (0: a true CAM head)."""
+
+    def __init__(self, offset: float = 0.0, scale: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.spare = nn.Linear(5, 3)  # unused: a classifier of the wrong width
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+        self.offset, self.scale = offset, scale
+        with torch.no_grad():
+            self.fc.weight.mul_(scale)
+            self.fc.bias.mul_(scale)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3))) + self.offset
+
+
+def pictures(n: int = 2) -> torch.Tensor:
+    return torch.rand(n, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+
+
+# -- CAM ---------------------------------------------------------------------------------------------
+
+class Holder(nn.Module):
+    """A module with a linear layer's tensors but not its type (as in an exported model)."""
+
+    def __init__(self, weight, bias=None, child=False):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        if child:
+            self.inner = nn.ReLU()
+
+
+@pytest.mark.parametrize("module, expected", [
+    (nn.Linear(4, 3), True),
+    (Holder(torch.ones(3, 4), torch.ones(3)), True),
+    (Holder(torch.ones(3, 4)), True),
+    (Holder(torch.ones(3, 4), torch.ones(4)), False),  # a bias of the inputs' length
+    (Holder(torch.ones(3, 4), torch.ones(3, 1)), False),
+    (Holder(torch.ones(3, 4), [1.0, 1.0, 1.0]), False),  # a bias that is not a tensor
+    (Holder(torch.ones(3, 4, 1)), False),
+    (Holder(torch.ones(3, 4, dtype=torch.long)), False),
+    (Holder(torch.ones(3, 4), torch.ones(3), child=True), False),
+    (Holder(None), False),
+    (nn.Embedding(3, 4), False),
+])
+def test_what_can_be_cams_classifier(module, expected):
+    assert linear_like(module) is expected
+
+
+def test_cam_records_its_classifier_by_name_and_weighs_a_channel_subset():
+    model = Head().eval()
+    assert CAM(model, "relu").options() == {"fc": None}
+    assert CAM(model, "relu", fc=model.fc).options() == {"fc": "fc"}
+    expl = CAM(model, "relu")(pictures(), [2, 0], channels=[1, 3])
+    weight = model.fc.weight.detach()
+    expected = torch.zeros(2, 1, 4)
+    expected[0, 0, [1, 3]], expected[1, 0, [1, 3]] = weight[2, [1, 3]], weight[0, [1, 3]]  # the others: 0
+    assert torch.equal(expl.weights["relu"], expected)
+
+
+def test_cams_refusals_name_the_layer_the_classifier_and_the_channels():
+    model = Head().eval()
+    with pytest.raises(CamlensError, match=r"no nn.Linear with 3 inputs \(the channels of layer '0'\)"):
+        CAM(nn.Sequential(nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(108, 2)), "0")(pictures())
+    with pytest.raises(CamlensError, match=r"^the classifier takes 5 inputs but layer 'relu' has 4 channels"):
+        CAM(model, "relu", fc="spare")(pictures())
+    with pytest.raises(CamlensError, match=r"^the model's output is not fc\(global average pool of layer 'relu'\), "
+                                           r"fc being 'fc': CAM needs"):
+        CAM(Head(offset=1.0).eval(), "relu")(pictures())
+
+
+@pytest.mark.parametrize("scale, offset, accepted", [
+    (1.0, 0.5e-4, True), (1.0, 1.5e-4, False),  # logits below 1: the tolerance is 1e-4
+    (4000.0, 0.1, True), (4000.0, 1.0, False),  # logits near 2000: 1e-4 of the largest
+])
+def test_cams_head_check_tolerates_rounding_relative_to_the_largest_logit(scale, offset, accepted):
+    model = Head(offset=offset, scale=scale).eval()
+    largest = model(pictures()).abs().max().item()
+    assert (largest < 1.0) if scale == 1.0 else (largest > 1000.0)
+    if accepted:
+        CAM(model, "relu")(pictures())
+    else:
+        with pytest.raises(CamlensError, match="is not fc"):
+            CAM(model, "relu")(pictures())
+
+
+# -- channel subsets --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels, message", [
+    ("abc", "a channel subset is a list of channel indices"),
+    ([[1]], "a channel subset is a non-empty list of integer channel indices"),
+    ([], "a channel subset is a non-empty list of integer channel indices"),
+    ([1.0], "a channel subset is a non-empty list of integer channel indices"),
+    ([1j], "a channel subset is a non-empty list of integer channel indices"),
+    ([True], "a channel subset is a non-empty list of integer channel indices"),
+    ([-1], "channel -1 is out of range: layer 'relu' has 4 channels (valid: 0 to 3)"),
+    ([0, 4], "channel 4 is out of range: layer 'relu' has 4 channels (valid: 0 to 3)"),
+    ([2, 2], "a channel subset lists a channel more than once"),
+])
+def test_a_channel_subset_is_checked(channels, message):
+    with pytest.raises(CamlensError) as error:
+        camlens.GradCAM(Head().eval(), "relu")(pictures(1), channels=channels)
+    assert str(error.value) == message
+
+
+def test_a_subset_of_one_channel_is_that_channels_term():
+    model = Head().eval()
+    full = camlens.GradCAM(model, "relu")(pictures(1), 0)
+    one = camlens.GradCAM(model, "relu")(pictures(1), 0, channels=[3])
+    activation = model.relu(model.conv(pictures(1))).detach()
+    expected = torch.relu(full.weights["relu"][0, 0, 3] * activation[0, 3])
+    assert torch.allclose(one.raw["relu"][0, 0], expected, atol=1e-7)
+
+
+# -- the Grad-CAM family ------------------------------------------------------------------------------
+
+def test_element_wise_weights_are_zero_where_the_activation_is():
+    """w = g where g A > 0, else 0: on a layer after a ReLU, zero wherever A is 0, whatever g."""
+    model = Head().eval()
+    x = pictures(1)
+    expl = camlens.GradCAMElementWise(model, "relu")(x, 1)
+    activation = model.relu(model.conv(x)).detach().requires_grad_()
+    model.fc(activation.mean(dim=(2, 3)))[0, 1].backward()
+    grad, a = activation.grad[0], activation.detach()[0]
+    assert (a == 0).any() and (grad[a == 0] != 0).any()  # the case that matters is there
+    expected = torch.where(grad * a > 0, grad, torch.zeros(()))
+    assert torch.allclose(expl.weights["relu"][0, 0], expected, atol=1e-9)
+
+
+def test_layercams_scale_by_hand_and_its_limits():
+    from camlens.methods.family import layercam_scale
+
+    raw = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    got = layercam_scale(raw, 0.5)
+    assert torch.equal(got[1], torch.zeros(1, 2, 2))  # an all-zero map stays zero, not 0 / 0
+    assert torch.allclose(got[0, 0], torch.tanh(0.5 * torch.tensor([[0.0, 0.25], [0.5, 1.0]])))
+    model = Head().eval()
+    small = camlens.LayerCAM(model, "relu", scale=0.5)  # a gamma below 1 is a positive number too
+    assert small.options() == {"scale": 0.5}
+    plain = camlens.LayerCAM(model, "relu")(pictures(1), 0).raw["relu"]
+    assert torch.allclose(small(pictures(1), 0).raw["relu"], layercam_scale(plain, 0.5))
+    for bad in (0, -1.0, float("inf"), True, "2"):
+        with pytest.raises(CamlensError, match=r"^LayerCAM's scale is a positive number \(the paper's gamma, 2\), "
+                                               r"a dict \{layer: gamma\}, or None for no scaling; got "):
+            camlens.LayerCAM(model, "relu", scale=bad)
+    named = camlens.LayerCAM(model, "relu", scale={"relu": 2.0}, optimize=True)
+    assert named.optimize is True  # the engine's options reach the engine
+    recorded = named.options()
+    recorded["scale"]["relu"] = 9.0
+    assert named.options() == {"scale": {"relu": 2.0}}  # the record is a copy
+
+
+def test_an_exact_tie_keeps_the_sign_the_svd_gives():
+    from camlens.methods.family import principal_axis
+
+    features = torch.tensor([[[[1.0, -1.0], [0.0, 0.0]]]], dtype=torch.float64)  # projections +c and -c
+    svd_sign = torch.linalg.svd(features.flatten(-2).transpose(-2, -1), full_matrices=False).Vh[..., 0, :]
+    assert torch.equal(principal_axis(features), svd_sign)
+
+
+# -- Score-CAM --------------------------------------------------------------------------------------
+
+def test_channels_of_equal_variance_are_taken_in_index_order():
+    from camlens.methods.scorecam import top_variance_channels
+
+    spread = torch.tensor([1.0, 2.0] * 40)  # 80 channels, two variances: ties everywhere
+    activations = spread[None, :, None, None] * torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    assert top_variance_channels(activations, 6).tolist() == [[1, 3, 5, 7, 9, 11]]
+    assert top_variance_channels(activations, 42).tolist() == [list(range(1, 80, 2)) + [0, 2]]
+
+
+# -- smoothing -----------------------------------------------------------------------------------------
+
+def test_augmented_copies_keep_a_mask_of_the_wrong_size_wrong():
+    """Copies that are not resized leave the mask as given: one of another size than the output
+    is refused, not resized into place."""
+    torch.manual_seed(0)
+    segmenter = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    target = camlens.SemanticSegmentationTarget(1, torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(CamlensError) as error:
+        camlens.AugmentSmooth(camlens.GradCAM(segmenter, "1"))(torch.rand(1, 3, 4, 4), target)
+    assert str(error.value) == ("the segmentation mask is (3, 3) but the model's output is (4, 4) per class: give "
+                                "the mask at the output's resolution")
+
+
+# -- gradient-free methods on a layer that is not square, with fewer channels than rows ---------------
+
+def oblong():
+    """conv (4 channels) -> ReLU [the target layer, 3 x 5 on 6 x 10 inputs] -> conv -> mean -> linear."""
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(4, 5, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval().double()
+
+
+def test_recipro_on_an_oblong_layer_by_hand_with_its_progress():
+    model, x = oblong(), torch.rand(2, 3, 6, 10, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    seen = []
+    expl = camlens.ReciproCAM(model, "1", batch_size=4)(
+        x, [2, 0], channels=[0, 3], progress=lambda done, total: seen.append((done, total)))
+    features = model[:2](x).detach()
+    assert features.shape[1:] == (4, 3, 5)
+    expected = torch.zeros(2, 1, 3, 5, dtype=torch.float64)
+    for n, c in ((0, 2), (1, 0)):
+        for i in range(3):
+            for j in range(5):
+                kept = torch.zeros_like(features[n:n + 1])
+                kept[0, [0, 3], i, j] = features[n, [0, 3], i, j]
+                expected[n, 0, i, j] = model[2:](kept).softmax(1)[0, c]
+    assert torch.allclose(expl.weights["1"], expected, rtol=1e-12)
+    assert seen == [(4, 30), (8, 30), (12, 30), (16, 30), (20, 30), (24, 30), (28, 30), (30, 30)]
