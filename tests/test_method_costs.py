@@ -125,3 +125,30 @@ def test_the_third_order_cost_where_the_head_reads_every_position():
                            "(--max-directions raises it)")
     assert camlens.METHODS["gradcam++-general"](conv_head, "1", max_directions=90).cost(6, 3, 5).note == (
         "third-order passes: one per channel and position")
+
+
+class Branching(nn.Module):
+    """A Python branch on a tensor after the layer: the model cannot be traced, so not cut there."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        a = self.conv(x)
+        if a.sum() > 0:
+            a = a * 2
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("model, layer, at_most, note", [
+    (nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)),
+     None, True, " and position, or per channel where the head reads the layer through its mean only"),  # default
+    (nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)),
+     ["0", "1"], True, " and position, or per channel where the head reads the layer through its mean only"),
+    (Branching(), "conv", False, " and position"),  # not known to read the mean only: every position
+])
+def test_the_third_order_cost_where_the_head_is_unknown(model, layer, at_most, note):
+    cost = camlens.METHODS["gradcam++-general"](model, layer).cost(6, 3, 5)
+    assert (cost.after, cost.at_most, cost.note) == (6 * 15, at_most, "third-order passes: one per channel" + note)

@@ -21,7 +21,6 @@ from camlens.metrics.localisation import (
     pointing_game,
 )
 
-
 # -- the insertion metric's blur ---------------------------------------------------------------------
 
 def blur_reference(image: np.ndarray, kernel_size: int, sigma: float) -> np.ndarray:
@@ -505,7 +504,11 @@ def test_the_faithfulness_inputs_are_checked():
 
 
 def test_given_probabilities_are_used_and_the_blur_follows_its_options():
-    from camlens.metrics.faithfulness import average_drop, class_probabilities, drop_and_increase
+    from camlens.metrics.faithfulness import (
+        average_drop,
+        class_probabilities,
+        drop_and_increase,
+    )
 
     model = small_model()
     generator = torch.Generator().manual_seed(15)
@@ -522,3 +525,98 @@ def test_given_probabilities_are_used_and_the_blur_follows_its_options():
     torch.testing.assert_close(curve[:, 0], class_probabilities(model, blurred, classes), rtol=1e-10, atol=1e-12)
     with pytest.raises(camlens.CamlensError, match=r"classes must be 2 integer class indices, one per image, got str$"):
         deletion_curve(model, images, maps, "ab")
+
+
+# -- metrics/sanity.py: the similarities and the cascade's groups -------------------------------------
+
+def test_spearman_against_scipy_with_ties_and_oblong_maps():
+    from scipy.stats import spearmanr
+
+    from camlens.metrics.sanity import spearman
+
+    rng = np.random.default_rng(4)
+    first = rng.integers(0, 4, size=(3, 2, 3, 5)).astype(float)  # few values: many ties
+    second = rng.random((3, 2, 3, 5))
+    got = spearman(torch.tensor(first), torch.tensor(second))
+    assert got.shape == (3, 2)
+    for i, j in itertools.product(range(3), range(2)):
+        expected = spearmanr(first[i, j].ravel(), second[i, j].ravel()).statistic
+        assert got[i, j].item() == pytest.approx(expected, abs=1e-12)
+    pair = spearman(torch.tensor([[[1.0, 2.0]], [[3.0, 3.0]]]), torch.tensor([[[5.0, 4.0]], [[1.0, 2.0]]]))
+    assert pair[0].item() == pytest.approx(-1.0) and pair[1].isnan()  # two pixels; a constant map
+
+
+def ssim_reference(x: np.ndarray, y: np.ndarray, window: int, sigma: float, data_range: float) -> float:
+    """Wang et al. 2004 with a Gaussian window, at every position where the whole window fits."""
+    size = min(window, *x.shape)
+    g = np.exp(-((np.arange(size) - size // 2) ** 2) / (2 * sigma**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    values = []
+    for i in range(x.shape[0] - size + 1):
+        for j in range(x.shape[1] - size + 1):
+            a, b = x[i:i + size, j:j + size], y[i:i + size, j:j + size]
+            mx, my = (w * a).sum(), (w * b).sum()
+            vx, vy = (w * a * a).sum() - mx**2, (w * b * b).sum() - my**2
+            cov = (w * a * b).sum() - mx * my
+            values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("shape, window, sigma, data_range", [
+    ((12, 14), 11, 1.5, 1.0),  # the defaults
+    ((4, 7), 11, 1.5, 1.0),  # a map smaller than the window: the window shrinks to 4
+    ((7, 4), 11, 1.5, 1.0),
+    ((9, 9), 5, 0.8, 2.0),
+])
+def test_ssim_against_a_plain_loop(shape, window, sigma, data_range):
+    from camlens.metrics.sanity import ssim
+
+    rng = np.random.default_rng(5)
+    first, second = rng.random((2, *shape)), rng.random((2, *shape)) * data_range
+    got = ssim(torch.tensor(first), torch.tensor(second), window=window, sigma=sigma, data_range=data_range)
+    for n in range(2):
+        assert got[n].item() == pytest.approx(ssim_reference(first[n], second[n], window, sigma, data_range),
+                                              rel=1e-10)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.gain = nn.Parameter(torch.ones(3))  # its own parameter, no reset_parameters
+
+    def forward(self, x):
+        return self.conv(x) * self.gain[:, None, None]
+
+
+class Cascade(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 1)
+        self.body = nn.Sequential(Block(), nn.ReLU())
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        x = self.stem(self.stem(x))  # run twice: still one group, by when it last finished
+        return self.fc(self.body(x).mean(dim=(2, 3)))
+
+
+def test_the_cascades_groups_are_the_shallowest_owners_last_finished_first():
+    from camlens.metrics.sanity import randomisation_groups
+
+    assert randomisation_groups(Cascade(), torch.rand(1, 3, 4, 4)) == ["fc", "body.0", "stem"]
+
+
+def test_reinitialise_uses_each_modules_own_reset_else_a_small_normal():
+    from camlens.metrics.sanity import reinitialise
+
+    block = Block()
+    expected = Block()
+    torch.manual_seed(8)
+    reinitialise(block)
+    torch.manual_seed(8)  # by hand, in the order of modules(): the block's own gain, then its conv
+    nn.init.normal_(expected.gain, std=0.02)
+    expected.conv.reset_parameters()
+    for got, want in zip(block.parameters(), expected.parameters()):
+        assert torch.equal(got, want)

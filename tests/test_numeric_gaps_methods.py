@@ -11,6 +11,7 @@ from torch import nn
 import camlens
 from camlens.errors import CamlensError
 from camlens.methods.cam import CAM, linear_like
+from camlens.targets import UnitTarget
 
 
 class Head(nn.Module):
@@ -227,3 +228,222 @@ def test_recipro_on_an_oblong_layer_by_hand_with_its_progress():
                 expected[n, 0, i, j] = model[2:](kept).softmax(1)[0, c]
     assert torch.allclose(expl.weights["1"], expected, rtol=1e-12)
     assert seen == [(4, 30), (8, 30), (12, 30), (16, 30), (20, 30), (24, 30), (28, 30), (30, 30)]
+
+
+# -- every method's recorded options (resume compares them) --------------------------------------------
+
+SCORE = {"score": "probability", "baseline": None, "channel_softmax": False, "batch_size": 16}
+
+
+@pytest.mark.parametrize("name, kwargs, expected", [
+    ("cam", {}, {"fc": None}),
+    ("gradcam", {}, {}),
+    ("gradcam++-general", {}, {"score": "probability", "chunk_size": 64, "max_directions": 50000}),
+    ("gradcam++-general", {"score": "exp", "chunk_size": 3, "max_directions": 7},
+     {"score": "exp", "chunk_size": 3, "max_directions": 7}),
+    ("sscam", {}, {**SCORE, "n_samples": 35, "sigma": 2.0, "noise": "mask", "seed": None}),
+    ("sscam", {"n_samples": 4, "sigma": 0.5, "noise": "input", "seed": 3, "baseline": "zeros", "batch_size": 2},
+     {**SCORE, "baseline": "zeros", "batch_size": 2, "n_samples": 4, "sigma": 0.5, "noise": "input", "seed": 3}),
+    ("iscam", {}, {**SCORE, "n_steps": 10}),
+    ("iscam", {"n_steps": 3, "baseline": "zeros", "batch_size": 5, "channel_softmax": True, "score": "logit"},
+     {**SCORE, "n_steps": 3, "baseline": "zeros", "batch_size": 5, "channel_softmax": True, "score": "logit"}),
+    ("ablationcam", {}, {"batch_size": 16}),
+    ("ablationcam", {"batch_size": 3}, {"batch_size": 3}),
+    ("reciprocam", {}, {"batch_size": 16}),
+    ("reciprocam", {"batch_size": 3}, {"batch_size": 3}),
+    ("layercam", {}, {"scale": None}),
+])
+def test_the_recorded_options_of_each_method(name, kwargs, expected):
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 5))
+    method = camlens.METHODS[name](model, "1", optimize=True, **kwargs)
+    assert method.options() == expected
+    assert method.optimize is True  # the engine's options reach the engine through every constructor
+
+
+def test_a_flipped_copy_with_a_channel_subset_by_hand():
+    """AugmentSmooth with the image and its mirror image: raw maps, weights per activation and
+    maps are the means of the two, the mirror's flipped back; the channel subset reaches both."""
+    model = Head().eval()
+    x = pictures(2)
+    method = camlens.HiResCAM(model, "relu")
+    got = camlens.AugmentSmooth(method, flip=True, factors=(1.0,))(x, [1, 2], channels=[0, 2])
+    plain = method(x, [1, 2], channels=[0, 2])
+    mirror = method(x.flip(-1), [1, 2], channels=[0, 2])
+    assert torch.allclose(got.raw["relu"], (plain.raw["relu"] + mirror.raw["relu"].flip(-1)) / 2, atol=1e-7)
+    assert torch.allclose(got.weights["relu"], (plain.weights["relu"] + mirror.weights["relu"].flip(-1)) / 2,
+                          atol=1e-7)
+    assert torch.allclose(got.maps, (plain.maps + mirror.maps.flip(-1)) / 2, atol=1e-6)
+    assert got.channels == {"relu": [0, 2]}
+
+
+# -- the engine's passes: units, outputs and channel subsets through Score-CAM and Smooth Grad-CAM++ -----
+
+def dense():
+    """conv -> ReLU [target] -> conv: the output is a 4-D map, whose channel 1 a unit also reads."""
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1)).eval().double()
+
+
+@pytest.mark.parametrize("baseline", [None, "zeros"])
+def test_a_unit_scores_as_the_function_reading_the_same_activation(baseline):
+    model, x = dense(), pictures(2).double()
+    unit = camlens.ScoreCAM(model, "1", baseline=baseline)(x, UnitTarget("2", 1))
+    function = camlens.ScoreCAM(model, "1", baseline=baseline)(x, lambda out: out[:, 1].mean(dim=(-2, -1)))
+    assert torch.allclose(unit.weights["1"], function.weights["1"], rtol=1e-12)
+    assert torch.allclose(unit.scores, function.scores, rtol=1e-12)
+
+
+class Pair(nn.Module):
+    """Returns (an auxiliary tensor, the logits): ``output=1`` picks the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Head()
+
+    def forward(self, x):
+        return x.mean(dim=1), self.net(x)
+
+
+@pytest.mark.parametrize("name", ["scorecam", "smoothgradcam++"])
+def test_output_picks_the_same_scores_in_every_pass(name):
+    pair = Pair().eval()
+    options = {"seed": 0} if name == "smoothgradcam++" else {"baseline": "zeros"}
+    picked = camlens.METHODS[name](pair, "net.relu", output=1, **options)(pictures(2), [0, 2])
+    alone = camlens.METHODS[name](pair.net, "relu", **options)(pictures(2), [0, 2])
+    assert torch.allclose(picked.weights["net.relu"], alone.weights["relu"], atol=1e-7)
+
+
+def test_smooth_gradcampp_weighs_a_channel_subset_as_the_full_layer():
+    """Grad-CAM++'s weight of channel k reads channel k's gradients and activation only: a subset
+    gives the full layer's weights of those channels, noise for noise (the same seed)."""
+    model, x = Head().eval(), pictures(2)
+    full = camlens.SmoothGradCAMPlusPlus(model, "relu", seed=3, n_samples=3)(x, 1)
+    some = camlens.SmoothGradCAMPlusPlus(model, "relu", seed=3, n_samples=3)(x, 1, channels=[0, 2])
+    assert torch.allclose(some.weights["relu"][..., [0, 2]], full.weights["relu"][..., [0, 2]], atol=1e-7)
+    assert torch.equal(some.weights["relu"][..., [1, 3]], torch.zeros(2, 1, 2))
+
+
+# -- Grad-CAM++ (general): the spatial-mean shortcut is taken exactly where the head reads the mean ----
+
+import torch.nn.functional as F  # noqa: E402
+
+FUNCTIONAL = {  # reads written in forward itself, as the traced graph sees them
+    "F pool 1": lambda a: F.adaptive_avg_pool2d(a, 1),
+    "F pool output_size=1": lambda a: F.adaptive_avg_pool2d(a, output_size=1),
+    "F pool 2": lambda a: F.adaptive_avg_pool2d(a, 2),
+    "mean (2, 3)": lambda a: a.mean(dim=(2, 3)),
+    "mean (-1, -2)": lambda a: a.mean((-1, -2)),
+    "torch.mean (3, 2)": lambda a: torch.mean(a, dim=(3, 2)),
+    "mean (1, 2)": lambda a: a.mean(dim=(1, 2)),
+    "mean 3": lambda a: a.mean(dim=3),
+    "mean and a sum": lambda a: a.mean(dim=(2, 3)) + a.sum(),
+    "max": lambda a: a.amax(dim=(2, 3)),
+}
+
+
+class Read(nn.Module):
+    """conv -> ReLU [the target layer, 4 channels at 3 x 5] -> a read (a module, or one of
+    FUNCTIONAL called in forward) -> linear."""
+
+    def __init__(self, read, width):
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+        self.relu = nn.ReLU()
+        self.read = read if isinstance(read, nn.Module) else None
+        self.how = None if isinstance(read, nn.Module) else read
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x):
+        a = self.relu(self.conv(x))
+        return self.fc((self.read(a) if self.how is None else FUNCTIONAL[self.how](a)).flatten(1))
+
+
+def hooked_pool():
+    pool = nn.AdaptiveAvgPool2d(1)
+    pool.register_forward_hook(lambda module, inputs, output: output * 1.5)
+    return pool
+
+
+MEAN_READS = [
+    ("pool 1", lambda: nn.AdaptiveAvgPool2d(1), 4, True),
+    ("pool (1, 1)", lambda: nn.AdaptiveAvgPool2d((1, 1)), 4, True),
+    ("pool 2", lambda: nn.AdaptiveAvgPool2d(2), 16, False),
+    ("pool (1, 2)", lambda: nn.AdaptiveAvgPool2d((1, 2)), 8, False),
+    ("pool with a hook", hooked_pool, 4, False),
+    ("avg pool, not adaptive", lambda: nn.AvgPool2d((3, 5)), 4, False),
+    *[(how, lambda how=how: how, width, mean) for how, width, mean in [
+        ("F pool 1", 4, True), ("F pool output_size=1", 4, True), ("F pool 2", 16, False),
+        ("mean (2, 3)", 4, True), ("mean (-1, -2)", 4, True), ("torch.mean (3, 2)", 4, True),
+        ("mean (1, 2)", 5, False), ("mean 3", 12, False), ("mean and a sum", 4, False), ("max", 4, False)]],
+]
+
+
+@pytest.mark.parametrize("label, read, width, mean_only", MEAN_READS, ids=[m[0] for m in MEAN_READS])
+def test_the_mean_shortcut_is_taken_exactly_where_the_head_reads_the_mean(label, read, width, mean_only, monkeypatch):
+    model = Read(read(), width).eval().double()
+    x = torch.rand(2, 3, 6, 10, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    directions = 4 * (1 if mean_only else 15)
+    method = camlens.METHODS["gradcam++-general"](model, "relu")
+    assert (method.cost(4, 3, 5).after, method.cost(4, 3, 5).at_most) == (directions, False)
+    seen = []
+    fast = method(x, [0, 2], progress=lambda done, total: seen.append(total))
+    assert seen[-1] == directions
+    # The shortcut changes the work, never the numbers: every position's own derivatives agree.
+    monkeypatch.setattr("camlens.methods.gradcampp_general._is_spatial_mean", lambda *args: False)
+    slow = camlens.METHODS["gradcam++-general"](model, "relu")(x, [0, 2])
+    assert torch.allclose(fast.weights["relu"], slow.weights["relu"], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["smoothgradcam++", "sscam"])
+def test_a_seed_is_any_64_bit_integer_signed_or_not(name):
+    model = Head().eval()
+    for seed in (-(2**63), 2**64 - 1, 0):
+        camlens.METHODS[name](model, "relu", seed=seed)
+    for seed in (-(2**63) - 1, 2**64):
+        with pytest.raises(CamlensError, match=rf"seed .*got {seed}"):
+            camlens.METHODS[name](model, "relu", seed=seed)
+
+
+def test_a_baseline_tensor_is_read_in_the_images_precision_and_its_shape_checked():
+    model, x = Head().eval(), pictures(2)
+    given = camlens.ScoreCAM(model, "relu", baseline=torch.zeros(3, 6, 6, dtype=torch.float64))(x, 1)
+    zeros = camlens.ScoreCAM(model, "relu", baseline="zeros")(x, 1)
+    assert torch.allclose(given.weights["relu"], zeros.weights["relu"], atol=1e-7)
+    for shape in ((1, 2, 6, 6), (3, 3, 6, 6), (3, 6)):
+        with pytest.raises(CamlensError) as error:
+            camlens.ScoreCAM(model, "relu", baseline=torch.zeros(shape))(x, 1)
+        assert str(error.value) == f"the baseline has shape {shape}; it must be (3, 6, 6) or (2, 3, 6, 6)"
+
+
+class Keyed(nn.Module):
+    """Head's network called as model(pixel_values=x, shift=s): keyword-only, with an extra input."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Head()
+
+    def forward(self, *, pixel_values, shift):
+        return self.net(pixel_values + shift)
+
+
+def test_eigen_smooth_passes_channels_progress_and_forward_inputs_on():
+    from camlens.methods.meta import eigen_map
+
+    model, x = Head().eval(), pictures(2)
+    got = camlens.EigenSmooth(camlens.GradCAM(model, "relu"))(x, 1, channels=[1, 2, 3])
+    plain = camlens.GradCAM(model, "relu")(x, 1, channels=[1, 2, 3])
+    activation = model.relu(model.conv(x)).detach()
+    weight = plain.weights["relu"]  # (N, T, 4): 0 on channel 0
+    expected = eigen_map(weight[..., [1, 2, 3]], activation[:, [1, 2, 3]])
+    assert torch.allclose(got.raw["relu"], expected, atol=1e-6)
+    every = eigen_map(camlens.GradCAM(model, "relu")(x, 1).weights["relu"], activation)
+    assert (expected - every).abs().max() > 0.1 * expected.abs().max()  # the subset matters here
+    seen = []
+    camlens.EigenSmooth(camlens.ScoreCAM(model, "relu"))(x, 1, progress=lambda done, total: seen.append(done))
+    assert seen and seen[-1] > 0
+    keyed = camlens.EigenSmooth(camlens.GradCAM(Keyed().eval(), "net.relu"))(
+        x, 1, forward_kwargs={"shift": 0.5}, images_as="pixel_values")
+    shifted = camlens.EigenSmooth(camlens.GradCAM(model, "relu"))(x + 0.5, 1)
+    assert torch.allclose(keyed.maps, shifted.maps, atol=1e-6)
