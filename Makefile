@@ -23,7 +23,7 @@ test: setup
 MUTANTS ?=
 mutation: setup
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run $(MUTANTS)
-	$(BIN)/mutmut results
+	$(BIN)/python tools/mutation_score.py --survivors
 
 # The main job on the sample photos, with the embedded model: see demo-out/*/comparison.png and
 # demo-out/report.html.

@@ -388,8 +388,14 @@ def test_the_mean_shortcut_is_taken_exactly_where_the_head_reads_the_mean(label,
     method = camlens.METHODS["gradcam++-general"](model, "relu")
     assert (method.cost(4, 3, 5).after, method.cost(4, 3, 5).at_most) == (directions, False)
     seen = []
-    fast = method(x, [0, 2], progress=lambda done, total: seen.append(total))
-    assert seen[-1] == directions
+    fast = method(x, [0, 2], progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (directions, directions)
+    with pytest.raises(CamlensError) as error:
+        camlens.METHODS["gradcam++-general"](model, "relu", max_directions=directions - 1)(x, [0, 2])
+    shape = "(4, 3, 5) (one per channel)" if mean_only else "(4, 3, 5)"
+    assert str(error.value).startswith(f"gradcam++-general would take {directions} third-order passes of the model "
+                                       f"after the target layer ('relu' {shape}: one per channel and position), "
+                                       f"more than max_directions={directions - 1}: ")
     # The shortcut changes the work, never the numbers: every position's own derivatives agree.
     monkeypatch.setattr("camlens.methods.gradcampp_general._is_spatial_mean", lambda *args: False)
     slow = camlens.METHODS["gradcam++-general"](model, "relu")(x, [0, 2])
@@ -447,3 +453,42 @@ def test_eigen_smooth_passes_channels_progress_and_forward_inputs_on():
         x, 1, forward_kwargs={"shift": 0.5}, images_as="pixel_values")
     shifted = camlens.EigenSmooth(camlens.GradCAM(model, "relu"))(x + 0.5, 1)
     assert torch.allclose(keyed.maps, shifted.maps, atol=1e-6)
+
+
+def test_the_third_order_passes_run_batched_under_vmap():
+    """The directions go through the head a chunk at a time (vmap), not one by one: the head's
+    Python code runs a few times per chunk, far fewer than once per direction."""
+    model = Read("mean 3", 12).eval().double()  # every position: 4 x 15 = 60 directions
+    calls = []
+    model.fc.register_forward_pre_hook(lambda module, args: calls.append(1))
+    x = torch.rand(1, 3, 6, 10, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    camlens.METHODS["gradcam++-general"](model, "relu", chunk_size=64)(x, 0)
+    assert 0 < len(calls) < 20
+
+
+def test_score_cams_small_contracts():
+    from camlens.methods.scorecam import scorecam_weights
+
+    increase = torch.tensor([[[0.5, -1.0, 2.0]]])
+    assert torch.equal(scorecam_weights(increase), increase)  # no softmax unless asked
+    assert torch.allclose(scorecam_weights(increase, True), increase.softmax(-1))
+    model = Head().eval()
+    assert camlens.ScoreCAM(model, "relu")(pictures(1)).default_layer is False
+    assert camlens.ScoreCAM(model, top_channels=2)(pictures(1)).default_layer is True
+    with pytest.raises(CamlensError) as error:
+        camlens.ScoreCAM(model, "relu", baseline="ones")
+    assert str(error.value) == "baseline must be None, 'zeros' or a tensor in the model's input space"
+    with pytest.raises(CamlensError, match=r"^batch_size must be a positive integer"):
+        camlens.ScoreCAM(model, "relu", batch_size=0)
+
+
+@pytest.mark.parametrize("images, total", [(pictures(2), 6 * 2 * 36), (pictures(1)[0], 6 * 1 * 36)])
+def test_augment_smooth_reports_one_steady_total_over_its_calls(images, total):
+    """Recipro-CAM costs h w = 36 passes per image and copy: 6 copies (the image, its mirror, each
+    at 0.9 and 1.1); the first call's estimate of the calls to come is exact here, so every
+    report gives the same total, and the last report is that total done. A 3-D image is one image."""
+    seen = []
+    camlens.AugmentSmooth(camlens.ReciproCAM(Head().eval(), "relu", batch_size=4))(
+        images, 0, progress=lambda done, total: seen.append((done, total)))
+    assert {t for _, t in seen} == {total}
+    assert seen[-1] == (total, total) and [d for d, _ in seen] == sorted(d for d, _ in seen)

@@ -356,7 +356,7 @@ class AugmentSmooth(_Smoothing):
         forward = ForwardInputs.make(forward_args, forward_kwargs, images_as, images_count)
 
         def explain(batch: Tensor, spec: TargetSpec) -> Explanation:
-            rows, last = batch.shape[0], [0]
+            rows, last = (batch.shape[0] if batch.dim() == 4 else 1), [0]  # a 3-D image is one image
             # The batch holds copies of the images in order, one after another: row b is image b % N.
             taken = None if forward is None else forward.take(torch.arange(rows) % images_count)
             passed = {} if taken is None else {"forward_args": taken.args, "forward_kwargs": taken.kwargs,
