@@ -594,18 +594,19 @@ class Cascade(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 3, 1)
+        self.block = Block()  # a group of its own below the model: its conv is not a group apart
         self.body = nn.Sequential(Block(), nn.ReLU())
         self.fc = nn.Linear(3, 2)
 
     def forward(self, x):
-        x = self.stem(self.stem(x))  # run twice: still one group, by when it last finished
+        x = self.block(self.stem(self.stem(x)))  # stem runs twice: still one group, by when it last finished
         return self.fc(self.body(x).mean(dim=(2, 3)))
 
 
 def test_the_cascades_groups_are_the_shallowest_owners_last_finished_first():
     from camlens.metrics.sanity import randomisation_groups
 
-    assert randomisation_groups(Cascade(), torch.rand(1, 3, 4, 4)) == ["fc", "body.0", "stem"]
+    assert randomisation_groups(Cascade(), torch.rand(1, 3, 4, 4)) == ["fc", "body.0", "block", "stem"]
 
 
 def test_reinitialise_uses_each_modules_own_reset_else_a_small_normal():
@@ -620,3 +621,60 @@ def test_reinitialise_uses_each_modules_own_reset_else_a_small_normal():
     expected.conv.reset_parameters()
     for got, want in zip(block.parameters(), expected.parameters()):
         assert torch.equal(got, want)
+
+
+def test_average_ranks_against_scipy():
+    from scipy.stats import rankdata
+
+    from camlens.metrics.sanity import _average_ranks
+
+    values = np.random.default_rng(6).integers(0, 5, size=(4, 9)).astype(float)
+    got = _average_ranks(torch.tensor(values))
+    np.testing.assert_array_equal(got.numpy(), rankdata(values, axis=1))
+
+
+@pytest.mark.parametrize("spearman, options, expected", [
+    ([0.9, 0.2], {}, ("LATE", 1, 0.5, 1)),  # similar at 1 of 2 steps: more than a quarter
+    ([0.9, 0.2, 0.1, 0.0], {}, ("PASS", 1, 0.25, 1)),
+    ([0.9, 0.6, 0.1, 0.0], {}, ("LATE", 2, 0.5, 2)),
+    ([0.9, 0.1, 0.6], {}, ("FAIL", 2, 2 / 3, None)),
+    ([0.4, float("nan"), None], {}, ("PASS", 0, 0.0, 0)),
+    ([0.5, -1.0], {"threshold": 0.5}, ("LATE", 1, 0.5, 1)),  # at the threshold is similar
+    ([-1.0, -1.0], {"threshold": -1}, ("FAIL", 2, 1.0, None)),
+    ([0.99, 0.2], {"threshold": 1}, ("PASS", 0, 0.0, 0)),
+    ([0.9, 0.2], {"max_similar": 1}, ("PASS", 1, 0.5, 1)),
+    ([0.9, 0.2], {"max_similar": 0}, ("LATE", 1, 0.5, 1)),
+])
+def test_sanity_verdicts_by_hand(spearman, options, expected):
+    from camlens.metrics.sanity import sanity_verdict
+
+    got = sanity_verdict(spearman, **options)
+    assert (got["verdict"], got["similar_steps"], got["similar_fraction"], got["changed_from"]) == expected
+
+
+def test_sanity_verdicts_refuse_bounds_that_are_not_correlations_or_fractions():
+    from camlens.errors import CamlensError
+    from camlens.metrics.sanity import sanity_verdict
+
+    with pytest.raises(CamlensError, match="^no randomisation steps to judge$"):
+        sanity_verdict([])
+    for threshold in (-1.01, 1.01, float("nan")):
+        with pytest.raises(CamlensError, match="^threshold must be a Spearman correlation in"):
+            sanity_verdict([0.5], threshold=threshold)
+    for fraction in (-0.01, 1.01):
+        with pytest.raises(CamlensError, match="^max_similar must be a fraction in"):
+            sanity_verdict([0.5], max_similar=fraction)
+
+
+def test_the_cascades_default_seed_is_0():
+    from camlens.metrics.sanity import cascading_randomisation
+
+    model = Cascade().eval()
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def explain(m):
+        return m(x)[:, :, None, None].expand(2, 2, 2, 2)
+
+    default = cascading_randomisation(explain, model, x)
+    assert torch.equal(default["maps"], cascading_randomisation(explain, model, x, seed=0)["maps"])
+    assert not torch.equal(default["maps"], cascading_randomisation(explain, model, x, seed=1)["maps"])
