@@ -492,3 +492,82 @@ def test_augment_smooth_reports_one_steady_total_over_its_calls(images, total):
         images, 0, progress=lambda done, total: seen.append((done, total)))
     assert {t for _, t in seen} == {total}
     assert seen[-1] == (total, total) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+# -- the gradient-free methods' two ways of running the rest of the model --------------------------------
+
+class Tokens(nn.Module):
+    """Patch embedding -> tokens (N, 1 + 6, 5) with a class token -> a linear block [the target
+    layer] -> the class token -> linear, plus a term per image from before the layer (N,) that the
+    part after the layer reads. With ``branch``, a Python test on a tensor value: the model cannot
+    be traced, so not cut at the layer; the methods replace the layer's output in the whole model."""
+
+    def __init__(self, branch: bool):
+        super().__init__()
+        torch.manual_seed(9)
+        self.patch = nn.Conv2d(3, 5, 2, stride=2)
+        self.cls = nn.Parameter(torch.randn(1, 1, 5))
+        self.block = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+        self.branch = branch
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+        shift = x.mean(dim=(1, 2, 3))  # one value per image, from before the layer
+        if self.branch and bool(tokens.sum() > -1e9):
+            tokens = tokens * 1.0
+        out = torch.relu(self.block(tokens)) + tokens
+        return self.head(out.mean(dim=1)) + shift[:, None]
+
+
+@pytest.mark.parametrize("name", ["ablationcam", "reciprocam"])
+def test_the_cut_model_and_the_hooked_whole_model_score_alike(name):
+    from camlens.accelerate import cut as cut_at
+
+    assert cut_at(Tokens(False), "block") is not None and cut_at(Tokens(True), "block") is None
+    x = torch.rand(3, 3, 4, 6, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    cut = camlens.METHODS[name](Tokens(False).double().eval(), "block", reshape="tokens:1:2x3", batch_size=4)
+    whole = camlens.METHODS[name](Tokens(True).double().eval(), "block", reshape="tokens:1:2x3", batch_size=4)
+    got_cut, got_whole = cut(x, [0, 2, 1]), whole(x, [0, 2, 1])
+    assert got_cut.weights["block"].shape[0] == 3
+    assert torch.allclose(got_cut.weights["block"], got_whole.weights["block"], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got_cut.maps, got_whole.maps, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["tokens", "unit"])
+def test_smooth_gradcampp_without_noise_is_gradcampp(case):
+    """With noise_level 0 every noisy copy is the image: the averaged derivatives are the image's,
+    so Smooth Grad-CAM++ is Grad-CAM++, also on a token layer and for a unit target."""
+    if case == "tokens":
+        model, layer, options, target = Tokens(False).double().eval(), "block", {"reshape": "tokens:1:2x3"}, 1
+        x = torch.rand(2, 3, 4, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    else:
+        model, layer, options, target = dense(), "1", {}, UnitTarget("2", 2)
+        x = pictures(2).double()
+    smooth = camlens.SmoothGradCAMPlusPlus(model, layer, noise_level=0.0, n_samples=3, seed=0, **options)(x, target)
+    plain = camlens.GradCAMPlusPlus(model, layer, **options)(x, target)
+    assert torch.allclose(smooth.weights[layer], plain.weights[layer], rtol=1e-9, atol=1e-12)
+
+
+def test_augment_smooth_keeps_the_score_kind_and_names_the_size_a_model_refused():
+    model, x = Head().eval(), pictures(2)
+    target = camlens.ClassTarget([1, 2], score="logit")
+    method = camlens.ScoreCAM(model, "relu")
+    got = camlens.AugmentSmooth(method, flip=True, factors=(1.0,))(x, target)
+    plain, mirror = method(x, target), method(x.flip(-1), target)
+    assert torch.allclose(got.weights["relu"], (plain.weights["relu"] + mirror.weights["relu"]) / 2, atol=1e-7)
+    fixed = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 10, 3)).eval()
+    with pytest.raises(CamlensError) as error:
+        camlens.AugmentSmooth(camlens.GradCAM(fixed, "1"), scales=(1.0, 0.5))(torch.rand(1, 3, 6, 10), 0)
+    assert str(error.value).endswith("(on the copies resized by 0.5 to 3x5: a model that takes one input size only "
+                                     "needs scales=(1.0,))")
+
+
+def test_augment_smooth_shrinks_a_side_to_one_pixel_at_least():
+    sizes = []
+    model = Head().eval()
+    model.conv.register_forward_pre_hook(lambda module, args: sizes.append(tuple(args[0].shape[-2:])))
+    camlens.AugmentSmooth(camlens.GradCAM(model, "relu"), scales=(1.0, 0.4), factors=(1.0,), flip=False)(
+        torch.rand(1, 3, 2, 3), 0)
+    assert (1, 1) in sizes  # round(0.8) x round(1.2)
