@@ -349,10 +349,9 @@ class AugmentSmooth(_Smoothing):
         _check_progress(progress)
         plan = self.copies()
         count = 1 + sum(map(len, plan.values()))
-        images_total = count * (images.shape[0] if isinstance(images, Tensor) and images.dim() == 4 else 1)
-        seen = {"images": 0, "work": 0}  # over the calls so far: images explained, progress total
-
         images_count = images.shape[0] if isinstance(images, Tensor) and images.dim() == 4 else 1
+        images_total = count * images_count
+        seen = {"images": 0, "work": 0}  # over the calls so far: images explained, progress total
         forward = ForwardInputs.make(forward_args, forward_kwargs, images_as, images_count)
 
         def explain(batch: Tensor, spec: TargetSpec) -> Explanation:
