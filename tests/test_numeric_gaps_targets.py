@@ -212,3 +212,14 @@ def test_a_failing_target_is_named_by_its_function_name():
         camlens.GradCAM(model, "conv")(x, lambda output: output.argmax(dim=1))
     assert str(error.value).startswith("the target test_a_failing_target_is_named_by_its_function_name.<lambda> returned a "
                                        "tensor of shape (1,) of torch.int64 for an output of shape (1, 3): a target function returns one float score per row")
+
+
+def test_score_targets_name_themselves_in_messages():
+    from camlens.methods.meta import _Following
+
+    segmentation = SemanticSegmentationTarget(2, torch.ones(3, 4, 5))
+    assert repr(segmentation) == "SemanticSegmentationTarget(category=2, mask of shape (3, 4, 5))"
+    assert repr(SimilarityTarget(torch.ones(7))) == "SimilarityTarget(reference of shape (7,))"
+    assert repr(MultiLabelTarget(4, score="exp")) == "MultiLabelTarget(label=4, score='exp')"
+    assert repr(RegressionTarget()) == "RegressionTarget(index=None)"
+    assert repr(_Following(segmentation, 3, [False, True], False)) == repr(segmentation)  # as the user gave it
