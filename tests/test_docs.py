@@ -36,5 +36,5 @@ def test_design_page_example_method_is_a_working_method(monkeypatch):
 
 
 def test_docs_do_not_point_outside_the_repository():
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+    for path in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         assert "../shared" not in path.read_text(), path
