@@ -678,3 +678,20 @@ def test_the_cascades_default_seed_is_0():
     default = cascading_randomisation(explain, model, x)
     assert torch.equal(default["maps"], cascading_randomisation(explain, model, x, seed=0)["maps"])
     assert not torch.equal(default["maps"], cascading_randomisation(explain, model, x, seed=1)["maps"])
+
+
+def test_the_cascade_randomises_the_groups_it_is_given():
+    from camlens.metrics.sanity import cascading_randomisation
+
+    model = Cascade().eval()
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def explain(m):
+        seen.append([name for name, p in m.named_parameters() if not torch.equal(p, dict(model.named_parameters())[name])])
+        return m(x)[:, :, None, None].expand(2, 2, 2, 2)
+
+    result = cascading_randomisation(explain, model, x, groups=["block", "stem"])
+    assert result["groups"] == ["block", "stem"] and result["steps"] == [["block"], ["stem"]]
+    assert seen == [[], ["block.gain", "block.conv.weight", "block.conv.bias"],
+                    ["stem.weight", "stem.bias", "block.gain", "block.conv.weight", "block.conv.bias"]]

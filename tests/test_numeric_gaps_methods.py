@@ -571,3 +571,41 @@ def test_augment_smooth_shrinks_a_side_to_one_pixel_at_least():
     camlens.AugmentSmooth(camlens.GradCAM(model, "relu"), scales=(1.0, 0.4), factors=(1.0,), flip=False)(
         torch.rand(1, 3, 2, 3), 0)
     assert (1, 1) in sizes  # round(0.8) x round(1.2)
+
+
+@pytest.mark.parametrize("branch", [False, True])
+def test_third_order_passes_on_a_token_layer_match_the_closed_form(branch):
+    """Grad-CAM++'s closed form is exact where the score is exp of a piecewise-linear function of
+    the layer: the general method (score exp) must give it, on tokens, cut or hooked (its weights
+    read ReLU(dY/dA) = exp(S) ReLU(dS/dA), the closed form's without the factor exp(S))."""
+    model = Tokens(branch).double().eval()
+    x = torch.rand(2, 3, 4, 6, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    general = camlens.METHODS["gradcam++-general"](model, "block", reshape="tokens:1:2x3", score="exp",
+                                                   chunk_size=5)(x, [0, 2])
+    closed = camlens.GradCAMPlusPlus(model, "block", reshape="tokens:1:2x3")(x, [0, 2])
+    assert torch.allclose(general.weights["block"] / general.scores[..., None], closed.weights["block"],
+                          rtol=1e-8, atol=1e-12)
+
+
+class Scaled(nn.Module):
+    """The part after the layer scales the logits, in place, by a tensor from before the layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(13)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        scale = x.mean(dim=(1, 2, 3))[:, None] + 2.0
+        logits = self.fc(self.relu(self.conv(x)).flatten(2).amax(dim=2))
+        return logits * scale.mul_(1.5)
+
+
+def test_the_third_order_passes_do_not_see_each_others_in_place_changes():
+    model = Scaled().double().eval()
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    one = camlens.METHODS["gradcam++-general"](model, "relu", chunk_size=1)(x, [0, 1])
+    all_at_once = camlens.METHODS["gradcam++-general"](model, "relu", chunk_size=1000)(x, [0, 1])
+    assert torch.allclose(one.weights["relu"], all_at_once.weights["relu"], rtol=1e-10, atol=1e-14)
