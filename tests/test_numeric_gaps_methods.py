@@ -339,6 +339,7 @@ FUNCTIONAL = {  # reads written in forward itself, as the traced graph sees them
     "mean 3": lambda a: a.mean(dim=3),
     "mean and a sum": lambda a: a.mean(dim=(2, 3)) + a.sum(),
     "max": lambda a: a.amax(dim=(2, 3)),
+    "cat": lambda a: torch.cat([a, a], dim=1),  # its one user holds the map second, in a list
 }
 
 
@@ -376,7 +377,8 @@ MEAN_READS = [
     *[(how, lambda how=how: how, width, mean) for how, width, mean in [
         ("F pool 1", 4, True), ("F pool output_size=1", 4, True), ("F pool 2", 16, False),
         ("mean (2, 3)", 4, True), ("mean (-1, -2)", 4, True), ("torch.mean (3, 2)", 4, True),
-        ("mean (1, 2)", 5, False), ("mean 3", 12, False), ("mean and a sum", 4, False), ("max", 4, False)]],
+        ("mean (1, 2)", 5, False), ("mean 3", 12, False), ("mean and a sum", 4, False), ("max", 4, False),
+        ("cat", 120, False)]],
 ]
 
 
