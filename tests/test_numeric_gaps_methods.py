@@ -611,3 +611,18 @@ def test_the_third_order_passes_do_not_see_each_others_in_place_changes():
     one = camlens.METHODS["gradcam++-general"](model, "relu", chunk_size=1)(x, [0, 1])
     all_at_once = camlens.METHODS["gradcam++-general"](model, "relu", chunk_size=1000)(x, [0, 1])
     assert torch.allclose(one.weights["relu"], all_at_once.weights["relu"], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["scorecam", "ablationcam"])
+def test_an_all_zero_input_is_scored_with_each_images_own_inputs(name):
+    """A shift per image (PerImage): the baseline forwarded once for all images must still be
+    scored with each image's shift; the batched call equals each image explained alone."""
+    model, x = Keyed().eval(), pictures(3)
+    shifts = torch.tensor([0.0, 0.7, -0.4]).view(3, 1, 1, 1)
+    options = {"baseline": "zeros"} if name == "scorecam" else {}
+    batched = camlens.METHODS[name](model, "net.relu", **options)(
+        x, [0, 1, 2], forward_kwargs={"shift": camlens.PerImage(shifts)}, images_as="pixel_values")
+    for n in range(3):
+        alone = camlens.METHODS[name](model, "net.relu", **options)(
+            x[n:n + 1], [n], forward_kwargs={"shift": shifts[n:n + 1]}, images_as="pixel_values")
+        assert torch.allclose(batched.weights["net.relu"][n], alone.weights["net.relu"][0], atol=1e-6)
