@@ -263,9 +263,10 @@ def test_the_recorded_options_of_each_method(name, kwargs, expected):
 
 def test_a_flipped_copy_with_a_channel_subset_by_hand():
     """AugmentSmooth with the image and its mirror image: raw maps, weights per activation and
-    maps are the means of the two, the mirror's flipped back; the channel subset reaches both."""
-    model = Head().eval()
-    x = pictures(2)
+    maps are the means of the two, the mirror's flipped back; the channel subset reaches both.
+    The head reads every position (no pooling), so no weight is the same left and right."""
+    model = Read(nn.Identity(), 60).eval().double()
+    x = torch.rand(2, 3, 6, 10, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
     method = camlens.HiResCAM(model, "relu")
     got = camlens.AugmentSmooth(method, flip=True, factors=(1.0,))(x, [1, 2], channels=[0, 2])
     plain = method(x, [1, 2], channels=[0, 2])
@@ -626,3 +627,89 @@ def test_an_all_zero_input_is_scored_with_each_images_own_inputs(name):
         alone = camlens.METHODS[name](model, "net.relu", **options)(
             x[n:n + 1], [n], forward_kwargs={"shift": shifts[n:n + 1]}, images_as="pixel_values")
         assert torch.allclose(batched.weights["net.relu"][n], alone.weights["net.relu"][0], atol=1e-6)
+
+
+# -- names, wrappers and small refusals ----------------------------------------------------------------
+
+def test_methods_are_found_by_their_names_and_close_misspellings():
+    from camlens.methods import get_method
+
+    assert get_method("gradcampp") is camlens.METHODS["gradcam++"]
+    assert get_method("GradCAMpp-General") is camlens.METHODS["gradcam++-general"]
+    assert get_method("gradcam") is camlens.METHODS["gradcam"]
+    with pytest.raises(CamlensError) as error:
+        get_method("gradcan")
+    assert "; did you mean gradcam or xgradcam or gradcam++? (available: cam, gradcam," in str(error.value)
+    with pytest.raises(CamlensError) as error:
+        get_method("zzzzzz")
+    assert "did you mean" not in str(error.value)
+    with pytest.raises(CamlensError, match="^a method is named by a string, not int$"):
+        get_method(3)
+
+
+def test_class_targets_refuse_booleans_and_complex_numbers():
+    model = Head().eval()
+    with pytest.raises(CamlensError, match="^a class target is an integer index, not a boolean$"):
+        camlens.GradCAM(model, "relu")(pictures(1), True)
+    with pytest.raises(CamlensError, match="^class targets must be integers, got torch.complex64$"):
+        camlens.GradCAM(model, "relu")(pictures(1), torch.tensor([1j]))
+
+
+def test_a_score_target_called_alone_reads_one_row_per_image():
+    masks = torch.zeros(2, 3, 4, dtype=torch.bool)
+    masks[0, 0, 0] = masks[1, 2, 3] = True
+    output = torch.rand(2, 5, 3, 4)  # 2 images, 5 classes
+    target = camlens.SemanticSegmentationTarget(1, masks)
+    assert torch.equal(target(output), torch.stack([output[0, 1, 0, 0], output[1, 1, 2, 3]]))
+    with pytest.raises(CamlensError) as error:
+        target(torch.rand(3, 5, 3, 4))
+    assert str(error.value) == ("the mask of shape (2, 3, 4) has no entry for image 2: give one for all images, or one "
+                                "per image (images first)")
+
+
+class Positional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = Head()
+
+    def forward(self, x, shift):
+        return self.net(x + shift)
+
+
+def test_the_wrappers_pass_every_kind_of_forward_input_and_layer_name_on():
+    from camlens.methods.family import layercam_scale
+    from camlens.methods.meta import eigen_map
+
+    model, x = Head().eval(), pictures(2)
+    eigen = camlens.EigenSmooth(camlens.GradCAM(Positional().eval(), "net.relu"))(x, 1, forward_args=(0.5,))
+    assert torch.allclose(eigen.maps, camlens.EigenSmooth(camlens.GradCAM(model, "relu"))(x + 0.5, 1).maps, atol=1e-6)
+    augmented = camlens.AugmentSmooth(camlens.GradCAM(Keyed().eval(), "net.relu"), factors=(1.0,))(
+        x, 1, forward_kwargs={"shift": 0.5}, images_as="pixel_values")
+    shifted = camlens.AugmentSmooth(camlens.GradCAM(model, "relu"), factors=(1.0,))(x + 0.5, 1)
+    assert torch.allclose(augmented.maps, shifted.maps, atol=1e-6)
+    scaled = camlens.EigenSmooth(camlens.LayerCAM(model, "relu", scale={"relu": 2.0}))(x, 1)
+    plain = camlens.LayerCAM(model, "relu")(x, 1)
+    activation = model.relu(model.conv(x)).detach()
+    assert torch.allclose(scaled.raw["relu"], layercam_scale(eigen_map(plain.weights["relu"], activation), 2.0),
+                          atol=1e-6)
+    with pytest.raises(CamlensError, match="^EigenSmooth wraps a camlens method object, not str"):
+        camlens.EigenSmooth("gradcam")
+
+
+class OneAtATime(nn.Module):
+    """Head's network, refusing batches of more than one image."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Head()
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            raise ValueError("one image at a time")
+        return self.net(x)
+
+
+def test_copies_refused_at_the_images_own_size_say_no_more_than_the_model():
+    with pytest.raises(CamlensError) as error:
+        camlens.AugmentSmooth(camlens.GradCAM(OneAtATime().eval(), "net.relu"))(pictures(1), 0)
+    assert "one image at a time" in str(error.value) and "resized by" not in str(error.value)
