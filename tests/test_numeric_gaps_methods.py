@@ -713,3 +713,36 @@ def test_copies_refused_at_the_images_own_size_say_no_more_than_the_model():
     with pytest.raises(CamlensError) as error:
         camlens.AugmentSmooth(camlens.GradCAM(OneAtATime().eval(), "net.relu"))(pictures(1), 0)
     assert "one image at a time" in str(error.value) and "resized by" not in str(error.value)
+
+
+def test_more_refusals_and_reports_by_hand():
+    model = Head().eval()
+    with pytest.raises(CamlensError, match=r"^fc must be an nn.Linear \(or a linear layer of an exported model\), "
+                                           r"not ReLU$"):
+        CAM(model, "relu", fc="relu")
+    with pytest.raises(CamlensError, match=r"^batch_size must be a positive integer"):
+        camlens.SmoothGradCAMPlusPlus(model, "relu", batch_size=0)
+    seen = []
+    camlens.SmoothGradCAMPlusPlus(model, "relu", n_samples=4, batch_size=3, seed=0)(
+        pictures(2), 0, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(3, 8), (6, 8), (8, 8)]  # 2 images x 4 noisy copies, 3 at a time
+
+
+@pytest.mark.parametrize("name", ["ablationcam", "reciprocam"])
+def test_a_unit_scores_as_the_function_reading_the_same_activation_without_gradients(name):
+    model, x = dense(), pictures(2).double()
+    unit = camlens.METHODS[name](model, "1", batch_size=5)(x, UnitTarget("2", 1))
+    function = camlens.METHODS[name](model, "1", batch_size=5)(x, lambda out: out[:, 1].mean(dim=(-2, -1)))
+    assert torch.allclose(unit.weights["1"], function.weights["1"], rtol=1e-12)
+
+
+class Fails(camlens.SimilarityTarget):
+    def score(self, output, rows):
+        raise ValueError("no embedding here")
+
+
+def test_a_failing_score_target_is_named_by_its_repr():
+    with pytest.raises(CamlensError) as error:
+        camlens.GradCAM(Head().eval(), "relu")(pictures(1), Fails(torch.ones(3)))
+    assert str(error.value) == ("the target SimilarityTarget(reference of shape (3,)) failed on the model's output "
+                                "of shape (1, 3): ValueError: no embedding here")
