@@ -17,7 +17,7 @@ ORIGINAL = '''
 def x_f__mutmut_orig(a):
     """Doc."""
     if a < 0:
-        raise ValueError(f"a is {a}, " + "not negative")
+        raise ValueError(f"a is {a}, " + (f"{a!r} " if a else "") + "not negative")
     return a * 2
 '''
 
@@ -25,10 +25,11 @@ def x_f__mutmut_orig(a):
 @pytest.mark.parametrize("mutant, text", [
     ('"""XXDoc.XX"""', True),  # the docstring
     ('raise ValueError(None)', True),  # the whole message
-    ('raise ValueError(f"a is {a}, " + "XXnot negativeXX")', True),
+    ('raise ValueError(f"a is {a}, " + (f"{a!r} " if a else "") + "XXnot negativeXX")', True),
     ('return a / 2', False),
     ('if a <= 0:', False),
-    ('raise ValueError(f"a is {None}, " + "not negative")', False),  # builds the message from None: not text
+    ('raise ValueError(f"a is {None}, " + (f"{a!r} " if a else "") + "not negative")', False),  # from None: not text
+    ('raise ValueError(f"a is {a}, " + (f"{a!r} " if a or True else "") + "not negative")', False),
 ])
 def test_message_text_is_told_from_other_changes(mutant, text):
     lines = ORIGINAL.replace("x_f__mutmut_orig", "x_f__mutmut_1").splitlines()

@@ -70,6 +70,8 @@ def text_only(name: str, found_functions: dict[str, ast.FunctionDef]) -> bool:
     def message(node: object) -> bool:
         if isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str)):
             return True
+        if isinstance(node, ast.IfExp):  # a part said only in some cases: f", fc being {name!r}" if name else ""
+            return message(node.body) and message(node.orelse)
         return isinstance(node, ast.BinOp) and all(message(side) for side in (node.left, node.right))
 
     return bool(found) and all(
