@@ -223,3 +223,23 @@ def test_score_targets_name_themselves_in_messages():
     assert repr(MultiLabelTarget(4, score="exp")) == "MultiLabelTarget(label=4, score='exp')"
     assert repr(RegressionTarget()) == "RegressionTarget(index=None)"
     assert repr(_Following(segmentation, 3, [False, True], False)) == repr(segmentation)  # as the user gave it
+
+
+def test_class_and_function_targets_must_fit_the_images():
+    model, x = Conv().eval(), torch.rand(3, 3, 4, 4)
+    five = nn.Sequential(nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 5)).eval()
+    assert camlens.GradCAM(five, "0")(x, camlens.TopK(5)).targets.shape == (3, 5)  # k = every class
+    for targets in ([[1], [2]], torch.zeros(3, 0, dtype=torch.long)):
+        with pytest.raises(CamlensError) as error:
+            camlens.GradCAM(model, "conv")(x, targets)
+        assert str(error.value).startswith(f"class targets of shape {tuple(torch.as_tensor(targets).shape)} do not "
+                                           "fit 3 image(s)") or "targets are empty" in str(error.value)
+    first = lambda out: out[:, 0]  # noqa: E731
+    with pytest.raises(CamlensError, match=r"^give every image the same number of target functions \(at least "
+                                           r"one\)$"):
+        camlens.GradCAM(model, "conv")(x, [[first, first], [first], [first]])
+    assert camlens.GradCAM(model, "conv")(x[:1], [[first]]).scores.shape == (1, 1)  # one image, one list
+    with pytest.raises(CamlensError) as error:
+        camlens.GradCAM(nn.Sequential(nn.Conv2d(3, 2, 1)), "0")(x, 1)
+    assert str(error.value).startswith("class targets need class scores (N, classes), but the model's output is a "
+                                       "tensor of shape (3, 2, 4, 4): ")
