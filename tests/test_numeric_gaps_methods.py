@@ -746,3 +746,62 @@ def test_a_failing_score_target_is_named_by_its_repr():
         camlens.GradCAM(Head().eval(), "relu")(pictures(1), Fails(torch.ones(3)))
     assert str(error.value) == ("the target SimilarityTarget(reference of shape (3,)) failed on the model's output "
                                 "of shape (1, 3): ValueError: no embedding here")
+
+
+# -- the engine's own records ---------------------------------------------------------------------------
+
+def test_an_explanation_records_its_method_units_and_one_target_row_per_image():
+    model, x = dense(), pictures(2).double()  # 2 images, 3 input channels
+    unit = UnitTarget("2", 1)
+    expl = camlens.GradCAM(model, "1")(x, unit)
+    assert expl.method == "gradcam" and expl.units == (unit,)
+    assert torch.equal(expl.targets, torch.full((2, 1), -1))
+    function = camlens.ScoreCAM(model, "1")(x, lambda out: out[:, 0].mean(dim=(-2, -1)))
+    assert function.method == "scorecam" and function.targets.shape == (2, 1)
+
+
+def test_a_blank_map_warning_points_at_the_callers_line():
+    model = Head().eval()
+    with torch.no_grad():
+        model.fc.weight.fill_(-1.0)  # every channel's weight negative: blank Grad-CAM maps
+    from camlens.errors import BlankMapWarning
+
+    with pytest.warns(BlankMapWarning) as record:
+        camlens.GradCAM(model, "relu")(pictures(1), 0)
+    assert record[0].filename == __file__
+
+
+class Buffered(nn.Module):
+    """No parameters, two buffers: an int64 counter and a weight of ``dtype``, in that order or
+    the other."""
+
+    def __init__(self, dtype, counter_first):
+        super().__init__()
+        weight = torch.randn(3, 4, generator=torch.Generator().manual_seed(16)).to(dtype)
+        if counter_first:
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("weight", weight)
+        if not counter_first:
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(x).mean(dim=(2, 3)) @ self.weight
+
+
+@pytest.mark.parametrize("dtype, counter_first, expected", [
+    (torch.float64, False, torch.float64),  # the first buffer is floating point: the images follow it
+    (torch.float32, True, torch.float32),  # the first is a counter: the images keep their own type
+])
+def test_a_model_without_parameters_sets_the_images_type_by_its_first_buffer(dtype, counter_first, expected):
+    x = torch.rand(2, 3, 4, 4)  # float32
+    expl = camlens.GradCAM(Buffered(dtype, counter_first), "relu")(x, 1)
+    assert expl.scores.dtype == expected
+
+
+def test_the_default_layer_search_runs_the_first_image_with_its_own_inputs():
+    x, shifts = pictures(2), camlens.PerImage(torch.tensor([0.0, 0.5]).view(2, 1, 1, 1))
+    default = camlens.GradCAM(Keyed().eval())(x, 1, forward_kwargs={"shift": shifts}, images_as="pixel_values")
+    named = camlens.GradCAM(Keyed().eval(), "net.relu")(x, 1, forward_kwargs={"shift": shifts},
+                                                         images_as="pixel_values")
+    assert default.target_layers == ("net.relu",) and torch.allclose(default.maps, named.maps)
