@@ -808,3 +808,29 @@ def test_the_default_layer_search_runs_the_first_image_with_its_own_inputs():
     named = camlens.GradCAM(Keyed().eval(), "net.relu")(x, 1, forward_kwargs={"shift": shifts},
                                                          images_as="pixel_values")
     assert default.target_layers == ("net.relu",) and torch.allclose(default.maps, named.maps)
+
+
+def test_an_explanation_records_the_output_layout_and_forward_inputs_it_used():
+    pair = Pair().eval()
+    assert camlens.GradCAM(pair, "net.relu", output=1)(pictures(1), 0).options["output"] == 1
+    picked = camlens.GradCAM(pair, "net.relu", output=lambda out: out[1])(pictures(1), 0).options["output"]
+    assert picked == "test_an_explanation_records_the_output_layout_and_forward_inputs_it_used.<locals>.<lambda>"
+    tokens = camlens.GradCAM(Tokens(False).double().eval(), "block", reshape="tokens:1:2x3")(
+        torch.rand(1, 3, 4, 6, dtype=torch.float64), 0)
+    assert tokens.options["reshape"] == "tokens:1:2x3"
+    keyed = camlens.GradCAM(Keyed().eval(), "net.relu")(
+        pictures(2), 0, forward_kwargs={"shift": camlens.PerImage(torch.zeros(2, 1, 1, 1))}, images_as="pixel_values")
+    assert keyed.options["forward inputs"] == "images as pixel_values; shift: per image (2, 1, 1, 1)"
+
+
+@pytest.mark.parametrize("model, output, message", [
+    ("net", None, "model must be a torch.nn.Module, not str"),
+    (None, [1], "output must be None (automatic), an int (an index), a str (a key or attribute) or a function "
+                "of the model's output, not list"),
+    (None, True, "output must be None (automatic), an int (an index), a str (a key or attribute) or a function "
+                 "of the model's output, not bool"),
+])
+def test_a_method_refuses_what_is_not_a_model_or_an_output_selector(model, output, message):
+    with pytest.raises(CamlensError) as error:
+        camlens.GradCAM(Head().eval() if model is None else model, "relu" if model is None else None, output=output)
+    assert str(error.value) == message
