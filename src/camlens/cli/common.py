@@ -566,10 +566,22 @@ def warm_up(objects: dict[str, Any], x: torch.Tensor) -> None:
             pass
 
 
-def warm_and_plan(objects: dict[str, Any], x: torch.Tensor, images: int, yes: bool, cheaper: str,
-                  extra_forwards: int = 0, per_method: dict[str, int] | None = None) -> dict[str, float]:
-    """Warm up on ``x`` (:func:`warm_up`), plan the run (:func:`plan_run`) and say the plan when the
-    run is long (:func:`announce_plan`). Returns the start-up seconds spent, by kind."""
+def warm_and_plan(objects: dict[str, Any], loaded: LoadedModel, paths: Sequence[Any], device: torch.device,
+                  images: int, yes: bool, cheaper: str, extra_forwards: int = 0,
+                  per_method: dict[str, int] | None = None) -> dict[str, float]:
+    """Warm up on the first of ``paths`` that loads (:func:`warm_up`), plan the run
+    (:func:`plan_run`) and say the plan when the run is long (:func:`announce_plan`). Returns the
+    start-up seconds spent, by kind (none where no image loads: the run says why, in its turn)."""
+    from ..io import load_image
+
+    for path in paths:
+        try:
+            x = loaded.preprocess(load_image(path)).unsqueeze(0).to(device, input_dtype(loaded.module))
+        except CamlensError:
+            continue
+        break
+    else:
+        return {}
     take_start_up()
     warm_up(objects, x)
     with one_time("planning the run"):

@@ -288,17 +288,12 @@ def _plan(objects: dict, loaded: LoadedModel, pending: list, wanted: list[str], 
     counts: dict[str, int] = {}
     for _, name in pending:
         counts[name] = counts.get(name, 0) + 1
-    for sample, _ in pending:
-        try:
-            x = loaded.preprocess(load_image(sample.path)).unsqueeze(0).to(device, input_dtype(loaded.module))
-        except CamlensError:
-            continue  # the run says why, in its turn
-        extra = int(bool({"drop", "increase"} & set(wanted))) + steps * len({"deletion", "insertion"} & set(wanted))
-        start_up.update(warm_and_plan(
-            objects, x, len({id(sample) for sample, _ in pending}), yes,
-            "or fewer methods (-m), --top-channels N for Score-CAM and its variants, fewer --steps, or --limit N "
-            "images (a later run resumes)", extra_forwards=extra, per_method=counts))
-        return
+    samples = list({id(sample): sample for sample, _ in pending}.values())
+    extra = int(bool({"drop", "increase"} & set(wanted))) + steps * len({"deletion", "insertion"} & set(wanted))
+    start_up.update(warm_and_plan(
+        objects, loaded, [sample.path for sample in samples], device, len(samples), yes,
+        "or fewer methods (-m), --top-channels N for Score-CAM and its variants, fewer --steps, or --limit N "
+        "images (a later run resumes)", extra_forwards=extra, per_method=counts))
 
 
 def _csv(value: float | None) -> str:

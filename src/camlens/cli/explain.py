@@ -131,15 +131,9 @@ class Explainer:
     def plan(self, files: Sequence[Path], yes: bool) -> None:
         """Warm up on the first image that loads and say the run's plan when it is long
         (:func:`announce_plan`); the warm-up and the timed probe are the run's start-up."""
-        for path in files:
-            try:
-                x = self.loaded.preprocess(load_image(path)).unsqueeze(0).to(self.device, input_dtype(self.loaded.module))
-            except CamlensError:
-                continue  # the run says why, in its turn
-            self.start_up.update(warm_and_plan(
-                self.methods, x, len(files), yes,
-                "or fewer methods (-m), --top-channels N for Score-CAM and its variants, or fewer images"))
-            return
+        self.start_up.update(warm_and_plan(
+            self.methods, self.loaded, files, self.device, len(files), yes,
+            "or fewer methods (-m), --top-channels N for Score-CAM and its variants, or fewer images"))
 
     def run(self, path: Path, folder: Path, progress: Callable[[str, int, int], None]) -> ImageResult:
         result = ImageResult(path)
