@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import camlens
@@ -328,8 +329,6 @@ def test_smooth_gradcampp_weighs_a_channel_subset_as_the_full_layer():
 
 
 # -- Grad-CAM++ (general): the spatial-mean shortcut is taken exactly where the head reads the mean ----
-
-import torch.nn.functional as F  # noqa: E402
 
 FUNCTIONAL = {  # reads written in forward itself, as the traced graph sees them
     "F pool 1": lambda a: F.adaptive_avg_pool2d(a, 1),
