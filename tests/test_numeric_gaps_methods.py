@@ -539,6 +539,122 @@ def test_the_cut_model_and_the_hooked_whole_model_score_alike(name):
     assert torch.allclose(got_cut.maps, got_whole.maps, atol=1e-9)
 
 
+class ReadsMore(nn.Module):
+    """conv -> conv [the target layer] -> pooled with a gain -> linear, where the part after the
+    layer reads, from before it, one value per image (N,), a vector of another length (4,) and a
+    0-d tensor from the parameters, and a number (the input's colour count). With ``branch``, as
+    :class:`Tokens`: not traceable, so the whole model runs with the layer's output replaced."""
+
+    def __init__(self, branch: bool):
+        super().__init__()
+        torch.manual_seed(12)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer = nn.Conv2d(4, 4, 3, padding=1)
+        self.gain = nn.Parameter(torch.rand(4) + 0.5)
+        self.head = nn.Linear(4, 5)
+        self.branch = branch
+
+    def forward(self, x):
+        brightness = x.mean(dim=(1, 2, 3))
+        gain = self.gain.exp()
+        bias = self.gain.sum()
+        colours = x.shape[1]
+        a = torch.relu(self.layer(self.stem(x)))
+        if self.branch and bool(a.sum() > -1e9):
+            a = a * 1.0
+        pooled = (a * gain.view(1, -1, 1, 1)).mean(dim=(2, 3)) * (colours / 3)
+        return self.head(pooled) + bias + brightness[:, None]
+
+
+@pytest.mark.parametrize("name", ["ablationcam", "reciprocam"])
+def test_a_cut_whose_rest_holds_values_of_every_kind_passes_its_check_and_is_kept(name):
+    """The part after the layer gets each value it reads as it should: the per-image one taken
+    per row, the others as they are. So the cut passes its check (it is kept for the next call)
+    and scores as the whole model run with the layer's output replaced; Ablation-CAM's weights
+    are those of a plain loop that zeroes each channel with a hook. Three images, four channels:
+    the vector of length 4 is not one value per image."""
+    from camlens.accelerate import remembered_cut
+
+    x = torch.rand(3, 3, 6, 8, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    model = ReadsMore(False).double().eval()
+    method = camlens.METHODS[name](model, "layer", batch_size=2)
+    got = method(x, [0, 3, 1])
+    assert remembered_cut(model, "layer", method.cuts) is not None
+    whole = camlens.METHODS[name](ReadsMore(True).double().eval(), "layer", batch_size=2)(x, [0, 3, 1])
+    assert torch.allclose(got.weights["layer"], whole.weights["layer"], rtol=1e-10, atol=1e-12)
+    if name == "ablationcam":
+        rows = torch.arange(3)
+        with torch.no_grad():
+            score = model(x)[rows, [0, 3, 1]]
+            expected = torch.empty(3, 4, dtype=torch.float64)
+            for k in range(4):
+                def zero(module, inputs, output, k=k):
+                    output = output.clone()
+                    output[:, k] = 0
+                    return output
+
+                handle = model.layer.register_forward_hook(zero)
+                try:
+                    # relu(0) = 0: zeroing the conv's channel zeroes the activation's
+                    expected[:, k] = (score - model(x)[rows, [0, 3, 1]]) / score
+                finally:
+                    handle.remove()
+        assert torch.allclose(got.weights["layer"].reshape(3, 4), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_cut_that_fails_its_check_is_not_kept():
+    """A layer of tokens: the model traces and is cut, but the cut cannot take the map, so the
+    check refuses it and the method object keeps nothing to check again on its next call."""
+    from camlens.accelerate import cut as cut_at
+    from camlens.accelerate import remembered_cut
+
+    model = Tokens(False).double().eval()
+    assert cut_at(model, "block") is not None
+    method = camlens.AblationCAM(model, "block", reshape="tokens:1:2x3")
+    method(torch.rand(2, 3, 4, 6, generator=torch.Generator().manual_seed(14), dtype=torch.float64), 1)
+    assert remembered_cut(model, "block", method.cuts) is None
+
+
+@pytest.mark.parametrize("name", ["ablationcam", "reciprocam"])
+def test_the_whole_model_path_replaces_the_layer_in_the_inference_copy_it_runs(name):
+    """With ``optimize``, the model that runs is the inference copy: the hook that replaces the
+    layer's output goes on the copy's layer, or the scores would be those of the copy unchanged."""
+    from camlens.accelerate import inference_copy
+
+    model = Tokens(True).double().eval()
+    x = torch.rand(3, 3, 4, 6, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    assert inference_copy(model, x) is not None
+    fast = camlens.METHODS[name](model, "block", reshape="tokens:1:2x3", optimize=True)(x, [0, 2, 1])
+    plain = camlens.METHODS[name](model, "block", reshape="tokens:1:2x3")(x, [0, 2, 1])
+    assert torch.allclose(fast.weights["block"], plain.weights["block"], rtol=1e-9, atol=1e-12)
+    assert fast.weights["block"].abs().max() > 0
+
+
+class Shifted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = dense()
+
+    def forward(self, x, shift):
+        return self.net(x).mean(dim=(2, 3)) + shift
+
+
+def test_the_model_is_traced_only_where_a_cut_can_serve():
+    """Tracing a model to cut it is start-up work, named as such; it is skipped where the cut
+    could not be used: for unit targets (read on layers the cut part does not run) and with
+    forward inputs (a traced part would not get them)."""
+    from camlens.timing import take_start_up
+
+    x = pictures(2).double()
+    take_start_up()
+    camlens.AblationCAM(dense(), "1")(x, lambda out: out[:, 1].mean(dim=(-2, -1)))
+    assert "cutting the model" in take_start_up()
+    camlens.AblationCAM(dense(), "1")(x, UnitTarget("2", 1))
+    assert "cutting the model" not in take_start_up()
+    camlens.AblationCAM(Shifted(), "net.1")(x, 2, forward_args=(torch.ones(3, dtype=torch.float64),))
+    assert "cutting the model" not in take_start_up()
+
+
 @pytest.mark.parametrize("case", ["tokens", "unit"])
 def test_smooth_gradcampp_without_noise_is_gradcampp(case):
     """With noise_level 0 every noisy copy is the image: the averaged derivatives are the image's,
