@@ -261,7 +261,8 @@ def test_the_recorded_options_of_each_method(name, kwargs, expected):
                           nn.Linear(6, 5))
     method = camlens.METHODS[name](model, "1", optimize=True, **kwargs)
     assert method.options() == expected
-    assert method.optimize is True  # the engine's options reach the engine through every constructor
+    # the engine's options reach the engine through every constructor
+    assert method.optimize is True and method.compile is False
 
 
 def test_a_flipped_copy_with_a_channel_subset_by_hand():
@@ -949,3 +950,160 @@ def test_a_method_refuses_what_is_not_a_model_or_an_output_selector(model, outpu
     with pytest.raises(CamlensError) as error:
         camlens.GradCAM(Head().eval() if model is None else model, "relu" if model is None else None, output=output)
     assert str(error.value) == message
+
+
+# -- the passes that score versions of the images ----------------------------------------------------------
+
+class TokensOut(nn.Module):
+    """Patch embedding with a ReLU [a 4-D target layer] -> tokens (N, 1 + 6, 5) -> a linear block, whose
+    tokens the model returns beside pooled class scores, in a dict with no ``logits`` key."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(16)
+        self.patch = nn.Sequential(nn.Conv2d(3, 5, 2, stride=2), nn.ReLU())
+        self.cls = nn.Parameter(torch.randn(1, 1, 5))
+        self.block = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        out = self.block(torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1))
+        return {"pooled": self.head(out.mean(dim=1)), "tokens": out}
+
+
+@pytest.mark.parametrize("name", ["scorecam", "smoothgradcam++"])
+@pytest.mark.parametrize("optimize", [False, True])
+def test_a_unit_on_a_token_layer_scores_its_grid_in_every_pass(name, optimize):
+    """A unit of a layer of tokens is read on the layer's grid (``reshape``: the class token
+    dropped, the 6 patches as 2x3) in the passes over masked or noisy copies too, on the model
+    that runs (the inference copy with ``optimize``), whatever ``output`` picks for the class
+    scores: the function reading the same tokens off the model's output gives the same weights."""
+    from camlens.accelerate import inference_copy
+
+    model = TokensOut().double().eval()
+    x = torch.rand(2, 3, 4, 6, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+    assert inference_copy(model, x) is not None
+    options = {"seed": 0, "n_samples": 3, "noise_level": 0.2} if name == "smoothgradcam++" else {}
+    unit = camlens.METHODS[name](model, "patch", reshape="tokens:1:2x3", output="pooled", optimize=optimize,
+                                 **options)(x, UnitTarget("block", 0))
+    function = camlens.METHODS[name](model, "patch", output="tokens", **options)(
+        x, lambda out: out[:, 1:, 0].mean(dim=1))
+    assert torch.allclose(unit.weights["patch"], function.weights["patch"], rtol=1e-9, atol=1e-12)
+    assert unit.weights["patch"].abs().max() > 0
+
+
+class Joined(nn.Module):
+    """Pooled features joined to a per-image vector ``extra`` (N, 2): the model cannot broadcast
+    one image against two rows of ``extra``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(18)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4 + 2, 3)
+
+    def forward(self, x, extra):
+        return self.head(torch.cat([self.features(x).mean(dim=(2, 3)), extra], dim=1))
+
+
+class JoinedBound(nn.Module):
+    def __init__(self, model, extra):
+        super().__init__()
+        self.model, self.extra = model, extra
+
+    def forward(self, x):
+        return self.model(x, self.extra.expand(x.shape[0], -1))
+
+
+def test_two_images_share_the_all_zero_input_but_not_their_forward_inputs():
+    """Score-CAM's ``baseline="zeros"`` forwards one all-zero input for every image: with a
+    forward input of one row per image, it is forwarded once per image, with that image's row,
+    also for two images. Each image explained alone with its row bound in gives the same."""
+    model, x = Joined().double().eval(), pictures(2).double()
+    extra = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)
+    got = camlens.ScoreCAM(model, "features", baseline="zeros")(x, [0, 2], forward_args=(camlens.PerImage(extra),))
+    for i, target in enumerate([0, 2]):
+        alone = camlens.ScoreCAM(JoinedBound(model, extra[i : i + 1]), "model.features", baseline="zeros")(
+            x[i : i + 1], target)
+        assert torch.allclose(got.weights["features"][i], alone.weights["model.features"][0], rtol=1e-10)
+
+
+class AtMostTwo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(19)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 2:
+            raise ValueError("at most 2 images at a time")
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("name", ["scorecam", "smoothgradcam++"])
+def test_a_model_failing_on_a_batch_of_versions_is_reported_in_one_line(name):
+    """The model runs on one image, then fails on a batch of 4 masked (Score-CAM) or noisy
+    (Smooth Grad-CAM++) copies: the error names the input it failed on and the model's reason."""
+    options = {"seed": 0, "n_samples": 4} if name == "smoothgradcam++" else {}
+    with pytest.raises(CamlensError) as error:
+        camlens.METHODS[name](AtMostTwo().double().eval(), "features", batch_size=4, **options)(pictures(1).double(), 0)
+    assert str(error.value) == ("the model failed on an input of shape (4, 3, 6, 6): ValueError: at most 2 images "
+                                "at a time (check the input's shape and preprocessing, or the model)")
+
+
+def test_the_output_picked_reaches_every_forward_the_method_runs():
+    """``output=`` picks the class scores in a dict with no ``logits`` key, in the method's own
+    passes and in the forward it lends the metrics (``fast_forward``), on the model or on its
+    inference copy; with ``optimize`` that forward runs the copy, not the model."""
+    model = TokensOut().double().eval()
+    x = torch.rand(2, 3, 4, 6, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)["pooled"]
+    weights = []
+    for optimize in (False, True):
+        method = camlens.ScoreCAM(model, "patch", output="pooled", optimize=optimize)
+        forward = method.fast_forward(x)
+        calls = []
+        handle = model.register_forward_hook(lambda *args: calls.append(1))
+        try:
+            with torch.no_grad():
+                assert torch.allclose(forward(x), expected, rtol=1e-10)
+        finally:
+            handle.remove()
+        assert len(calls) == (0 if optimize else 1)
+        weights.append(method(x, [0, 2]).weights["patch"])
+    assert torch.allclose(weights[0], weights[1], rtol=1e-9, atol=1e-12)
+
+
+def test_images_take_the_dtype_of_the_models_parameters_or_else_its_buffers():
+    """Float images given to a float64 model are explained in float64: the dtype comes from the
+    first parameter, else (a model with buffers only) from the first buffer; a model with
+    neither takes the images as they are. A channel's mean as its class score: Grad-CAM's weight
+    is 1/(h w) for that channel, 0 for the others."""
+    torch.manual_seed(21)
+    weighted = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 3)).double().eval()
+    assert next(weighted.buffers(), None) is None
+    x = pictures(2)
+    got = camlens.GradCAM(weighted, "1")(x, [0, 2])
+    assert got.weights["1"].dtype == torch.float64
+    assert torch.allclose(got.weights["1"], camlens.GradCAM(weighted, "1")(x.double(), [0, 2]).weights["1"])
+
+    class Buffered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mix", torch.eye(3, dtype=torch.float64))
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return torch.einsum("nchw,dc->nd", self.relu(x), self.mix) / (x.shape[2] * x.shape[3])
+
+    pooled = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    for model, layer, dtype in ((Buffered(), "relu", torch.float64), (pooled, "0", torch.float32)):
+        expl = camlens.GradCAM(model, layer)(x, [1, 2])
+        assert expl.weights[layer].dtype == dtype
+        expected = torch.zeros(2, 3, dtype=dtype)
+        expected[0, 1] = expected[1, 2] = 1 / 36
+        assert torch.allclose(expl.weights[layer].reshape(2, 3), expected)
