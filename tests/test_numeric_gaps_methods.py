@@ -603,6 +603,17 @@ def test_a_cut_whose_rest_holds_values_of_every_kind_passes_its_check_and_is_kep
         assert torch.allclose(got.weights["layer"].reshape(3, 4), expected, rtol=1e-9, atol=1e-12)
 
 
+def test_the_general_gradcampp_head_passes_the_rest_of_every_kind_on():
+    """The general Grad-CAM++ runs the part after the layer on the map's directions with what
+    else that part reads (copied where it is a tensor, given as it is where it is a number): the
+    same weights as on the model that cannot be cut."""
+    x = torch.rand(2, 3, 6, 8, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    cut = camlens.METHODS["gradcam++-general"](ReadsMore(False).double().eval(), "layer")(x, [0, 3])
+    whole = camlens.METHODS["gradcam++-general"](ReadsMore(True).double().eval(), "layer")(x, [0, 3])
+    assert torch.allclose(cut.weights["layer"], whole.weights["layer"], rtol=1e-9, atol=1e-12)
+    assert cut.weights["layer"].abs().max() > 0
+
+
 def test_a_cut_that_fails_its_check_is_not_kept():
     """A layer of tokens: the model traces and is cut, but the cut cannot take the map, so the
     check refuses it and the method object keeps nothing to check again on its next call."""
@@ -761,8 +772,24 @@ def test_methods_are_found_by_their_names_and_close_misspellings():
     with pytest.raises(CamlensError) as error:
         get_method("zzzzzz")
     assert "did you mean" not in str(error.value)
+    # A part of a name is close enough (a similarity of 0.5, below difflib's default of 0.6).
+    for part, suggested in (("smooth", "smoothgradcam++"), ("ablate", "ablationcam")):
+        with pytest.raises(CamlensError) as error:
+            get_method(part)
+        assert f"; did you mean {suggested}? (available:" in str(error.value)
     with pytest.raises(CamlensError, match="^a method is named by a string, not int$"):
         get_method(3)
+
+
+def test_the_smoothing_wrappers_refuse_what_they_cannot_wrap_or_call():
+    with pytest.raises(CamlensError, match="^EigenSmooth wraps a camlens method object, not str$"):
+        camlens.EigenSmooth("gradcam")
+    with pytest.raises(CamlensError) as error:
+        camlens.EigenSmooth(camlens.AugmentSmooth(camlens.GradCAM(Head(), "relu")))
+    assert str(error.value) == ("EigenSmooth wraps a camlens method object, not AugmentSmooth: smooth both ways "
+                                "with AugmentSmooth(EigenSmooth(method))")
+    with pytest.raises(CamlensError, match=r"^progress must be a function progress\(done, total\), not int$"):
+        camlens.AugmentSmooth(camlens.GradCAM(Head().eval(), "relu"))(pictures(1), 0, progress=5)
 
 
 def test_class_targets_refuse_booleans_and_complex_numbers():
