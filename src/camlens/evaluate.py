@@ -173,10 +173,17 @@ class ResultStore:
     of a pair) is moved to ``results.set-aside.jsonl`` and described in ``set_aside``: a damaged
     line's pair is computed again if the run needs it, and of two records of a pair the first is
     kept.
+
+    A run of several processes (``torchrun``, :mod:`camlens.distributed`): rank 0 holds the store
+    as above; rank r > 0 (``rank``) reads the results rank 0 checked and appends its own to
+    ``results.rank<r>.jsonl``, which rank 0 moves into ``results.jsonl`` at the end
+    (:meth:`merge`), and at the start of the next run where a run was killed before: under the
+    same rules, line by line, so nothing is lost and no pair counted twice.
     """
 
-    def __init__(self, folder: Path, config: dict, images: Collection[str]) -> None:
-        self.path = folder / "results.jsonl"
+    def __init__(self, folder: Path, config: dict, images: Collection[str], rank: int = 0) -> None:
+        self.main_path = folder / "results.jsonl"
+        self.path = self.main_path if rank == 0 else folder / shard_name(rank)
         self.config_path = folder / "config.json"
         self.aside_path = folder / "results.set-aside.jsonl"
         self.config = json.loads(json.dumps(config))  # as it reads back from the file
@@ -186,7 +193,11 @@ class ResultStore:
         self._views: set[str] = set()
         self._mapped: dict[tuple[str, int], set[str]] = {}  # (sha256, label) -> methods with a record
         self._open_maps: tuple[Path, dict[str, np.ndarray]] | None = None
-        for path in (self.path, self.config_path):
+        self._images = set(images)
+        if rank != 0:  # rank 0 has checked the folder and merged what earlier runs left
+            self._read_checked()
+            return
+        for path in (self.path, self.config_path, *self._shards()):
             if path.exists() and not path.is_file():
                 raise CamlensError(f"{path} is not a regular file: use another --out")
         for name in (VIEWS, MAPS):
@@ -194,8 +205,11 @@ class ResultStore:
                 raise CamlensError(f"{folder / name} is not a folder: use another --out")
             for leftover in (folder / name).glob(".camlens-partial-*"):  # of a run killed while writing
                 leftover.unlink(missing_ok=True)
-        if not (self.path.is_file() and self.path.stat().st_size):  # no results yet: nothing to mix with
+        if not any(path.is_file() and path.stat().st_size for path in (self.path, *self._shards())):
+            # No results yet: nothing to mix with.
             write_atomic(self.config_path, lambda p: p.write_text(json.dumps(self.config, indent=2) + "\n"))
+            for shard in self._shards():
+                shard.unlink()
             return
         saved = self._saved_config()
         if saved != self.config:
@@ -203,7 +217,7 @@ class ResultStore:
                 f"{folder} holds results of other settings ({config_changes(saved, self.config)}); "
                 f"use another --out, or the settings recorded in {self.config_path}"
             )
-        self._load(set(images))
+        self._load()
 
     def _saved_config(self) -> dict:
         if not self.config_path.exists():
@@ -224,40 +238,78 @@ class ResultStore:
             )
         return saved
 
-    def _load(self, images: set[str]) -> None:
-        try:
-            raw = self.path.read_bytes()
-        except OSError as error:
-            raise CamlensError(f"cannot read {self.path} ({os_reason(error)})") from None
-        lines = raw.split(b"\n")
+    def _shards(self) -> list[Path]:
+        """The results files of the other processes of a run (``results.rank<r>.jsonl``), by rank."""
+        found = [(int(m.group(1)), path) for path in self.folder.glob("results.rank*.jsonl")
+                 if (m := _SHARD.fullmatch(path.name))]
+        return [path for _, path in sorted(found)]
+
+    def _load(self) -> None:
+        """Read ``results.jsonl`` and the other processes' files after it, in rank order; keep the
+        usable records, set the rest aside, and leave the kept ones in ``results.jsonl`` alone."""
+        shards = self._shards()
         kept: list[bytes] = []
         aside: list[bytes] = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            record = _parse(line)
-            if isinstance(record, str) and number == len(lines):  # the last line, without its newline
-                record = "cut short (an interrupted run)"
-            problem = record_problem(record, self.config) if isinstance(record, dict) else record
-            outcome = "its result is computed again if this run needs it"
-            if problem is None and record["image"] not in images:
-                problem = f"image {record['image']!r} is not in this dataset"
-            if problem is None and (record["image"], record["method"]) in self.records:
-                problem, outcome = "a second result for the same image and method", "the first one is kept"
-            if problem is None:
-                self.records[(record["image"], record["method"])] = record
-                self._mapped.setdefault((record["sha256"], record["label"]), set()).add(record["method"])
-                kept.append(line)
-            else:
-                aside.append(line)
-                self.set_aside.append(f"{self.path.name} line {number}: {problem}; "
-                                      f"set aside in {self.aside_path.name}, {outcome}")
-        if aside or not raw.endswith(b"\n"):
-            with self.aside_path.open("ab") as handle:
-                handle.write(b"".join(line + b"\n" for line in aside))
-                handle.flush()
-                os.fsync(handle.fileno())
+        whole = True
+        for path in [self.path, *shards]:
+            try:
+                raw = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+            except OSError as error:
+                raise CamlensError(f"cannot read {path} ({os_reason(error)})") from None
+            whole = whole and (not raw or raw.endswith(b"\n"))
+            lines = raw.split(b"\n")
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                record = _parse(line)
+                if isinstance(record, str) and number == len(lines):  # the last line, without its newline
+                    record = "cut short (an interrupted run)"
+                problem = record_problem(record, self.config) if isinstance(record, dict) else record
+                outcome = "its result is computed again if this run needs it"
+                if problem is None and record["image"] not in self._images:
+                    problem = f"image {record['image']!r} is not in this dataset"
+                if problem is None and (key := (record["image"], record["method"])) in self.records:
+                    if path != self.path and self.records[key] == record:
+                        continue  # moved into results.jsonl by a merge killed before it removed the file
+                    problem, outcome = "a second result for the same image and method", "the first one is kept"
+                if problem is None:
+                    self._keep(record)
+                    kept.append(line)
+                else:
+                    aside.append(line)
+                    self.set_aside.append(f"{path.name} line {number}: {problem}; "
+                                          f"set aside in {self.aside_path.name}, {outcome}")
+        if aside or shards or not whole:
+            if aside:
+                with self.aside_path.open("ab") as handle:
+                    handle.write(b"".join(line + b"\n" for line in aside))
+                    handle.flush()
+                    os.fsync(handle.fileno())
             write_atomic(self.path, lambda p: p.write_bytes(b"".join(line + b"\n" for line in kept)))
+            for shard in shards:  # only once their lines are in results.jsonl
+                shard.unlink()
+
+    def _read_checked(self) -> None:
+        """The records of ``results.jsonl`` as rank 0 left it (checked, nothing to set aside)."""
+        try:
+            raw = self.main_path.read_bytes() if self.main_path.is_file() else b""
+        except OSError as error:
+            raise CamlensError(f"cannot read {self.main_path} ({os_reason(error)})") from None
+        for line in raw.splitlines():
+            record = _parse(line)
+            if isinstance(record, dict) and record_problem(record, self.config) is None:
+                self._keep(record)
+
+    def _keep(self, record: dict) -> None:
+        self.records[(record["image"], record["method"])] = record
+        self._mapped.setdefault((record["sha256"], record["label"]), set()).add(record["method"])
+
+    def merge(self) -> None:
+        """Rank 0, once every process has finished: their results moved into ``results.jsonl``
+        and read with this process's own (:attr:`records` then holds the whole run's)."""
+        self.records.clear()
+        self._mapped.clear()
+        self._load()
 
     def done(self, image: str, method: str) -> bool:
         return (image, method) in self.records
@@ -278,8 +330,7 @@ class ResultStore:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        self.records[key] = record
-        self._mapped.setdefault((record["sha256"], record["label"]), set()).add(record["method"])
+        self._keep(record)
 
     def _folder(self, name: str) -> Path:
         folder = self.folder / name
@@ -316,6 +367,14 @@ class ResultStore:
         arrays[f"{method}/layer_side"] = np.array(saliency.get("layer_side") or 0, dtype=np.int32)
         self._folder(MAPS)
         write_atomic(path, lambda p: np.savez_compressed(p, **arrays))
+
+
+_SHARD = re.compile(r"results\.rank([1-9][0-9]{0,5})\.jsonl")
+
+
+def shard_name(rank: int) -> str:
+    """The results file of process ``rank`` > 0 of a run of several (``results.rank<r>.jsonl``)."""
+    return f"results.rank{rank}.jsonl"
 
 
 VIEWS, MAPS = "views", "maps"
@@ -542,8 +601,10 @@ def mean_interval(values: Iterable[float]) -> dict:
 
 
 def summarise(records: Iterable[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict:
-    """``{method: {metric: {"mean", "low", "high", "n"}}}`` over the records (:func:`mean_interval`)."""
-    rows = list(records)
+    """``{method: {metric: {"mean", "low", "high", "n"}}}`` over the records (:func:`mean_interval`),
+    taken in image order: the figures do not depend on the order in which the records were written
+    (by one process or several)."""
+    rows = _in_image_order(records)
     return {
         method: {
             metric: mean_interval(r.get(metric) for r in rows if r["method"] == method)
@@ -553,10 +614,14 @@ def summarise(records: Iterable[dict], methods: Sequence[str], metrics: Sequence
     }
 
 
+def _in_image_order(records: Iterable[dict]) -> list[dict]:
+    return sorted(records, key=lambda r: (r["image"], r["method"]))
+
+
 def mean_curves(records: Iterable[dict], methods: Sequence[str], key: str) -> dict[str, list[float]]:
     """The mean deletion or insertion curve of each method (``key`` = "deletion_curve", ...)."""
     curves: dict[str, list[float]] = {}
-    rows = list(records)
+    rows = _in_image_order(records)
     for method in methods:
         found = [r[key] for r in rows if r["method"] == method and key in r]
         if found:

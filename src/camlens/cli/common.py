@@ -36,6 +36,7 @@ from ..capture import (
 )
 from ..combine import is_constant
 from ..datasets import class_index_lookup, describe_classes, word_matches
+from ..distributed import Group
 from ..errors import CamlensError, first_line
 from ..methods import METHODS, get_method
 from ..methods.meta import smoothed
@@ -60,8 +61,30 @@ def console(stream_name: str) -> Console:
     return Console(file=stream, highlight=False, width=160 if wide else None)
 
 
+# The rank of this process where it is not the first of a torchrun run (speak_for): it then
+# prints its errors only, marked with its rank; the first process says everything else once.
+_SILENT_RANK: int | None = None
+
+
+def speak_for(group: Group) -> Group:
+    """Let only the first process of ``group`` print notes, plans and progress; the others print
+    nothing but their own errors. Returns ``group``."""
+    global _SILENT_RANK
+    _SILENT_RANK = None if group.main else group.rank
+    return group
+
+
+def silent() -> bool:
+    """Whether this process says nothing but errors (:func:`speak_for`)."""
+    return _SILENT_RANK is not None
+
+
 def echo_error(text: str) -> None:
     """One line on stderr, never wrapped; a closed pipe is not an error worth a traceback."""
+    if _SILENT_RANK is not None:
+        if not text.startswith("camlens: error: "):
+            return
+        text = f"camlens: error (process {_SILENT_RANK}): {text.removeprefix('camlens: error: ')}"
     try:
         click.echo(text, err=True)
     except (BrokenPipeError, OSError):
@@ -568,10 +591,12 @@ def warm_up(objects: dict[str, Any], x: torch.Tensor) -> None:
 
 def warm_and_plan(objects: dict[str, Any], loaded: LoadedModel, paths: Sequence[Any], device: torch.device,
                   images: int, yes: bool, cheaper: str, extra_forwards: int = 0,
-                  per_method: dict[str, int] | None = None) -> dict[str, float]:
+                  per_method: dict[str, int] | None = None, group: Group | None = None) -> dict[str, float]:
     """Warm up on the first of ``paths`` that loads (:func:`warm_up`), plan the run
     (:func:`plan_run`) and say the plan when the run is long (:func:`announce_plan`). Returns the
-    start-up seconds spent, by kind (none where no image loads: the run says why, in its turn)."""
+    start-up seconds spent, by kind (none where no image loads: the run says why, in its turn).
+    A run of several processes (``group``) is said once, by the first, shared out; it never asks
+    (the others would not wait for the answer)."""
     from ..io import load_image
 
     for path in paths:
@@ -587,7 +612,8 @@ def warm_and_plan(objects: dict[str, Any], loaded: LoadedModel, paths: Sequence[
     with one_time("planning the run"):
         plan = plan_run(objects, x, images, extra_forwards, per_method)
     spent = take_start_up()
-    announce_plan(plan, yes, cheaper)
+    processes = 1 if group is None else group.world
+    announce_plan(plan, yes or processes > 1, cheaper, processes)
     return spent
 
 
@@ -688,10 +714,11 @@ def plan_run(objects: dict[str, Any], x: torch.Tensor, images: int, extra_forwar
     return Plan(images, seconds, passes, probe)
 
 
-def announce_plan(plan: Plan, yes: bool, cheaper: str) -> None:
+def announce_plan(plan: Plan, yes: bool, cheaper: str, processes: int = 1) -> None:
     """Say the plan of a long run before it starts (nothing for a short one). Above
     :data:`LONG_RUN`, an interactive terminal asks to go on (``--yes`` does not ask); a run that
-    is not interactive is never held: it says which methods cost most and goes on."""
+    is not interactive is never held: it says which methods cost most and goes on. The times are
+    of one process; ``processes`` share the work."""
     if plan.at_most < PLAN_FROM:
         return
     costly = sorted(plan.seconds, key=lambda m: (-plan.seconds[m][0], -plan.seconds[m][1]))
@@ -700,7 +727,8 @@ def announce_plan(plan: Plan, yes: bool, cheaper: str) -> None:
                       for m in shown)
     if len(shown) < len(costly):
         parts += f"; {len(costly) - len(shown)} other method(s) under a second each"
-    echo_error(f"camlens: plan: {plan.images} image(s); {parts}. In all {_span(plan.about, plan.at_most)} "
+    shared = f" of one process's work, shared by {processes} processes" if processes > 1 else ""
+    echo_error(f"camlens: plan: {plan.images} image(s); {parts}. In all {_span(plan.about, plan.at_most)}{shared} "
                f"({plan.probe})")
     if plan.about < LONG_RUN or yes:
         return

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -17,6 +19,7 @@ from ..charts import (
     curve_plot,
 )
 from ..datasets import Sample, load_dataset
+from ..distributed import POLL, Group, WorkQueue, join
 from ..errors import CamlensError
 from ..evaluate import (
     FAITHFULNESS,
@@ -32,6 +35,7 @@ from ..evaluate import (
     mean_curves,
     mean_interval,
     module_digest,
+    shard_name,
     summarise,
 )
 from ..io import (
@@ -60,6 +64,7 @@ from .common import (
     printable,
     run_options,
     smooth_options,
+    speak_for,
     top_channels_option,
     warm_and_plan,
     warm_up,
@@ -103,17 +108,18 @@ RUN_FILES = ("config.json", "results.jsonl", "results.set-aside.jsonl", "classes
 def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_layer, fc, top_channels, aug_smooth,
              eigen_smooth, device, batch_size, seed, optimize, compile_model, html, yes, **model_args) -> None:
     """Every method on every image of DATA: the Score-CAM paper's metrics, mean and 95% CI."""
+    group = speak_for(join())
     skipped_methods: dict[str, str] = {}
     layers: list[str] = []
     chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
                                                     on_skip=skipped_methods.__setitem__, on_layer=layers.append,
                                                     smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
+    torch_device = group.device(torch_device)
     dataset = load_dataset(data, loaded.class_names, classes, loaded.class_labels, mapping, boxes, limit)
     wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
     if any(m in LOCALISATION for m in wanted) and not dataset.has_boxes:
         raise CamlensError("localisation metrics need boxes: give --boxes, or VOC XML files beside the images")
     engine = engine_settings(optimize, compile_model, torch_device)
-    out_dir = ensure_writable_dir(out)
     root = Path(data) if Path(data).is_dir() else Path(data).parent
 
     def key(path: Path) -> str:
@@ -122,81 +128,109 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         except ValueError:
             return str(path)
 
-    # One run at a time: two would compute and append the same pairs.
-    with locked_output_dir(out_dir, "evaluate", RUN_FILES) as run_folder:
-        run_folder.remove("report.html")  # an earlier run's report is not this one's
-        method_notes = [f"{METHODS[m].display_name} skipped: {reason}" for m, reason in skipped_methods.items()]
-        notes = [*method_notes, *dataset.notes]
-        samples = dataset.samples
-        listed = len(dataset.listed[:limit])
-        input_boxes = {key(s.path): _input_boxes(s, loaded, notes) for s in samples}
-        if any(m in LOCALISATION for m in wanted):
-            boxless = sum(not boxes for boxes in input_boxes.values())
-            if boxless:
-                notes.append(f"{boxless} of {len(samples)} images have no box the model sees: the box metrics are "
-                             f"over the other {len(samples) - boxless}")
-        weights_digest = module_digest(loaded.module)
-        model = loaded.module.to(torch_device)
-        objects = method_objects(model, chosen, target_layer, batch_size, seed, fc=fc, engine=engine,
-                                 top_channels=top_channels,
-                                 smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
-        config = _identity(data, model_args, loaded, weights_digest, mapping, boxes, chosen, objects, wanted, steps,
-                           layers[0], torch_device, engine)
-        store = ResultStore(out_dir, config, {key(path) for path in dataset.listed})
-        _refuse_changed_images(store, samples, key, out_dir)
-        # The class names, for the HTML report's label and prediction columns (display only: the
-        # model and --class-names that fix them are part of the run's identity in config.json).
-        classes = out_dir / "classes.json"
-        if loaded.class_names is not None:
-            write_atomic(classes, lambda p: p.write_text(json.dumps(list(loaded.class_names)) + "\n"))
-        else:
-            classes.unlink(missing_ok=True)
-        chunk = batch_size or 8
+    method_notes = [f"{METHODS[m].display_name} skipped: {reason}" for m, reason in skipped_methods.items()]
+    notes = [*method_notes, *dataset.notes]
+    samples = dataset.samples
+    listed = len(dataset.listed[:limit])
+    input_boxes = {key(s.path): _input_boxes(s, loaded, notes) for s in samples}
+    if any(m in LOCALISATION for m in wanted):
+        boxless = sum(not boxes for boxes in input_boxes.values())
+        if boxless:
+            notes.append(f"{boxless} of {len(samples)} images have no box the model sees: the box metrics are "
+                         f"over the other {len(samples) - boxless}")
+    weights_digest = module_digest(loaded.module)
+    model = loaded.module.to(torch_device)
+    objects = method_objects(model, chosen, target_layer, batch_size, seed, fc=fc, engine=engine,
+                             top_channels=top_channels,
+                             smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
+    config = _identity(data, model_args, loaded, weights_digest, mapping, boxes, chosen, objects, wanted, steps,
+                       layers[0], torch_device, engine)
+    images = {key(path) for path in dataset.listed}
+    by_key = {key(s.path): s for s in samples}
 
-        pending = [(s, m) for s in samples for m in chosen if not store.done(key(s.path), m)]
+    # One run at a time: two would compute and append the same pairs. Of a run of several
+    # processes, the first (rank 0) holds the folder; the others write only their own results.
+    with contextlib.ExitStack() as stack:
+        store: ResultStore | None = None
+
+        def claim() -> tuple[str, list[tuple[str, str]]]:
+            nonlocal store
+            out_dir = ensure_writable_dir(out)
+            run_folder = stack.enter_context(locked_output_dir(out_dir, "evaluate", RUN_FILES))
+            run_folder.remove("report.html")  # an earlier run's report is not this one's
+            for rank in range(1, group.world):
+                run_folder.own(shard_name(rank))
+            store = ResultStore(out_dir, config, images)
+            _refuse_changed_images(store, samples, key, out_dir)
+            # The class names, for the HTML report's label and prediction columns (display only:
+            # the model and --class-names that fix them are part of the run's identity in config.json).
+            names_file = out_dir / "classes.json"
+            if loaded.class_names is not None:
+                write_atomic(names_file, lambda p: p.write_text(json.dumps(list(loaded.class_names)) + "\n"))
+            else:
+                names_file.unlink(missing_ok=True)
+            todo = [(key(s.path), m) for s in samples for m in chosen if not store.done(key(s.path), m)]
+            if todo:
+                # The results are about to grow: what was derived from them goes first, so that a
+                # run killed now never leaves a summary beside results it was not computed from.
+                for name in DERIVED:
+                    run_folder.remove(name)
+            return str(out_dir), todo
+
+        folder, todo = group.from_main(claim)
+        out_dir = Path(folder)
+        if store is None:
+            store = ResultStore(out_dir, config, images, rank=group.rank)
+        chunk = batch_size or 8
+        pending = [(by_key[image], name) for image, name in todo]
+        units: dict[str, tuple[Sample, list[str]]] = {}
+        for sample, name in pending:
+            units.setdefault(key(sample.path), (sample, []))[1].append(name)
         start_up: dict[str, float] = {}
-        _plan(objects, loaded, pending, wanted, steps, torch_device, start_up, yes)
-        skipped = list(dataset.skipped)
-        if pending:
-            # The results are about to grow: what was derived from them goes first, so that a run
-            # killed now never leaves a summary beside results it was not computed from.
-            for name in DERIVED:
-                run_folder.remove(name)
+        _plan(objects, loaded, pending, wanted, steps, torch_device, start_up, yes, group)
+        skipped: list[str] = []
+        queue = WorkQueue(group, "evaluate", len(units))
         with LogProgress() as bar:
             task = bar.add_task("evaluating", total=len(pending))
-            current = None
-            for sample, name in pending:
-                if current is None or current[0] is not sample:
-                    try:
-                        digest = file_digest(sample.path)
-                        image = load_image(sample.path)
-                    except CamlensError as error:
-                        skipped.append(f"{error} (skipped)")
-                        current = (sample, None, None, None)
-                    else:
-                        # The region the model sees, without a map: the report lays the maps over it.
-                        view = model_view(image, loaded.preprocess.crop_box(*image.size), max_side=VIEW_SIDE)
-                        current = (sample, loaded.preprocess(image).to(torch_device, input_dtype(model)), digest, view)
-                if current[1] is None:
-                    bar.advance(task)
+            for unit in queue:
+                sample, names = list(units.values())[unit]
+                try:
+                    digest = file_digest(sample.path)
+                    image = load_image(sample.path)
+                except CamlensError as error:
+                    skipped.append(f"{error} (skipped)")
+                    bar.update(task, completed=queue.finished(len(names)))
                     continue
-                bar.update(task, description=f"{printable(sample.path.name)} {METHODS[name].display_name}")
-                take_start_up()
-                if not start_up:  # the run's one-time work, timed apart (camlens.timing)
-                    warm_up(objects, current[1])
-                    start_up.update(take_start_up())
-                tick = timing.clock()
-                kept: dict = {}
-                record = evaluate_image(objects[name], current[1], sample.label, input_boxes[key(sample.path)], wanted,
-                                        steps, chunk, keep=kept)
-                elapsed = timing.clock() - tick
-                for what, seconds in (once := take_start_up()).items():
-                    start_up[what] = start_up.get(what, 0.0) + seconds
-                record.update(image=key(sample.path), method=name, label=sample.label, sha256=current[2],
-                              boxes=[list(b) for b in sample.boxes],
-                              seconds=round(max(0.0, elapsed - sum(once.values())), 4))
-                store.add(record, view=current[3], saliency=kept)
-                bar.advance(task)
+                # The region the model sees, without a map: the report lays the maps over it.
+                view = model_view(image, loaded.preprocess.crop_box(*image.size), max_side=VIEW_SIDE)
+                x = loaded.preprocess(image).to(torch_device, input_dtype(model))
+                for name in names:
+                    bar.update(task, description=f"{printable(sample.path.name)} {METHODS[name].display_name}")
+                    take_start_up()
+                    if not start_up:  # the run's one-time work, timed apart (camlens.timing)
+                        warm_up(objects, x)
+                        start_up.update(take_start_up())
+                    tick = timing.clock()
+                    kept: dict = {}
+                    record = evaluate_image(objects[name], x, sample.label, input_boxes[key(sample.path)], wanted,
+                                            steps, chunk, keep=kept)
+                    elapsed = timing.clock() - tick
+                    for what, seconds in (once := take_start_up()).items():
+                        start_up[what] = start_up.get(what, 0.0) + seconds
+                    record.update(image=key(sample.path), method=name, label=sample.label, sha256=digest,
+                                  boxes=[list(b) for b in sample.boxes],
+                                  seconds=round(max(0.0, elapsed - sum(once.values())), 4))
+                    store.add(record, view=view, saliency=kept)
+                    bar.update(task, completed=queue.finished())
+            if not group.main:  # rank 0 merges and summarises; this process's part is done
+                group.publish("skipped", skipped)
+                return
+            while (done := queue.done()) < len(pending):  # the others' last images
+                bar.update(task, description="evaluating (other processes)", completed=done)
+                time.sleep(POLL)
+            bar.update(task, completed=len(pending))
+        skipped = [*dataset.skipped, *(line for lines in group.gather("skipped", skipped) for line in lines)]
+        store.merge()
 
         keys = {key(s.path) for s in samples}
         records = [r for r in store.records.values() if r["image"] in keys and r["method"] in chosen]
@@ -281,7 +315,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
 
 
 def _plan(objects: dict, loaded: LoadedModel, pending: list, wanted: list[str], steps: int, device: torch.device,
-          start_up: dict[str, float], yes: bool) -> None:
+          start_up: dict[str, float], yes: bool, group: Group) -> None:
     """Warm up on the first pending image that loads and say the run's plan when it is long
     (:func:`announce_plan`): the methods' passes and the metrics' (one forward for Average Drop and
     Increase, ``steps`` each for deletion and insertion), per image still to do."""
@@ -293,7 +327,7 @@ def _plan(objects: dict, loaded: LoadedModel, pending: list, wanted: list[str], 
     start_up.update(warm_and_plan(
         objects, loaded, [sample.path for sample in samples], device, len(samples), yes,
         "or fewer methods (-m), --top-channels N for Score-CAM and its variants, fewer --steps, or --limit N "
-        "images (a later run resumes)", extra_forwards=extra, per_method=counts))
+        "images (a later run resumes)", extra_forwards=extra, per_method=counts, group=group))
 
 
 def _csv(value: float | None) -> str:

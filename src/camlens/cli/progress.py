@@ -19,7 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .common import console, echo_error
+from .common import console, echo_error, silent
 
 LOG_INTERVAL = 10.0  # seconds between two lines of one task in a log
 DONE = float("inf")  # marks a task whose last line has been printed
@@ -31,10 +31,12 @@ class LogProgress(Progress):
 
     def __init__(self, interval: float = LOG_INTERVAL) -> None:
         stream = console("stderr")
-        self.logging = not stream.is_terminal
+        # Off a terminal, lines instead of a bar; in a process of a torchrun run other than the
+        # first, nothing (the first draws the run's one bar).
+        self.logging = not stream.is_terminal and not silent()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
-        super().__init__(*columns, console=stream, transient=True, disable=self.logging)
+        super().__init__(*columns, console=stream, transient=True, disable=self.logging or silent())
         self.interval = interval
         self._logged: dict[TaskID, float] = {}
 

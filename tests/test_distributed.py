@@ -1,0 +1,188 @@
+"""Runs on several processes (issue 22): ``torchrun -m camlens evaluate`` on 2 processes gives the
+single-process table; a 2-process run killed mid-way and resumed with 1 process ends with every
+(image, method) pair exactly once and the same table; the results files of the processes merge
+under the store's rules. The processes are real: torchrun on this machine, gloo over loopback,
+a free port each time (``--standalone``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from camlens.distributed import Group, WorkQueue, join
+from camlens.evaluate import ResultStore, shard_name
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+# Slow enough (a pause per forward pass) that a run can be killed half-way.
+SLOWNET = """
+import time
+import torch
+from torch import nn
+
+
+class Slow(nn.Module):
+    def __init__(self, pause):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                      nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+        self.pause = pause
+
+    def forward(self, x):
+        time.sleep(self.pause)
+        return self.head(self.features(x))
+
+
+def net():
+    return Slow(0.0)
+
+
+def slow():
+    return Slow(0.05)
+"""
+
+
+@pytest.fixture
+def data(tmp_path):
+    """12 noise photos of 3 classes, of two sizes; the model module beside them."""
+    rng = np.random.default_rng(1)
+    for label in "abc":
+        folder = tmp_path / "data" / label
+        folder.mkdir(parents=True)
+        for i in range(4):
+            size = (20, 24) if i % 2 else (24, 20)
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "names.txt").write_text("a\nb\nc\n")
+    (tmp_path / "slownet.py").write_text(SLOWNET)
+    return tmp_path
+
+
+def command(root: Path, out: str, model: str = "slownet:net", processes: int = 1) -> list[str]:
+    args = ["-m", "camlens", "evaluate", str(root / "data"), "--model", model, "--input-size", "16",
+            "-m", "gradcam", "-m", "scorecam", "--class-names", str(root / "names.txt"), "--out", str(root / out)]
+    if processes == 1:
+        return [sys.executable, *args]
+    return [str(TORCHRUN), "--standalone", f"--nproc-per-node={processes}", *args]
+
+
+def environment(root: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+def finished(args: list[str], root: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, env=environment(root), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def without_times(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("seconds_per_image", "start-up seconds", "results.jsonl bytes")}
+
+
+def test_two_processes_give_the_single_process_table(data):
+    finished(command(data, "one"), data)
+    two = finished(command(data, "two", processes=2), data)
+    one_summary = json.loads((data / "one" / "summary.json").read_text())
+    two_summary = json.loads((data / "two" / "summary.json").read_text())
+    assert without_times(two_summary) == without_times(one_summary)
+    assert two_summary["images"] == 12 and two_summary["summary"]["scorecam"]["drop"]["n"] == 12
+    # Each pair once, with the same numbers (the time aside), and nothing left of the second process.
+    pairs = [(r["image"], r["method"]) for r in records(data / "two")]
+    assert len(pairs) == len(set(pairs)) == 24
+    strip = {(r["image"], r["method"]): {k: v for k, v in r.items() if k != "seconds"} for r in records(data / "one")}
+    assert {(r["image"], r["method"]): {k: v for k, v in r.items() if k != "seconds"}
+            for r in records(data / "two")} == strip
+    assert not (data / "two" / shard_name(1)).exists()
+    assert "camlens evaluate: 12 images" in two.stdout and two.stdout.count("Grad-CAM") == 1
+    # One process speaks: the table and the notes once.
+    assert two.stderr.count("note: start-up, once per run") == 1
+
+
+def test_a_two_process_run_killed_half_way_resumes_with_one(data):
+    finished(command(data, "one"), data)
+    out = data / "killed"
+    started = subprocess.Popen(command(data, "killed", model="slownet:slow", processes=2), env=environment(data),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and started.poll() is None:
+            written = sum(len(path.read_bytes().splitlines()) for path in out.glob("results*.jsonl")) if out.is_dir() else 0
+            if written >= 6 and (out / shard_name(1)).is_file():
+                break
+            time.sleep(0.05)
+        assert started.poll() is None, "the run ended before it could be killed"
+        os.killpg(started.pid, signal.SIGKILL)
+    finally:
+        started.wait(timeout=60)
+    assert (out / shard_name(1)).is_file() and 6 <= sum(
+        len(path.read_bytes().splitlines()) for path in out.glob("results*.jsonl")) < 24
+    resumed = finished(command(data, "killed", model="slownet:slow"), data)
+    pairs = [(r["image"], r["method"]) for r in records(out)]
+    assert len(pairs) == len(set(pairs)) == 24
+    assert not list(out.glob("results.rank*.jsonl"))
+    one_summary = json.loads((data / "one" / "summary.json").read_text())
+    resumed_summary = json.loads((out / "summary.json").read_text())
+    # The same table; a line cut short by the kill is set aside and its pair computed again.
+    assert resumed_summary["summary"] == one_summary["summary"]
+    assert resumed_summary["images"] == 12
+    assert "camlens evaluate: 12 images" in resumed.stdout
+
+
+CONFIG = {"--method": ["gradcam"], "--metric": ["drop"]}
+
+
+def line(image: str, drop: float = 1.0) -> str:
+    return json.dumps({"image": image, "method": "gradcam", "label": 0, "prediction": 0, "sha256": "sha256:" + "0" * 64,
+                       "boxes": [], "probability": 0.5, "seconds": 0.1, "drop": drop}) + "\n"
+
+
+def test_the_other_processes_results_merge_under_the_stores_rules(tmp_path):
+    """Results of a killed 2- and 3-process run: rank files beside results.jsonl are read after it,
+    in rank order; a line cut short is set aside, a line a killed merge already moved is dropped
+    silently, a second differing result is set aside (the first kept); the rank files are gone."""
+    images = {"a.png", "b.png", "c.png", "d.png", "e.png"}
+    ResultStore(tmp_path, CONFIG, images)  # config.json
+    (tmp_path / "results.jsonl").write_text(line("a.png") + line("b.png"))
+    (tmp_path / shard_name(1)).write_text(line("c.png") + line("a.png") + line("d.png")[:-9])
+    (tmp_path / shard_name(2)).write_text(line("e.png") + line("b.png", drop=2.0))
+    store = ResultStore(tmp_path, CONFIG, images)
+    assert sorted(image for image, _ in store.records) == ["a.png", "b.png", "c.png", "e.png"]
+    assert store.records[("b.png", "gradcam")]["drop"] == 1.0
+    assert [note.split(":")[0] for note in store.set_aside] == [f"{shard_name(1)} line 3", f"{shard_name(2)} line 2"]
+    assert "cut short" in store.set_aside[0] and "a second result" in store.set_aside[1]
+    assert not list(tmp_path.glob("results.rank*.jsonl"))
+    assert [json.loads(x)["image"] for x in (tmp_path / "results.jsonl").read_text().splitlines()] == [
+        "a.png", "b.png", "c.png", "e.png"]
+    # A helper process reads what rank 0 checked and writes to its own file; rank 0 merges it.
+    helper = ResultStore(tmp_path, CONFIG, images, rank=1)
+    assert set(helper.records) == set(store.records)
+    helper.add(json.loads(line("d.png")))
+    assert (tmp_path / shard_name(1)).is_file()
+    store.merge()
+    assert ("d.png", "gradcam") in store.records and not (tmp_path / shard_name(1)).exists()
+
+
+def test_one_process_is_a_group_of_one_and_its_queue_hands_out_every_unit_once(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    group = join()
+    assert (group.rank, group.world, group.main, group.distributed) == (0, 1, True, False)
+    queue = WorkQueue(group, "test", 5)
+    assert list(queue) == [0, 1, 2, 3, 4] and list(queue) == []
+    assert queue.finished(2) == 2 and queue.done() == 2
+    assert group.from_main(lambda: 7) == 7 and group.gather("x", [1]) == [[1]]
+    assert Group().device(__import__("torch").device("cpu")).type == "cpu"
