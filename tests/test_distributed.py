@@ -184,5 +184,32 @@ def test_one_process_is_a_group_of_one_and_its_queue_hands_out_every_unit_once(m
     queue = WorkQueue(group, "test", 5)
     assert list(queue) == [0, 1, 2, 3, 4] and list(queue) == []
     assert queue.finished(2) == 2 and queue.done() == 2
-    assert group.from_main(lambda: 7) == 7 and group.gather("x", [1]) == [[1]]
+    seen = []
+    queue.wait(2, seen.append)
+    assert seen == [2]
+    assert group.from_main(lambda: 7) == 7 and group.collect([1]) == [[1]]
     assert Group().device(__import__("torch").device("cpu")).type == "cpu"
+
+
+def test_explain_over_a_folder_on_two_processes_writes_each_image_once(data):
+    args = ["explain", *(str(data / "data" / label) for label in "abc"), "--model", "slownet:net", "--input-size", "16", "-m", "gradcam",
+            "-m", "eigencam", "--class-names", str(data / "names.txt")]
+    finished([sys.executable, "-m", "camlens", *args, "--out", str(data / "one")], data)
+    two = finished([str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "camlens", *args,
+                    "--out", str(data / "two")], data)
+    one_manifest = json.loads((data / "one" / "manifest.json").read_text())
+    two_manifest = json.loads((data / "two" / "manifest.json").read_text())
+
+    def images(manifest):
+        return [{k: v for k, v in image.items() if k != "timings"} for image in manifest["images"]]
+
+    assert two_manifest["status"] == "complete" and len(two_manifest["images"]) == 12
+    assert images(two_manifest) == images(one_manifest)  # the same outputs, in the inputs' order
+    folders = sorted(p.name for p in (data / "two").iterdir() if p.is_dir())
+    assert folders == sorted(image["output"] for image in two_manifest["images"])
+    for image in two_manifest["images"]:
+        marker = json.loads((data / "two" / image["output"] / ".camlens").read_text())
+        assert marker["run"]["id"] == two_manifest["run id"]
+    marker = json.loads((data / "two" / ".camlens-run.json").read_text())
+    assert set(folders) <= set(marker["files"])
+    assert "error" not in two.stderr

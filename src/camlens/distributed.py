@@ -17,8 +17,8 @@ the whole run.
 
 from __future__ import annotations
 
+import atexit
 import datetime
-import json
 import os
 import time
 import uuid
@@ -105,22 +105,13 @@ class Group:
             return self._counters[name]
         return int(self.store.add(f"{self.prefix}/{name}", amount))
 
-    def publish(self, name: str, value: Any) -> None:
-        """Leave a JSON-able ``value`` under ``name`` for rank 0 (:meth:`gather`)."""
-        if self.distributed:
-            self.store.set(f"{self.prefix}/{name}/{self.rank}", json.dumps(value))
-
-    def gather(self, name: str, own: Any) -> list[Any]:
-        """On rank 0: every process's value published under ``name`` (its own is ``own``), by
-        rank, each as soon as that process has published it."""
+    def collect(self, value: Any) -> list[Any] | None:
+        """Every process's ``value``, by rank, on rank 0 (None on the others). Each process calls
+        it once its own work is done; rank 0 waits for the last one."""
         if not self.distributed:
-            return [own]
-        values = [own]
-        for rank in range(1, self.world):
-            key = f"{self.prefix}/{name}/{rank}"
-            while not self.store.check([key]):
-                time.sleep(POLL)
-            values.append(json.loads(self.store.get(key)))
+            return [value]
+        values: list[Any] | None = [None] * self.world if self.main else None
+        torch.distributed.gather_object(value, values, dst=0)
         return values
 
 
@@ -146,6 +137,14 @@ class WorkQueue:
         """The work finished so far by every process."""
         return self.group.add(f"{self.name}/done", 0)
 
+    def wait(self, total: int, progress: Callable[[int], None]) -> None:
+        """Until ``total`` work is finished by the run, ``progress(done)`` now and then (rank 0,
+        its own part done, draws the others' last units)."""
+        while (done := self.done()) < total:
+            progress(done)
+            time.sleep(POLL)
+        progress(total)
+
 
 def join() -> Group:
     """The group of processes this process belongs to: the ``torchrun`` group (joined on the first
@@ -162,11 +161,19 @@ def join() -> Group:
             dist.init_process_group(backend="gloo", timeout=TIMEOUT)
         except (RuntimeError, ValueError) as error:
             raise CamlensError(f"cannot join the torchrun group (rank {rank} of {world}): {error}") from None
+        atexit.register(_leave)
     store = dist.distributed_c10d._get_default_store()
     group = Group(rank=rank, world=world, local_rank=local_rank, store=store)
     # Keys of this run only: a store outlives a run where torchrun restarts its workers.
     group.prefix = "camlens/" + group.from_main(lambda: uuid.uuid4().hex)
     return group
+
+
+def _leave() -> None:
+    """Leave the group before the interpreter tears down (PyTorch asks for it: a group left to the
+    interpreter's exit may abort the process)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _env_int(name: str, default: int) -> int:

@@ -256,6 +256,23 @@ class RunFolder:
             self._save()
         return self.path / name
 
+    def own_all(self, names: Iterable[str]) -> None:
+        """Record ``names`` as camlens's at once, before any is written: the processes of a run of
+        several write into names the first one recorded (:meth:`forget` the ones left unwritten)."""
+        new = set(names) - set(self.record["files"])
+        if new:
+            on_disk = read_marker(self.path) or {"files": []}
+            self.record["files"] = sorted({*self.record["files"], *on_disk["files"], *new})
+            self._save()
+
+    def forget(self, names: Iterable[str]) -> None:
+        """No longer record ``names`` (recorded by :meth:`own_all`) where nothing of theirs exists:
+        a name camlens never wrote is not its to replace later."""
+        gone = {name for name in names if not (self.path / name).exists() and not (self.path / name).is_symlink()}
+        if gone & set(self.record["files"]):
+            self.record["files"] = sorted(set(self.record["files"]) - gone)
+            self._save()
+
     def owns(self, name: str) -> bool:
         return name in self.record["files"]
 

@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -19,7 +18,7 @@ from ..charts import (
     curve_plot,
 )
 from ..datasets import Sample, load_dataset
-from ..distributed import POLL, Group, WorkQueue, join
+from ..distributed import Group, WorkQueue, join
 from ..errors import CamlensError
 from ..evaluate import (
     FAITHFULNESS,
@@ -222,14 +221,13 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                                   seconds=round(max(0.0, elapsed - sum(once.values())), 4))
                     store.add(record, view=view, saliency=kept)
                     bar.update(task, completed=queue.finished())
-            if not group.main:  # rank 0 merges and summarises; this process's part is done
-                group.publish("skipped", skipped)
-                return
-            while (done := queue.done()) < len(pending):  # the others' last images
-                bar.update(task, description="evaluating (other processes)", completed=done)
-                time.sleep(POLL)
-            bar.update(task, completed=len(pending))
-        skipped = [*dataset.skipped, *(line for lines in group.gather("skipped", skipped) for line in lines)]
+            if group.main:  # the others' last images
+                queue.wait(len(pending), lambda done: bar.update(task, description="evaluating (other processes)",
+                                                                 completed=done))
+        everyone = group.collect(skipped)
+        if not group.main:  # rank 0 merges and summarises; this process's part is done
+            return
+        skipped = [*dataset.skipped, *(line for lines in everyone for line in lines)]
         store.merge()
 
         keys = {key(s.path) for s in samples}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
@@ -22,6 +23,7 @@ from PIL import Image
 from rich.table import Table
 
 from .. import __version__, timing
+from ..distributed import Group, WorkQueue, join
 from ..errors import CamlensError
 from ..io import (
     MAX_MARKER_BYTES,
@@ -66,6 +68,7 @@ from .common import (
     run_options,
     slug,
     smooth_options,
+    speak_for,
     top_channels_option,
     warm_and_plan,
     warm_up,
@@ -128,12 +131,12 @@ class Explainer:
     def targets(self):
         return self.class_index if self.class_index is not None else TopK(self.top_k)
 
-    def plan(self, files: Sequence[Path], yes: bool) -> None:
+    def plan(self, files: Sequence[Path], yes: bool, group: Group | None = None) -> None:
         """Warm up on the first image that loads and say the run's plan when it is long
         (:func:`announce_plan`); the warm-up and the timed probe are the run's start-up."""
         self.start_up.update(warm_and_plan(
             self.methods, self.loaded, files, self.device, len(files), yes,
-            "or fewer methods (-m), --top-channels N for Score-CAM and its variants, or fewer images"))
+            "or fewer methods (-m), --top-channels N for Score-CAM and its variants, or fewer images", group=group))
 
     def run(self, path: Path, folder: Path, progress: Callable[[str, int, int], None]) -> ImageResult:
         result = ImageResult(path)
@@ -295,28 +298,44 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
         for reason in unreadable.values():
             echo_error(f"failed: {printable(reason)}")
         raise CamlensError("nothing to explain: none of the inputs is an image file that can be read")
+    group = speak_for(join())
     skipped_methods: dict[str, str] = {}
     chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
                                                     on_skip=skipped_methods.__setitem__,
                                                     smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
+    torch_device = group.device(torch_device)
     class_index = resolve_class(class_, loaded, classes) if class_ is not None else None
     if top_k is not None and top_k > classes:
         raise CamlensError(f"--top-k {top_k} is more than the model's {classes} classes")
     explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or 1, torch_device, batch_size, seed,
                           fc=fc, colormap=colormap, caption=caption, engine=engine_settings(optimize, compile_model, torch_device),
                           top_channels=top_channels, smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
-    explainer.plan(files, yes)  # before any output: a run declined leaves nothing
-    out_dir = ensure_writable_dir(out)
-    # Each run has an id, in its manifest and in the marker of every image folder it writes: the
-    # manifest of the last complete run stays until this run's replaces it, and the report tells
-    # which folders are still that run's.
-    run_record = {"id": uuid.uuid4().hex, "camlens": __version__, "created": now(), "command": command_line(),
-                  "methods": chosen, "model": loaded.name}
+    explainer.plan(files, yes, group)  # before any output: a run declined leaves nothing
     results = [ImageResult(path, status="failed", error=reason) for path, reason in unreadable.items()]
 
-    with locked_output_dir(out_dir, "explain") as run_folder:
-        run_folder.remove("report.html")  # an earlier run's report is not this one's
-        names = output_names(files, out_dir)
+    # Of a run of several processes, the first (rank 0) holds the folder and names every output
+    # folder before the work starts; each process publishes the folders of the images it takes.
+    with contextlib.ExitStack() as stack:
+        run_folder: RunFolder | None = None
+
+        def claim() -> tuple[str, list[str], dict]:
+            nonlocal run_folder
+            out_dir = ensure_writable_dir(out)
+            run_folder = stack.enter_context(locked_output_dir(out_dir, "explain"))
+            run_folder.remove("report.html")  # an earlier run's report is not this one's
+            names = output_names(files, out_dir)
+            if group.distributed:
+                run_folder.own_all(names)
+            # Each run has an id, in its manifest and in the marker of every image folder it
+            # writes: the manifest of the last complete run stays until this run's replaces it,
+            # and the report tells which folders are still that run's.
+            record = {"id": uuid.uuid4().hex, "camlens": __version__, "created": now(), "command": command_line(),
+                      "methods": chosen, "model": loaded.name}
+            return str(out_dir), names, record
+
+        folder, names, run_record = group.from_main(claim)
+        out_dir = Path(folder)
+        place = run_folder.own if run_folder is not None and not group.distributed else out_dir.joinpath
 
         def finish(status: str) -> list[dict]:
             kept = earlier_folders(out_dir, results)
@@ -329,6 +348,7 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
                 raise CamlensError(f"cannot write {out_dir / 'manifest.json'}: {os_reason(error)}") from None
             return kept
 
+        mine: list[tuple[int, ImageResult]] = []
         try:
             with LogProgress() as bar:
                 overall = bar.add_task("images", total=len(files))
@@ -337,14 +357,29 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
                 def report(method: str, done: int, total: int) -> None:
                     bar.update(step, description=f"  {METHODS[method].display_name}", completed=done, total=total, visible=True)
 
-                for path, name in zip(files, names):
+                queue = WorkQueue(group, "explain", len(files))
+                for index in queue:
+                    path = files[index]
                     bar.update(overall, description=printable(path.name))
-                    results.append(explain_one(explainer, path, run_folder, name, report, run_record))
+                    mine.append((index, explain_one(explainer, path, out_dir, names[index], place, report,
+                                                    run_record)))
                     bar.update(step, visible=False)
-                    bar.advance(overall)
+                    bar.update(overall, completed=queue.finished())
+                if group.main:  # the others' last images
+                    queue.wait(len(files), lambda done: bar.update(overall, description="images (other processes)",
+                                                                   completed=done))
         except KeyboardInterrupt:
-            finish("interrupted")
+            if run_folder is not None:
+                results.extend(result for _, result in sorted(mine, key=lambda item: item[0]))
+                finish("interrupted")
             raise
+        everyone = group.collect(mine)
+        if run_folder is None:  # rank 0 writes the manifest and says what was done
+            return
+        results.extend(result for _, result in sorted((item for part in everyone for item in part),
+                                                      key=lambda item: item[0]))
+        if group.distributed:
+            run_folder.forget(names)  # the names of images that failed: never written
         kept = finish("complete")
         if html and any(r.status == "ok" for r in results):
             write_html(out_dir)
@@ -371,10 +406,10 @@ def command_line() -> list[str]:
     return ["camlens", *map(printable, sys.argv[1:])]
 
 
-def explain_one(explainer: Explainer, path: Path, run_folder: RunFolder, name: str, report,
+def explain_one(explainer: Explainer, path: Path, out_dir: Path, name: str, place: Callable[[str], Path], report,
                 run_record: dict) -> ImageResult:
-    """Explain one image into the run folder's ``name``; on failure leave nothing behind but the error."""
-    out_dir = run_folder.path
+    """Explain one image into ``out_dir``'s ``name`` (``place(name)``: the path, recorded as
+    camlens's before it is written); on failure leave nothing behind but the error."""
     staging = None
     try:
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".camlens-staging-"))
@@ -385,7 +420,7 @@ def explain_one(explainer: Explainer, path: Path, run_folder: RunFolder, name: s
         record = {"run": {**run_record, "target_layers": list(explainer.target_layers)}, "image": result.to_dict(),
                   "source": str(path.resolve())}
         (staging / MARKER).write_text(json.dumps(record, indent=1) + "\n")
-        publish(staging, run_folder.own(name))
+        publish(staging, place(name))
         return result
     except CamlensError as error:
         message = str(error)
