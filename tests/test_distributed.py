@@ -213,3 +213,18 @@ def test_explain_over_a_folder_on_two_processes_writes_each_image_once(data):
     marker = json.loads((data / "two" / ".camlens-run.json").read_text())
     assert set(folders) <= set(marker["files"])
     assert "error" not in two.stderr
+
+
+def test_sanity_on_two_processes_gives_the_single_process_verdicts(data):
+    args = ["sanity", str(data / "data" / "a" / "0.png"), "--model", "slownet:net", "--input-size", "16",
+            "-m", "gradcam", "-m", "eigencam", "-m", "gradcam++"]
+    finished([sys.executable, "-m", "camlens", *args, "--out", str(data / "one")], data)
+    two = finished([str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "camlens", *args,
+                    "--out", str(data / "two")], data)
+    one_record = json.loads((data / "one" / "sanity.json").read_text())
+    two_record = json.loads((data / "two" / "sanity.json").read_text())
+    assert list(two_record["methods"]) == ["gradcam", "eigencam", "gradcam++"]  # in the order asked
+    assert two_record["methods"] == one_record["methods"] and two_record["status"] == "complete"
+    one_maps, two_maps = np.load(data / "one" / "maps.npz"), np.load(data / "two" / "maps.npz")
+    assert all(np.array_equal(one_maps[name], two_maps[name]) for name in one_maps.files)
+    assert two.stdout.count("camlens sanity:") == 1 and "error" not in two.stderr

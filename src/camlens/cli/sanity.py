@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -23,8 +24,10 @@ from ..charts import (
     similarity_plot,
 )
 from ..combine import is_constant
+from ..distributed import WorkQueue, join
 from ..evaluate import quantise
 from ..io import (
+    RunFolder,
     ensure_writable_dir,
     file_digest,
     load_image,
@@ -65,6 +68,7 @@ from .common import (
     resolve_class,
     run_options,
     smooth_options,
+    speak_for,
     takes_option,
     top_channels_option,
 )
@@ -108,6 +112,7 @@ _clock = time.perf_counter  # the timer of the planned cost (a test gives it a f
 def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, out, fc, top_channels, aug_smooth,
            eigen_smooth, device, batch_size, seed, optimize, compile_model, html, **model_args) -> None:
     """The model-randomisation test: re-initialise layers from the top, watch the maps change."""
+    group = speak_for(join())
     skipped: dict[str, str] = {}
 
     def skip(method: str, reason: str) -> None:
@@ -120,16 +125,27 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
                                                     on_skip=skip, on_layer=layers.append,
                                                     smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
     layer = layers[0]
+    torch_device = group.device(torch_device)
     if not methods:
         chosen = [name for name in chosen if name in DEFAULT_METHODS]
     engine = engine_settings(optimize, compile_model, torch_device, default=False)
-    out_dir = ensure_writable_dir(out)
     photo = load_image(image)
     # One run at a time; clears what killed runs left. An earlier complete run's files stay until
     # this run's replace them, its record (sanity.json) last: it names each file by its digest, so
     # a run killed half-way leaves a record that the report can check, never a mix taken for one run.
-    with locked_output_dir(out_dir, "sanity", RUN_FILES) as run_folder:
-        run_folder.remove("report.html")  # an earlier run's report is not this one's
+    # Of a run of several processes, the first holds the folder and writes every file; each
+    # process runs the cascade of the methods it takes, one at a time.
+    with contextlib.ExitStack() as stack:
+        run_folder: RunFolder | None = None
+
+        def claim() -> str:
+            nonlocal run_folder
+            out_dir = ensure_writable_dir(out)
+            run_folder = stack.enter_context(locked_output_dir(out_dir, "sanity", RUN_FILES))
+            run_folder.remove("report.html")  # an earlier run's report is not this one's
+            return str(out_dir)
+
+        out_dir = Path(group.from_main(claim))
         model = loaded.module.to(torch_device)
         x = loaded.preprocess(photo).unsqueeze(0).to(torch_device, input_dtype(model))
         logits, forward_seconds = _timed_forward(model, x)
@@ -146,10 +162,13 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
                                  smooth=smooth)
         channels = _channels(model, x, layer) if any(isinstance(core_method(m), ScoreCAM) for m in objects.values()) else 0
         passes = {name: _passes(method, channels) for name, method in objects.items()}
-        per_map, per_cascade = _measure(model, x, target, layer, objects, groups, len(plan), torch_device,
-                                        forward_seconds)
-        estimate = _estimate(per_map, per_cascade, len(plan))
-        echo_error(_plan_line(passes, per_map, per_cascade, len(plan), estimate, torch_device))
+        estimate = 0.0
+        if group.main:  # the plan is said once
+            per_map, per_cascade = _measure(model, x, target, layer, objects, groups, len(plan), torch_device,
+                                            forward_seconds)
+            estimate = _estimate(per_map, per_cascade, len(plan))
+            shared = f" (shared by {group.world} processes, a method each at a time)" if group.distributed else ""
+            echo_error(_plan_line(passes, per_map, per_cascade, len(plan), estimate, torch_device) + shared)
 
         started = time.monotonic()
         results = {}
@@ -215,7 +234,10 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
 
         try:
             with LogProgress() as bar:
-                for name in chosen:
+                queue = WorkQueue(group, "sanity", len(chosen))
+                overall = bar.add_task("methods", total=len(chosen), visible=group.distributed)
+                for index in queue:
+                    name = chosen[index]
                     task = bar.add_task(METHODS[name].display_name, total=len(plan) + 1)
                     built: dict[int, Any] = {}  # one method object per model copy: its layer lookup is cached
                     done = [0]
@@ -236,10 +258,19 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
 
                     results[name] = cascading_randomisation(explain_with, model, x, groups=groups, seed=seed,
                                                             progress=finished, steps=steps)
+                    bar.update(overall, completed=queue.finished())
+                if group.main:  # the others' last methods
+                    queue.wait(len(chosen), lambda done: bar.update(overall, completed=done))
         except KeyboardInterrupt:
-            if results:  # the methods that finished, for `camlens report` to show as an interrupted run
+            if results and run_folder is not None:  # the methods that finished, for `camlens report` to show
                 finish("interrupted")
             raise
+        everyone = group.collect({name: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in r.items()}
+                                  for name, r in results.items()})
+        if run_folder is None:  # the first process judges, writes and says
+            return
+        merged = {name: r for part in everyone for name, r in part.items()}
+        results = {name: merged[name] for name in chosen if name in merged}
         verdicts, elapsed, figures = finish("complete")
         if html:
             write_html(out_dir)
