@@ -634,6 +634,21 @@ class Recorder:
         return hook
 
 
+# True while a caller (CAMMethod's weigh step) retries after the device runs out of memory.
+_RETRIED: ContextVar[bool] = ContextVar("camlens_out_of_memory_retried", default=False)
+
+
+@contextlib.contextmanager
+def out_of_memory_retried() -> Iterator[None]:
+    """In this block, :func:`model_failures` lets the device's out-of-memory errors through as
+    they are: the caller tries again with smaller batches (elsewhere they are a model's failure)."""
+    token = _RETRIED.set(True)
+    try:
+        yield
+    finally:
+        _RETRIED.reset(token)
+
+
 @contextlib.contextmanager
 def model_failures(model: nn.Module, inputs: Tensor) -> Iterator[None]:
     """Report a failure of ``model`` on ``inputs`` (any exception but a CamlensError) in one line.
@@ -647,6 +662,8 @@ def model_failures(model: nn.Module, inputs: Tensor) -> Iterator[None]:
     except CamlensError:
         raise
     except Exception as error:
+        if isinstance(error, torch.OutOfMemoryError) and _RETRIED.get():
+            raise  # the caller tries again with smaller batches
         shape = tuple(inputs.shape)
         expected = _input_channels(model)
         if expected is not None and len(shape) == 4 and expected != shape[1]:

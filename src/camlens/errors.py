@@ -15,6 +15,11 @@ class BlankMapWarning(UserWarning):
     says why. ``Explanation.blank`` flags them; ``Explanation.blank_reasons()`` gives the reasons."""
 
 
+class BatchHalvedWarning(UserWarning):
+    """A method ran out of memory (CUDA) with its ``batch_size``: its batches were halved until the
+    work fitted, and stay so for its later calls. The numbers do not depend on the batch size."""
+
+
 def first_line(error: BaseException) -> str:
     """An exception in one line: its type and the first line of its message."""
     lines = str(error).strip().splitlines()

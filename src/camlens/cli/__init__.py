@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import click
 
 from .. import __version__
-from ..errors import BlankMapWarning, CamlensError
+from ..errors import BatchHalvedWarning, BlankMapWarning, CamlensError
 from ..io import os_reason
 from .common import echo_error
 from .evaluate import evaluate
@@ -63,10 +63,14 @@ def warning_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
     """One line for the characters no font could draw, one for the other warnings."""
     glyphs: dict[str, str] = {}
     others: list[str] = []
+    halved: dict[str, None] = {}
     for item in caught:
         if issubclass(item.category, BlankMapWarning):  # each command says which maps are blank itself
             continue
         text = str(item.message)
+        if issubclass(item.category, BatchHalvedWarning):  # camlens's own: said as it is, once
+            halved.setdefault(text, None)
+            continue
         found = GLYPH.match(text)
         if found:
             glyphs.setdefault(text.split(" ")[1], found.group(1))
@@ -74,7 +78,7 @@ def warning_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
         line = f"{item.category.__name__}: {(text.strip().splitlines() or [''])[0]}"
         if line not in others:
             others.append(line)
-    notes = []
+    notes = [f"camlens: note: {text}" for text in halved]
     if glyphs:
         shown = "".join(chr(int(code)) for code in glyphs)
         notes.append(f"camlens: note: the font ({', '.join(sorted(set(glyphs.values())))}) has no glyph for "

@@ -8,6 +8,7 @@ normalisation, fusion, restoring the model) happens here, once, for all methods.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from ..capture import (
     gradients,
     model_failures,
     model_output,
+    out_of_memory_retried,
     preserved,
     record,
     remembered_default_layer,
@@ -43,7 +45,7 @@ from ..capture import (
     token_grid,
 )
 from ..combine import fuse, upsample_normalise, weighted_sum
-from ..errors import CamlensError
+from ..errors import BatchHalvedWarning, CamlensError, first_line
 from ..explanation import Explanation, warn_blank
 from ..targets import TargetSpec, Targets, resolve_targets, unit_layers
 
@@ -369,7 +371,7 @@ class CAMMethod:
             context.activations = {
                 name: context.select(name, a, 1) for name, a in context.full_activations.items()
             }
-            weights = self.weigh(context)
+            weights = self._weigh_in_memory(context)
         explanation = self._explanation(context, weights, scores.detach(), chosen)
         if self.output is not None:
             explanation.options["output"] = getattr(self.output, "__qualname__", self.output)
@@ -484,6 +486,36 @@ class CAMMethod:
         split = inference.split(names[0], x) if len(set(names)) == 1 else None
         runner = split if split is not None else PlainForward(inference)
         return runner, self._compiled(inference, getattr(self, "batch_size", 16))
+
+    def _weigh_in_memory(self, context: Context) -> dict[str, Tensor]:
+        """:meth:`weigh`; after an out-of-memory error of the device (CUDA), a method with batches
+        (``batch_size``: the Score-CAM family, Ablation-CAM, Recipro-CAM, Smooth Grad-CAM++) halves
+        them and weighs again, as often as needed, and says so in one
+        :class:`~camlens.errors.BatchHalvedWarning`; the batch size stays halved for the object's
+        later calls. The weights do not depend on the batch size."""
+        first = getattr(self, "batch_size", None)
+        while True:
+            try:
+                with out_of_memory_retried():
+                    weights = self.weigh(context)
+                break
+            except torch.OutOfMemoryError as error:
+                reason = first_line(error)  # not the error itself: its frames hold the batch's tensors
+            size = getattr(self, "batch_size", None)
+            if not isinstance(size, int) or size <= 1:
+                raise CamlensError(
+                    f"{self.display_name or self.name} ran out of memory on {context.images.device}"
+                    + (f" even with batch_size 1 ({reason})" if isinstance(size, int) else f" ({reason})")
+                    + ": use fewer images per call, a smaller input, or another device"
+                )
+            self.batch_size = size // 2
+            if context.images.is_cuda:
+                torch.cuda.empty_cache()
+        if first != getattr(self, "batch_size", None):
+            warnings.warn(f"{self.display_name or self.name} ran out of memory on {context.images.device} with "
+                          f"batch_size {first}: its batches were halved to {self.batch_size}, for the rest of the "
+                          "run too (the same numbers, in more passes)", BatchHalvedWarning, stacklevel=3)
+        return weights
 
     def fast_forward(self, images: Tensor, batch_size: int = 32) -> nn.Module:
         """A module giving the model's logits (the output that ``output`` picks) the way this
