@@ -93,11 +93,24 @@ def test_out_of_memory_on_the_images_themselves_is_the_models_failure_in_one_lin
 
 
 def test_the_command_line_says_a_halving_once_as_a_note():
-    from camlens.cli import warning_notes
+    from camlens.cli import common, halving_notes, warning_notes
+    from camlens.distributed import Group
 
     message = "Score-CAM ran out of memory on cuda:0 with batch_size 32: its batches were halved to 8, ..."
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
             warnings.warn(message, BatchHalvedWarning)
-    assert warning_notes(caught) == [f"camlens: note: {message}"]
+    assert halving_notes(caught) == [f"camlens: note: {message}"] and warning_notes(caught) == []
+    # A process of a torchrun run other than the first says its own halving, marked; no other note.
+    common.speak_for(Group(rank=1, world=2))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            said = []
+            patch.setattr(common.click, "echo", lambda text, err: said.append(text))
+            common.echo_error(f"camlens: note: {message}", every_process=True)
+            common.echo_error("camlens: note: start-up, once per run: 0.2 s")
+            common.echo_error("camlens: error: no such file")
+    finally:
+        common.speak_for(Group())
+    assert said == [f"camlens: note (process 1): {message}", "camlens: error (process 1): no such file"]

@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         except SystemExit as done:
             if done.code not in (0, None):  # an error is its own one line: warnings are no news then
                 raise
+        for line in halving_notes(caught):  # this process's own, said by each process of a run of several
+            echo_error(line, every_process=True)
         for line in warning_notes(caught):
             echo_error(line)
 
@@ -59,18 +61,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 GLYPH = re.compile(r"Glyph \d+ \(.*\) missing from font\(s\) (.+)\.")
 
 
+def halving_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+    """A note for each batch size a method halved after running out of memory, once each."""
+    said = dict.fromkeys(str(item.message) for item in caught if issubclass(item.category, BatchHalvedWarning))
+    return [f"camlens: note: {text}" for text in said]
+
+
 def warning_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
     """One line for the characters no font could draw, one for the other warnings."""
     glyphs: dict[str, str] = {}
     others: list[str] = []
-    halved: dict[str, None] = {}
     for item in caught:
         if issubclass(item.category, BlankMapWarning):  # each command says which maps are blank itself
             continue
-        text = str(item.message)
-        if issubclass(item.category, BatchHalvedWarning):  # camlens's own: said as it is, once
-            halved.setdefault(text, None)
+        if issubclass(item.category, BatchHalvedWarning):  # said by halving_notes
             continue
+        text = str(item.message)
         found = GLYPH.match(text)
         if found:
             glyphs.setdefault(text.split(" ")[1], found.group(1))
@@ -78,7 +84,7 @@ def warning_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
         line = f"{item.category.__name__}: {(text.strip().splitlines() or [''])[0]}"
         if line not in others:
             others.append(line)
-    notes = [f"camlens: note: {text}" for text in halved]
+    notes = []
     if glyphs:
         shown = "".join(chr(int(code)) for code in glyphs)
         notes.append(f"camlens: note: the font ({', '.join(sorted(set(glyphs.values())))}) has no glyph for "

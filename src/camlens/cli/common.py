@@ -79,12 +79,14 @@ def silent() -> bool:
     return _SILENT_RANK is not None
 
 
-def echo_error(text: str) -> None:
-    """One line on stderr, never wrapped; a closed pipe is not an error worth a traceback."""
+def echo_error(text: str, every_process: bool = False) -> None:
+    """One line on stderr, never wrapped; a closed pipe is not an error worth a traceback.
+    ``every_process``: a note of this process's own, said by each process of a run of several."""
     if _SILENT_RANK is not None:
-        if not text.startswith("camlens: error: "):
+        kind = text.split(": ", 2)[1] if text.startswith("camlens: ") else ""
+        if not (kind == "error" or (kind == "note" and every_process)):
             return
-        text = f"camlens: error (process {_SILENT_RANK}): {text.removeprefix('camlens: error: ')}"
+        text = f"camlens: {kind} (process {_SILENT_RANK}): {text.split(': ', 2)[2]}"
     try:
         click.echo(text, err=True)
     except (BrokenPipeError, OSError):
