@@ -228,3 +228,14 @@ def test_sanity_on_two_processes_gives_the_single_process_verdicts(data):
     one_maps, two_maps = np.load(data / "one" / "maps.npz"), np.load(data / "two" / "maps.npz")
     assert all(np.array_equal(one_maps[name], two_maps[name]) for name in one_maps.files)
     assert two.stdout.count("camlens sanity:") == 1 and "error" not in two.stderr
+
+
+def test_train_ggam_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """Several copies of one training would race for its folder: refused before anything loads."""
+    from helpers import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run(["train-ggam", tmp_path / "data", "--out", tmp_path / "run"], capsys)
+    assert code == 1 and err == ("camlens: error: camlens train-ggam runs in one process, and torchrun started 2: "
+                                 "start it without torchrun (evaluate, explain and sanity run on several)\n")
+    assert not (tmp_path / "run").exists()

@@ -146,6 +146,12 @@ class WorkQueue:
         progress(total)
 
 
+def launched_processes() -> int:
+    """How many processes ``torchrun`` started for this run (1 without it), read from the
+    environment, without joining them."""
+    return max(1, _env_int("WORLD_SIZE", 1))
+
+
 def join() -> Group:
     """The group of processes this process belongs to: the ``torchrun`` group (joined on the first
     call), else a group of one. A run started by ``torchrun`` with one process is a plain run."""

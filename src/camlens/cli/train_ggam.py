@@ -10,6 +10,8 @@ import click
 from rich.table import Table
 
 from ..charts import training_curves
+from ..distributed import launched_processes
+from ..errors import CamlensError
 from ..ggam.train import ATTENTION, BACKBONES, TrainPlan, train_ggam
 from ..io import write_atomic
 from ..models import LITE_MEAN, LITE_STD, Preprocess, class_names_from_file
@@ -68,6 +70,9 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
     (--resume continues it, also after Ctrl-C) and the best model by validation accuracy, which
     `camlens explain --model RUN_DIR IMAGE` explains once the training finished.
     """
+    if (processes := launched_processes()) > 1:
+        raise CamlensError(f"camlens train-ggam runs in one process, and torchrun started {processes}: start it "
+                           "without torchrun (evaluate, explain and sanity run on several)")
     batch_size = batch_size or 32
     names = class_names_from_file(class_names) if class_names else None
     preprocess = None
