@@ -131,6 +131,9 @@ def test_a_two_process_run_killed_half_way_resumes_with_one(data):
         started.wait(timeout=60)
     assert (out / shard_name(1)).is_file() and 6 <= sum(
         len(path.read_bytes().splitlines()) for path in out.glob("results*.jsonl")) < 24
+    # The report of the killed run shows what every process wrote.
+    finished([sys.executable, "-m", "camlens", "report", str(out)], data)
+    assert "(results.rank*.jsonl), are shown too" in (out / "report.html").read_text(encoding="utf-8")
     resumed = finished(command(data, "killed", model="slownet:slow"), data)
     pairs = [(r["image"], r["method"]) for r in records(out)]
     assert len(pairs) == len(set(pairs)) == 24

@@ -239,10 +239,7 @@ class ResultStore:
         return saved
 
     def _shards(self) -> list[Path]:
-        """The results files of the other processes of a run (``results.rank<r>.jsonl``), by rank."""
-        found = [(int(m.group(1)), path) for path in self.folder.glob("results.rank*.jsonl")
-                 if (m := _SHARD.fullmatch(path.name))]
-        return [path for _, path in sorted(found)]
+        return shard_files(self.folder)
 
     def _load(self) -> None:
         """Read ``results.jsonl`` and the other processes' files after it, in rank order; keep the
@@ -375,6 +372,14 @@ _SHARD = re.compile(r"results\.rank([1-9][0-9]{0,5})\.jsonl")
 def shard_name(rank: int) -> str:
     """The results file of process ``rank`` > 0 of a run of several (``results.rank<r>.jsonl``)."""
     return f"results.rank{rank}.jsonl"
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The results files of the other processes of a run of several in ``folder``, by rank: what
+    a run killed before rank 0 merged them left (:meth:`ResultStore.merge`)."""
+    found = [(int(m.group(1)), path) for path in folder.glob("results.rank*.jsonl")
+             if (m := _SHARD.fullmatch(path.name))]
+    return [path for _, path in sorted(found)]
 
 
 VIEWS, MAPS = "views", "maps"

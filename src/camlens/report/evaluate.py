@@ -24,6 +24,7 @@ from ..evaluate import (
     mean_curves,
     mean_interval,
     record_problem,
+    shard_files,
     summarise,
     unquantise,
     view_name,
@@ -159,6 +160,10 @@ def load(folder: Path, store: ImageStore) -> dict:
     if not results_path.is_file():
         raise RunError(f"{folder}: no results.jsonl: the run has no results yet (run `camlens evaluate` again)")
     rows, bad = read_jsonl(results_path)
+    shards = shard_files(folder)  # of a run of several processes killed before it merged them
+    for shard in shards:
+        more, unread = read_jsonl(shard)
+        rows, bad = rows + more, bad + unread
     records: dict[tuple[str, str], dict] = {}
     unusable = 0
     for row in rows:
@@ -170,6 +175,9 @@ def load(folder: Path, store: ImageStore) -> dict:
         raise RunError(f"{folder}: the run has no results yet (results.jsonl holds no result of this run)")
     order = list(dict.fromkeys(image for image, _ in records))
     status, notes, summary = _status(folder, len(order))
+    if shards:
+        notes.append(f"The results of {len(shards)} other process(es) of a run of several, killed before they were "
+                     "moved into results.jsonl (results.rank*.jsonl), are shown too; the next run moves them.")
     chosen = summary.get("summarised images")
     if isinstance(chosen, list) and len(set(chosen)) < len(order):
         # The images summary.json summarised (a --limit takes some of the results): the report
