@@ -454,3 +454,40 @@ def test_a_damaged_checkpoint_or_model_is_detected(straight, data, tmp_path, nam
     else:
         with pytest.raises(CamlensError, match="best.pt: damaged or replaced"):
             load_model(str(out))
+
+
+def test_images_streamed_by_worker_processes_train_the_same_weights(straight, data, tmp_path):
+    """Images are decoded batch by batch; by 2 worker processes ahead of the training, the batches
+    and so every weight are those of the run that decodes them itself."""
+    train, val = data
+    result, _ = straight
+    workers = train_ggam(train, tmp_path / "workers", epochs=3, val_data=val, val_boxes=val / "boxes.csv",
+                         num_workers=2, **TINY)
+    timeless = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
+    assert timeless(workers.history) == timeless(result.history)
+    mine, theirs = state(tmp_path / "workers" / "last.pt"), state(result.folder / "last.pt")
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_image_files_are_decoded_when_read_and_a_bad_one_is_named_in_one_line(data, tmp_path):
+    import dataclasses
+
+    from camlens.datasets import load_dataset
+    from camlens.ggam.train import ImageFiles
+
+    train, _ = data
+    samples = load_dataset(str(train), NAMES, len(NAMES)).samples
+    files = ImageFiles(samples, PRE)
+    expected = torch.stack([PRE(Image.open(s.path).convert("RGB")) for s in samples])
+    assert torch.equal(files[torch.tensor([4, 0])], expected[[4, 0]]) and torch.equal(files[1:3], expected[1:3])
+    batches = [torch.tensor([2, 5]), torch.tensor([8])]
+    for workers in (0, 2):
+        assert [b.shape[0] for b in files.batches(batches, workers)] == [2, 1]
+        assert torch.equal(torch.cat(list(files.batches(batches, workers))), expected[[2, 5, 8]])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(samples[0].path.read_bytes()[:60])  # a header, then nothing
+    files.samples[5] = dataclasses.replace(samples[5], path=broken)
+    for workers in (0, 1):
+        with pytest.raises(CamlensError) as error:
+            list(files.batches(batches, workers))
+        assert "\n" not in str(error.value) and str(broken) in str(error.value)

@@ -59,10 +59,13 @@ CURVES = "curves.png"
                    "validation set is a test set that must not choose the model).")
 @click.option("--freeze-backbone", is_flag=True,
               help="Train the head only, on feature maps computed once (much faster on a CPU; the paper fine-tunes all).")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Processes that decode and preprocess the next batches while the model trains (0: the training "
+                   "process, as it goes); the weights do not depend on it.")
 @html_option
 def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attention, epochs, lr, device, batch_size,
                        seed, val_split, input_size, resize, class_names, out, resume, pretrained,
-                       keep, freeze_backbone, html) -> None:
+                       keep, freeze_backbone, num_workers, html) -> None:
     """Train GGAM (CE + lambda x L_GGAM) on DATA: a folder of class folders, a path,label CSV,
     or a CUB-200-2011 folder as distributed (its official split, classes and boxes).
 
@@ -123,7 +126,8 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
                                 lr=lr, batch_size=batch_size, seed=seed, val_split=val_split, val_data=val_data,
                                 boxes=boxes, val_boxes=val_boxes, resume=resume, device=str(torch_device),
                                 pretrained=pretrained, class_names=names, preprocess=preprocess,
-                                freeze_backbone=freeze_backbone, keep=keep, progress=progress,
+                                freeze_backbone=freeze_backbone, keep=keep, num_workers=num_workers,
+                                progress=progress,
                                 on_plan=plan, on_epoch=report,
                                 on_finish=(lambda: write_html(out_dir)) if html else None)
         except KeyboardInterrupt:

@@ -20,7 +20,7 @@ import numbers
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +119,7 @@ def train_ggam(
     freeze_backbone: bool = False,
     feature_cache: dict | None = None,
     keep: str = "best",
+    num_workers: int = 0,
     progress: Callable[[int, int, int], None] | None = None,
     on_plan: Callable[[TrainPlan], None] | None = None,
     on_epoch: Callable[[list[dict]], None] | None = None,
@@ -135,9 +136,12 @@ def train_ggam(
     also be a CUB-200-2011 folder in its native layout (images.txt, train_test_split.txt ...):
     its official training split trains, its test split validates (unless ``val_data`` is given),
     its classes are those of classes.txt in id order and its boxes those of bounding_boxes.txt,
-    all used as they are (:func:`camlens.datasets.load_cub`). All images are
-    loaded and preprocessed once, in memory (fine for a few thousand images). ``preprocess``
-    defaults to the backbone's; ``flip`` mirrors each training image with probability 1/2.
+    all used as they are (:func:`camlens.datasets.load_cub`). Images are decoded and
+    preprocessed batch by batch as the training reads them (:class:`ImageFiles`), by
+    ``num_workers`` processes of a ``DataLoader`` ahead of the training (0: by this process), so
+    memory does not grow with the dataset; the batches, and so the weights, are the same for any
+    ``num_workers``. ``preprocess`` defaults to the backbone's; ``flip`` mirrors each training
+    image with probability 1/2.
 
     ``attention``: ``both``, ``channel``, ``spatial`` or ``none`` (the GGAM head's channel and
     spatial attention). ``lam`` weighs the GGAM loss, which compares the *channel* attention
@@ -175,6 +179,8 @@ def train_ggam(
     """
     kind = _check_settings(backbone, lam, attention, epochs, lr, batch_size, seed, val_split, val_data,
                            device, progress, keep)
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise CamlensError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     channel, spatial = ATTENTION[attention]
     builder_name, builder = BACKBONES[backbone]
     out = Path(out)
@@ -208,9 +214,9 @@ def train_ggam(
             model.backbone.requires_grad_(False)
             model.backbone.eval()
             attend = lambda features: model.head(features.detach().requires_grad_())
-        else:
-            inputs = (_tensors(train.samples, preprocess), None)  # mirrored batch by batch
-            val_inputs, attend = _tensors(val.samples, preprocess), model.attend
+        else:  # decoded batch by batch, mirrored batch by batch
+            inputs = (ImageFiles(train.samples, preprocess), None)
+            val_inputs, attend = ImageFiles(val.samples, preprocess), model.attend
         optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         generator = torch.Generator().manual_seed(seed)
         history: list[dict] = []
@@ -233,7 +239,7 @@ def train_ggam(
                                   bool(freeze_backbone)))
             if freeze_backbone:  # after the plan: on a CPU this is most of a frozen run's time
                 inputs, val_inputs = _frozen_features(model.backbone, train, val, preprocess, batch_size, kind,
-                                                      flip, feature_cache)
+                                                      flip, feature_cache, num_workers)
             if not resume:  # written once the images loaded: a failed start leaves the folder reusable
                 text = json.dumps(settings, indent=2) + "\n"
                 write_atomic(out / SETTINGS_FILE, lambda path: path.write_text(text, encoding="utf-8"))
@@ -251,8 +257,8 @@ def train_ggam(
                 for epoch in range(done + 1, epochs + 1):
                     start = time.perf_counter()
                     row = _train_epoch(model, attend, optimiser, generator, inputs, y_train, batch_size, lam,
-                                       detach, renormalise, flip, kind, epoch, progress)
-                    row.update(_validate(model, attend, val_inputs, y_val, batch_size, kind))
+                                       detach, renormalise, flip, kind, epoch, progress, num_workers)
+                    row.update(_validate(model, attend, val_inputs, y_val, batch_size, kind, num_workers))
                     row = {"epoch": epoch, **row, "seconds": time.perf_counter() - start}
                     history.append(row)
                     status = FINISHED if epoch == epochs else "running"
@@ -286,7 +292,8 @@ def train_ggam(
                 _set_status(out, FINISHED, recorded)
         model.load_state_dict(best_state)
         model.eval()
-        report = _localisation(model, val_inputs, y_val, val.samples, preprocess, batch_size, kind, freeze_backbone)
+        report = _localisation(model, val_inputs, y_val, val.samples, preprocess, batch_size, kind, freeze_backbone,
+                               num_workers)
         if report is not None:
             text = json.dumps(report, indent=2) + "\n"
             write_atomic(out / LOCALISATION, lambda path: path.write_text(text, encoding="utf-8"))
@@ -455,12 +462,53 @@ def _load(path: Path) -> dict:
         raise CamlensError(f"{path}: cannot be read ({type(error).__name__}); start a new run") from None
 
 
-def _tensors(samples, preprocess: Preprocess) -> Tensor:
-    return torch.stack([preprocess(load_image(s.path)) for s in samples])
+class ImageFiles(torch.utils.data.Dataset):
+    """The preprocessed images of ``samples``, decoded when read, never all at once: ``files[i]``
+    is one image (C, H, W), ``files[index]`` the images of a tensor, list or slice of indices
+    stacked (N, C, H, W). :meth:`batches` reads batches of indices in order, decoded ahead by
+    ``workers`` processes of a ``torch.utils.data.DataLoader`` (0: by this process, as it goes).
+    Memory holds a batch and what the workers prepare, whatever the size of the set."""
+
+    def __init__(self, samples: Sequence, preprocess: Preprocess) -> None:
+        self.samples = list(samples)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int | slice | Sequence[int] | Tensor) -> Tensor:
+        if isinstance(index, int):
+            return self.preprocess(load_image(self.samples[index].path))
+        chosen = range(len(self))[index] if isinstance(index, slice) else [int(i) for i in index]
+        return torch.stack([self[i] for i in chosen])
+
+    def batches(self, batches: Sequence[Tensor], workers: int) -> Iterator[Tensor]:
+        if workers == 0:
+            yield from (self[batch] for batch in batches)
+            return
+        loader = torch.utils.data.DataLoader(self, batch_sampler=[batch.tolist() for batch in batches],
+                                             num_workers=workers, collate_fn=torch.stack)
+        try:
+            yield from loader
+        except CamlensError as error:  # a worker's: its message is the last line of the traceback it carries
+            last = str(error).strip().splitlines()[-1]
+            raise CamlensError(last.removeprefix(f"{CamlensError.__module__}.{CamlensError.__name__}: ")) from None
+
+
+def _read(x: Tensor | ImageFiles, batches: Sequence[Tensor], workers: int) -> Iterator[Tensor]:
+    """The rows of ``x`` (feature maps in memory, or image files) for each batch of indices."""
+    if isinstance(x, ImageFiles):
+        return x.batches(batches, workers)
+    return (x[batch] for batch in batches)
+
+
+def _in_order(count: int, batch_size: int) -> list[Tensor]:
+    """Batches of the indices 0 .. count - 1 in order, each index once (no padding)."""
+    return [torch.arange(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
 
 def _frozen_features(backbone, train: Dataset, val: Dataset, preprocess: Preprocess, batch_size: int, kind,
-                     flip: bool, cache: dict | None) -> tuple[tuple[Tensor, Tensor | None], Tensor]:
+                     flip: bool, cache: dict | None, workers: int) -> tuple[tuple[Tensor, Tensor | None], Tensor]:
     """The frozen backbone's feature maps: ((training images, their mirror images or None),
     validation images), from ``cache`` when it holds those of the same backbone weights,
     preprocessing, image files, batch size and device."""
@@ -475,11 +523,13 @@ def _frozen_features(backbone, train: Dataset, val: Dataset, preprocess: Preproc
            str(kind), batch_size)
     if cache is not None and key in cache:
         return cache[key]
+    def run(images: ImageFiles, mirror: bool = False) -> Tensor:
+        return torch.cat([backbone((batch.flip(-1) if mirror else batch).to(kind))
+                          for batch in images.batches(_in_order(len(images), batch_size), workers)])
+
     with torch.no_grad():
-        run = lambda images: torch.cat([backbone(images[s:s + batch_size].to(kind))
-                                        for s in range(0, len(images), batch_size)])
-        x = _tensors(train.samples, preprocess)
-        features = ((run(x), run(x.flip(-1)) if flip else None), run(_tensors(val.samples, preprocess)))
+        x = ImageFiles(train.samples, preprocess)
+        features = ((run(x), run(x, mirror=True) if flip else None), run(ImageFiles(val.samples, preprocess)))
     if cache is not None:
         cache[key] = features
     return features
@@ -491,18 +541,19 @@ def _size_and_time(path: Path) -> tuple[int, int]:
 
 
 def _train_epoch(model, attend, optimiser, generator, inputs, y, batch_size, lam, detach, renormalise, flip,
-                 kind, epoch, progress) -> dict:
-    """One epoch over ``inputs``: (images or feature maps, their mirror images or None); each
-    batch goes through ``attend`` (the whole model, or the head on frozen features)."""
+                 kind, epoch, progress, workers) -> dict:
+    """One epoch over ``inputs``: (image files or feature maps, the feature maps of their mirror
+    images or None); each batch goes through ``attend`` (the whole model, or the head on frozen
+    features). Image files are decoded batch by batch (by ``workers`` processes), and mirrored
+    here, so the batches are those of images held in memory."""
     model.train()
     x, mirrored = inputs
     order = torch.randperm(len(y), generator=generator)
     flips = torch.rand(len(y), generator=generator) < 0.5
     batches = math.ceil(len(y) / batch_size)
+    indices = [order[b * batch_size:(b + 1) * batch_size] for b in range(batches)]
     totals = {"ce": 0.0, "ggam": 0.0, "correct": 0}
-    for b in range(batches):
-        index = order[b * batch_size:(b + 1) * batch_size]
-        images = x[index]
+    for b, (index, images) in enumerate(zip(indices, _read(x, indices, workers))):
         if flip:
             flipped = images.flip(-1) if mirrored is None else mirrored[index]
             images = torch.where(flips[index, None, None, None].to(images.device), flipped, images)
@@ -521,13 +572,15 @@ def _train_epoch(model, attend, optimiser, generator, inputs, y, batch_size, lam
     return {"train_ce": totals["ce"] / n, "train_ggam": totals["ggam"] / n, "train_accuracy": totals["correct"] / n}
 
 
-def _validate(model, attend, x, y, batch_size, kind) -> dict:
+def _validate(model, attend, x, y, batch_size, kind, workers) -> dict:
+    """Accuracy and cross-entropy over every validation image once (in order, no padding)."""
     model.eval()
     ce, correct = 0.0, 0
+    batches = _in_order(len(y), batch_size)
     with torch.no_grad():
-        for start in range(0, len(y), batch_size):
-            logits = attend(x[start:start + batch_size].to(kind)).logits
-            labels = y[start:start + batch_size].to(kind)
+        for index, images in zip(batches, _read(x, batches, workers)):
+            logits = attend(images.to(kind)).logits
+            labels = y[index].to(kind)
             ce += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
     return {"val_accuracy": correct / len(y), "val_ce": ce / len(y)}
@@ -605,7 +658,7 @@ def localisation_report(maps: Tensor, boxes: Sequence[Sequence[Sequence[float]]]
 
 
 def _localisation(model: GGAMNet, x, y, samples, preprocess: Preprocess, batch_size: int, kind,
-                  frozen: bool) -> dict | None:
+                  frozen: bool, workers: int) -> dict | None:
     """Grad-CAM maps of the true class on the validation images with boxes, scored against them.
 
     ``x``: the images, or with ``frozen`` the frozen backbone's feature maps of them; the head
@@ -627,11 +680,12 @@ def _localisation(model: GGAMNet, x, y, samples, preprocess: Preprocess, batch_s
         if frozen:
             head = nn.Sequential(OrderedDict(features=nn.Identity(), head=_Logits(model.head)))
             size = (preprocess.size, preprocess.size)
-            maps = torch.cat([upsample_normalise(explain(head, x[b].to(kind), "gradcam", "features", y[b].tolist())
-                                                 .raw["features"], size)[:, 0].cpu() for b in batches])
+            maps = torch.cat([upsample_normalise(explain(head, rows.to(kind), "gradcam", "features", y[b].tolist())
+                                                 .raw["features"], size)[:, 0].cpu()
+                              for b, rows in zip(batches, _read(x, batches, workers))])
         else:
-            maps = torch.cat([explain(model, x[b].to(kind), "gradcam", targets=y[b].tolist()).maps[:, 0].cpu()
-                              for b in batches])
+            maps = torch.cat([explain(model, rows.to(kind), "gradcam", targets=y[b].tolist()).maps[:, 0].cpu()
+                              for b, rows in zip(batches, _read(x, batches, workers))])
     report = localisation_report(maps, boxes)
     report["method"] = "gradcam, true class, kept model"
     return report
