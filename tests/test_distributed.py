@@ -233,12 +233,53 @@ def test_sanity_on_two_processes_gives_the_single_process_verdicts(data):
     assert two.stdout.count("camlens sanity:") == 1 and "error" not in two.stderr
 
 
-def test_train_ggam_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    """Several copies of one training would race for its folder: refused before anything loads."""
-    from helpers import run
+def train_command(data: Path, out: str, processes: int, *extra: str) -> list[str]:
+    args = ["train-ggam", str(data / "data"), "--class-names", str(data / "names.txt"), "--no-pretrained",
+            "--input-size", "64", "--resize", "64", "--batch-size", "6", "--val-split", "0.25", "--seed", "3",
+            "--out", str(data / out), *extra]
+    if processes == 1:
+        return [sys.executable, "-m", "camlens", *args]
+    return [str(TORCHRUN), "--standalone", f"--nproc-per-node={processes}", "-m", "camlens", *args]
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = run(["train-ggam", tmp_path / "data", "--out", tmp_path / "run"], capsys)
-    assert code == 1 and err == ("camlens: error: camlens train-ggam runs in one process, and torchrun started 2: "
-                                 "start it without torchrun (evaluate, explain and sanity run on several)\n")
-    assert not (tmp_path / "run").exists()
+
+def weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path / "last.pt", weights_only=True)["model"]
+
+
+def close(one: dict, other: dict, tolerance: float = 1e-5) -> bool:
+    import torch
+
+    return one.keys() == other.keys() and all(
+        torch.allclose(one[k].double(), other[k].double(), rtol=tolerance, atol=tolerance * 1e-2) for k in one)
+
+
+def test_ggam_on_two_processes_trains_the_weights_of_one_and_resumes_on_one(data):
+    """9 training images in batches of 6: two steps an epoch, the second of 3 images shared 2 + 1.
+    On a frozen backbone (no batch statistics), 2 processes give the weights of 1 to float
+    rounding, the history's figures too; a 2-process run's checkpoint resumes with 1 process to the
+    weights of a 1-process run of 2 epochs."""
+    frozen = ("--freeze-backbone",)
+    finished(train_command(data, "one", 1, "--epochs", "2", *frozen), data)
+    two = finished(train_command(data, "two", 2, "--epochs", "1", *frozen), data)
+    assert "(2 processes, each its share of every batch)" in two.stderr and "error" not in two.stderr
+    one_history = [json.loads(line) for line in (data / "one" / "history.jsonl").read_text().splitlines()]
+    two_history = [json.loads(line) for line in (data / "two" / "history.jsonl").read_text().splitlines()]
+    assert len(two_history) == 1
+    for key in ("train_ce", "train_ggam", "train_accuracy", "val_accuracy", "val_ce"):
+        assert two_history[0][key] == pytest.approx(one_history[0][key], rel=1e-5)
+    finished(train_command(data, "two", 1, "--epochs", "2", "--resume", *frozen), data)
+    assert close(weights(data / "two"), weights(data / "one"))
+    assert json.loads((data / "two" / "run.json").read_text())["status"] == "finished"
+
+
+def test_ggam_fine_tuned_on_two_processes_with_workers(data):
+    """The whole network on 2 processes, each reading its images with a worker process: the run
+    finishes, with the history of every epoch, a kept model, and one summary. (On a CPU the batch
+    norms see each process's share: the weights are not one process's, so none are compared.)"""
+    run = finished(train_command(data, "two", 2, "--epochs", "2", "--num-workers", "1"), data)
+    history = [json.loads(line) for line in (data / "two" / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert json.loads((data / "two" / "run.json").read_text())["status"] == "finished"
+    assert run.stdout.count("camlens train-ggam: 2 epochs") == 1

@@ -97,6 +97,28 @@ class Group:
             raise PeerFailed()
         return value
 
+    # -- data-parallel training ---------------------------------------------------------------
+    def share(self, index: torch.Tensor) -> torch.Tensor:
+        """This process's share of a batch of indices: every ``world``-th one, from its rank."""
+        return index[self.rank :: self.world]
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the processes; every process gets the sum."""
+        if not self.distributed:
+            return values
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        return values
+
+    def parallel(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``module`` for a training step of every process on its share of the batch
+        (``DistributedDataParallel``: the gradients of the processes averaged before the step), or
+        ``module`` itself in a run of one process."""
+        if not self.distributed:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+
     # -- the shared counters ------------------------------------------------------------------
     def add(self, name: str, amount: int) -> int:
         """Add ``amount`` to the counter ``name`` (shared by the processes) and return its value."""

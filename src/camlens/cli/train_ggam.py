@@ -10,8 +10,7 @@ import click
 from rich.table import Table
 
 from ..charts import training_curves
-from ..distributed import launched_processes
-from ..errors import CamlensError
+from ..distributed import join
 from ..ggam.train import ATTENTION, BACKBONES, TrainPlan, train_ggam
 from ..io import write_atomic
 from ..models import LITE_MEAN, LITE_STD, Preprocess, class_names_from_file
@@ -23,6 +22,7 @@ from .common import (
     console,
     printable,
     run_options,
+    speak_for,
 )
 from .progress import LogProgress
 from .report import html_option, write_html
@@ -73,9 +73,7 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
     (--resume continues it, also after Ctrl-C) and the best model by validation accuracy, which
     `camlens explain --model RUN_DIR IMAGE` explains once the training finished.
     """
-    if (processes := launched_processes()) > 1:
-        raise CamlensError(f"camlens train-ggam runs in one process, and torchrun started {processes}: start it "
-                           "without torchrun (evaluate, explain and sanity run on several)")
+    group = speak_for(join())
     batch_size = batch_size or 32
     names = class_names_from_file(class_names) if class_names else None
     preprocess = None
@@ -96,7 +94,9 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
             bar.console.print(
                 f"train-ggam: {found.training_images} training and {found.validation_images} validation images, "
                 f"{len(found.classes)} classes, {epochs} epochs{f' ({done} done, resuming)' if done else ''}, "
-                f"{batches} batches of up to {batch_size} per epoch, on {torch_device} -> {printable(out_dir)}",
+                f"{batches} batches of up to {batch_size} per epoch, on {torch_device}"
+                f"{f' ({group.world} processes, each its share of every batch)' if group.distributed else ''} "
+                f"-> {printable(out_dir)}",
                 markup=False, soft_wrap=True)
             if found.frozen_features:
                 images = 2 * found.training_images + found.validation_images
@@ -127,11 +127,11 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
                                 boxes=boxes, val_boxes=val_boxes, resume=resume, device=str(torch_device),
                                 pretrained=pretrained, class_names=names, preprocess=preprocess,
                                 freeze_backbone=freeze_backbone, keep=keep, num_workers=num_workers,
-                                progress=progress,
+                                processes=group, progress=progress,
                                 on_plan=plan, on_epoch=report,
                                 on_finish=(lambda: write_html(out_dir)) if html else None)
         except KeyboardInterrupt:
-            if (out_dir / "last.pt").is_file():
+            if (out_dir / "last.pt").is_file() and group.main:
                 bar.stop()
                 click.echo(f"camlens: interrupted; the run in {printable(out_dir)} continues with the same command and --resume",
                            err=True)
@@ -140,6 +140,8 @@ def train_ggam_command(data, val_data, boxes, val_boxes, backbone, lam, attentio
         if task is not None:
             bar.remove_task(task)
 
+    if not group.main:  # the first process says what was trained
+        return
     for problem in result.problems:
         console("stderr").print(f"note: {printable(problem)}", markup=False, soft_wrap=True)
     _print_summary(result, out_dir, attention)

@@ -11,6 +11,7 @@ views, ``maps.npz`` and, written last, ``examples.json``) for ``camlens report``
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -38,6 +39,7 @@ from ..datasets import (
     load_cub,
     load_dataset,
 )
+from ..distributed import Group
 from ..errors import CamlensError, check_positive_int
 from ..io import file_digest, load_image, locked_output_dir, write_atomic
 from ..methods.base import nested
@@ -45,6 +47,7 @@ from ..metrics import box_mask, energy_pointing_game, localisation_correct
 from ..models import Preprocess
 from .loss import ggam_training_loss
 from .model import GGAMNet, ggam_efficientnet_lite0
+from .module import GGAMOutput
 from .run import FINISHED, RUN_FILE, save_run
 
 BACKBONES = {"efficientnet_lite0": ("ggam_efficientnet_lite0", ggam_efficientnet_lite0)}
@@ -120,6 +123,7 @@ def train_ggam(
     feature_cache: dict | None = None,
     keep: str = "best",
     num_workers: int = 0,
+    processes: Group | None = None,
     progress: Callable[[int, int, int], None] | None = None,
     on_plan: Callable[[TrainPlan], None] | None = None,
     on_epoch: Callable[[list[dict]], None] | None = None,
@@ -171,6 +175,17 @@ def train_ggam(
     ``resume=True`` continues from ``last.pt`` to exactly the weights of an uninterrupted run
     (``epochs`` may grow; every other setting must be the same).
 
+    ``processes``: the processes of a ``torchrun`` run (:func:`camlens.distributed.join`), which
+    train the model together (``DistributedDataParallel``): every process takes its share of each
+    batch of ``batch_size`` (the batch is the same as for one process), the gradients are averaged
+    before each step, the validation images are shared out without padding, and the first process
+    alone holds the folder, writes the checkpoint once an epoch, measures the kept model and calls
+    the callbacks. The checkpoint does not depend on the number of processes: a run resumes with
+    any. On a GPU, batch norms take their statistics over the whole batch (``SyncBatchNorm``); on
+    a CPU, where PyTorch has no such layer, over each process's share, so a fine-tuned backbone
+    differs from one process's by more than rounding (a frozen backbone, ``freeze_backbone``, does
+    not).
+
     ``progress(epoch, batch, batches)`` is called after each training batch (1-based);
     ``on_plan(TrainPlan)`` once, after every check and before the first batch;
     ``on_epoch(history)`` after each epoch, once its row and checkpoint are written;
@@ -200,23 +215,35 @@ def train_ggam(
         "data": str(Path(data).resolve()), "val data": None if val_data is None else str(Path(val_data).resolve()),
         "training images": _digest(train), "validation images": _digest(val),
     }
+    group = Group() if processes is None else processes
+    main = group.main  # the process that holds the folder, writes every file and calls back
+    kind = group.device(kind)
     if out.exists() and not out.is_dir():
         raise CamlensError(f"{out}: not a folder; choose another out")
-    out.mkdir(parents=True, exist_ok=True)
-    with locked_output_dir(out, "train-ggam", RUN_FILES) as run_folder:
-        done = _prepare(out, settings, epochs, resume)
-        if resume:  # an earlier end's report and examples would be taken for this run's
-            run_folder.remove("report.html")
-            (out / EXAMPLES / "examples.json").unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        def claim() -> int:
+            out.mkdir(parents=True, exist_ok=True)
+            run_folder = stack.enter_context(locked_output_dir(out, "train-ggam", RUN_FILES))
+            epochs_done = _prepare(out, settings, epochs, resume)
+            if resume:  # an earlier end's report and examples would be taken for this run's
+                run_folder.remove("report.html")
+                (out / EXAMPLES / "examples.json").unlink(missing_ok=True)
+            return epochs_done
+
+        done = group.from_main(claim)
         y_train, y_val = (torch.tensor([s.label for s in part.samples]) for part in (train, val))
         model.to(kind)
         if freeze_backbone:
             model.backbone.requires_grad_(False)
             model.backbone.eval()
-            attend = lambda features: model.head(features.detach().requires_grad_())
         else:  # decoded batch by batch, mirrored batch by batch
             inputs = (ImageFiles(train.samples, preprocess), None)
-            val_inputs, attend = ImageFiles(val.samples, preprocess), model.attend
+            val_inputs = ImageFiles(val.samples, preprocess)
+            if group.distributed and kind.type == "cuda":  # batch statistics over every process's share
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        attend = _Attend(model, freeze_backbone)
+        # A training step of every process on its share of each batch, the gradients averaged.
+        step = group.parallel(attend, kind)
         optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         generator = torch.Generator().manual_seed(seed)
         history: list[dict] = []
@@ -234,31 +261,32 @@ def train_ggam(
                 best_state = checkpoint["best state"]
             else:
                 torch.manual_seed(seed)
-            if on_plan is not None:
+            if on_plan is not None and main:
                 on_plan(TrainPlan(len(train.samples), len(val.samples), list(names), list(history),
                                   bool(freeze_backbone)))
             if freeze_backbone:  # after the plan: on a CPU this is most of a frozen run's time
                 inputs, val_inputs = _frozen_features(model.backbone, train, val, preprocess, batch_size, kind,
                                                       flip, feature_cache, num_workers)
-            if not resume:  # written once the images loaded: a failed start leaves the folder reusable
+            if not resume and main:  # written once the images loaded: a failed start leaves the folder reusable
                 text = json.dumps(settings, indent=2) + "\n"
                 write_atomic(out / SETTINGS_FILE, lambda path: path.write_text(text, encoding="utf-8"))
-            _write_history(out, history)
+            if main:
+                _write_history(out, history)
             # What run.json says of the run: always that of the last checkpoint written (an epoch
             # stopped half-way is not done, and its model not kept).
             extra = lambda: {"epochs": epochs, "epochs done": len(history), "best epoch": best["epoch"],
                              "best val accuracy": best["accuracy"],
                              "to finish": f"camlens.ggam.train_ggam(..., out={str(out)!r}, resume=True)",
                              "checkpoint sha256": file_digest(out / LAST) if (out / LAST).is_file() else None}
-            recorded = extra()
-            if done:  # what a run killed after its checkpoint had not published yet, published now
+            recorded = extra() if main else {}
+            if done and main:  # what a run killed after its checkpoint had not published yet, published now
                 _publish(out, model, best_state, builder_name, kwargs, names, preprocess, recorded, "running")
             try:
                 for epoch in range(done + 1, epochs + 1):
                     start = time.perf_counter()
-                    row = _train_epoch(model, attend, optimiser, generator, inputs, y_train, batch_size, lam,
-                                       detach, renormalise, flip, kind, epoch, progress, num_workers)
-                    row.update(_validate(model, attend, val_inputs, y_val, batch_size, kind, num_workers))
+                    row = _train_epoch(model, step, optimiser, generator, inputs, y_train, batch_size, lam,
+                                       detach, renormalise, flip, kind, epoch, progress, num_workers, group)
+                    row.update(_validate(model, attend, val_inputs, y_val, batch_size, kind, num_workers, group))
                     row = {"epoch": epoch, **row, "seconds": time.perf_counter() - start}
                     history.append(row)
                     status = FINISHED if epoch == epochs else "running"
@@ -276,6 +304,8 @@ def train_ggam(
                         "best epoch": best["epoch"], "best val accuracy": best["accuracy"], "history": history,
                         "best state": best_state,
                     }
+                    if not main:
+                        continue  # one checkpoint an epoch, by the first process
                     write_atomic(out / LAST, lambda path: torch.save(state, path))
                     _publish(out, model, best_state if improved else None, builder_name, kwargs, names, preprocess,
                              extra(), status)
@@ -285,11 +315,14 @@ def train_ggam(
                         on_epoch(list(history))
             except (Exception, KeyboardInterrupt):
                 # Killed outright, the run stays "running"; stopped by an error or Ctrl-C, it says so.
-                if (out / RUN_FILE).is_file():
+                if main and (out / RUN_FILE).is_file():
                     _set_status(out, "interrupted", recorded)
                 raise
-            if done == epochs:  # resumed a run that had all its epochs: finish it
+            if done == epochs and main:  # resumed a run that had all its epochs: finish it
                 _set_status(out, FINISHED, recorded)
+        if not main:  # the first process measures the kept model and writes the rest
+            return TrainResult(out, history, best["epoch"], best["accuracy"], history[-1]["val_accuracy"], None,
+                               problems, keep)
         model.load_state_dict(best_state)
         model.eval()
         report = _localisation(model, val_inputs, y_val, val.samples, preprocess, batch_size, kind, freeze_backbone,
@@ -540,49 +573,76 @@ def _size_and_time(path: Path) -> tuple[int, int]:
     return status.st_size, status.st_mtime_ns
 
 
-def _train_epoch(model, attend, optimiser, generator, inputs, y, batch_size, lam, detach, renormalise, flip,
-                 kind, epoch, progress, workers) -> dict:
+class _Attend(nn.Module):
+    """What a training step runs: the whole model, or (``frozen``) its head on the frozen
+    backbone's feature maps, made leaves so that Grad-CAM's weights are taken at them."""
+
+    def __init__(self, model: GGAMNet, frozen: bool) -> None:
+        super().__init__()
+        self.model, self.frozen = model, frozen
+
+    def forward(self, x: Tensor) -> GGAMOutput:
+        if self.frozen:
+            return self.model.head(x.detach().requires_grad_())
+        return self.model.attend(x)
+
+
+def _train_epoch(model, step, optimiser, generator, inputs, y, batch_size, lam, detach, renormalise, flip,
+                 kind, epoch, progress, workers, group: Group) -> dict:
     """One epoch over ``inputs``: (image files or feature maps, the feature maps of their mirror
-    images or None); each batch goes through ``attend`` (the whole model, or the head on frozen
-    features). Image files are decoded batch by batch (by ``workers`` processes), and mirrored
-    here, so the batches are those of images held in memory."""
+    images or None); each batch goes through ``step`` (:class:`_Attend`, or it data-parallel).
+    Image files are decoded batch by batch (by ``workers`` processes), and mirrored here, so the
+    batches are those of images held in memory.
+
+    Every process draws the same order and flips and takes its share of each batch
+    (:meth:`Group.share`); its loss, a mean over its share, is weighed by its share of the batch
+    times the number of processes, so that the gradients averaged over the processes are those of
+    the batch's mean loss. A process whose share is empty (a last batch smaller than the number
+    of processes) still takes part, with one image weighed 0. The Grad-CAM branch of the GGAM
+    loss is each process's own, on its images."""
     model.train()
     x, mirrored = inputs
     order = torch.randperm(len(y), generator=generator)
     flips = torch.rand(len(y), generator=generator) < 0.5
     batches = math.ceil(len(y) / batch_size)
     indices = [order[b * batch_size:(b + 1) * batch_size] for b in range(batches)]
-    totals = {"ce": 0.0, "ggam": 0.0, "correct": 0}
-    for b, (index, images) in enumerate(zip(indices, _read(x, indices, workers))):
+    shares = [group.share(index) for index in indices]
+    totals = torch.zeros(3, dtype=torch.float64)  # cross-entropy and GGAM loss summed, images right
+    for b, (index, share, images) in enumerate(zip(indices, shares, _read(x, [s if len(s) else i[:1] for s, i in
+                                                                                 zip(shares, indices)], workers))):
+        weight = len(share) * group.world / len(index)
+        share = share if len(share) else index[:1]
         if flip:
-            flipped = images.flip(-1) if mirrored is None else mirrored[index]
-            images = torch.where(flips[index, None, None, None].to(images.device), flipped, images)
-        images, labels = images.to(kind), y[index].to(kind)
+            flipped = images.flip(-1) if mirrored is None else mirrored[share]
+            images = torch.where(flips[share, None, None, None].to(images.device), flipped, images)
+        images, labels = images.to(kind), y[share].to(kind)
         optimiser.zero_grad()
-        result = attend(images)
+        result = step(images)
         loss = ggam_training_loss(result, labels, lam, detach, renormalise)
-        loss.total.backward()
+        (loss.total * weight if group.distributed else loss.total).backward()
         optimiser.step()
-        totals["ce"] += float(loss.ce.detach()) * len(index)
-        totals["ggam"] += float(loss.ggam.detach()) * len(index)
-        totals["correct"] += int((result.logits.argmax(1) == labels).sum())
+        if weight:
+            totals += torch.tensor([float(loss.ce.detach()) * len(share), float(loss.ggam.detach()) * len(share),
+                                    float((result.logits.argmax(1) == labels).sum())], dtype=torch.float64)
         if progress is not None:
             progress(epoch, b + 1, batches)
-    n = len(y)
-    return {"train_ce": totals["ce"] / n, "train_ggam": totals["ggam"] / n, "train_accuracy": totals["correct"] / n}
+    ce, ggam, correct = (float(v) / len(y) for v in group.all_sum(totals))
+    return {"train_ce": ce, "train_ggam": ggam, "train_accuracy": correct}
 
 
-def _validate(model, attend, x, y, batch_size, kind, workers) -> dict:
-    """Accuracy and cross-entropy over every validation image once (in order, no padding)."""
+def _validate(model, attend, x, y, batch_size, kind, workers, group: Group) -> dict:
+    """Accuracy and cross-entropy over every validation image once (in order, no padding; each
+    process its share, the sums added up)."""
     model.eval()
-    ce, correct = 0.0, 0
-    batches = _in_order(len(y), batch_size)
+    totals = torch.zeros(2, dtype=torch.float64)
+    batches = [index for index in (group.share(b) for b in _in_order(len(y), batch_size)) if len(index)]
     with torch.no_grad():
         for index, images in zip(batches, _read(x, batches, workers)):
             logits = attend(images.to(kind)).logits
             labels = y[index].to(kind)
-            ce += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(1) == labels).sum())
+            totals += torch.tensor([float(F.cross_entropy(logits, labels, reduction="sum")),
+                                    float((logits.argmax(1) == labels).sum())], dtype=torch.float64)
+    ce, correct = group.all_sum(totals).tolist()
     return {"val_accuracy": correct / len(y), "val_ce": ce / len(y)}
 
 
