@@ -12,7 +12,8 @@ group's key-value store (the rendezvous's TCPStore, incremented atomically by ``
 process that finishes a unit takes the next one, so a process given slow images (Score-CAM's
 cost depends on the image) does not hold the others up, and every unit is taken exactly once.
 A shared count of the finished work lets the first process (rank 0) draw one progress bar for
-the whole run.
+the whole run. Training shares each batch instead (:meth:`Group.share`,
+:meth:`Group.parallel`: PyTorch's ``DistributedDataParallel``).
 """
 
 from __future__ import annotations
@@ -71,10 +72,6 @@ class Group:
         if self.distributed and device.type == "cuda" and device.index is None:
             return torch.device("cuda", self.local_rank)
         return device
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
 
     def from_main(self, work: Callable[[], Any]) -> Any:
         """``work()`` run by rank 0 alone, its result given to every process. Where it raises, rank 0
@@ -168,12 +165,6 @@ class WorkQueue:
         progress(total)
 
 
-def launched_processes() -> int:
-    """How many processes ``torchrun`` started for this run (1 without it), read from the
-    environment, without joining them."""
-    return max(1, _env_int("WORLD_SIZE", 1))
-
-
 def join() -> Group:
     """The group of processes this process belongs to: the ``torchrun`` group (joined on the first
     call), else a group of one. A run started by ``torchrun`` with one process is a plain run."""
@@ -190,7 +181,10 @@ def join() -> Group:
         except (RuntimeError, ValueError) as error:
             raise CamlensError(f"cannot join the torchrun group (rank {rank} of {world}): {error}") from None
         atexit.register(_leave)
-    store = dist.distributed_c10d._get_default_store()
+    try:  # the group's key-value store, which torchrun's rendezvous made
+        store = dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError) as error:
+        raise CamlensError(f"cannot reach the torchrun group's store (rank {rank} of {world}): {error}") from None
     group = Group(rank=rank, world=world, local_rank=local_rank, store=store)
     # Keys of this run only: a store outlives a run where torchrun restarts its workers.
     group.prefix = "camlens/" + group.from_main(lambda: uuid.uuid4().hex)

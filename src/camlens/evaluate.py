@@ -303,7 +303,10 @@ class ResultStore:
 
     def merge(self) -> None:
         """Rank 0, once every process has finished: their results moved into ``results.jsonl``
-        and read with this process's own (:attr:`records` then holds the whole run's)."""
+        and read with this process's own (:attr:`records` then holds the whole run's). A run of
+        one process has nothing to merge: its records are already the whole run's."""
+        if not self._shards():
+            return
         self.records.clear()
         self._mapped.clear()
         self._load()
