@@ -181,10 +181,10 @@ def train_ggam(
     before each step, the validation images are shared out without padding, and the first process
     alone holds the folder, writes the checkpoint once an epoch, measures the kept model and calls
     the callbacks. The checkpoint does not depend on the number of processes: a run resumes with
-    any. On a GPU, batch norms take their statistics over the whole batch (``SyncBatchNorm``); on
-    a CPU, where PyTorch has no such layer, over each process's share, so a fine-tuned backbone
-    differs from one process's by more than rounding (a frozen backbone, ``freeze_backbone``, does
-    not).
+    any. The backbone's batch norms take their statistics over each process's share of the batch
+    (as ``DistributedDataParallel`` leaves them; PyTorch's ``SyncBatchNorm`` needs a GPU and
+    NCCL, and the processes here talk over gloo), so a fine-tuned backbone differs from one
+    process's by more than rounding; a frozen backbone (``freeze_backbone``) does not.
 
     ``progress(epoch, batch, batches)`` is called after each training batch (1-based);
     ``on_plan(TrainPlan)`` once, after every check and before the first batch;
@@ -239,8 +239,6 @@ def train_ggam(
         else:  # decoded batch by batch, mirrored batch by batch
             inputs = (ImageFiles(train.samples, preprocess), None)
             val_inputs = ImageFiles(val.samples, preprocess)
-            if group.distributed and kind.type == "cuda":  # batch statistics over every process's share
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         attend = _Attend(model, freeze_backbone)
         # A training step of every process on its share of each batch, the gradients averaged.
         step = group.parallel(attend, kind)
