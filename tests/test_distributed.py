@@ -1,8 +1,10 @@
 """Runs on several processes (issue 22): ``torchrun -m camlens evaluate`` on 2 processes gives the
 single-process table; a 2-process run killed mid-way and resumed with 1 process ends with every
 (image, method) pair exactly once and the same table; the results files of the processes merge
-under the store's rules. The processes are real: torchrun on this machine, gloo over loopback,
-a free port each time (``--standalone``)."""
+under the store's rules; ``explain`` over a folder writes each image once, ``sanity`` gives the
+same verdicts, and ``train-ggam`` trains the weights of one process (frozen backbone) and resumes
+on another number. The processes are real: torchrun on this machine, gloo over loopback, a free
+port each time (``--standalone``)."""
 
 from __future__ import annotations
 
