@@ -44,6 +44,7 @@ _EXPORTS = {
     "SmoothGradCAMPlusPlus": "camlens.methods",
     "get_method": "camlens.methods",
     "list_methods": "camlens.methods",
+    "BoxTarget": "camlens.detection",
     "ClassTarget": "camlens.targets",
     "MultiLabelTarget": "camlens.targets",
     "RegressionTarget": "camlens.targets",
@@ -59,6 +60,7 @@ _EXPORTS = {
 __all__ = [
     "AblationCAM",
     "AugmentSmooth",
+    "BoxTarget",
     "CAM",
     "CAMMethod",
     "CamlensError",
@@ -145,6 +147,7 @@ if TYPE_CHECKING:
         list_methods,
     )
     from .capture import TokenGrid
+    from .detection import BoxTarget
     from .targets import (
         ClassTarget,
         MultiLabelTarget,

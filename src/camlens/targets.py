@@ -24,7 +24,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import ClassVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -99,12 +99,23 @@ class ScoreTarget:
     a batch whose row b is a version of image ``rows[b]``. Called as a plain function,
     ``target(output)``, row b is image b."""
 
+    # Whether the target's data are places in the image that a flipped or resized copy moves
+    # (boxes): AugmentSmooth refuses such a target (a segmentation mask it moves itself).
+    moves_with_the_image: ClassVar[bool] = False
+
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
         raise NotImplementedError
 
     def check(self, images: int) -> None:
         """Raise a CamlensError when the target's data per image does not fit ``images`` images
         (called once per explanation, before any score); by default, nothing to check."""
+
+    def resolved(self, output: Tensor) -> ScoreTarget:
+        """This target as it scores the images of one explanation, given the model's output on
+        them (before any masked or noisy copy is scored): by default itself. A target whose data
+        come from that output (the detections a :class:`~camlens.detection.BoxTarget` explains)
+        fixes them here."""
+        return self
 
     def __call__(self, output: Tensor) -> Tensor:
         return self.score(output, torch.arange(output.shape[0], device=output.device))
@@ -399,6 +410,16 @@ def resolve_targets(
     images = logits.shape[0]
     functions = _function_table(spec, images)
     if functions is not None:
+        bound: dict[int, ScoreTarget] = {}  # one resolution per target object, shared by the rows
+
+        def resolved(function: TargetFunction) -> TargetFunction:
+            if not isinstance(function, ScoreTarget):
+                return function
+            if id(function) not in bound:
+                bound[id(function)] = function.resolved(logits)
+            return bound[id(function)]
+
+        functions = tuple(tuple(map(resolved, row)) for row in functions)
         for row in functions:
             for function in row:
                 if isinstance(function, ScoreTarget):

@@ -209,6 +209,9 @@ class _Following(ScoreTarget):
     antialiased for weights)."""
 
     def __init__(self, target: ScoreTarget, images: int, flips: Sequence[bool], resized: bool) -> None:
+        if target.moves_with_the_image:
+            raise CamlensError(f"augmentation smoothing flips and resizes the images, which moves what {target!r} "
+                               "compares them with: explain it without augmentation smoothing")
         self.target = target
         self.images = images
         self.flips = torch.tensor(list(flips), dtype=torch.bool)
