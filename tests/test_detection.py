@@ -237,3 +237,39 @@ def test_a_list_of_layers_of_a_detector_weighs_each_as_alone():
         alone = camlens.GradCAM(model, layer, output=yolov5_detections)(x, target)
         assert torch.allclose(both.weights[layer], alone.weights[layer], rtol=1e-12)
     assert both.maps.shape == (2, 1, 16, 16)
+
+
+def test_gradcam_on_transformers_yolos_reads_the_patches_between_the_class_and_detection_tokens():
+    """YOLOS: tokens (N, 1 + 16 + 5, D), a class token, a 4x4 grid of patches and 5 detection
+    tokens after them (``suffix``): the map is the patches' grid, the model goes on with the
+    detection tokens as they were, and the weights are plain-torch Grad-CAM's on the patch tokens."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.YolosConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                      image_size=[32, 32], patch_size=8, num_detection_tokens=5, num_labels=3,
+                                      use_mid_position_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.YolosForObjectDetection(config).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    layer = "vit.encoder.layer.1.layernorm_before"
+    target = BoxTarget(torch.tensor([[0.0, 0.0, 0.6, 0.6]]), torch.tensor([1]), iou_threshold=0.0)
+    grid = camlens.TokenGrid(prefix=1, size=(4, 4), suffix=5)
+    expl = camlens.GradCAM(model, layer, output=detr_detections, reshape=grid)(x, target)
+    assert expl.options["reshape"] == "tokens:1:4x4:+5"
+
+    seen = {}
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda module, inputs, output: seen.__setitem__("a", output))
+    try:
+        output = model(x)
+    finally:
+        handle.remove()
+    score = target(detr_detections(output))
+    gradient = torch.autograd.grad(score.sum(), seen["a"])[0]  # (N, 22, D)
+    assert torch.allclose(expl.scores[:, 0], score.detach(), rtol=1e-5)
+    expected = gradient[:, 1:17].mean(dim=1)  # the patches' gradient, averaged over the grid
+    assert float(expected.abs().max()) > 1e-7
+    assert torch.allclose(expl.weights[layer][:, 0], expected, rtol=1e-4, atol=1e-8)
+    assert expl.maps.shape == (2, 1, 32, 32)
+    assert camlens.capture.token_grid("tokens:1:4x4:+5") == grid
+    with pytest.raises(CamlensError, match="leave none before the 30 suffix token"):
+        camlens.GradCAM(model, layer, output=detr_detections, reshape=camlens.TokenGrid(suffix=30))(x, target)

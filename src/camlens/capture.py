@@ -208,11 +208,14 @@ class TokenGrid:
         batch_first: whether the tokens are (N, L, D) (True) or (L, N, D) (False, e.g.
             ``nn.TransformerEncoderLayer`` without ``batch_first``). None: the dimension of
             size N is the batch; (N, L, D) when both are.
+        suffix: the number of tokens after the patches (YOLOS's detection tokens), left out of
+            the grid as the prefix is, and given back to the model as they were.
     """
 
     prefix: int | None = None
     size: tuple[int, int] | None = None
     batch_first: bool | None = None
+    suffix: int = 0
 
     def __post_init__(self) -> None:
         if self.prefix is not None and not (_is_count(self.prefix) and self.prefix >= 0):
@@ -224,10 +227,16 @@ class TokenGrid:
             object.__setattr__(self, "size", tuple(int(side) for side in self.size))
         if self.batch_first not in (None, True, False):
             raise CamlensError(f"batch_first must be True, False or None, got {self.batch_first!r}")
+        if not (_is_count(self.suffix) and self.suffix >= 0):
+            raise CamlensError(f"a token grid's suffix is a number of tokens (an integer >= 0), got {self.suffix!r}")
 
     def layout(self, length: int, image_size: Sequence[int]) -> tuple[int, int, int]:
         """``(prefix, h, w)`` for a sequence of ``length`` tokens from images of ``image_size``
         (H, W); a CamlensError, without the layer's name, where the tokens make no such grid."""
+        if self.suffix:
+            if length <= self.suffix:
+                raise CamlensError(f"its {length} tokens leave none before the {self.suffix} suffix token(s)")
+            return dataclasses.replace(self, suffix=0).layout(length - self.suffix, image_size)
         if self.size is not None:
             h, w = self.size
             prefix = length - h * w if self.prefix is None else self.prefix
@@ -266,6 +275,8 @@ class TokenGrid:
             parts.append(str(self.prefix))
         if self.size is not None:
             parts.append(f"{self.size[0]}x{self.size[1]}")
+        if self.suffix:
+            parts.append(f"+{self.suffix}")
         if self.batch_first is False:
             parts.append("lnd")
         return ":".join(parts)
@@ -292,11 +303,11 @@ class TokenGrid:
                 f"layer {display_name(name)!r} outputs tokens of shape {tuple(output.shape)}: {error} "
                 "(reshape=TokenGrid(prefix=..., size=(h, w)), or --reshape tokens:PREFIX:HxW)"
             ) from None
-        grid = tokens[:, prefix:].transpose(1, 2).reshape(count, tokens.shape[2], h, w)
-        head = tokens[:, :prefix]
+        grid = tokens[:, prefix:prefix + h * w].transpose(1, 2).reshape(count, tokens.shape[2], h, w)
+        head, tail = tokens[:, :prefix], tokens[:, prefix + h * w:]
 
         def rebuild(recorded: Tensor) -> Tensor:
-            rebuilt = torch.cat([head, recorded.flatten(2).transpose(1, 2)], dim=1)
+            rebuilt = torch.cat([head, recorded.flatten(2).transpose(1, 2), tail], dim=1)
             return rebuilt if batch_first else rebuilt.transpose(0, 1)
 
         return grid, rebuild
@@ -371,13 +382,14 @@ class Reshaped:
 
 ReshapeSpec = Union[None, str, TokenGrid, ChannelsLast, Reshaped, Callable[[Tensor], Tensor]]
 Layout = Union[TokenGrid, ChannelsLast, Reshaped]
-_TOKENS = re.compile(r"tokens(?::(\d+))?(?::(\d+)x(\d+))?(:lnd)?")
+_TOKENS = re.compile(r"tokens(?::(\d+))?(?::(\d+)x(\d+))?(?::\+(\d+))?(:lnd)?")
 
 
 def token_grid(spec: ReshapeSpec) -> Layout | None:
     """A ``reshape`` option as a layout: None; a :class:`TokenGrid`, :class:`ChannelsLast` or
-    :class:`Reshaped`; the text ``tokens[:PREFIX][:HxW][:lnd]`` (``tokens``: everything inferred;
-    ``lnd``: tokens (L, N, D)) or ``nhwc``; or a function of the layer's output to (N, C, h, w)."""
+    :class:`Reshaped`; the text ``tokens[:PREFIX][:HxW][:+SUFFIX][:lnd]`` (``tokens``: everything
+    inferred; ``+SUFFIX``: tokens after the patches; ``lnd``: tokens (L, N, D)) or ``nhwc``; or a
+    function of the layer's output to (N, C, h, w)."""
     if spec is None or isinstance(spec, (TokenGrid, ChannelsLast, Reshaped)):
         return spec
     if callable(spec) and not isinstance(spec, str):
@@ -388,14 +400,16 @@ def token_grid(spec: ReshapeSpec) -> Layout | None:
     if match is None:
         raise CamlensError(
             f"unknown reshape {spec!r}: give 'tokens' (a vision transformer's token sequence to a grid, "
-            "everything inferred), 'tokens:PREFIX', 'tokens:HxW', 'tokens:PREFIX:HxW', 'nhwc' (a channels-last "
+            "everything inferred), 'tokens:PREFIX', 'tokens:HxW', 'tokens:PREFIX:HxW', 'tokens:PREFIX:HxW:+SUFFIX' "
+            "(tokens after the patches), 'nhwc' (a channels-last "
             "map), a TokenGrid, or a function of the layer's output to (N, C, h, w)"
         )
-    prefix, h, w, lnd = match.groups()
+    prefix, h, w, suffix, lnd = match.groups()
     return TokenGrid(
         prefix=None if prefix is None else int(prefix),
         size=None if h is None else (int(h), int(w)),
         batch_first=False if lnd else None,
+        suffix=0 if suffix is None else int(suffix),
     )
 
 
