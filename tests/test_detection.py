@@ -48,6 +48,9 @@ def test_box_target_sums_class_score_times_overlap_over_matched_detections():
     assert torch.allclose(box_iou(boxes, detections[0, :, :4]),
                           torch.tensor([[iou_by_hand(b, d[:4]) for d in detections[0].tolist()]
                                         for b in boxes.tolist()], dtype=torch.float64))
+    # Boxes and labels as numbers: the same boxes for every image.
+    assert torch.allclose(BoxTarget([[0, 0, 4, 4], [1, 0, 5, 4]], [0, 1], iou_threshold=0.4)(detections.float()),
+                          target(detections).float())
     # No detection overlaps enough: 0, not an error.
     assert float(BoxTarget(torch.tensor([[20.0, 20.0, 21.0, 21.0]]), torch.tensor([0]))(detections)[0]) == 0.0
 
@@ -273,3 +276,23 @@ def test_gradcam_on_transformers_yolos_reads_the_patches_between_the_class_and_d
     assert camlens.capture.token_grid("tokens:1:4x4:+5") == grid
     with pytest.raises(CamlensError, match="leave none before the 30 suffix token"):
         camlens.GradCAM(model, layer, output=detr_detections, reshape=camlens.TokenGrid(suffix=30))(x, target)
+
+
+def test_box_target_refuses_what_it_cannot_read_in_one_line():
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    for kwargs, message in (
+        ({"boxes": box}, "give reference boxes and their labels together, or neither"),
+        ({"boxes": [box, box], "labels": [torch.tensor([0])]}, "per-image reference boxes need per-image labels"),
+        ({"boxes": box[0], "labels": torch.tensor([0])}, r"reference boxes are \(B, 4\) floats"),
+        ({"boxes": box, "labels": torch.tensor([0.5])}, r"reference labels are \(B,\) integers"),
+        ({"boxes": box, "labels": torch.tensor([-1])}, "a reference label is negative"),
+        ({"iou_threshold": 2}, "iou_threshold must be a number from 0 to 1, got 2"),
+    ):
+        with pytest.raises(CamlensError, match=message):
+            BoxTarget(**kwargs)
+    model = TinyYolo().double().eval()
+    target = BoxTarget([box.double(), box.double()], [torch.tensor([0]), torch.tensor([1])])
+    with pytest.raises(CamlensError, match=r"^reference boxes given for 2 image\(s\), for 1 image\(s\)"):
+        camlens.GradCAM(model, "features.3", output=yolov5_detections)(torch.rand(1, 3, 16, 16).double(), target)
+    with pytest.raises(CamlensError, match=r"^a reference label \(7\) is outside the detections' 3 classes$"):
+        BoxTarget(box, torch.tensor([7]))(torch.zeros(1, 2, 7))

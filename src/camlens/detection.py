@@ -148,6 +148,9 @@ class BoxTarget(ScoreTarget):
                                "detections)")
         self.iou_threshold, self.score_threshold = float(iou_threshold), float(score_threshold)
         self.references: list[tuple[Tensor, Tensor] | None] | None = None
+        if boxes is not None and not isinstance(boxes, Tensor) and not any(isinstance(b, Tensor) for b in boxes):
+            boxes = torch.as_tensor(boxes, dtype=torch.get_default_dtype())  # numbers: boxes for every image
+            labels = torch.as_tensor(labels)
         self.shared = boxes is not None and isinstance(boxes, Tensor)
         if boxes is not None:
             pairs = [(boxes, labels)] if isinstance(boxes, Tensor) else list(zip(boxes, labels, strict=False))
