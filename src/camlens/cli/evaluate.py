@@ -182,9 +182,10 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
             store = ResultStore(out_dir, config, images, rank=group.rank)
         chunk = batch_size or 8
         pending = [(by_key[image], name) for image, name in todo]
-        units: dict[str, tuple[Sample, list[str]]] = {}
+        by_image: dict[str, tuple[Sample, list[str]]] = {}
         for sample, name in pending:
-            units.setdefault(key(sample.path), (sample, []))[1].append(name)
+            by_image.setdefault(key(sample.path), (sample, []))[1].append(name)
+        units = list(by_image.values())  # an image and the methods it still needs
         start_up: dict[str, float] = {}
         _plan(objects, loaded, pending, wanted, steps, torch_device, start_up, yes, group)
         skipped: list[str] = []
@@ -192,7 +193,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         with LogProgress() as bar:
             task = bar.add_task("evaluating", total=len(pending))
             for unit in queue:
-                sample, names = list(units.values())[unit]
+                sample, names = units[unit]
                 try:
                     digest = file_digest(sample.path)
                     image = load_image(sample.path)
