@@ -15,7 +15,7 @@ import uuid
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -432,6 +432,15 @@ def locked_output_dir(path: Path, kind: str, files: Iterable[str] = ()):
         yield RunFolder.claim(path, kind, files)
     finally:
         lock.release()
+
+
+def held_output_dir(stack: ExitStack, out: str | os.PathLike[str], kind: str, files: Iterable[str] = ()) -> RunFolder:
+    """The output folder ``out`` of a run of ``kind``: made if needed, locked for the rest of
+    ``stack`` (:func:`locked_output_dir`), without an earlier run's report (which is not this
+    run's)."""
+    folder = stack.enter_context(locked_output_dir(ensure_writable_dir(out), kind, files))
+    folder.remove("report.html")
+    return folder
 
 
 def _umask() -> int:

@@ -38,9 +38,8 @@ from ..evaluate import (
     summarise,
 )
 from ..io import (
-    ensure_writable_dir,
+    held_output_dir,
     load_image,
-    locked_output_dir,
     write_atomic,
 )
 from ..methods import METHODS
@@ -154,9 +153,8 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
 
         def claim() -> tuple[str, list[tuple[str, str]]]:
             nonlocal store
-            out_dir = ensure_writable_dir(out)
-            run_folder = stack.enter_context(locked_output_dir(out_dir, "evaluate", RUN_FILES))
-            run_folder.remove("report.html")  # an earlier run's report is not this one's
+            run_folder = held_output_dir(stack, out, "evaluate", RUN_FILES)
+            out_dir = run_folder.path
             for rank in range(1, group.world):
                 run_folder.own(shard_name(rank))
             store = ResultStore(out_dir, config, images)

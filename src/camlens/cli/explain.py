@@ -28,10 +28,9 @@ from ..errors import CamlensError
 from ..io import (
     MAX_MARKER_BYTES,
     RunFolder,
-    ensure_writable_dir,
     expand_inputs,
+    held_output_dir,
     load_image,
-    locked_output_dir,
     os_reason,
     publish_mode,
     read_plain,
@@ -320,9 +319,8 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
 
         def claim() -> tuple[str, list[str], dict]:
             nonlocal run_folder
-            out_dir = ensure_writable_dir(out)
-            run_folder = stack.enter_context(locked_output_dir(out_dir, "explain"))
-            run_folder.remove("report.html")  # an earlier run's report is not this one's
+            run_folder = held_output_dir(stack, out, "explain")
+            out_dir = run_folder.path
             names = output_names(files, out_dir)
             if group.distributed:
                 run_folder.own_all(names)

@@ -28,10 +28,9 @@ from ..distributed import WorkQueue, join
 from ..evaluate import quantise
 from ..io import (
     RunFolder,
-    ensure_writable_dir,
     file_digest,
+    held_output_dir,
     load_image,
-    locked_output_dir,
     write_atomic,
 )
 from ..methods import METHODS
@@ -140,10 +139,8 @@ def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, 
 
         def claim() -> str:
             nonlocal run_folder
-            out_dir = ensure_writable_dir(out)
-            run_folder = stack.enter_context(locked_output_dir(out_dir, "sanity", RUN_FILES))
-            run_folder.remove("report.html")  # an earlier run's report is not this one's
-            return str(out_dir)
+            run_folder = held_output_dir(stack, out, "sanity", RUN_FILES)
+            return str(run_folder.path)
 
         out_dir = Path(group.from_main(claim))
         model = loaded.module.to(torch_device)
