@@ -115,24 +115,42 @@ def test_two_processes_give_the_single_process_table(data):
     assert two.stderr.count("note: start-up, once per run") == 1
 
 
-def test_a_two_process_run_killed_half_way_resumes_with_one(data):
-    finished(command(data, "one"), data)
-    out = data / "killed"
-    started = subprocess.Popen(command(data, "killed", model="slownet:slow", processes=2), env=environment(data),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def killed_half_way(data: Path, out: Path, processes: int) -> None:
+    """A slow run into ``out`` killed (SIGKILL to every process) once 6 result lines are written
+    (by both processes, where there are 2)."""
+    started = subprocess.Popen(command(data, out.name, model="slownet:slow", processes=processes),
+                               env=environment(data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and started.poll() is None:
             written = sum(len(path.read_bytes().splitlines()) for path in out.glob("results*.jsonl")) if out.is_dir() else 0
-            if written >= 6 and (out / shard_name(1)).is_file():
+            if written >= 6 and (processes == 1 or (out / shard_name(1)).is_file()):
                 break
             time.sleep(0.05)
         assert started.poll() is None, "the run ended before it could be killed"
         os.killpg(started.pid, signal.SIGKILL)
     finally:
         started.wait(timeout=60)
-    assert (out / shard_name(1)).is_file() and 6 <= sum(
-        len(path.read_bytes().splitlines()) for path in out.glob("results*.jsonl")) < 24
+    assert 6 <= sum(len(path.read_bytes().splitlines()) for path in out.glob("results*.jsonl")) < 24
+
+
+def test_a_one_process_run_killed_half_way_resumes_with_two(data):
+    finished(command(data, "one"), data)
+    out = data / "killed"
+    killed_half_way(data, out, 1)
+    finished(command(data, "killed", model="slownet:slow", processes=2), data)
+    pairs = [(r["image"], r["method"]) for r in records(out)]
+    assert len(pairs) == len(set(pairs)) == 24 and not list(out.glob("results.rank*.jsonl"))
+    one_summary = json.loads((data / "one" / "summary.json").read_text())
+    assert json.loads((out / "summary.json").read_text())["summary"] == one_summary["summary"]
+
+
+def test_a_two_process_run_killed_half_way_resumes_with_one(data):
+    finished(command(data, "one"), data)
+    out = data / "killed"
+    killed_half_way(data, out, 2)
+    assert (out / shard_name(1)).is_file()
     # The report of the killed run shows what every process wrote.
     finished([sys.executable, "-m", "camlens", "report", str(out)], data)
     assert "(results.rank*.jsonl), are shown too" in (out / "report.html").read_text(encoding="utf-8")
