@@ -13,13 +13,13 @@ from torch import nn
 import camlens
 from camlens.detection import (
     BoxTarget,
-    box_iou,
     detr_detections,
     torchvision_detections,
     yolov5_detections,
     yolov8_detections,
 )
 from camlens.errors import CamlensError
+from camlens.metrics import box_iou
 
 
 def iou_by_hand(a, b):
@@ -45,7 +45,7 @@ def test_box_target_sums_class_score_times_overlap_over_matched_detections():
             if overlap >= 0.4:
                 expected += detection[4 + label] * overlap
     assert float(target(detections)[0]) == pytest.approx(expected, rel=1e-12)
-    assert torch.allclose(box_iou(boxes, detections[0, :, :4]),
+    assert torch.allclose(box_iou(boxes[:, None], detections[0, None, :, :4]),
                           torch.tensor([[iou_by_hand(b, d[:4]) for d in detections[0].tolist()]
                                         for b in boxes.tolist()], dtype=torch.float64))
     # Boxes and labels as numbers: the same boxes for every image.
@@ -127,7 +127,7 @@ def test_gradcam_on_a_yolo_style_head_is_plain_torch_gradcam():
         for image in range(2):
             total = detections.new_zeros(())
             for box, label in zip(boxes[image], labels[image]):
-                overlap = box_iou(box[None], detections[image, :, :4])[0]
+                overlap = box_iou(box, detections[image, :, :4])
                 total = total + (detections[image, :, 4 + int(label)] * overlap * (overlap >= 0.1)).sum()
             scores.append(total)
         return torch.stack(scores)
@@ -206,7 +206,7 @@ def test_gradcam_on_transformers_detr_is_plain_torch_gradcam():
         for image in range(2):
             score = probabilities.new_zeros(())
             for box, label in zip(boxes, labels):
-                overlap = box_iou(box[None], corners[image])[0]
+                overlap = box_iou(box, corners[image])
                 score = score + (probabilities[image, :, int(label)] * overlap).sum()
             total.append(score)
         return torch.stack(total)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .capture import describe
 from .errors import CamlensError
+from .metrics.localisation import box_iou
 from .targets import ScoreTarget
 
 
@@ -109,17 +110,6 @@ def yolov8_detections(output: object) -> Tensor:
         raise CamlensError(f"a YOLOv8-style head is (N, 4 + classes, anchors), got {describe(head)}")
     head = head.transpose(1, 2)
     return torch.cat([_corners(head[..., :4]), head[..., 4:]], dim=-1)
-
-
-def box_iou(first: Tensor, second: Tensor) -> Tensor:
-    """IoU of boxes ``x1, y1, x2, y2``: ``first`` (..., A, 4) against ``second`` (..., B, 4) ->
-    (..., A, B); 0 where the union is empty."""
-    low = torch.maximum(first[..., :, None, :2], second[..., None, :, :2])
-    high = torch.minimum(first[..., :, None, 2:4], second[..., None, :, 2:4])
-    inter = (high - low).clamp(min=0).prod(dim=-1)
-    area = lambda b: (b[..., 2:4] - b[..., :2]).clamp(min=0).prod(dim=-1)  # noqa: E731
-    union = area(first)[..., :, None] + area(second)[..., None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
 
 
 class BoxTarget(ScoreTarget):
@@ -209,7 +199,7 @@ class BoxTarget(ScoreTarget):
                 raise CamlensError(f"a reference label ({int(labels.max())}) is outside the detections' {classes} "
                                    "classes")
             boxes = boxes.to(device=output.device, dtype=output.dtype)
-            iou = box_iou(boxes, output[row, :, :4])  # (B, D)
+            iou = box_iou(boxes[:, None], output[row, None, :, :4])  # (B, D)
             class_scores = output[row, :, 4:][:, labels.to(output.device)].T  # (B, D)
             matched = iou >= self.iou_threshold
             scores.append((class_scores * iou * matched).sum())
