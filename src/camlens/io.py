@@ -249,11 +249,7 @@ class RunFolder:
 
     def own(self, name: str) -> Path:
         """``self.path / name``, recorded as camlens's before it is first written."""
-        if name not in self.record["files"]:
-            # What another writer under the same lock recorded (the report of --html) is kept.
-            on_disk = read_marker(self.path) or {"files": []}
-            self.record["files"] = sorted({*self.record["files"], *on_disk["files"], name})
-            self._save()
+        self.own_all([name])
         return self.path / name
 
     def own_all(self, names: Iterable[str]) -> None:
@@ -261,6 +257,7 @@ class RunFolder:
         several write into names the first one recorded (:meth:`forget` the ones left unwritten)."""
         new = set(names) - set(self.record["files"])
         if new:
+            # What another writer under the same lock recorded (the report of --html) is kept.
             on_disk = read_marker(self.path) or {"files": []}
             self.record["files"] = sorted({*self.record["files"], *on_disk["files"], *new})
             self._save()
