@@ -197,7 +197,8 @@ class ResultStore:
         if rank != 0:  # rank 0 has checked the folder and merged what earlier runs left
             self._read_checked()
             return
-        for path in (self.path, self.config_path, *self._shards()):
+        shards = shard_files(folder)
+        for path in (self.path, self.config_path, *shards):
             if path.exists() and not path.is_file():
                 raise CamlensError(f"{path} is not a regular file: use another --out")
         for name in (VIEWS, MAPS):
@@ -205,10 +206,10 @@ class ResultStore:
                 raise CamlensError(f"{folder / name} is not a folder: use another --out")
             for leftover in (folder / name).glob(".camlens-partial-*"):  # of a run killed while writing
                 leftover.unlink(missing_ok=True)
-        if not any(path.is_file() and path.stat().st_size for path in (self.path, *self._shards())):
+        if not any(path.is_file() and path.stat().st_size for path in (self.path, *shards)):
             # No results yet: nothing to mix with.
             write_atomic(self.config_path, lambda p: p.write_text(json.dumps(self.config, indent=2) + "\n"))
-            for shard in self._shards():
+            for shard in shards:
                 shard.unlink()
             return
         saved = self._saved_config()
@@ -217,7 +218,7 @@ class ResultStore:
                 f"{folder} holds results of other settings ({config_changes(saved, self.config)}); "
                 f"use another --out, or the settings recorded in {self.config_path}"
             )
-        self._load()
+        self._load(shards)
 
     def _saved_config(self) -> dict:
         if not self.config_path.exists():
@@ -238,13 +239,10 @@ class ResultStore:
             )
         return saved
 
-    def _shards(self) -> list[Path]:
-        return shard_files(self.folder)
-
-    def _load(self) -> None:
-        """Read ``results.jsonl`` and the other processes' files after it, in rank order; keep the
-        usable records, set the rest aside, and leave the kept ones in ``results.jsonl`` alone."""
-        shards = self._shards()
+    def _load(self, shards: list[Path]) -> None:
+        """Read ``results.jsonl`` and the other processes' files after it (``shards``, in rank
+        order); keep the usable records, set the rest aside, and leave the kept ones in
+        ``results.jsonl`` alone."""
         kept: list[bytes] = []
         aside: list[bytes] = []
         whole = True
@@ -305,11 +303,12 @@ class ResultStore:
         """Rank 0, once every process has finished: their results moved into ``results.jsonl``
         and read with this process's own (:attr:`records` then holds the whole run's). A run of
         one process has nothing to merge: its records are already the whole run's."""
-        if not self._shards():
+        shards = shard_files(self.folder)
+        if not shards:
             return
         self.records.clear()
         self._mapped.clear()
-        self._load()
+        self._load(shards)
 
     def done(self, image: str, method: str) -> bool:
         return (image, method) in self.records
