@@ -604,12 +604,12 @@ def _train_epoch(model, step, optimiser, generator, inputs, y, batch_size, lam, 
     flips = torch.rand(len(y), generator=generator) < 0.5
     batches = math.ceil(len(y) / batch_size)
     indices = [order[b * batch_size:(b + 1) * batch_size] for b in range(batches)]
+    # This process's share of each batch and its weight (an empty share: one image weighed 0).
     shares = [group.share(index) for index in indices]
+    weights = [len(share) * group.world / len(index) for share, index in zip(shares, indices)]
+    shares = [share if len(share) else index[:1] for share, index in zip(shares, indices)]
     totals = torch.zeros(3, dtype=torch.float64)  # cross-entropy and GGAM loss summed, images right
-    for b, (index, share, images) in enumerate(zip(indices, shares, _read(x, [s if len(s) else i[:1] for s, i in
-                                                                                 zip(shares, indices)], workers))):
-        weight = len(share) * group.world / len(index)
-        share = share if len(share) else index[:1]
+    for b, (share, weight, images) in enumerate(zip(shares, weights, _read(x, shares, workers))):
         if flip:
             flipped = images.flip(-1) if mirrored is None else mirrored[share]
             images = torch.where(flips[share, None, None, None].to(images.device), flipped, images)
