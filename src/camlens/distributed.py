@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import CamlensError
+from .errors import CamlensError, first_line
 
 # Collective calls (a barrier, a broadcast) wait at most this long for the slowest process. The
 # processes meet only at the start and the end of a run, and between the two every one is busy:
@@ -179,12 +179,12 @@ def join() -> Group:
         try:
             dist.init_process_group(backend="gloo", timeout=TIMEOUT)
         except (RuntimeError, ValueError) as error:
-            raise CamlensError(f"cannot join the torchrun group (rank {rank} of {world}): {error}") from None
+            raise CamlensError(f"cannot join the torchrun group (rank {rank} of {world}): {first_line(error)}") from None
         atexit.register(_leave)
     try:  # the group's key-value store, which torchrun's rendezvous made
         store = dist.distributed_c10d._get_default_store()
     except (AttributeError, RuntimeError, ValueError) as error:
-        raise CamlensError(f"cannot reach the torchrun group's store (rank {rank} of {world}): {error}") from None
+        raise CamlensError(f"cannot reach the torchrun group's store (rank {rank} of {world}): {first_line(error)}") from None
     group = Group(rank=rank, world=world, local_rank=local_rank, store=store)
     # Keys of this run only: a store outlives a run where torchrun restarts its workers.
     group.prefix = "camlens/" + group.from_main(lambda: uuid.uuid4().hex)
