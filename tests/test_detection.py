@@ -225,6 +225,11 @@ def test_gradcam_on_transformers_detr_is_plain_torch_gradcam():
     assert torch.allclose(expl.scores[:, 0], score.detach(), rtol=1e-5)
     assert torch.allclose(expl.weights[layer][:, 0], gradient.mean(dim=(2, 3)), rtol=1e-4, atol=1e-7)
     assert float(gradient.abs().max()) > 1e-6
+    # With no layer named: not a box or class head (one row per query), but the encoder's
+    # sequence, the backbone's 8x8 grid flattened, with a map per image that is not blank.
+    default = camlens.GradCAM(model, output=detr_detections)(x, target)
+    assert default.target_layers == ("model.encoder.layers.0",) and default.options["reshape"] == "tokens:0:8x8"
+    assert not bool(default.blank.any())
     assert math.isfinite(float(expl.maps.sum()))
 
 
@@ -274,6 +279,10 @@ def test_gradcam_on_transformers_yolos_reads_the_patches_between_the_class_and_d
     assert torch.allclose(expl.weights[layer][:, 0], expected, rtol=1e-4, atol=1e-8)
     assert expl.maps.shape == (2, 1, 32, 32)
     assert camlens.capture.token_grid("tokens:1:4x4:+5") == grid
+    # With no layer named: 22 tokens read as 6 + 4x4 could as well be 1 + 4x4 + 5: refused, not guessed.
+    with pytest.raises(CamlensError, match=r"output tokens \(.*vit.layernorm \(22, 16\)\) that camlens cannot read as "
+                                           r"a grid .* with :\+SUFFIX for tokens after the patches"):
+        camlens.GradCAM(model, output=detr_detections)(x, target)
     with pytest.raises(CamlensError, match="leave none before the 30 suffix token"):
         camlens.GradCAM(model, layer, output=detr_detections, reshape=camlens.TokenGrid(suffix=30))(x, target)
 

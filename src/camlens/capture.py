@@ -1222,16 +1222,21 @@ def _default_search(
     after = -1 if not found else order[id(found[-1][1])]
     # A map flattened channels-first, (N, C, h*w), is no token sequence: its "tokens" are channels.
     flattened = {(out.shape[1], out.shape[2] * out.shape[3]) for _, out, reading in maps if reading == "nchw"}
+    # A detector's output (N, D, 4 + classes) has one row per query or box: a sequence of D rows
+    # (a box or class head, a decoder's queries) is no grid of patches, and a sequence read with D
+    # tokens or more before its grid may hold D detection tokens after it instead (YOLOS): the
+    # user names that layout.
+    queries = selected.shape[1] if selected is not None and selected.dim() == 3 else None
     later, read = [], []
     for name, out in tokens:
-        if order[id(out)] < after or not usable(out) or tuple(out.shape[1:]) in flattened:
+        if order[id(out)] < after or not usable(out) or tuple(out.shape[1:]) in flattened or out.shape[1] == queries:
             continue
         later.append((name, out))
         try:
             prefix, h, w = TokenGrid().layout(out.shape[1], image)
         except CamlensError:
             continue
-        if usable(out, slice(prefix, None)) and h * w > 1 and prefix < h * w:
+        if usable(out, slice(prefix, None)) and h * w > 1 and prefix < h * w and (queries is None or prefix < queries):
             read.append((name, out, TokenGrid(prefix=prefix, size=(h, w))))
     if read:
         name, out, grid = read[-1]
@@ -1243,7 +1248,8 @@ def _default_search(
         raise CamlensError(
             f"the model's last layers that the score depends on output tokens ({shown}) that camlens cannot read as "
             "a grid of patches; name one with target_layer= and its layout with reshape='tokens:PREFIX:HxW' "
-            "(--target-layer NAME --reshape tokens:PREFIX:HxW; see camlens layers)"
+            "(--target-layer NAME --reshape tokens:PREFIX:HxW, with :+SUFFIX for tokens after the patches; see "
+            "camlens layers)"
         )
     if not found:
         raise CamlensError(
