@@ -1147,7 +1147,9 @@ def _default_search(
     does not depend on (an auxiliary head, a branch not used), a layer that runs more than once,
     and, for a dense output (N, K, H, W) or (N, H, W), a map of its size or with its K channels (one
     for depth): a segmentation model's logits, a depth head's depth map, before a last activation
-    or resize or not.
+    or resize or not; for a detector's output (N, D, 4 + classes), a sequence of D rows (its box
+    and class heads, a decoder's queries), and a sequence whose inferred prefix holds D tokens or
+    more (they may be D detection tokens after the patches: the user names that layout).
 
     Token sequences (a vision transformer's) are read by :class:`TokenGrid`, prefix (class,
     distillation and register tokens) and grid inferred, and are candidates where the score
