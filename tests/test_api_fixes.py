@@ -226,7 +226,11 @@ def vector_model():
 
 HOSTILE = {
     "integer images": (dict(images=lambda x: x.long()), r"images must be a float tensor after preprocessing, got torch.int64"),
-    "5-D images": (dict(images=lambda x: x[None]), r"images must have shape \(N, C, H, W\) or \(C, H, W\), got \(1, 3, 3, 12, 12\)"),
+    "6-D images": (dict(images=lambda x: x[None, None]), r"images must have shape \(N, C, H, W\) or \(C, H, W\), or be "
+                   r"\(N, C, L\) signals or \(N, C, D, H, W\) volumes or clips, got \(1, 1, 3, 3, 12, 12\)"),
+    # A clip (N, C, T, H, W) goes to the model: one that runs frames through a 2-D backbone takes it, an image model says.
+    "5-D images to an image model": (dict(images=lambda x: x[None]), r"the model failed on an input of shape "
+                                     r"\(1, 3, 3, 12, 12\): RuntimeError: Expected 3D \(unbatched\) or 4D"),
     "empty batch": (dict(images=lambda x: x[:0]), r"images of shape \(0, 3, 12, 12\) hold no pixels"),
     "empty image": (dict(images=lambda x: x[:, :, :0]), r"images of shape \(3, 3, 0, 12\) hold no pixels"),
     "NaN image": (dict(images=lambda x: torch.where(torch.arange(3)[:, None, None, None] == 2, math.nan, x)),
@@ -273,7 +277,7 @@ def test_one_image_without_a_batch_dimension(tiny, images):
         (lambda m: TopK(0), r"top-k needs a positive integer k, got 0"),
         (lambda m: TopK(1.0), r"top-k needs a positive integer k, got 1.0"),
         (lambda m: UnitTarget("features", "3"), r"a unit's channel is an integer index, got '3'"),
-        (lambda m: UnitTarget("features", 1, (1, 2, 3)), r"a unit's position is None or a pair of integers"),
+        (lambda m: UnitTarget("features", 1, (1, 2, 3, 4)), r"a unit's position is None or a pair of integers"),
         (lambda m: camlens.GradCAM(m, nn.Conv2d(3, 8, 1)), r"is not a submodule of the model"),
         (lambda m: camlens.ScoreCAM(m, batch_size=-1), r"batch_size must be a positive integer, got -1"),
         (lambda m: camlens.ScoreCAM(m, channel_softmax="no"), r"channel_softmax must be True or False"),

@@ -135,7 +135,7 @@ def test_bad_and_odd_inputs_are_reported_and_the_rest_processed(tmp_path, capsys
     assert manifest["skipped"] == [str(paths["notes"])]
     assert manifest["summary"]["ok"] == 3 and manifest["summary"]["failed"] == 3
     assert f"failed: {missing}: no such file" in err
-    assert "skipped (not an image file)" in err
+    assert "skipped (not an image or array file)" in err
     assert sorted(p.name for p in out.glob(".*")) == [".camlens-lock", ".camlens-run.json"]  # no staging left
 
 
@@ -194,7 +194,7 @@ def test_directory_without_images(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("x")
     got, _, err = run(["explain", tmp_path / "empty", "--out", tmp_path / "out"], capsys)
-    one_line_error(got, err, 1, "the directory has no image files")
+    one_line_error(got, err, 1, "the directory has no image or array files")
 
 
 def test_methods_and_layers_commands(capsys):

@@ -305,3 +305,14 @@ def test_box_target_refuses_what_it_cannot_read_in_one_line():
         camlens.GradCAM(model, "features.3", output=yolov5_detections)(torch.rand(1, 3, 16, 16).double(), target)
     with pytest.raises(CamlensError, match=r"^a reference label \(7\) is outside the detections' 3 classes$"):
         BoxTarget(box, torch.tensor([7]))(torch.zeros(1, 2, 7))
+
+
+def test_the_default_layer_of_a_yolo_style_detector_is_no_raw_head():
+    """The head's 1x1 convolution outputs the detections as a map (5 + 3 channels a cell): a map of
+    the score's own values, passed over; the default is the last feature map before it."""
+    model = TinyYolo().double().eval()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    explanation = camlens.GradCAM(model, output=yolov5_detections)(x, BoxTarget(score_threshold=0.0))
+    assert explanation.default_layer and explanation.target_layers == ("features",)
+    named = camlens.GradCAM(model, "features", output=yolov5_detections)(x, BoxTarget(score_threshold=0.0))
+    assert torch.equal(named.maps, explanation.maps)

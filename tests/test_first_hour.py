@@ -33,7 +33,7 @@ def test_a_missing_input_leaves_an_earlier_run_as_it_was(tmp_path, capsys):
     assert code == 1
     assert err.splitlines() == [f"failed: {tmp_path / 'nothere.jpg'}: no such file",
                                 f"failed: {tmp_path / 'gone.png'}: no such file",
-                                "camlens: error: nothing to explain: none of the inputs is an image file that can be read"]
+                                "camlens: error: nothing to explain: none of the inputs is an image or array file that can be read"]
     assert listing(out) == before
 
 

@@ -31,9 +31,10 @@ def rows(*indices):
 @pytest.mark.parametrize("channel, position, message", [
     ("1", None, "a unit's channel is an integer index, got '1'"),
     (True, None, "a unit's channel is an integer index, got True"),
-    (1, (1, 2, 3), "a unit's position is None or a pair of integers (i, j), got (1, 2, 3)"),
-    (1, (1, "a"), "a unit's position is None or a pair of integers (i, j), got (1, 'a')"),
-    (1, "ab", "a unit's position is None or a pair of integers (i, j), got 'ab'"),
+    (1, (1, 2, 3, 4), "a unit's position is None or a pair of integers (i, j) (one per dimension of the layer's map: (i,) for a signal, (d, i, j) for a volume), got (1, 2, 3, 4)"),
+    (1, (), "a unit's position is None or a pair of integers (i, j) (one per dimension of the layer's map: (i,) for a signal, (d, i, j) for a volume), got ()"),
+    (1, (1, "a"), "a unit's position is None or a pair of integers (i, j) (one per dimension of the layer's map: (i,) for a signal, (d, i, j) for a volume), got (1, 'a')"),
+    (1, "ab", "a unit's position is None or a pair of integers (i, j) (one per dimension of the layer's map: (i,) for a signal, (d, i, j) for a volume), got 'ab'"),
 ])
 def test_a_unit_is_a_channel_index_and_an_optional_pair(channel, position, message):
     with pytest.raises(CamlensError) as error:
@@ -70,6 +71,8 @@ def test_a_unit_at_each_corner_of_the_map_is_its_activation_there(position):
     ((4, 0), "unit position (4, 0) is outside layer 'conv''s 4x6 map"),
     ((0, 6), "unit position (0, 6) is outside layer 'conv''s 4x6 map"),
     ((-1, 0), "unit position (-1, 0) is outside layer 'conv''s 4x6 map"),
+    ((1, 2, 3), "unit position (1, 2, 3) has 3 coordinate(s); layer 'conv''s 4x6 map has 2 dimension(s)"),
+    ((1,), "unit position (1,) has 1 coordinate(s); layer 'conv''s 4x6 map has 2 dimension(s)"),
 ])
 def test_a_unit_outside_the_map_is_refused(position, message):
     with pytest.raises(CamlensError) as error:

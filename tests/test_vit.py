@@ -294,7 +294,7 @@ def test_a_reshape_function_gives_the_token_grids_maps(vit, method):
 
 def test_a_reshape_function_that_makes_no_map_is_refused(vit):
     images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-    with pytest.raises(CamlensError, match=r"reshape .* made a tensor of shape \(2, 18\) .*not a map \(N, C, h, w\)"):
+    with pytest.raises(CamlensError, match=r"reshape .* made a tensor of shape \(2, 18\) .*not a map \(N, channels, height, width\)"):
         camlens.explain(vit, images, "gradcam", target_layer=LAYER, reshape=lambda t: t.mean(dim=2))
 
 

@@ -285,6 +285,7 @@ class TokenGrid:
         """``(grid, rebuild)``: the map (N, D, h, w) of the tokens ``output`` of layer ``name``
         for a batch of ``images`` (N, C, H, W), and the function giving the layer's output, the
         same tokens, from a map (the recorded one, which may require grad)."""
+        _images_only(self, images)
         count = images[0]
         batch_first = self.batch_first
         if batch_first is None:
@@ -313,6 +314,12 @@ class TokenGrid:
         return grid, rebuild
 
 
+def _images_only(layout: TokenGrid | ChannelsLast, images: Sequence[int]) -> None:
+    if len(images) != 4:
+        raise CamlensError(f"reshape {layout.describe()!r} reads a layer's output for images (N, C, H, W), not for "
+                           f"inputs of shape {tuple(images)}: name a layer whose output is a feature map of them")
+
+
 def _is_count(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -329,10 +336,35 @@ class ChannelsLast:
         return "nhwc"
 
     def to_grid(self, output: Tensor, images: Sequence[int], name: str) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        _images_only(self, images)
         if output.shape[0] != images[0]:
             raise CamlensError(f"layer {display_name(name)!r} outputs {describe(output)}, not channels-last "
                                f"(N, H, W, C) for a batch of {images[0]}")
         return output.permute(0, 3, 1, 2), lambda recorded: recorded.permute(0, 2, 3, 1)
+
+
+@dataclass(frozen=True)
+class Frames:
+    """A 2-D backbone's feature maps of a clip's frames, folded into the batch as a video model
+    runs them (``x.transpose(1, 2).reshape(N * T, C, H, W)``, clip by clip, frame by frame):
+    (N*T, K, h, w) for clips (N, C, T, H, W), read as the map (N, K, T, h, w) of each clip, whose
+    map is then of the clip's own shape (T, H, W). ``reshape="frames"``."""
+
+    def applies(self, output: object) -> bool:
+        return isinstance(output, Tensor) and output.dim() == 4
+
+    def describe(self) -> str:
+        return "frames"
+
+    def to_grid(self, output: Tensor, images: Sequence[int], name: str) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        if len(images) != 5 or output.shape[0] != images[0] * images[2]:
+            clips = (f"clips (N, C, T, H, W) = {tuple(images)}" if len(images) == 5
+                     else f"inputs {tuple(images)}, not clips (N, C, T, H, W)")
+            raise CamlensError(f"reshape 'frames' reads a 2-D layer's maps of a clip's frames, one row per frame "
+                               f"(N*T, K, h, w); layer {display_name(name)!r} outputs {describe(output)} for {clips}")
+        count, frames = images[0], images[2]
+        grid = output.unflatten(0, (count, frames)).transpose(1, 2)
+        return grid, lambda recorded: recorded.transpose(1, 2).flatten(0, 1)
 
 
 @dataclass(frozen=True)
@@ -364,9 +396,10 @@ class Reshaped:
         except Exception as error:
             raise CamlensError(f"reshape {self.describe()} failed on layer {display_name(name)!r}'s output "
                                f"{describe(output)}: {first_line(error)}") from error
-        if not (isinstance(grid, Tensor) and grid.dim() == 4 and grid.shape[0] == images[0] and grid.requires_grad):
+        if not (isinstance(grid, Tensor) and grid.dim() == len(images) and grid.shape[0] == images[0] and grid.requires_grad):
             raise CamlensError(f"reshape {self.describe()} made {describe(grid)} of layer {display_name(name)!r}'s "
-                               f"output {describe(output)}, not a map (N, C, h, w) of it for a batch of {images[0]}")
+                               f"output {describe(output)}, not a map {_map_shape(len(images))} of it for a batch "
+                               f"of {images[0]}")
         with torch.enable_grad():
             (back,) = torch.autograd.grad(grid, x, grid.detach(), retain_graph=True)
         offset = output - back
@@ -380,29 +413,31 @@ class Reshaped:
         return grid.detach(), rebuild
 
 
-ReshapeSpec = Union[None, str, TokenGrid, ChannelsLast, Reshaped, Callable[[Tensor], Tensor]]
-Layout = Union[TokenGrid, ChannelsLast, Reshaped]
+ReshapeSpec = Union[None, str, TokenGrid, ChannelsLast, Frames, Reshaped, Callable[[Tensor], Tensor]]
+Layout = Union[TokenGrid, ChannelsLast, Frames, Reshaped]
 _TOKENS = re.compile(r"tokens(?::(\d+))?(?::(\d+)x(\d+))?(?::\+(\d+))?(:lnd)?")
 
 
 def token_grid(spec: ReshapeSpec) -> Layout | None:
     """A ``reshape`` option as a layout: None; a :class:`TokenGrid`, :class:`ChannelsLast` or
     :class:`Reshaped`; the text ``tokens[:PREFIX][:HxW][:+SUFFIX][:lnd]`` (``tokens``: everything
-    inferred; ``+SUFFIX``: tokens after the patches; ``lnd``: tokens (L, N, D)) or ``nhwc``; or a
+    inferred; ``+SUFFIX``: tokens after the patches; ``lnd``: tokens (L, N, D)), ``nhwc`` or
+    ``frames`` (:class:`Frames`); or a
     function of the layer's output to (N, C, h, w)."""
-    if spec is None or isinstance(spec, (TokenGrid, ChannelsLast, Reshaped)):
+    if spec is None or isinstance(spec, (TokenGrid, ChannelsLast, Frames, Reshaped)):
         return spec
     if callable(spec) and not isinstance(spec, str):
         return Reshaped(spec)
-    if isinstance(spec, str) and spec.strip().lower() == "nhwc":
-        return ChannelsLast()
+    if isinstance(spec, str) and spec.strip().lower() in ("nhwc", "frames"):
+        return ChannelsLast() if spec.strip().lower() == "nhwc" else Frames()
     match = _TOKENS.fullmatch(spec.strip().lower()) if isinstance(spec, str) else None
     if match is None:
         raise CamlensError(
             f"unknown reshape {spec!r}: give 'tokens' (a vision transformer's token sequence to a grid, "
             "everything inferred), 'tokens:PREFIX', 'tokens:HxW', 'tokens:PREFIX:HxW', 'tokens:PREFIX:HxW:+SUFFIX' "
             "(tokens after the patches), 'nhwc' (a channels-last "
-            "map), a TokenGrid, or a function of the layer's output to (N, C, h, w)"
+            "map), 'frames' (a 2-D backbone's maps of a clip's frames), a TokenGrid, or a function of the layer's "
+            "output to (N, C, h, w)"
         )
     prefix, h, w, suffix, lnd = match.groups()
     return TokenGrid(
@@ -611,15 +646,16 @@ class Recorder:
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
             laid_out = self.reshape is not None and self.reshape.applies(output)
-            tokens = isinstance(output, Tensor) and output.dim() == 3
-            if not (isinstance(output, Tensor) and (output.dim() == 4 or laid_out)):
-                hint = (
-                    ", or for a vision transformer's tokens (N, L, D) give reshape='tokens' (--reshape tokens)"
-                    if tokens else ""
-                )
+            dims = len(self.images) or 4
+            if not (isinstance(output, Tensor) and (output.dim() == dims or laid_out)):
+                hint = ""
+                if dims == 4 and isinstance(output, Tensor) and output.dim() == 3:
+                    hint = ", or for a vision transformer's tokens (N, L, D) give reshape='tokens' (--reshape tokens)"
+                elif dims == 5 and isinstance(output, Tensor) and output.dim() == 4:
+                    hint = ", or for a 2-D backbone's maps of a clip's frames (N*T, K, h, w) give reshape='frames'"
                 raise CamlensError(
                     f"layer {display_name(name)!r} outputs {describe(output)}, not a feature map "
-                    "(N, channels, height, width); pick a convolutional layer "
+                    f"{_map_shape(dims)}; pick a convolutional layer "
                     f"(see model.named_modules()){hint}"
                 )
             if name in self.outputs:
@@ -639,6 +675,11 @@ class Recorder:
             rebuild = None
             if laid_out:
                 output, rebuild = self.reshape.to_grid(output, self.images, name)
+                if output.dim() != dims:
+                    raise CamlensError(
+                        f"reshape {self.reshape.describe()!r} makes a map {tuple(output.shape)} of layer "
+                        f"{display_name(name)!r}'s output, not {_map_shape(dims)} for inputs {tuple(self.images)}"
+                    )
             if self.track_grad and not output.requires_grad:
                 output = output.detach().requires_grad_(True)
             self.outputs[name] = output
@@ -679,28 +720,73 @@ def model_failures(model: nn.Module, inputs: Tensor) -> Iterator[None]:
         if isinstance(error, torch.OutOfMemoryError) and _RETRIED.get():
             raise  # the caller tries again with smaller batches
         shape = tuple(inputs.shape)
-        expected = _input_channels(model)
-        if expected is not None and len(shape) == 4 and expected != shape[1]:
+        spatial, expected = _first_convolution(model) or (None, None)
+        if expected is not None and len(shape) == spatial + 2 and expected != shape[1]:
+            noun = "images" if spatial == 2 else "inputs"
+            order = ", ".join(map(str, range(1, spatial + 1)))
             fix = (
-                "the images look channels-last: use images.permute(0, 3, 1, 2)"
-                if shape[3] == expected
-                else f"convert the images to {expected} channel(s) (e.g. greyscale to RGB)"
+                f"the {noun} look channels-last: use {noun}.permute(0, {spatial + 1}, {order})"
+                if shape[-1] == expected
+                else f"convert the {noun} to {expected} channel(s)" + (" (e.g. greyscale to RGB)" if spatial == 2 else "")
             )
             got = f"(N, {', '.join(map(str, shape[1:]))})"
-            raise CamlensError(f"the model expects (N, {expected}, H, W) images, got {got}: {fix}") from error
+            raise CamlensError(f"the model expects {input_kind(spatial, expected)}, got {got}: {fix}") from error
         raise CamlensError(
             f"the model failed on an input of shape {shape}: {first_line(error)} "
             "(check the input's shape and preprocessing, or the model)"
         ) from error
 
 
-def _input_channels(model: nn.Module) -> int | None:
-    """The input channels of the model's first convolution, when it has one."""
+_CONVOLUTIONS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_POSITIONS = {1: "L", 2: "H, W", 3: "D, H, W"}
+
+
+def _map_shape(dims: int) -> str:
+    """A feature map's shape for inputs of ``dims`` dimensions, named."""
+    return {3: "(N, channels, length)", 4: "(N, channels, height, width)"}.get(dims, "(N, channels, depth, height, width)")
+
+
+def input_kind(spatial: int, channels: object = "C") -> str:
+    """The shape of a batch with ``spatial`` dimensions of positions, named: (N, C, L) signals,
+    (N, C, H, W) images, (N, C, D, H, W) volumes or clips."""
+    kind = {1: "signals", 2: "images", 3: "volumes or clips"}[spatial]
+    return f"(N, {channels}, {_POSITIONS[spatial]}) {kind}"
+
+
+def _first_convolution(model: nn.Module) -> tuple[int, int | None] | None:
+    """``(its dimensions, its input channels)`` of the model's first convolution (1-D, 2-D or
+    3-D), when it has one; channels None where they are not a positive int."""
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            channels = module.in_channels
-            return channels if isinstance(channels, int) and channels > 0 else None
+        for kind, spatial in _CONVOLUTIONS.items():
+            if isinstance(module, kind):
+                channels = module.in_channels
+                return spatial, channels if isinstance(channels, int) and channels > 0 else None
     return None
+
+
+def batch_of(inputs: Tensor, model: nn.Module) -> Tensor:
+    """``inputs`` as a batch (N, C, *positions), with 1 to 3 dimensions of positions: one item
+    gains the batch dimension, told apart from a batch by the model's first convolution: (C, H, W)
+    is one image for a 2-D model (or one without convolutions), (C, L) one signal for a 1-D model,
+    (C, D, H, W) one volume for a 3-D model. A 2-D model may take (N, C, T, H, W) clips, which it
+    runs frame by frame itself."""
+    spatial = input_spatial(model) or 2
+    if inputs.dim() == spatial + 1:
+        inputs = inputs.unsqueeze(0)
+    if not 3 <= inputs.dim() <= 5:
+        expected = ("images must have shape (N, C, H, W) or (C, H, W), or be (N, C, L) signals or (N, C, D, H, W) "
+                    "volumes or clips" if spatial == 2 else
+                    f"inputs must be {input_kind(spatial)} or one (C, {_POSITIONS[spatial]}), as the model's first "
+                    "convolution takes")
+        raise CamlensError(f"{expected}, got {tuple(inputs.shape)}")
+    return inputs
+
+
+def input_spatial(model: nn.Module) -> int | None:
+    """How many dimensions of positions the model's inputs have, as its first convolution says:
+    1 (Conv1d: signals), 2 (Conv2d: images), 3 (Conv3d: volumes, clips); None without one."""
+    first = _first_convolution(model)
+    return None if first is None else first[0]
 
 
 def forward(model: nn.Module, inputs: Tensor) -> Tensor:
@@ -1043,10 +1129,11 @@ def trace_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, torch.Si
 
 
 def default_layer_output(
-    model: nn.Module, example: Tensor, output: OutputSpec = None
+    model: nn.Module, example: Tensor, output: OutputSpec = None, classes: bool = True
 ) -> tuple[Tensor, DefaultLayer, Tensor]:
     """:func:`default_layer` and, from the same pass, the layer's output:
-    ``(class scores, the layer found, a copy of the layer's output as the layer returned it)``.
+    ``(class scores, the layer found, a copy of the layer's output as the layer returned it)``;
+    with ``classes`` False, the output ``output`` picks, whatever its shape (a detector's).
 
     A layer that runs more than once in a forward pass has no single output to explain: refused.
     """
@@ -1065,7 +1152,7 @@ def default_layer_output(
     if len(kept) != 1:
         raise CamlensError(f"layer {display_name(layer)!r} runs more than once in one forward pass; "
                            "name a layer that is used once (target_layer= or --target-layer)")
-    return check_scores(scores, example, output), found, kept[0]
+    return (check_scores if classes else model_output)(scores, example, output), found, kept[0]
 
 
 def find_default_layer(model: nn.Module, example: Tensor, output: OutputSpec = None) -> str:
@@ -1086,7 +1173,8 @@ class DefaultLayer:
 
     ``layout``: how its output becomes a feature map (N, C, h, w): None for a map already,
     a :class:`TokenGrid` (prefix and grid inferred) for tokens (N, L, D), :class:`ChannelsLast`
-    for a channels-last map (N, h, w, C). ``why``: the rule that chose it, in words.
+    for a channels-last map (N, h, w, C), :class:`Frames` for a clip's frames (N*T, C, h, w).
+    ``why``: the rule that chose it, in words.
     """
 
     name: str
@@ -1096,6 +1184,8 @@ class DefaultLayer:
 
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _WHY_MAP = "the last feature map (N, C, h, w) larger than 1x1, with one row per image, that the score depends on"
+_WHY_FRAMES = ("the last feature map larger than 1x1 that the score depends on, a 2-D backbone's map of each frame "
+               "(N*T, C, h, w), read as the clip's (N, C, T, h, w)")
 _WHY_CHANNELS_LAST = ("the last feature map, channels-last (N, h, w, C), larger than 1x1, with one row per image, "
                       "that the score depends on")
 _WHY_POOLED = ("the last token sequence whose patch tokens the score depends on (a head that pools the patch "
@@ -1133,6 +1223,19 @@ def _reading(shape: torch.Size, image: Sequence[int]) -> str | None:
     return "nchw" if shape[2] * shape[3] > 1 else None
 
 
+def _detection_head(module: nn.Module, out: Tensor, selected: Tensor) -> bool:
+    """Whether a map (N, K, h, w) is a YOLO-style raw head of detections (N, D, F = 4 + classes):
+    the output of a 1x1 convolution whose K channels hold, for 1 to 9 anchors per cell, F or F + 1
+    columns (boxes, objectness, classes) or the classes alone (YOLOv8's class branch), and whose
+    cells make at most D detections: the detections themselves, as a map."""
+    if out.dim() != 4 or selected.dim() != 3 or not isinstance(module, nn.Conv2d) or module.kernel_size != (1, 1):
+        return False
+    rows, columns = selected.shape[1:]
+    return any(out.shape[1] % width == 0 and 1 <= out.shape[1] // width <= 9
+               and out.shape[2] * out.shape[3] * (out.shape[1] // width) <= rows
+               for width in (columns, columns + 1, columns - 4) if width > 0)
+
+
 def _default_search(
     model: nn.Module, example: Tensor, output: OutputSpec = None
 ) -> tuple[DefaultLayer, object, list[tuple[str, object]], dict[int, int]]:
@@ -1148,8 +1251,9 @@ def _default_search(
     and, for a dense output (N, K, H, W) or (N, H, W), a map of its size or with its K channels (one
     for depth): a segmentation model's logits, a depth head's depth map, before a last activation
     or resize or not; for a detector's output (N, D, 4 + classes), a sequence of D rows (its box
-    and class heads, a decoder's queries), and a sequence whose inferred prefix holds D tokens or
-    more (they may be D detection tokens after the patches: the user names that layout).
+    and class heads, a decoder's queries), a YOLO-style raw head (its detections as a map:
+    :func:`_detection_head`), and a sequence whose inferred prefix holds D tokens or more (they
+    may be D detection tokens after the patches: the user names that layout).
 
     Token sequences (a vision transformer's) are read by :class:`TokenGrid`, prefix (class,
     distillation and register tokens) and grid inferred, and are candidates where the score
@@ -1190,11 +1294,21 @@ def _default_search(
     for name, _ in seen:
         runs[name] = runs.get(name, 0) + 1
     once = [(name, out) for name, out in seen if isinstance(out, Tensor) and runs[name] == 1 and out.shape[:1] == (rows,)]
-    maps = [(name, out, reading) for name, out in once
-            if out.dim() == 4 and (reading := _reading(out.shape, image)) is not None]
-    tokens = [(name, out) for name, out in once  # (N, L, D): a pooled (N, D, 1) is no sequence
-              if out.dim() == 3 and min(out.shape[1:]) > 1 and not isinstance(modules[name], nn.Identity)
-              and not _inside_attention(name, modules)]
+    spatial = example.dim() - 2
+    if spatial == 2:
+        maps = [(name, out, reading) for name, out in once
+                if out.dim() == 4 and (reading := _reading(out.shape, image)) is not None]
+        tokens = [(name, out) for name, out in once  # (N, L, D): a pooled (N, D, 1) is no sequence
+                  if out.dim() == 3 and min(out.shape[1:]) > 1 and not isinstance(modules[name], nn.Identity)
+                  and not _inside_attention(name, modules)]
+    else:
+        # Signals and volumes: channels-first maps of the input's dimensions, and for clips a 2-D
+        # backbone's maps of the frames, one row per frame (:class:`Frames`).
+        frames = rows * example.shape[2] if spatial == 3 else None
+        maps = [(name, out, "nchw" if out.shape[0] == rows else "frames") for name, out in seen
+                if isinstance(out, Tensor) and runs[name] == 1 and math.prod(out.shape[2:]) > 1
+                and ((out.dim() == example.dim() and out.shape[0] == rows) or (out.dim() == 4 and out.shape[0] == frames))]
+        tokens = []
     graphed = [out for _, out, *_ in maps + tokens if out.requires_grad]
     try:
         selected = model_output(result, example, output)
@@ -1207,7 +1321,7 @@ def _default_search(
         grads = dict(zip(map(id, graphed), torch.autograd.grad(score, graphed, allow_unused=True)))
     final = None if selected is None else selected.detach().reshape(-1)
 
-    def usable(out: Tensor, part: slice = slice(None)) -> bool:
+    def usable(out: Tensor, part: slice = slice(None), module: nn.Module | None = None) -> bool:
         if not out.requires_grad:
             return False
         if grads is not None and ((grad := grads.get(id(out))) is None or not bool(grad[:, part].ne(0).any())):
@@ -1216,14 +1330,15 @@ def _default_search(
         # logits or depth before a last activation or resize. Class scores (N, classes) are no map.
         if final is None or selected.dim() <= 2:
             return True
-        channels = selected.shape[1] if selected.dim() == 4 else 1
-        return out.numel() != final.numel() and not (out.dim() == 4 and out.shape[1] == channels)
+        channels = selected.shape[1] if selected.dim() == example.dim() else 1
+        return (out.numel() != final.numel() and not (out.dim() == example.dim() and out.shape[1] == channels)
+                and not _detection_head(module, out, selected))
 
     order = {id(out): index for index, (_, out) in enumerate(seen)}
-    found = [(name, out, reading) for name, out, reading in maps if usable(out)]
+    found = [(name, out, reading) for name, out, reading in maps if usable(out, module=modules[name])]
     after = -1 if not found else order[id(found[-1][1])]
     # A map flattened channels-first, (N, C, h*w), is no token sequence: its "tokens" are channels.
-    flattened = {(out.shape[1], out.shape[2] * out.shape[3]) for _, out, reading in maps if reading == "nchw"}
+    flattened = {(out.shape[1], out.shape[2] * out.shape[3]) for _, out, reading in maps if reading == "nchw" and spatial == 2}
     # A detector's output (N, D, 4 + classes) has one row per query or box: a sequence of D rows
     # (a box or class head, a decoder's queries) is no grid of patches, and a sequence read with D
     # tokens or more before its grid may hold D detection tokens after it instead (YOLOS): the
@@ -1260,9 +1375,11 @@ def _default_search(
             "(target_layer= or --target-layer)"
         )
     name, _, reading = found[-1]
-    if reading == "nhwc":
-        return DefaultLayer(name, ChannelsLast(), _WHY_CHANNELS_LAST), result, seen, versions
-    return DefaultLayer(name, None, _WHY_MAP), result, seen, versions
+    if reading in ("nhwc", "frames"):
+        layout, why = (ChannelsLast(), _WHY_CHANNELS_LAST) if reading == "nhwc" else (Frames(), _WHY_FRAMES)
+        return DefaultLayer(name, layout, why), result, seen, versions
+    shape = {1: "(N, C, l)", 2: "(N, C, h, w)", 3: "(N, C, d, h, w)"}[spatial]
+    return DefaultLayer(name, None, _WHY_MAP.replace("(N, C, h, w)", shape)), result, seen, versions
 
 
 # model -> (its module tree when traced, {image signature: default layer name}). Weak keys: the

@@ -161,7 +161,7 @@ class BoxTarget(ScoreTarget):
     def resolved(self, output: Tensor) -> BoxTarget:
         """This target with its reference boxes fixed: those given, or the model's own
         detections in ``output`` (the detections of the images explained)."""
-        _check_detections(output)
+        check_detections(output)
         if self.references is not None:
             return self
         best, label = output[..., 4:].detach().max(dim=-1)
@@ -181,7 +181,7 @@ class BoxTarget(ScoreTarget):
                                "give one (B_i, 4) per image, or one (B, 4) for all")
 
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
-        _check_detections(output)
+        check_detections(output)
         if self.references is None:
             raise CamlensError("BoxTarget without boxes takes the model's detections as references: explain with "
                                "it as a target, or call target.resolved(detections) first")
@@ -211,10 +211,58 @@ class BoxTarget(ScoreTarget):
         return f"BoxTarget({given}, iou_threshold={self.iou_threshold})"
 
 
-def _check_detections(output: object) -> None:
+def check_detections(output: object) -> Tensor:
+    """``output`` if it is detections (N, D, 4 + classes), else the one-line error that names the readers."""
     if not isinstance(output, Tensor) or output.dim() != 3 or output.shape[-1] < 5:
         raise CamlensError(
             f"BoxTarget scores detections (N, D, 4 + classes), got {describe(output)}: pick them with output= "
             "(camlens.detection.detr_detections, torchvision_detections(classes), yolov5_detections, "
             "yolov8_detections, or your own function)"
         )
+    return output
+
+
+FORMATS = ("detr", "torchvision:C", "yolov5", "yolov8")
+
+
+def is_detr_style(output: object) -> bool:
+    """Whether a detector's output is DETR-style (``logits`` and ``pred_boxes``, boxes normalised)."""
+    return all(isinstance(output.get(name) if isinstance(output, Mapping) else getattr(output, name, None), Tensor)
+               for name in ("logits", "pred_boxes"))
+
+
+def detections_reader(spec: str | None = None, classes: int | None = None):
+    """The ``output=`` of a detector named as on the command line (``--detections``): ``detr``,
+    ``torchvision:C`` (``torchvision`` where ``classes``, e.g. the number of class names, is
+    known), ``yolov5`` or ``yolov8``; None or ``auto`` reads a DETR-style output, or a
+    torchvision-style one where ``classes`` is known, and refuses others in one line."""
+    text = "auto" if spec is None else str(spec).strip().lower()
+    if text == "detr":
+        return detr_detections
+    if text in ("yolov5", "yolov8"):
+        return yolov5_detections if text == "yolov5" else yolov8_detections
+    if text.startswith("torchvision"):
+        count = text.partition(":")[2]
+        if count.isdigit():
+            return torchvision_detections(int(count))
+        if not count and classes is not None:
+            return torchvision_detections(classes)
+        raise CamlensError("torchvision-style detections need the number of classes: torchvision:C (e.g. "
+                           "torchvision:91 for COCO with background)")
+    if text != "auto":
+        raise CamlensError(f"unknown detections format {spec!r}: give one of {', '.join(FORMATS)}")
+
+    def auto_detections(output: object) -> Tensor:
+        if is_detr_style(output):
+            return detr_detections(output)
+        if isinstance(output, Sequence) and output and all(isinstance(o, Mapping) for o in output):
+            if classes is None:
+                raise CamlensError("the detector returns torchvision-style dicts: give their number of classes, "
+                                   "--detections torchvision:C")
+            return torchvision_detections(classes)(output)
+        raise CamlensError(f"camlens cannot tell how this detector's output ({describe(output)}) reads as boxes and "
+                           "class scores: give --detections yolov5 ((N, anchors, 4 + 1 + classes)) or yolov8 "
+                           "((N, 4 + classes, anchors)), or detr, torchvision:C")
+
+    auto_detections.__qualname__ = "auto_detections"
+    return auto_detections

@@ -18,7 +18,8 @@ class Explanation:
 
     Attributes:
         maps: (N, T, H, W) float tensor in [0, 1] at input resolution; the per-layer maps
-            ``s(Up(raw))`` averaged over the target layers.
+            ``s(Up(raw))`` averaged over the target layers. For signals (N, C, L) they are
+            (N, T, L), for volumes and clips (N, C, D, H, W) (N, T, D, H, W): the input's own shape.
         raw: ``{layer: (N, T, h, w)}`` at layer resolution, after ReLU, before normalisation.
         weights: ``{layer: (N, T, K)}`` channel weights, or ``{layer: (N, T, K, h, w)}``
             weights per activation (HiResCAM, LayerCAM, ...: see the method); channels left
@@ -100,11 +101,11 @@ class Explanation:
         }
 
     def __repr__(self) -> str:
-        n, t, h, w = self.maps.shape
+        n, t, *size = self.maps.shape
         layers = ", ".join(map(repr, self.target_layers))
         return (
             f"Explanation(method={self.method!r}, images={n}, targets_per_image={t}, "
-            f"size={h}x{w}, target_layers=[{layers}], score_kind={self.score_kind!r})"
+            f"size={'x'.join(map(str, size))}, target_layers=[{layers}], score_kind={self.score_kind!r})"
         )
 
 

@@ -28,6 +28,87 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 
+# Arrays that camlens explain takes as a model's input as it is: signals (C, L), volumes and
+# clips (C, D, H, W), or preprocessed images (C, H, W); one input per file.
+ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
+MAX_INPUT_ARRAY_BYTES = 2**30  # an input array's data, and a .npz file holding one
+
+
+def is_array_file(path: str | os.PathLike[str]) -> bool:
+    return Path(path).suffix.lower() in ARRAY_SUFFIXES
+
+
+def _regular_file(path: Path, kind: str) -> None:
+    """A CamlensError unless ``path`` is a regular file that can be looked at (links followed:
+    a file the user names may be one)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CamlensError(f"{path}: {'broken symbolic link' if path.is_symlink() else 'no such file'}") from None
+    except OSError as error:  # a symbolic link loop, a name too long, no permission on a parent folder
+        raise CamlensError(f"{path}: cannot be read ({os_reason(error)})") from None
+    if stat.S_ISDIR(mode):
+        raise CamlensError(f"{path}: is a directory, not {kind}")
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+        raise CamlensError(f"{path}: not a regular file")
+
+
+def load_array(path: str | os.PathLike[str]) -> np.ndarray:
+    """One model input from a ``.npy`` file, or from the one array of a ``.npz`` file: (C, L) for
+    a signal, (C, H, W) for a preprocessed image, (C, D, H, W) for a volume or a clip, of real
+    numbers, all finite. Read as a hostile file: its header is checked before any data is read
+    (nothing unpickled, no more data than the file holds, at most ``MAX_INPUT_ARRAY_BYTES``).
+    Returned as float64 where it is float64, else float32. A CamlensError names the file and why."""
+    path = Path(path)
+    _regular_file(path, "an array")
+    try:
+        if path.stat().st_size > MAX_INPUT_ARRAY_BYTES:
+            raise CamlensError(f"{path}: larger than {MAX_INPUT_ARRAY_BYTES >> 20} MiB, more than camlens reads "
+                               "as one input")
+        data = path.read_bytes()
+    except OSError as error:
+        raise CamlensError(f"{path}: cannot be read ({os_reason(error)})") from None
+    if path.suffix.lower() == ".npz":
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(data))
+        except (zipfile.BadZipFile, ValueError, EOFError) as error:
+            raise CamlensError(f"{path}: not a .npz file ({error})") from None
+        members = [info for info in archive.infolist() if info.filename.endswith(".npy")]
+        if len(members) != 1:
+            names = ", ".join(info.filename[:-4] for info in members[:5]) or "none"
+            raise CamlensError(f"{path}: holds {len(members)} arrays ({names}); camlens takes one input per file: "
+                               "save each input in a file of its own")
+        opened, declared = (lambda: archive.open(members[0])), members[0].file_size
+    else:
+        opened, declared = (lambda: io.BytesIO(data)), len(data)
+    try:
+        with opened() as stream:
+            version = np.lib.format.read_magic(stream)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(stream)
+            room = declared - stream.tell()
+        if dtype.hasobject or dtype.kind not in "biuf":
+            raise CamlensError(f"{path}: holds {dtype} values; an input is real numbers (bool, int or float)")
+        size = math.prod(shape) * dtype.itemsize
+        if size > room:
+            raise CamlensError(f"{path}: declares {size} bytes of data but holds {room} (damaged)")
+        if size > MAX_INPUT_ARRAY_BYTES:
+            raise CamlensError(f"{path}: {size} bytes of data, more than camlens reads as one input")
+        with opened() as stream:
+            array = np.lib.format.read_array(stream, allow_pickle=False)
+    except CamlensError:
+        raise
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as error:
+        raise CamlensError(f"{path}: cannot be read as an array ({error})") from None
+    if not 2 <= array.ndim <= 4 or array.size == 0:
+        raise CamlensError(f"{path}: an array of shape {array.shape}; an input is one signal (C, L), image (C, H, W), "
+                           "volume or clip (C, D, H, W), channels first, without a batch dimension")
+    array = array.astype(np.float64 if array.dtype == np.float64 else np.float32)
+    if not np.isfinite(array).all():
+        raise CamlensError(f"{path}: holds NaN or infinite values")
+    return array
+
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Read an image file as RGB, fully decoded; transparency is composited on white.
 
@@ -39,16 +120,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     Raises CamlensError with the file and the reason when it cannot be read.
     """
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise CamlensError(f"{path}: {'broken symbolic link' if path.is_symlink() else 'no such file'}") from None
-    except OSError as error:  # a symbolic link loop, a name too long, no permission on a parent folder
-        raise CamlensError(f"{path}: cannot be read ({os_reason(error)})") from None
-    if stat.S_ISDIR(mode):
-        raise CamlensError(f"{path}: is a directory, not an image")
-    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
-        raise CamlensError(f"{path}: not a regular file")
+    _regular_file(path, "an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -132,12 +204,12 @@ def _to_8_bit(values: np.ndarray, mode: str) -> np.ndarray:
 
 
 def expand_inputs(
-    paths: Iterable[str | os.PathLike[str]],
+    paths: Iterable[str | os.PathLike[str]], suffixes: frozenset[str] = IMAGE_SUFFIXES,
 ) -> tuple[list[Path], list[Path], dict[Path, str]]:
     """Files to explain, files skipped, and paths that could not be read: missing files, broken
     links and folders that could not be listed (with the reason).
 
-    A directory gives its image files (by suffix, sorted; not its sub-folders). A file named
+    A directory gives its files of ``suffixes`` (sorted; not its sub-folders). A file named
     explicitly is always tried, so a bad one is reported rather than ignored; so is an entry
     with an image suffix that is not a readable file (a broken link, a loop).
     """
@@ -157,10 +229,11 @@ def expand_inputs(
         except OSError as error:
             unreadable[path] = f"{path}: cannot be read ({os_reason(error)})"
             continue
-        images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
-        skipped += [p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
+        images = [p for p in entries if p.suffix.lower() in suffixes]
+        skipped += [p for p in entries if p.suffix.lower() not in suffixes]
         if not images:
-            raise CamlensError(f"{path}: the directory has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            kind = "image files" if suffixes == IMAGE_SUFFIXES else "image or array files"
+            raise CamlensError(f"{path}: the directory has no {kind} ({', '.join(sorted(suffixes))})")
         files += images
     return files, skipped, unreadable
 

@@ -160,3 +160,173 @@ def new_figure(width: float, height: float, layout: str | None = None):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout=layout)
+
+
+# -- signals, volumes and clips ------------------------------------------------------------------
+
+MONTAGE_SLICES = 8  # slices of a volume, or frames of a clip, shown at most (evenly spaced)
+MONTAGE_SIDE = 160  # each slice drawn at least this many pixels on its longer side (nearest, no blur)
+
+
+def picture(values: np.ndarray) -> Image.Image:
+    """An input's (C, H, W) values as a picture, scaled from their own minimum and maximum to
+    0..255: RGB for three channels, else the first channel in grey. An input is preprocessed
+    (normalised) data, not a photo: the scaling shows its contrast, not its colours as captured."""
+    return _pixels(_scaled(values))
+
+
+def _scaled(values: np.ndarray) -> np.ndarray:
+    """``values`` scaled from their minimum and maximum to [0, 1] (all 0 where they are constant)."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    return np.zeros_like(values) if high <= low else (values - low) / (high - low)
+
+
+def _pixels(scaled: np.ndarray) -> Image.Image:
+    """(C, H, W) values in [0, 1] as RGB: the three channels, or the first in grey."""
+    pixels = (scaled * 255 + 0.5).astype(np.uint8)
+    if pixels.shape[0] == 3:
+        return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
+    return Image.fromarray(pixels[0], mode="L").convert("RGB")
+
+
+def chosen_slices(count: int, most: int = MONTAGE_SLICES) -> list[int]:
+    """Up to ``most`` indices of ``count`` slices, evenly spaced, the first and last included."""
+    if count <= most:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
+
+
+def slice_montage(
+    values: np.ndarray, saliency: np.ndarray | None, frames: bool = False, alpha: float = 0.5,
+    colormap: str = DEFAULT_COLORMAP, most: int = MONTAGE_SLICES,
+) -> Image.Image:
+    """A volume's slices (or a clip's frames, ``frames``) with the map over each: ``values``
+    (C, D, H, W), ``saliency`` (D, H, W) in [0, 1] (None: the input alone). Up to ``most`` slices,
+    evenly spaced, each captioned with its index; a volume's on lines of four, a clip's frames in
+    one strip. The slices share one grey scale (the whole input's minimum and maximum)."""
+    scaled = _scaled(values)
+    depth, height, width = scaled.shape[1:]
+    zoom = max(1, -(-MONTAGE_SIDE // max(height, width)))
+    cells = []
+    for index in chosen_slices(depth, most):
+        cell = _pixels(scaled[:, index])
+        cell = cell.resize((width * zoom, height * zoom), Image.Resampling.NEAREST)
+        if saliency is not None:
+            cell = overlay(cell, saliency[index], alpha, colormap)
+        cells.append(captioned(cell, f"{'frame' if frames else 'slice'} {index}"))
+    columns = len(cells) if frames else min(4, len(cells))
+    lines = -(-len(cells) // columns)
+    cell_width, cell_height = cells[0].size
+    gap = 4
+    sheet = Image.new("RGB", (columns * cell_width + (columns - 1) * gap, lines * cell_height + (lines - 1) * gap),
+                      (255, 255, 255))
+    for place, cell in enumerate(cells):
+        line, column = divmod(place, columns)
+        sheet.paste(cell, (column * (cell_width + gap), line * (cell_height + gap)))
+    return sheet
+
+
+SIGNAL_CHANNELS = 6  # channels of a signal drawn at most, one panel each
+
+
+def signal_band(
+    values: np.ndarray, saliency: np.ndarray | None, title: str | None = None, colormap: str = DEFAULT_COLORMAP,
+    most: int = SIGNAL_CHANNELS,
+) -> Image.Image:
+    """A signal's channels, one panel each (the first ``most``), over the map drawn as a coloured
+    band along time: ``values`` (C, L), ``saliency`` (L,) in [0, 1] (None: the signal alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    values = np.asarray(values, dtype=np.float64)
+    channels, length = values.shape
+    shown = min(channels, most)
+    figure = new_figure(8.0, 0.6 + 1.3 * shown + (0.3 if title else 0), layout="constrained")
+    axes = figure.subplots(shown, 1, squeeze=False, sharex=True)[:, 0]
+    x = np.arange(length)
+    for channel, ax in enumerate(axes):
+        trace = values[channel]
+        low, high = float(trace.min()), float(trace.max())
+        margin = (high - low) * 0.08 or 1.0
+        if saliency is not None:
+            ax.imshow(np.asarray(saliency, dtype=np.float64)[None], aspect="auto", cmap=colormap, vmin=0, vmax=1,
+                      extent=(-0.5, length - 0.5, low - margin, high + margin), alpha=0.55, interpolation="nearest")
+        ax.plot(x, trace, color="black", linewidth=0.9)
+        ax.set_xlim(-0.5, length - 0.5)
+        ax.set_ylim(low - margin, high + margin)
+        ax.set_ylabel(f"channel {channel}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[-1].set_xlabel("sample" + (f" (channels {shown} to {channels - 1} not drawn)" if shown < channels else ""),
+                        fontsize=8)
+    # The bar's room is kept without a map: the signal alone then lies exactly under the figure with one.
+    bar = figure.colorbar(ScalarMappable(Normalize(0, 1), colormap), ax=list(axes), location="right",
+                          fraction=0.04, pad=0.01)
+    bar.set_label(COLORBAR_LABEL, fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    bar.ax.set_visible(saliency is not None)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+
+
+def input_figure(
+    values: np.ndarray, saliency: np.ndarray | None, colormap: str = DEFAULT_COLORMAP, title: str | None = None,
+) -> Image.Image:
+    """The figure of one input (C, *positions) with its map (*positions) over it (None: the input
+    alone): a signal's band (1-D), an image's overlay (2-D), a clip's frame strip (3-D, three
+    channels) or a volume's montage of slices (3-D, other channels)."""
+    spatial = np.ndim(values) - 1
+    if spatial == 1:
+        return signal_band(values, saliency, title, colormap)
+    if spatial == 2:
+        view = picture(values)
+        side = max(view.size)
+        if side < MONTAGE_SIDE * 2:  # a small array drawn larger, pixel for pixel
+            zoom = -(-MONTAGE_SIDE * 2 // side)
+            view = view.resize((view.width * zoom, view.height * zoom), Image.Resampling.NEAREST)
+        return view if saliency is None else overlay(view, saliency, colormap=colormap)
+    if spatial == 3:
+        return slice_montage(values, saliency, frames=np.shape(values)[0] == 3, colormap=colormap)
+    raise CamlensError(f"an input to draw is (C, L), (C, H, W) or (C, D, H, W), got shape {np.shape(values)}")
+
+
+def stacked(pictures: Sequence[Image.Image], gap: int = 8) -> Image.Image:
+    """Pictures one under another, left-aligned, on white."""
+    width = max(p.width for p in pictures)
+    sheet = Image.new("RGB", (width, sum(p.height for p in pictures) + gap * (len(pictures) - 1)), (255, 255, 255))
+    top = 0
+    for p in pictures:
+        sheet.paste(p, (0, top))
+        top += p.height + gap
+    return sheet
+
+
+BOX_COLOUR = (255, 255, 255)
+
+
+def draw_box(image: Image.Image, box: Sequence[float], text: str | None = None) -> Image.Image:
+    """``image`` with a detection's ``box`` (x1, y1, x2, y2 in its pixels) drawn on it: a white
+    outline over a dark one (visible on any map), and ``text`` on a dark label at its top left."""
+    from matplotlib import font_manager
+
+    drawn = image.convert("RGB")
+    draw = ImageDraw.Draw(drawn)
+    width = max(2, round(max(drawn.size) / 160))
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, x2 = sorted((min(max(x1, 0), drawn.width - 1), min(max(x2, 0), drawn.width - 1)))
+    y1, y2 = sorted((min(max(y1, 0), drawn.height - 1), min(max(y2, 0), drawn.height - 1)))
+    draw.rectangle((x1, y1, x2, y2), outline=(0, 0, 0), width=width + 2)
+    draw.rectangle((x1 + 1, y1 + 1, x2 - 1, y2 - 1), outline=BOX_COLOUR, width=width)
+    if text:
+        size = max(10, drawn.width // 30)
+        font = ImageFont.truetype(font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans")), size)
+        left, top, right, bottom = font.getbbox(text)
+        high = bottom - top + 6
+        y = max(0, y1 - high)  # above the box, or inside it at the image's top edge
+        draw.rectangle((x1, y, x1 + right - left + 6, y + high), fill=(20, 20, 20))
+        draw.text((x1 + 3, y + 3 - top), text, fill=BOX_COLOUR, font=font)
+    return drawn

@@ -74,22 +74,24 @@ class UnitTarget:
     """A unit of a layer (Smooth Grad-CAM++'s neuron-level API).
 
     The score is the mean activation of ``channel`` of ``layer``, or the single activation at
-    ``position=(i, j)`` of that channel. The layer must be at or after the target layer.
+    ``position=(i, j)`` of that channel (``(i,)`` on a signal's layer, ``(d, i, j)`` on a
+    volume's). The layer must be at or after the target layer.
     """
 
     layer: str | int | nn.Module
     channel: int
-    position: tuple[int, int] | None = None
+    position: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not _is_index(self.channel):
             raise CamlensError(f"a unit's channel is an integer index, got {self.channel!r}")
         if self.position is not None and not (
             isinstance(self.position, (tuple, list))
-            and len(self.position) == 2
+            and 1 <= len(self.position) <= 3
             and all(map(_is_index, self.position))
         ):
-            raise CamlensError(f"a unit's position is None or a pair of integers (i, j), got {self.position!r}")
+            raise CamlensError(f"a unit's position is None or a pair of integers (i, j) (one per dimension of the "
+                               f"layer's map: (i,) for a signal, (d, i, j) for a volume), got {self.position!r}")
         if self.position is not None:
             object.__setattr__(self, "position", tuple(self.position))
 
@@ -324,9 +326,9 @@ class Targets:
         for unit, name in zip(self.units or (), self.unit_names):
             channel = unit_outputs[name][:, unit.channel]
             if unit.position is None:
-                columns.append(channel.mean(dim=(-2, -1)))
+                columns.append(channel.flatten(1).mean(dim=1))
             else:
-                columns.append(channel[:, unit.position[0], unit.position[1]])
+                columns.append(channel[(slice(None), *unit.position)])
         return torch.stack(columns, dim=1)
 
     def _function_scores(self, t: int, output: Tensor, rows: Tensor) -> Tensor:
@@ -532,15 +534,18 @@ def _class_index(spec: object, images: int) -> Tensor:
 
 
 def _check_unit(unit: UnitTarget, name: str, output: Tensor) -> None:
-    channels, height, width = output.shape[1:]
+    channels, *where = output.shape[1:]
     if not 0 <= unit.channel < channels:
         raise CamlensError(
             f"unit channel {unit.channel} is out of range: layer {name!r} has {channels} channels "
             f"(valid: 0 to {channels - 1})"
         )
     if unit.position is not None:
-        i, j = unit.position
-        if not (0 <= i < height and 0 <= j < width):
+        size = "x".join(map(str, where))
+        if len(unit.position) != len(where):
+            raise CamlensError(f"unit position {unit.position} has {len(unit.position)} coordinate(s); layer "
+                               f"{name!r}'s {size} map has {len(where)} dimension(s)")
+        if not all(0 <= i < side for i, side in zip(unit.position, where)):
             raise CamlensError(
-                f"unit position {(i, j)} is outside layer {name!r}'s {height}x{width} map"
+                f"unit position {unit.position} is outside layer {name!r}'s {size} map"
             )

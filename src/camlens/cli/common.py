@@ -36,6 +36,7 @@ from ..capture import (
 )
 from ..combine import is_constant
 from ..datasets import class_index_lookup, describe_classes, word_matches
+from ..detection import check_detections
 from ..distributed import Group
 from ..errors import CamlensError, first_line
 from ..methods import METHODS, get_method
@@ -372,6 +373,39 @@ def input_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def class_count(model_args: dict) -> int | None:
+    """The number of class names --class-names gives, None without it (read before the model loads)."""
+    path = model_args.get("class_names")
+    return len(class_names_from_file(path)) if path else None
+
+
+def first_array_shape(paths: Sequence[Any]) -> tuple[int, ...] | None:
+    """The shape (C, *positions) of the first array input that reads, None where none does (the
+    images are photos then; an array that does not read is said in its turn)."""
+    from ..io import is_array_file, load_array
+
+    for path in paths:
+        if is_array_file(path):
+            try:
+                return load_array(path).shape
+            except CamlensError:
+                continue
+    return None
+
+
+def model_input(loaded: LoadedModel, path: Any, device: torch.device) -> tuple[torch.Tensor, Any, Any]:
+    """``(x, image, values)``: the model's input (1, C, *positions) from the file ``path``, with the
+    photo it was made from (an image file, preprocessed as the model says) or the array it is (a
+    ``.npy`` or ``.npz`` file: a signal, a preprocessed image, a volume or a clip, taken as it is)."""
+    from ..io import is_array_file, load_array, load_image
+
+    if is_array_file(path):
+        values = load_array(path)
+        return torch.from_numpy(values)[None].to(device, input_dtype(loaded.module)), None, values
+    image = load_image(path)
+    return loaded.preprocess(image).unsqueeze(0).to(device, input_dtype(loaded.module)), image, None
+
+
 def open_model(
     model_spec: str,
     weights: str | None,
@@ -479,8 +513,12 @@ def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | N
             model_args: dict, fc: str | None = None,
             on_skip: Callable[[str, str], None] | None = None,
             on_layer: Callable[[str], None] | None = None,
-            smooth: dict[str, bool] | None = None) -> tuple[list[str], torch.device, LoadedModel, int]:
-    """What every command checks before any work: methods, output, device, model, layer.
+            smooth: dict[str, bool] | None = None,
+            example: tuple[int, ...] | None = None,
+            detector: bool = False) -> tuple[list[str], torch.device, LoadedModel, int]:
+    """What every command checks before any work: methods, output, device, model, layer
+    (``example``: the shape (C, *positions) of the array inputs, where they are arrays;
+    ``detector``: the model is an object detector, its output read by ``--detections``).
 
     CAM fits only a layer that feeds a global-average-pool + linear head. When the user named
     no method (and no --fc), CAM is left out where it does not fit and ``on_skip(method,
@@ -499,9 +537,15 @@ def prepare(methods: Sequence[str], out: str, device: str, target_layer: str | N
         raise CamlensError("--out is empty: name an output directory")
     torch_device = choose_device(device)
     loaded = open_model(**model_args)
-    found = probe(loaded, target_layer)
+    found = probe(loaded, target_layer, example, detector)
     if on_layer is not None:
         on_layer(found.layer)
+    if "cam" in chosen and detector:
+        reason = "CAM explains classes of a classifier's scores, not a detector's boxes"
+        if "cam" in named or fc is not None:
+            raise CamlensError(f"{reason}: use the other methods (-m gradcam, -m scorecam, ...)")
+        chosen.remove("cam")
+        (on_skip or note_skip)("cam", reason)
     if "cam" in chosen and (reason := cam_misfit(loaded, found, fc)) is not None:
         if "cam" in named or fc is not None:
             raise CamlensError(reason)
@@ -599,11 +643,9 @@ def warm_and_plan(objects: dict[str, Any], loaded: LoadedModel, paths: Sequence[
     start-up seconds spent, by kind (none where no image loads: the run says why, in its turn).
     A run of several processes (``group``) is said once, by the first, shared out; it never asks
     (the others would not wait for the answer)."""
-    from ..io import load_image
-
     for path in paths:
         try:
-            x = loaded.preprocess(load_image(path)).unsqueeze(0).to(device, input_dtype(loaded.module))
+            x = model_input(loaded, path, device)[0]
         except CamlensError:
             continue
         break
@@ -678,13 +720,15 @@ def plan_run(objects: dict[str, Any], x: torch.Tensor, images: int, extra_forwar
         explanation.options.get("reshape"))
     if explanation is not None:
         name = explanation.target_layers[0]
-        layer = (explanation.weights[name].shape[2], *explanation.raw[name].shape[-2:])
+        # Costs count positions as height x width: a signal's or a volume's, all in one line of them.
+        where = explanation.raw[name].shape[2:]
+        layer = (explanation.weights[name].shape[2], *(where if len(where) == 2 else (math.prod(where), 1)))
         # The channels Score-CAM forwards (not constant over the map) and Ablation-CAM ablates
         # (not zero everywhere), on this image: far fewer than all of them after a ReLU.
         module = dict(core.model.named_modules())[name]
         with torch.no_grad():
             activation = record(core.model, x, {name: module}, output=core.output, reshape=layout)[1][name]
-        live = int((~is_constant(activation)).sum())
+        live = int((~is_constant(activation, activation.dim() - 2)).sum())
         nonzero = int(activation.flatten(2).ne(0).any(dim=2).sum())
     seconds, passes = {}, {}
     for name, method in objects.items():
@@ -823,8 +867,11 @@ class Probe:
     layout: Layout | None = None  # how the layer's output becomes that map (--reshape, or found)
 
 
-def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
-    """Check the model, preprocessing and target layer once, on a blank grey photo.
+def probe(loaded: LoadedModel, target_layer: str | None, example: tuple[int, ...] | None = None,
+          detector: bool = False) -> Probe:
+    """Check the model, preprocessing and target layer once, on a blank grey photo (or, for
+    array inputs, an array of zeros of their shape ``example``: (C, *positions)). A ``detector``'s
+    output is detections (N, D, 4 + classes) (:mod:`camlens.detection`), read by ``--detections``.
 
     A batch of two, because Score-CAM and Smooth Grad-CAM++ forward batches: a model exported
     with a fixed batch size of one fails here rather than on every image. The one forward pass
@@ -832,9 +879,14 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
     """
     check_hookable(loaded.module)
     preprocess = loaded.preprocess
-    blank = preprocess(Image.new("RGB", (preprocess.size, preprocess.size), (128, 128, 128)))
+    if example is None:
+        blank = preprocess(Image.new("RGB", (preprocess.size, preprocess.size), (128, 128, 128)))
+        what = f"{preprocess.size}x{preprocess.size} input"
+    else:
+        blank = torch.zeros(example)
+        what = f"input of zeros, {'x'.join(map(str, example))} as the first array"
     blank = blank.to(input_dtype(loaded.module))
-    example = blank.unsqueeze(0).expand(2, -1, -1, -1).contiguous()
+    example = blank.unsqueeze(0).expand(2, *blank.shape).contiguous()
     layers = dict([resolve_layer(loaded.module, target_layer)]) if target_layer is not None else {}
     reshape = reshape_given()
     if reshape is not None and not layers:
@@ -843,28 +895,31 @@ def probe(loaded: LoadedModel, target_layer: str | None) -> Probe:
     try:
         if layers:
             output, outputs = record(loaded.module, example, layers, reshape=reshape, output=output_given())
-            output = check_scores(output, example)  # picked by --output already
+            output = check_detections(output) if detector else check_scores(output, example)  # picked already
             layer, activation = next(iter(outputs.items()))
         else:
-            output, found, activation = default_layer_output(loaded.module, example, output_given())
+            output, found, activation = default_layer_output(loaded.module, example, output_given(), not detector)
+            if detector:
+                check_detections(output)
             layer, reshape = found.name, found.layout
             if reshape is not None:
                 activation = reshape.to_grid(activation, example.shape, layer)[0]
                 if (context := click.get_current_context(silent=True)) is not None:
                     context.meta[FOUND_LAYOUT] = reshape
     except CamlensError as error:
-        raise CamlensError(f"{error} (checked on a blank {preprocess.size}x{preprocess.size} input)") from None
+        raise CamlensError(f"{error} (checked on a blank {what})") from None
     except Exception as error:
-        hint = "check --input-size"
+        hint = "check --input-size" if blank.dim() == 3 and what.endswith(" input") else "check the arrays' shape"
         if loaded.source.startswith("torch.export"):
             hint += "; export with a dynamic batch size: dynamic_shapes=({0: torch.export.Dim('batch')},)"
         raise CamlensError(
-            f"the model fails on a batch of 2x3x{preprocess.size}x{preprocess.size} ({first_line(error)}); {hint}"
+            f"the model fails on a batch of {'x'.join(map(str, example.shape))} ({first_line(error)}); {hint}"
         ) from None
     check_finite(output, "model outputs on a blank input (check --mean and --std)")
-    if loaded.class_names is not None and len(loaded.class_names) != output.shape[1]:
-        raise CamlensError(f"{len(loaded.class_names)} class names for a model with {output.shape[1]} classes")
-    return Probe(int(output.shape[1]), layer, activation.detach(), output, reshape)
+    classes = output.shape[-1] - 4 if detector else output.shape[1]
+    if loaded.class_names is not None and len(loaded.class_names) != classes:
+        raise CamlensError(f"{len(loaded.class_names)} class names for a model with {classes} classes")
+    return Probe(int(classes), layer, activation.detach(), output, reshape)
 
 
 def cam_misfit(loaded: LoadedModel, found: Probe, fc: str | None) -> str | None:

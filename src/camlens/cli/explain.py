@@ -23,14 +23,24 @@ from PIL import Image
 from rich.table import Table
 
 from .. import __version__, timing
+from ..detection import (
+    FORMATS,
+    BoxTarget,
+    check_detections,
+    detections_reader,
+    is_detr_style,
+)
 from ..distributed import Group, WorkQueue, join
 from ..errors import CamlensError
 from ..io import (
+    ARRAY_SUFFIXES,
+    IMAGE_SUFFIXES,
     MAX_MARKER_BYTES,
     RunFolder,
     expand_inputs,
     held_output_dir,
-    load_image,
+    is_array_file,
+    load_array,
     os_reason,
     publish_mode,
     read_plain,
@@ -43,24 +53,31 @@ from ..render import (
     captioned,
     check_colormap,
     comparison_figure,
+    draw_box,
+    input_figure,
     model_view,
     overlay,
+    stacked,
 )
 from ..targets import TopK
 from ..timing import take_start_up
 from .common import (
     MARKER,
+    OUTPUT,
+    class_count,
     console,
     describe_start_up,
     echo_error,
     engine_options,
     engine_settings,
     fc_option,
+    first_array_shape,
     first_line,
-    input_dtype,
     method_objects,
     method_option,
+    model_input,
     model_options,
+    output_given,
     prepare,
     printable,
     resolve_class,
@@ -109,8 +126,10 @@ class Explainer:
                  class_index: int | None, top_k: int, device: torch.device,
                  batch_size: int | None, seed: int, fc: str | None = None,
                  colormap: str = DEFAULT_COLORMAP, caption: bool = True, engine: dict | None = None,
-                 top_channels: int | float | None = None, smooth: dict[str, bool] | None = None) -> None:
+                 top_channels: int | float | None = None, smooth: dict[str, bool] | None = None,
+                 detection: Detection | None = None) -> None:
         self.loaded = loaded
+        self.detection = detection  # an object detector: its detected objects are the targets
         self.engine = engine or {}
         self.model = loaded.module.to(device)
         self.device = device
@@ -140,9 +159,9 @@ class Explainer:
     def run(self, path: Path, folder: Path, progress: Callable[[str, int, int], None]) -> ImageResult:
         result = ImageResult(path)
         start = time.perf_counter()
-        image = load_image(path)
-        result.size = image.size
-        x = self.loaded.preprocess(image).unsqueeze(0).to(self.device, input_dtype(self.loaded.module))
+        x, image, values = model_input(self.loaded, path, self.device)
+        # A photo's (width, height); an array's positions, (L), (H, W) or (D, H, W).
+        result.size = image.size if image is not None else tuple(values.shape[1:])
         result.timings["load"] = time.perf_counter() - start
 
         explanations = {}
@@ -150,9 +169,12 @@ class Explainer:
         if not self.start_up:
             warm_up(self.methods, x)
             self.start_up.update(take_start_up())
+        targets, detected = self.targets(), None
+        if self.detection is not None:
+            targets, detected = self.detection.objects(self.model, x, self.class_index, self.top_k, self.loaded)
         for name, method in self.methods.items():
             tick = timing.clock()
-            explanations[name] = method(x, self.targets(), progress=lambda done, total, n=name: progress(n, done, total))
+            explanations[name] = method(x, targets, progress=lambda done, total, n=name: progress(n, done, total))
             elapsed = timing.clock() - tick
             once = take_start_up()
             for what, seconds in once.items():
@@ -161,20 +183,27 @@ class Explainer:
         first = next(iter(explanations.values()))
         self.target_layers, self.default_layer = first.target_layers, first.default_layer
         self.layout = first.options.get("reshape")
-        # The methods' own clean forward gives the predictions: no extra forward pass.
-        probabilities = first.logits.softmax(dim=1)[0].cpu()
-        top = probabilities.topk(min(5, probabilities.numel()))
-        result.predictions = [self._describe(int(i), float(p)) for p, i in zip(top.values, top.indices)]
-        result.targets = [
-            self._describe(int(c), float(p)) for c, p in zip(first.targets[0].tolist(), first.probabilities[0].tolist())
-        ]
+        if detected is not None:  # the detections above the threshold, the most confident first
+            result.predictions, result.targets = detected[:5], detected[:len(targets[0])]
+        else:
+            # The methods' own clean forward gives the predictions: no extra forward pass.
+            probabilities = first.logits.softmax(dim=1)[0].cpu()
+            top = probabilities.topk(min(5, probabilities.numel()))
+            result.predictions = [self._describe(int(i), float(p)) for p, i in zip(top.values, top.indices)]
+            result.targets = [
+                self._describe(int(c), float(p))
+                for c, p in zip(first.targets[0].tolist(), first.probabilities[0].tolist())
+            ]
         for name, explanation in explanations.items():
             reasons = explanation.blank_reasons()
             if reasons:
                 result.blank[name] = [{"target": t, "reason": why} for (_, t), why in sorted(reasons.items())]
 
         tick = time.perf_counter()
-        result.files = self._write(image, explanations, result, folder)
+        if image is None:
+            result.files = self._write_array(values, explanations, result, folder)
+        else:
+            result.files = self._write(image, explanations, result, folder, x.shape[-2:])
         result.timings["render"] = time.perf_counter() - tick
         result.timings["total"] = time.perf_counter() - start
         return result
@@ -182,45 +211,149 @@ class Explainer:
     def _describe(self, index: int, probability: float) -> dict:
         return {"class": index, "name": self.loaded.class_name(index), "probability": round(probability, 6)}
 
-    def _write(self, image: Image.Image, explanations: dict, result: ImageResult, folder: Path) -> dict:
+    def _write(self, image: Image.Image, explanations: dict, result: ImageResult, folder: Path,
+               size: tuple[int, int]) -> dict:
         view = model_view(image, self.loaded.preprocess.crop_box(*image.size))
         layer = ", ".join(self.target_layers)
         overlays: dict[str, list[str]] = {}
-        rows = [[Panel(view, f"input\n{label(t)}")] for t in result.targets]
+
+        def boxed(picture: Image.Image, index: int) -> Image.Image:
+            """A detected object's box on a picture of the view (the model's input, at its size)."""
+            target = result.targets[index]
+            if "box" not in target:
+                return picture
+            scale = (picture.width, picture.height) if target["units"] == "normalised" else (
+                picture.width / size[1], picture.height / size[0])
+            corners = [value * scale[i % 2] for i, value in enumerate(target["box"])]
+            return draw_box(picture, corners, label(target))
+
+        rows = [[Panel(boxed(view, index), f"input\n{label(t)}")] for index, t in enumerate(result.targets)]
         arrays: dict[str, np.ndarray] = {}
         for name, explanation in explanations.items():
-            data = explanation.to_numpy()
-            arrays[f"{name}/maps"] = data["maps"][0]
-            for layer_name, raw in data["raw"].items():
-                arrays[f"{name}/raw/{layer_name}"] = raw[0]
-            for layer_name, weights in data["weights"].items():
-                arrays[f"{name}/weights/{layer_name}"] = weights[0]
+            data = self._keep_arrays(explanation, name, arrays)
             overlays[name] = []
             display = self.methods[name].display_name
             for index, target in enumerate(result.targets):
-                picture = overlay(view, data["maps"][0, index], colormap=self.colormap)
+                picture = boxed(overlay(view, data["maps"][0, index], colormap=self.colormap), index)
                 filename = f"{name}_{index + 1}_{slug(target['name'], 'class')}.png"
                 saved = captioned(picture, f"{display} · {label(target)} · layer {layer}") if self.caption else picture
                 saved.save(folder / filename)
                 overlays[name].append(filename)
                 rows[index].append(Panel(picture, f"{display}\n{label(target)}"))
-        arrays["targets"] = np.array([t["class"] for t in result.targets])
-        arrays["probabilities"] = np.array([t["probability"] for t in result.targets], dtype=np.float32)
-        np.savez_compressed(folder / "maps.npz", **arrays)
+        self._save_arrays(arrays, result, folder)
         # The region the model saw, without a map: `camlens report` lays each map over it.
         view.save(folder / "view.jpg", quality=90)
         title = f"{printable(result.path.name)}, layer {layer}\n{self.explained(result)}"
         comparison_figure(rows, folder / "comparison.png", title=title, colormap=self.colormap)
         return {"comparison": "comparison.png", "maps": "maps.npz", "view": "view.jpg", "overlays": overlays}
 
+    @staticmethod
+    def _keep_arrays(explanation, name: str, arrays: dict[str, np.ndarray]) -> dict:
+        """The explanation's maps, raw maps and weights of the one input, into ``arrays`` under the
+        method's ``name``; returns them all as NumPy arrays."""
+        data = explanation.to_numpy()
+        arrays[f"{name}/maps"] = data["maps"][0]
+        for layer_name, raw in data["raw"].items():
+            arrays[f"{name}/raw/{layer_name}"] = raw[0]
+        for layer_name, weights in data["weights"].items():
+            arrays[f"{name}/weights/{layer_name}"] = weights[0]
+        return data
+
+    @staticmethod
+    def _save_arrays(arrays: dict[str, np.ndarray], result: ImageResult, folder: Path) -> None:
+        arrays["targets"] = np.array([t["class"] for t in result.targets])
+        arrays["probabilities"] = np.array([t["probability"] for t in result.targets], dtype=np.float32)
+        np.savez_compressed(folder / "maps.npz", **arrays)
+
+    def _write_array(self, values: np.ndarray, explanations: dict, result: ImageResult, folder: Path) -> dict:
+        """An array input's outputs: per method and target its figure with the map (a signal's band,
+        a volume's slices, a clip's frames, an image's overlay), ``view.png`` the input alone, the
+        comparison (the input, then every figure, one under another), and the maps with the input
+        (from which `camlens report` draws the same figures)."""
+        layer = ", ".join(self.target_layers)
+        arrays: dict[str, np.ndarray] = {}
+        overlays: dict[str, list[str]] = {}
+        view = input_figure(values, None, self.colormap)
+        pictures = [captioned(view.copy(), f"input {printable(result.path.name)}")]
+        for name, explanation in explanations.items():
+            data = self._keep_arrays(explanation, name, arrays)
+            display = self.methods[name].display_name
+            overlays[name] = []
+            for index, target in enumerate(result.targets):
+                figure = input_figure(values, data["maps"][0, index], self.colormap)
+                filename = f"{name}_{index + 1}_{slug(target['name'], 'class')}.png"
+                text = f"{display} · {label(target)} · layer {layer}"
+                (captioned(figure, text) if self.caption else figure).save(folder / filename)
+                overlays[name].append(filename)
+                pictures.append(captioned(figure, text))
+        arrays["input"] = values  # `camlens report` draws each figure from it and the maps, as here
+        self._save_arrays(arrays, result, folder)
+        view.save(folder / "view.png")
+        stacked(pictures).save(folder / "comparison.png")
+        return {"comparison": "comparison.png", "maps": "maps.npz", "view": "view.png", "overlays": overlays,
+                "kind": array_kind(values)}
+
     def explained(self, result: ImageResult) -> str:
         """What the maps explain, in words: with --class that is not the model's top-1."""
         targets, top = result.targets, result.predictions[0]
+        if self.detection is not None:
+            which = "" if self.class_index is None else f" of class {self.loaded.class_name(self.class_index)}"
+            return (f"explained: {len(targets)} detected object(s){which}, class score >= "
+                    f"{self.detection.score_threshold}, one per row")
         if self.class_index is not None:
             return f"explained: {label(targets[0])}, chosen with --class; top-1: {label(top)}"
         if len(targets) > 1:
             return f"explained: the top {len(targets)} classes, one per row"
         return f"explained: the top-1 class, {label(top)}"
+
+
+@dataclass
+class Detection:
+    """``--task detection``: the model is an object detector, its output read as detections
+    (N, D, 4 + classes) by ``reader`` (:mod:`camlens.detection`). Each detected object whose best
+    class score reaches ``score_threshold`` is a target, the most confident first:
+    :class:`~camlens.detection.BoxTarget` of its own box and class, matching detections that
+    overlap it by ``iou_threshold``."""
+
+    reader: Callable[[object], torch.Tensor]
+    spec: str
+    score_threshold: float
+    iou_threshold: float
+
+    def objects(self, model: torch.nn.Module, x: torch.Tensor, class_index: int | None, most: int,
+                loaded: LoadedModel) -> tuple[list[list[BoxTarget]], list[dict]]:
+        """``([targets of the one image], [each detection above the threshold, described])``: the
+        targets are the ``most`` most confident (of ``class_index`` only, where given)."""
+        with torch.no_grad():
+            output = model(x)
+            detections = check_detections(self.reader(output)).detach()[0].float().cpu()
+        units = "normalised" if is_detr_style(output) else "pixels"
+        best, classes = detections[:, 4:].max(dim=1)
+        keep = best >= self.score_threshold
+        if class_index is not None:
+            keep &= classes == class_index
+        kept = keep.nonzero().flatten()
+        kept = kept[best[kept].argsort(descending=True, stable=True)]
+        if not kept.numel():
+            which = "" if class_index is None else f" of class {loaded.class_name(class_index)}"
+            raise CamlensError(f"no detection{which} with a class score of at least {self.score_threshold}: lower "
+                               "--score-threshold")
+        found = [{"class": int(classes[i]), "name": loaded.class_name(int(classes[i])),
+                  "probability": round(float(best[i]), 6), "box": [float(v) for v in detections[i, :4]],
+                  "units": units} for i in kept.tolist()]
+        targets = [BoxTarget(detections[i, None, :4], classes[i, None], iou_threshold=self.iou_threshold)
+                   for i in kept[:most].tolist()]
+        return [targets], found
+
+
+def array_kind(values: np.ndarray) -> str:
+    """What an array input is, by its shape: a signal (C, L), an image (C, H, W), a clip (3, T, H, W:
+    RGB frames) or a volume (C, D, H, W, other channels); the figures drawn say the same."""
+    if values.ndim == 2:
+        return "signal"
+    if values.ndim == 3:
+        return "image"
+    return "clip" if values.shape[0] == 3 else "volume"
 
 
 def label(target: dict) -> str:
@@ -261,7 +394,7 @@ def folder_record(folder: Path) -> dict | None:
 
 
 @click.command(short_help="Overlays, a comparison figure and maps for each image.")
-@click.argument("inputs", nargs=-1, required=True, metavar="IMAGE_OR_DIR...")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT_OR_DIR...")
 @method_option
 @click.option("--target-layer", metavar="NAME", help="Layer to explain (default: the last feature map before pooling). See `camlens layers`.")
 @click.option("--class", "class_", metavar="C", help="Explain this class (index or name) instead of the top-1.")
@@ -272,6 +405,20 @@ def folder_record(folder: Path) -> dict | None:
               help="Colour map of the maps: any matplotlib colour map (viridis, inferno, turbo, ...).")
 @click.option("--caption/--no-caption", default=True, show_default=True,
               help="Write the method, class and layer under each overlay image.")
+@click.option("--task", type=click.Choice(["classification", "detection"]), default="classification",
+              show_default=True,
+              help="detection: the model is an object detector. Each object it detects (best class score at least "
+                   "--score-threshold; of --class only, where given) is explained, the most confident first, at "
+                   "most --top-k (default 3), its box drawn on the maps.")
+@click.option("--detections", "detections_format", metavar="|".join(FORMATS),
+              help="With --task detection: how the detector's output reads as boxes and class scores (default: "
+                   "detr where it has logits and pred_boxes, torchvision where it is a list of dicts and the class "
+                   "names give their number; yolov5 and yolov8 are raw heads).")
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="With --task detection: the least class score of a detection explained.")
+@click.option("--iou-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="With --task detection: the least overlap (IoU) with an explained box of the detections its "
+                   "score sums (class score times overlap, as pytorch-grad-cam's FasterRCNNBoxScoreTarget).")
 @fc_option
 @top_channels_option
 @smooth_options
@@ -280,35 +427,64 @@ def folder_record(folder: Path) -> dict | None:
 @html_option
 @yes_option
 @model_options
-def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption, fc, top_channels, aug_smooth,
-            eigen_smooth, device, batch_size, seed, optimize, compile_model, html, yes, **model_args) -> None:
-    """Explain IMAGE_OR_DIR... with each method: overlays, a comparison figure, maps and a manifest."""
+def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption, task, detections_format,
+            score_threshold, iou_threshold, fc, top_channels, aug_smooth, eigen_smooth, device, batch_size, seed,
+            optimize, compile_model, html, yes, **model_args) -> None:
+    """Explain INPUT_OR_DIR... (image files, or .npy/.npz arrays: signals, volumes, clips) with each
+    method: overlays or figures, a comparison figure, maps and a manifest."""
     started = time.perf_counter()
-    if class_ is not None and top_k is not None:
+    detector = task == "detection"
+    if class_ is not None and top_k is not None and not detector:
         raise CamlensError("give --class or --top-k, not both")
+    if not detector and (detections_format is not None or score_threshold != 0.5 or iou_threshold != 0.5):
+        raise CamlensError("--detections, --score-threshold and --iou-threshold are for --task detection")
+    if detector and output_given() is not None:
+        raise CamlensError("--output picks class scores; a detector's output is read by --detections")
     check_colormap(colormap)
-    files, skipped, unreadable = expand_inputs(inputs)
+    files, skipped, unreadable = expand_inputs(inputs, IMAGE_SUFFIXES | ARRAY_SUFFIXES)
     if not files:
         # Nothing to explain: said before the model loads, and no output folder is made or touched.
         if len(unreadable) == 1 and not skipped:
             raise CamlensError(f"nothing to explain: {printable(next(iter(unreadable.values())))}")
         for path in skipped:
-            echo_error(f"skipped (not an image file): {printable(path)}")
+            echo_error(f"skipped (not an image or array file): {printable(path)}")
         for reason in unreadable.values():
             echo_error(f"failed: {printable(reason)}")
-        raise CamlensError("nothing to explain: none of the inputs is an image file that can be read")
+        raise CamlensError("nothing to explain: none of the inputs is an image or array file that can be read")
+    example = first_array_shape(files)
+    if example is None and all(is_array_file(path) for path in files):
+        # No array reads: said before the model loads (it would be probed on a photo's shape).
+        errors = []
+        for path in files:
+            try:
+                load_array(path)
+            except CamlensError as error:
+                errors.append(str(error))
+        if len(errors) == 1 and not unreadable and not skipped:
+            raise CamlensError(f"nothing to explain: {printable(errors[0])}")
+        for reason in [*errors, *unreadable.values()]:
+            echo_error(f"failed: {printable(reason)}")
+        raise CamlensError("nothing to explain: none of the array inputs can be read")
+    detection = None
+    if detector:
+        # Read before the model loads where the format is named; "torchvision" takes the class names' count.
+        detection = Detection(detections_reader(detections_format, class_count(model_args)), detections_format or "auto",
+                              score_threshold, iou_threshold)
+        click.get_current_context().meta[OUTPUT] = detection.reader
     group = speak_for(join())
     skipped_methods: dict[str, str] = {}
     chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
                                                     on_skip=skipped_methods.__setitem__,
-                                                    smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
+                                                    smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth},
+                                                    example=example, detector=detector)
     torch_device = group.device(torch_device)
     class_index = resolve_class(class_, loaded, classes) if class_ is not None else None
-    if top_k is not None and top_k > classes:
+    if top_k is not None and top_k > classes and not detector:
         raise CamlensError(f"--top-k {top_k} is more than the model's {classes} classes")
-    explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or 1, torch_device, batch_size, seed,
-                          fc=fc, colormap=colormap, caption=caption, engine=engine_settings(optimize, compile_model, torch_device),
-                          top_channels=top_channels, smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
+    explainer = Explainer(loaded, chosen, target_layer, class_index, top_k or (3 if detector else 1), torch_device,
+                          batch_size, seed, fc=fc, colormap=colormap, caption=caption,
+                          engine=engine_settings(optimize, compile_model, torch_device), top_channels=top_channels,
+                          smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth}, detection=detection)
     explainer.plan(files, yes, group)  # before any output: a run declined leaves nothing
     results = [ImageResult(path, status="failed", error=reason) for path, reason in unreadable.items()]
 
@@ -382,7 +558,7 @@ def explain(inputs, methods, target_layer, class_, top_k, out, colormap, caption
         if html and any(r.status == "ok" for r in results):
             write_html(out_dir)
     for path in skipped:
-        echo_error(f"skipped (not an image file): {printable(path)}")
+        echo_error(f"skipped (not an image or array file): {printable(path)}")
     for r in results:
         if r.status != "ok":
             echo_error(f"failed: {r.error}")
@@ -485,7 +661,12 @@ def build_manifest(loaded, classes, explainer, methods, skipped_methods, results
         "default_layer": explainer.default_layer,
         "layout": explainer.layout,
         "start-up seconds": {what: round(seconds, 4) for what, seconds in explainer.start_up.items()},
-        "targets": {"class": class_index} if class_index is not None else {"top_k": top_k or 1},
+        "targets": ({"class": class_index} if class_index is not None else {"top_k": top_k or 1})
+        if explainer.detection is None else {
+            "task": "detection", "detections": explainer.detection.spec, "objects at most": explainer.top_k,
+            "score_threshold": explainer.detection.score_threshold,
+            "iou_threshold": explainer.detection.iou_threshold,
+            **({"class": class_index} if class_index is not None else {})},
         "seed": seed,
         "batch_size": batch_size,
         "engine": explainer.engine,

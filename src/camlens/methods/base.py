@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..accelerate import CompiledForward, InferenceCopies, InferenceCopy, PlainForward, SplitForward
 from ..capture import (
+    batch_of,
     LayersSpec,
     OutputSpec,
     ReshapeSpec,
@@ -384,7 +385,7 @@ class CAMMethod:
     def _explanation(
         self, context: Context, weights: dict[str, Tensor], scores: Tensor, chosen: bool
     ) -> Explanation:
-        size = context.images.shape[-2:]
+        size = context.images.shape[2:]
         raw, full_weights, maps = {}, {}, []
         for name, activation in context.activations.items():
             weight = weights[name]
@@ -437,12 +438,7 @@ class CAMMethod:
             raise CamlensError(
                 f"images must be a torch.Tensor (N, C, H, W), not {type(images).__name__}"
             )
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4:
-            raise CamlensError(
-                f"images must have shape (N, C, H, W) or (C, H, W), got {tuple(images.shape)}"
-            )
+        images = batch_of(images, self.model)
         if images.numel() == 0:
             raise CamlensError(
                 f"images of shape {tuple(images.shape)} hold no pixels: give at least one image "

@@ -102,7 +102,7 @@ class CAM(CAMMethod):
                 f"the classifier takes {fc.weight.shape[1]} inputs but layer {layer!r} has "
                 f"{activation.shape[1]} channels: CAM needs the layer that feeds the global pooling"
             )
-        predicted = fc(activation.mean(dim=(2, 3)))
+        predicted = fc(activation.flatten(2).mean(dim=2))
         tolerance = 1e-4 * max(1.0, logits.abs().max().item())
         if predicted.shape != logits.shape or (predicted - logits).abs().max().item() > tolerance:
             raise CamlensError(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import LayersSpec, resolve_layer
-from ..combine import channel_sum
+from ..combine import at_positions, channel_sum, positions
 from ..errors import CamlensError
 from .base import CAMMethod, Context
 
@@ -31,8 +31,8 @@ def xgradcam_weights(activation: Tensor, grad: Tensor) -> Tensor:
     and weighs a channel whose values cancel out by 1e7 or 1e8 times its gradient sum.)
     ``activation`` (N, K, h, w), ``grad`` (N, T, K, h, w); returns (N, T, K).
     """
-    total = activation.sum(dim=(-2, -1))[:, None]
-    weighted = (activation[:, None] * grad).sum(dim=(-2, -1))
+    total = activation.sum(dim=positions(activation, 2))[:, None]
+    weighted = (activation[:, None] * grad).sum(dim=positions(grad, 3))
     defined = total != 0
     return torch.where(defined, weighted / torch.where(defined, total, 1), 0)
 
@@ -68,12 +68,13 @@ def layercam_scale(raw: Tensor, gamma: float) -> Tensor:
     :math:`\hat M = \tanh(\gamma M / \max M)` per map (:math:`\gamma = 2` in the paper), which
     lifts the small values of shallow layers before maps of several layers are fused. ``raw`` (N, T, h, w), non-negative; an
     all-zero map stays zero."""
-    peak = raw.amax(dim=(-2, -1), keepdim=True)
+    peak = raw.amax(dim=positions(raw, 2), keepdim=True)
     return torch.tanh(gamma * raw / torch.where(peak > 0, peak, 1))
 
 
-def principal_axis(features: Tensor) -> Tensor:
-    r"""The first principal axis :math:`v` of each (K, h, w) slice of ``features`` (..., K, h, w):
+def principal_axis(features: Tensor, spatial: int = 2) -> Tensor:
+    r"""The first principal axis :math:`v` of each (K, h, w) slice of ``features`` (..., K, h, w)
+    (``spatial``: the dimensions of positions, (h, w) here; one for a signal, three for a volume):
     positions are the samples and channels the features, centred over positions,
     :math:`X = F - \bar F` (hw x K), and :math:`v` is the first right singular vector of
     :math:`X`; the projection on it is :math:`X v`, of shape h x w (pytorch-grad-cam's
@@ -87,7 +88,7 @@ def principal_axis(features: Tensor) -> Tensor:
     tie the sign the SVD gives stays. Returns (..., K), unit vectors (any unit vector where
     :math:`X = 0`).
     """
-    samples = features.flatten(-2).transpose(-2, -1)
+    samples = features.flatten(-spatial).transpose(-2, -1)
     centred = samples - samples.mean(dim=-2, keepdim=True)
     # torch.linalg.svd supports neither MPS tensors nor half precision: the CPU and float32 there.
     device, dtype = centred.device, centred.dtype
@@ -108,7 +109,7 @@ def projection_map(weight: Tensor, activation: Tensor) -> Tensor:
     :math:`\mathrm{ReLU}(X v)`. The ReLU keeps the positions on the positive side of the
     component, as pytorch-grad-cam does. Shapes as :func:`~camlens.combine.channel_sum`."""
     summed = channel_sum(weight, activation)
-    return torch.relu(summed - summed.mean(dim=(-2, -1), keepdim=True))
+    return torch.relu(summed - summed.mean(dim=positions(summed, 2), keepdim=True))
 
 
 class XGradCAM(CAMMethod):
@@ -264,8 +265,9 @@ class EigenGradCAM(CAMMethod):
     def weigh(self, context: Context) -> dict[str, Tensor]:
         weights = {}
         for name, grad in context.gradients.items():
-            axis = principal_axis(grad * context.activations[name][:, None])
-            weights[name] = axis[..., None, None] * grad
+            spatial = grad.dim() - 3
+            axis = principal_axis(grad * context.activations[name][:, None], spatial)
+            weights[name] = at_positions(axis, spatial) * grad
         return weights
 
     def raw_map(self, name: str, weight: Tensor, activation: Tensor) -> Tensor:
@@ -293,7 +295,7 @@ class EigenCAM(CAMMethod):
     def weigh(self, context: Context) -> dict[str, Tensor]:
         count = context.targets.count
         return {
-            name: principal_axis(activation)[:, None].repeat(1, count, 1)
+            name: principal_axis(activation, activation.dim() - 2)[:, None].repeat(1, count, 1)
             for name, activation in context.activations.items()
         }
 

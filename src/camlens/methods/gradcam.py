@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import LayersSpec
+from ..combine import at_positions, positions
 from ..errors import CamlensError, check_positive_int
 from .base import CAMMethod, Context, Cost
 
@@ -17,9 +18,9 @@ from .base import CAMMethod, Context, Cost
 def gradcam_weights(grad: Tensor) -> Tensor:
     r"""Grad-CAM weights :math:`w^c_k = \frac{1}{hw} \sum_{ij} \partial y^c / \partial A^k_{ij}`.
 
-    ``grad`` (N, T, K, h, w) gives (N, T, K).
+    ``grad`` (N, T, K, h, w) gives (N, T, K); (N, T, K, l) and (N, T, K, d, h, w) alike.
     """
-    return grad.mean(dim=(-2, -1))
+    return grad.mean(dim=positions(grad, 3))
 
 
 def gradcampp_weights(activation: Tensor, d1: Tensor, d2: Tensor, d3: Tensor) -> Tensor:
@@ -34,11 +35,11 @@ def gradcampp_weights(activation: Tensor, d1: Tensor, d2: Tensor, d3: Tensor) ->
     denominator is 0 (where ``g = 0``, and at the isolated points where ``sum A * g = -2``).
     ``activation`` (N, K, h, w), the ``D`` (N, T, K, h, w); returns (N, T, K).
     """
-    total = activation.sum(dim=(-2, -1))[:, None, :, None, None]
+    total = at_positions(activation.sum(dim=positions(activation, 2))[:, None], activation.dim() - 2)
     denominator = 2 * d2 + total * d3
     defined = denominator != 0
     alpha = torch.where(defined, d2 / torch.where(defined, denominator, 1), 0)
-    return (alpha * torch.relu(d1)).sum(dim=(-2, -1))
+    return (alpha * torch.relu(d1)).sum(dim=positions(alpha, 3))
 
 
 class GradCAM(CAMMethod):
@@ -146,7 +147,7 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         }
 
     def noise(self, images: Tensor) -> Tensor:
-        """Standard normal noise (N, n_samples, C, H, W), on the CPU, from the method's generator.
+        """Standard normal noise (N, n_samples, C, *positions), on the CPU, from the method's generator.
 
         Drawn in float64 and then cast: torch draws other numbers from one seed in float32, so a
         float32 model would otherwise see other noise than its float64 copy."""
@@ -167,7 +168,7 @@ class SmoothGradCAMPlusPlus(CAMMethod):
         def noisy(start: int) -> tuple[Tensor, Tensor]:
             chunk = rows[start : start + self.batch_size]
             step = noise[start : start + self.batch_size].to(x.device)
-            return chunk, x[chunk] + step * sigma[chunk].view(-1, 1, 1, 1)
+            return chunk, x[chunk] + step * at_positions(sigma[chunk], x.dim() - 1)
 
         for start in range(0, rows.numel(), self.batch_size):
             chunk, copies = noisy(start)

@@ -18,13 +18,14 @@ softmax probability, a logit, ``exp(logit)``, and any head after the target laye
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.func import jvp, vmap
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..accelerate import cut
@@ -75,19 +76,20 @@ def diagonal_derivatives(
     # Contiguous like the directions: a channels-last map (the inference copy's) sends pooling
     # through an op vmap has no batching rule for, many times slower.
     a = a.contiguous()
-    count, channel_count, height, width = a.shape
+    count, channel_count, *where = a.shape  # positions: (h, w); (l) or (d, h, w) alike
+    places = math.prod(where)
     index = torch.arange(channel_count, device=a.device) if channels is None else channels
-    per_channel = 1 if mean_only else height * width
+    per_channel = 1 if mean_only else places
     total = index.numel() * per_channel
     rows = torch.arange(count, device=a.device)
     parts: list[tuple[Tensor, Tensor]] = []
     batched = vmap(lambda v: _third_order(head, a, v))
     for start in range(0, total, chunk_size):
         flat = torch.arange(start, min(start + chunk_size, total), device=a.device)
-        directions = a.new_zeros(flat.numel(), count, channel_count, height * width)
+        directions = a.new_zeros(flat.numel(), count, channel_count, places)
         channel = index[flat // per_channel]
         if mean_only:
-            directions[torch.arange(flat.numel()), :, channel] = 1.0 / (height * width)
+            directions[torch.arange(flat.numel()), :, channel] = 1.0 / places
         else:
             directions[torch.arange(flat.numel())[:, None], rows, channel[:, None], (flat % per_channel)[:, None]] = 1.0
         directions = directions.view(flat.numel(), *a.shape)
@@ -103,8 +105,8 @@ def diagonal_derivatives(
     shape = (index.numel(), per_channel, *d2.shape[1:])
     d2, d3 = (d.reshape(shape).permute(2, 3, 0, 1) for d in (d2, d3))  # (N, T, K', per_channel)
     if mean_only:
-        return tuple(d.expand(*d.shape[:3], height * width).reshape(*d.shape[:3], height, width) for d in (d2, d3))
-    return tuple(d.reshape(*d.shape[:3], height, width) for d in (d2, d3))
+        return tuple(d.expand(*d.shape[:3], places).reshape(*d.shape[:3], *where) for d in (d2, d3))
+    return tuple(d.reshape(*d.shape[:3], *where) for d in (d2, d3))
 
 
 def _is_spatial_mean(node: torch.fx.Node, given: torch.fx.Node, module: nn.Module) -> bool:
@@ -177,7 +179,10 @@ def _head(model: nn.Module, context: Context, name: str) -> tuple[Head, Tensor, 
         if grid is not None and grid.applies(a):
             a, rebuild = grid.to_grid(a, images.shape, name)
     users = list(given[0].users)
-    mean_only = rebuild is None and bool(users) and all(_is_spatial_mean(node, given[0], model) for node in users)
+    # The spatial means it recognises are those of an image's (h, w): a volume's or signal's map is
+    # read position by position (exact, one pass per position).
+    mean_only = (rebuild is None and a.dim() == 4 and bool(users)
+                 and all(_is_spatial_mean(node, given[0], model) for node in users))
 
     def head(x: Tensor) -> Tensor:
         # Copies, as the model gets from camlens's hooks: an in-place operation of the part after
@@ -325,7 +330,7 @@ class GradCAMPlusPlusGeneral(CAMMethod):
             )
         heads = {name: _head(self.model, context, name) for name in context.layers}
         total = sum(
-            context.activations[name].shape[1] * (1 if mean_only else a.shape[-2] * a.shape[-1])
+            context.activations[name].shape[1] * (1 if mean_only else math.prod(a.shape[2:]))
             for name, (_, a, mean_only) in heads.items()
         )
         if self.max_directions is not None and total > self.max_directions:

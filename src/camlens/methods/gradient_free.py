@@ -15,8 +15,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..accelerate import CutMemory, PlainForward, SplitForward, _close, cut, remember_cut, remembered_cut
+from ..accelerate import (
+    CutMemory,
+    PlainForward,
+    SplitForward,
+    _close,
+    cut,
+    remember_cut,
+    remembered_cut,
+)
 from ..capture import LayersSpec, forward_inputs
+from ..combine import at_positions
 from ..errors import CamlensError, check_positive_int
 from ..timing import one_time
 from .base import CAMMethod, Context, Cost, hooked
@@ -87,8 +96,8 @@ class Replaced:
         try:
             with torch.no_grad():
                 given = before(images)
-                if not (isinstance(given[0], Tensor) and given[0].dim() == 4):
-                    return None  # tokens: rebuilt from the map by the hook
+                if not (isinstance(given[0], Tensor) and given[0].dim() == images.dim()):
+                    return None  # tokens, a clip's frames: rebuilt from the map by the hook
                 rest = list(given[1:])
                 for start in range(0, rows.numel(), batch_size):
                     chunk = rows[start : start + batch_size]
@@ -324,13 +333,14 @@ class SSCAM(ScoreCAM):
                 "seed": self.seed}
 
     def draws(self, images: Tensor) -> Tensor:
-        r"""The noise :math:`\delta_i` (n_samples, 1 or C, H, W) for ``images`` (N, C, H, W):
+        r"""The noise :math:`\delta_i` (n_samples, 1 or C, H, W) for ``images`` (N, C, H, W) (or
+        signals, volumes: their positions as the images'):
         drawn on the CPU from the method's seed in float64, then cast to the images' device and
         dtype, so the same on every device and in every precision (a float32 and a float64 copy
         of a model get the same draws up to rounding; torch draws other numbers from one seed
         in each dtype)."""
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
-        shape = (self.n_samples, 1 if self.noise == "mask" else images.shape[1], *images.shape[-2:])
+        shape = (self.n_samples, 1 if self.noise == "mask" else images.shape[1], *images.shape[2:])
         noise = torch.randn(shape, generator=generator, dtype=torch.float64) * self.sigma
         return noise.to(device=images.device, dtype=images.dtype)
 
@@ -394,7 +404,7 @@ class ISCAM(ScoreCAM):
         x = context.images
         step = torch.arange(1, self.n_steps + 1, device=x.device, dtype=x.dtype)
         scale = step * (step + 1) / (2 * self.n_steps)
-        return self.n_steps, lambda images, masks, version: images * (masks * scale[version].view(-1, 1, 1, 1))
+        return self.n_steps, lambda images, masks, version: images * (masks * at_positions(scale[version], x.dim() - 1))
 
 
 class ReciproCAM(_TailBatched):
@@ -439,27 +449,28 @@ class ReciproCAM(_TailBatched):
     def weigh(self, context: Context) -> dict[str, Tensor]:
         x = context.images
         count = x.shape[0]
-        total = sum(count * a.shape[-2] * a.shape[-1] for a in context.activations.values())
+        total = sum(count * math.prod(a.shape[2:]) for a in context.activations.values())
         done = 0
         maps = {}
         for name, full in context.full_activations.items():
             replaced = Replaced(context, name, self.batch_size, self.cuts)
-            positions = full.shape[-2] * full.shape[-1]
+            where = full.shape[2:]  # (h, w); (l) or (d, h, w) alike
+            positions = math.prod(where)
             keep = None
             if context.channels[name] is not None:
-                keep = full.new_zeros(1, full.shape[1], 1, 1)
+                keep = at_positions(full.new_zeros(1, full.shape[1]), len(where))
                 keep[0, context.channels[name]] = 1
             scores = x.new_empty(count * positions, context.targets.count)
             for chunk in _batches(count * positions, self.batch_size, x.device):
                 rows, position = chunk // positions, chunk % positions
                 spot = torch.zeros(chunk.numel(), positions, dtype=full.dtype, device=x.device)
                 spot[torch.arange(chunk.numel(), device=x.device), position] = 1
-                features = full[rows] * spot.view(-1, 1, *full.shape[-2:])
+                features = full[rows] * spot.view(-1, 1, *where)
                 scores[chunk] = replaced.scores(features if keep is None else features * keep, rows)
                 done += chunk.numel()
                 if context.progress is not None:
                     context.progress(done, total)
-            maps[name] = scores.view(count, *full.shape[-2:], -1).permute(0, 3, 1, 2)
+            maps[name] = scores.view(count, *where, -1).movedim(-1, 1)
         return maps
 
     def raw_map(self, name: str, weight: Tensor, activation: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..capture import ForwardInputs
-from ..combine import FLAT_EPS
+from ..capture import ForwardInputs, batch_of
+from ..combine import FLAT_EPS, at_positions
 from ..errors import CamlensError
 from ..explanation import Explanation
 from ..targets import (
@@ -58,13 +58,14 @@ def eigen_map(weight: Tensor, activation: Tensor) -> Tensor:
     (pytorch-grad-cam's ``get_2d_projection`` keeps whatever sign its SVD returns.)
     ``weight`` (N, T, K) or (N, T, K, h, w), ``activation`` (N, K, h, w); returns (N, T, h, w).
     """
-    per_activation = weight if weight.dim() == 5 else weight[..., None, None]
-    axis = principal_axis(per_activation * activation.unsqueeze(1))  # v: (N, T, K)
+    spatial = activation.dim() - 2  # (h, w); (l) for a signal, (d, h, w) for a volume
+    per_activation = weight if weight.dim() == 3 + spatial else at_positions(weight, spatial)
+    axis = principal_axis(per_activation * activation.unsqueeze(1), spatial)  # v: (N, T, K)
     total = axis.sum(dim=-1, keepdim=True)
     tied = total.abs() <= FLAT_EPS * torch.finfo(total.dtype).eps * axis.shape[-1] ** 0.5
     axis = torch.where(tied | (total > 0), axis, -axis)
     # X_c v = sum_k v_k w_k A^k centred over positions: the Eigen methods' projection map.
-    return projection_map(axis * weight if weight.dim() == 3 else axis[..., None, None] * weight, activation)
+    return projection_map(axis * weight if weight.dim() == 3 else at_positions(axis, spatial) * weight, activation)
 
 
 class _Smoothing:
@@ -350,6 +351,11 @@ class AugmentSmooth(_Smoothing):
         images_as: str | None = None,
     ) -> Explanation:
         _check_progress(progress)
+        if isinstance(images, Tensor) and batch_of(images, self.method.model).dim() != 4:
+            raise CamlensError(
+                f"augmentation smoothing flips and rescales images (N, C, H, W); inputs of shape {tuple(images.shape)} "
+                "are signals, volumes or clips, which it does not apply to: explain them without it"
+            )
         plan = self.copies()
         count = 1 + sum(map(len, plan.values()))
         images_count = images.shape[0] if isinstance(images, Tensor) and images.dim() == 4 else 1

@@ -182,7 +182,7 @@ class ScoreCAM(CAMMethod):
         x = context.images
         rows = torch.arange(x.shape[0], device=x.device)
         versions, make = self.perturbation(context)
-        constant = {name: is_constant(a) for name, a in context.activations.items()}
+        constant = {name: is_constant(a, a.dim() - 2) for name, a in context.activations.items()}
         chosen = {name: self._chosen(a) for name, a in context.activations.items()}
         # Constant channels have the mask H^k = 0, hence the same masked inputs: forwarded once
         # for all images where a zero mask blanks the input, else once per image (through the
@@ -245,9 +245,9 @@ class ScoreCAM(CAMMethod):
             return zero_scores
         x = context.images
         baseline = self.baseline.to(device=x.device, dtype=x.dtype)
-        if baseline.dim() == 3:
+        if baseline.dim() == x.dim() - 1:
             baseline = baseline.unsqueeze(0)
-        if baseline.dim() != 4 or baseline.shape[1:] != x.shape[1:] or baseline.shape[0] not in (1, x.shape[0]):
+        if baseline.dim() != x.dim() or baseline.shape[1:] != x.shape[1:] or baseline.shape[0] not in (1, x.shape[0]):
             raise CamlensError(
                 f"the baseline has shape {tuple(self.baseline.shape)}; it must be {tuple(x.shape[1:])} "
                 f"or {tuple(x.shape)}"
@@ -274,7 +274,7 @@ class ScoreCAM(CAMMethod):
             flat = torch.arange(start, min(start + self.batch_size, count), device=x.device)
             pair, version = flat // versions, flat % versions
             rows, cols = image_index[pair], channel_index[pair]
-            masks = self.masks(activation[rows, cols].unsqueeze(1), x.shape[-2:])
+            masks = self.masks(activation[rows, cols].unsqueeze(1), x.shape[2:])
             scores = context.forward_scores(make(x[rows], masks, version), rows)
             sums.index_put_((rows, cols), scores, accumulate=True)
             done += flat.numel()

@@ -1,7 +1,8 @@
 """Faithfulness: does the model's confidence follow the map? (Score-CAM paper, section 5.)
 
 Every function takes the model, the preprocessed images X (N, C, H, W), maps L (N, H, W) in
-[0, 1] at input resolution and the classes c (N,), runs the forwards it needs in batches of
+[0, 1] at input resolution and the classes c (N,) (signals (N, C, L) with maps (N, L), volumes
+and clips (N, C, D, H, W) with maps (N, D, H, W) alike: "pixels" are then samples or voxels), runs the forwards it needs in batches of
 ``batch_size`` with no gradients, and returns per-image values, so that means and confidence
 intervals can be taken over any subset.
 """
@@ -14,14 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import forward, model_failures, preserved
+from ..capture import forward, input_spatial, model_failures, preserved
 from ..errors import CamlensError, check_positive_int
 
 
-def _check_images(images: object) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.numel() == 0 or not images.is_floating_point():
+def _check_images(images: object, model: nn.Module | None = None) -> None:
+    """A batch: (N, C, H, W) images, (N, C, L) signals, (N, C, D, H, W) volumes or clips; with
+    ``model``, of the dimensions its first convolution takes (a 2-D one may take clips)."""
+    spatial = None if model is None else input_spatial(model)
+    dims = {3, 4, 5} if spatial is None else {4, 5} if spatial == 2 else {spatial + 2}
+    if not isinstance(images, Tensor) or images.dim() not in dims or images.numel() == 0 or not images.is_floating_point():
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise CamlensError(f"images must be a non-empty float tensor (N, C, H, W), got {got}")
+        shape = {None: "(N, C, H, W) (or (N, C, L) signals, (N, C, D, H, W) volumes)", 2: "(N, C, H, W)",
+                 1: "(N, C, L)", 3: "(N, C, D, H, W)"}[spatial]
+        raise CamlensError(f"images must be a non-empty float tensor {shape}, got {got}")
 
 
 def _check_classes(classes: object, count: int) -> Tensor:
@@ -38,7 +45,7 @@ def _check_classes(classes: object, count: int) -> Tensor:
 
 def _check_maps(images: Tensor, maps: object) -> None:
     _check_images(images)
-    expected = (images.shape[0], *images.shape[-2:])
+    expected = (images.shape[0], *images.shape[2:])
     if not isinstance(maps, Tensor) or tuple(maps.shape) != expected:
         got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
         raise CamlensError(
@@ -50,7 +57,7 @@ def _check_maps(images: Tensor, maps: object) -> None:
 @torch.no_grad()
 def class_probabilities(model: nn.Module, inputs: Tensor, classes: Tensor, batch_size: int = 32) -> Tensor:
     """Softmax probability of ``classes[b]`` for each row b of ``inputs``, in batches: (B,)."""
-    _check_images(inputs)
+    _check_images(inputs, model)
     classes = _check_classes(classes, inputs.shape[0]).to(inputs.device)
     check_positive_int("batch_size", batch_size)
     with preserved(model):
@@ -92,6 +99,7 @@ def drop_and_increase(
 ) -> dict[str, Tensor]:
     """Y, O, and the per-image drop and increase: 2N forwards, N when Y (``probability``, the
     class's probability on the images, e.g. ``Explanation.probabilities``) is given."""
+    _check_images(images, model)
     _check_maps(images, maps)
     original = probability if probability is not None else class_probabilities(model, images, classes, batch_size)
     explained = class_probabilities(model, explanation_images(images, maps), classes, batch_size)
@@ -104,7 +112,8 @@ def drop_and_increase(
 
 
 def gaussian_blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
-    """Depthwise Gaussian blur, edges replicated (the insertion metric's starting image)."""
+    """Depthwise Gaussian blur, edges replicated (the insertion metric's starting image): along
+    each dimension of positions in turn, last first (a signal's one, a volume's three)."""
     if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
         raise CamlensError(f"the blur's kernel_size must be a positive odd integer, got {kernel_size!r}")
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
@@ -113,10 +122,13 @@ def gaussian_blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> 
     offsets = torch.arange(kernel_size, dtype=images.dtype, device=images.device) - radius
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    channels = images.shape[1]
-    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    channels, spatial = images.shape[1], images.dim() - 2
+    convolve = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    blurred = F.pad(images, (radius, radius) * spatial, mode="replicate")
+    for axis in reversed(range(spatial)):
+        shape = [kernel_size if each == axis else 1 for each in range(spatial)]
+        blurred = convolve(blurred, kernel.view(1, 1, *shape).expand(channels, 1, *shape), groups=channels)
+    return blurred
 
 
 def _ranked_curve(
@@ -165,8 +177,8 @@ class CurvePlan:
         _check_maps(images, maps)
         check_positive_int("steps", steps)
         self.classes = _check_classes(classes, images.shape[0]).to(images.device)
-        count, _, height, width = images.shape
-        pixels = height * width
+        count, _, *where = images.shape  # (H, W); a signal's (L), a volume's (D, H, W)
+        pixels = math.prod(where)
         order = torch.sort(maps.reshape(count, pixels), dim=1, descending=True, stable=True).indices
         self.rank = torch.empty_like(order)
         self.rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(count, -1))
@@ -180,7 +192,7 @@ class CurvePlan:
             self.curves[:, known[0]] = known[1].to(self.curves)
             keep = self.steps != known[0] % (steps + 1)
             self.rows, self.steps = self.rows[keep], self.steps[keep]
-        self.start, self.finish, self.shape = start, finish, (height, width)
+        self.start, self.finish, self.shape = start, finish, tuple(where)
 
     def inputs(self, index: Tensor) -> Tensor:
         rows, step = self.rows[index], self.steps[index]
@@ -202,7 +214,7 @@ def deletion_curve(
     """
     if not (isinstance(baseline, (int, float)) and math.isfinite(baseline)):
         raise CamlensError(f"the deletion baseline must be a finite number, got {baseline!r}")
-    _check_images(images)
+    _check_images(images, model)
     known = None if probability is None else (0, probability)
     return _ranked_curve(model, images, maps, classes, images, torch.full_like(images, baseline), steps,
                          batch_size, known)
@@ -217,6 +229,7 @@ def insertion_curve(
     Cost: N x (steps + 1) forwards, batched; N x steps when ``probability`` (of the class on
     the unmodified images, the last step) is given. Returns (N, steps + 1); higher area is better.
     """
+    _check_images(images, model)
     _check_maps(images, maps)
     blurred = gaussian_blur(images, kernel_size, sigma)
     known = None if probability is None else (steps, probability)

@@ -19,10 +19,12 @@ Box = Sequence[float]
 EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
 
-def _check_maps(maps: object) -> None:
-    if not isinstance(maps, Tensor) or maps.dim() != 3 or maps.numel() == 0:
+def _check_maps(maps: object, dims: tuple[int, ...] = (3,)) -> None:
+    """Maps (N, H, W); with ``dims`` (2, 3, 4), of signals (N, L) and volumes (N, D, H, W) too."""
+    if not isinstance(maps, Tensor) or maps.dim() not in dims or maps.numel() == 0:
         got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
-        raise CamlensError(f"maps must have shape (N, H, W), e.g. explanation.maps[:, t], got {got}")
+        also = " (or (N, L) for signals, (N, D, H, W) for volumes)" if len(dims) > 1 else ""
+        raise CamlensError(f"maps must have shape (N, H, W){also}, e.g. explanation.maps[:, t], got {got}")
 
 
 def _check_boxes(boxes: object, count: int | None = None) -> None:
@@ -62,14 +64,15 @@ def box_mask(boxes: Sequence[Box], height: int, width: int, device: torch.device
 def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
     r"""Energy-based pointing game: :math:`\sum_{\text{box}} L / \sum L` per image. Higher is better.
 
-    ``maps`` (N, H, W), ``masks`` (N, H, W) bool. An all-zero map scores 0.
+    ``maps`` (N, H, W), ``masks`` (N, H, W) bool; (N, L) for signals and (N, D, H, W) for
+    volumes alike, the mask then of samples or voxels. An all-zero map scores 0.
     """
-    _check_maps(maps)
+    _check_maps(maps, (2, 3, 4))
     if not isinstance(masks, Tensor) or masks.shape != maps.shape:
         got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
         raise CamlensError(f"masks must have the maps' shape {tuple(maps.shape)}, got {got}")
-    total = maps.sum(dim=(-2, -1))
-    inside = (maps * masks).sum(dim=(-2, -1))
+    total = maps.flatten(1).sum(dim=1)
+    inside = (maps * masks).flatten(1).sum(dim=1)
     return torch.where(total > 0, inside / torch.where(total > 0, total, 1), 0)
 
 

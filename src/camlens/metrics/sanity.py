@@ -39,16 +39,17 @@ def _average_ranks(values: Tensor) -> Tensor:
     return ranks
 
 
-def spearman(first: Tensor, second: Tensor) -> Tensor:
+def spearman(first: Tensor, second: Tensor, spatial: int = 2) -> Tensor:
     """Spearman rank correlation of each pair of maps (..., H, W), ties averaged; NaN where a map
-    is constant (the correlation is undefined)."""
-    a = _average_ranks(first.reshape(-1, first.shape[-2] * first.shape[-1]).double())
-    b = _average_ranks(second.reshape(-1, second.shape[-2] * second.shape[-1]).double())
+    is constant (the correlation is undefined). ``spatial``: the maps' dimensions of positions,
+    (H, W) here; 1 for a signal's (..., L), 3 for a volume's (..., D, H, W)."""
+    a = _average_ranks(first.flatten(-spatial).reshape(-1, first.shape[-spatial:].numel()).double())
+    b = _average_ranks(second.flatten(-spatial).reshape(-1, second.shape[-spatial:].numel()).double())
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
     norm = a.norm(dim=1) * b.norm(dim=1)
     value = torch.where(norm > 0, (a * b).sum(dim=1) / torch.where(norm > 0, norm, 1), float("nan"))
-    return value.reshape(first.shape[:-2])
+    return value.reshape(first.shape[:-spatial])
 
 
 def ssim(first: Tensor, second: Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
@@ -152,7 +153,9 @@ def cascading_randomisation(
     caller's model is never changed). ``steps`` coarsens the cascade (:func:`cascade_steps`);
     ``progress(done, total)`` counts maps, the trained model's included. Returns ``{"groups"
     (every group, top first), "steps" (the groups of each step), "maps" (steps + 1, N, T, H, W),
-    "spearman" (steps, N, T), "ssim" (steps, N, T)}``.
+    "spearman" (steps, N, T), "ssim" (steps, N, T)}``. Maps of signals (N, T, L) and volumes
+    (N, T, D, H, W) are ranked over all their positions; their "ssim" is None (SSIM compares an
+    image's windows).
     """
     work = copy.deepcopy(model)
     groups = list(groups) if groups is not None else randomisation_groups(work, example[:1])
@@ -171,12 +174,14 @@ def cascading_randomisation(
                 progress(step + 2, len(plan) + 1)
     stacked = torch.stack(maps)
     reference = stacked[:1].expand_as(stacked[1:])
+    spatial = stacked.dim() - 3  # (steps + 1, N, T, *positions)
     return {
         "groups": groups,
         "steps": plan,
         "maps": stacked,
-        "spearman": spearman(stacked[1:], reference),
-        "ssim": ssim(stacked[1:], reference),
+        "spearman": spearman(stacked[1:], reference, spatial),
+        # SSIM compares an image's windows: undefined (None) for the maps of signals and volumes.
+        "ssim": ssim(stacked[1:], reference) if spatial == 2 else None,
     }
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..cli.common import MARKER
 from ..methods import METHODS
+from ..render import input_figure
 from .common import (
     ImageStore,
     RunError,
@@ -147,18 +150,27 @@ def _image(folder: Path, record: dict, methods: list[str], colormap: str, store:
         # pictures from elsewhere on this computer into a report that is then sent around.
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
             raise RunError(f"{folder}: the record of {output} names no valid file ({name!r})")
-    photo = open_photo(sub / files.get("view", "view.jpg"))
     maps = load_npz(sub / files.get("maps", "maps.npz"))
     targets = [_named(t) for t in _list(record.get("targets")) if isinstance(t, dict)]
+    # An array input (a signal, a volume, a clip): its figures drawn here from the input and maps saved.
+    values = _array_input(sub, maps) if files.get("kind") in ARRAY_KINDS else None
+    photo = open_photo(sub / files.get("view", "view.jpg")) if values is None else input_figure(values, None, colormap)
     heat: dict[str, list[str]] = {}
     for method in methods:
         key = f"{method}/maps"
         if key not in maps:
             raise RunError(f"{sub / 'maps.npz'}: no maps of {method} (the folder is incomplete)")
         stack = maps[key]
-        if stack.ndim != 3 or stack.shape[0] < len(targets):
+        expected = (3,) if values is None else (values.ndim,)
+        if stack.ndim not in expected or stack.shape[0] < len(targets) or (
+                values is not None and stack.shape[1:] != values.shape[1:]):
             raise RunError(f"{sub / 'maps.npz'}: {method}'s maps have shape {stack.shape}, "
-                           f"not one per target ({len(targets)})")
+                           f"not one per target ({len(targets)})" + ("" if values is None else
+                                                                     f" of the input's {values.shape[1:]}"))
+        if values is not None:
+            heat[method] = [store.add(input_figure(values, np.clip(stack[i], 0, 1), colormap))
+                            for i in range(len(targets))]
+            continue
         raw = [maps.shape(k) for k in maps if k.startswith(f"{method}/raw/")]
         raw_side = max((max(shape[-2:], default=1) for shape in raw), default=None)
         heat[method] = [store.heat(stack[i], photo.size, colormap, raw_side) for i in range(len(targets))]
@@ -174,6 +186,27 @@ def _image(folder: Path, record: dict, methods: list[str], colormap: str, store:
         "timings": record.get("timings", {}),
         "blank": _blank(record.get("blank"), methods),
     }
+
+
+ARRAY_KINDS = ("signal", "image", "volume", "clip")
+
+
+def _array_input(sub: Path, maps) -> np.ndarray:
+    """The input an array run saved with its maps, checked: (C, L), (C, H, W) or (C, D, H, W) of
+    finite numbers, at most as many as camlens draws (a crafted file must not stall the report)."""
+    if "input" not in maps:
+        raise RunError(f"{sub / 'maps.npz'}: no input array (the folder is incomplete)")
+    values = maps["input"]
+    if values.dtype.kind not in "biuf" or not 2 <= values.ndim <= 4 or values.size == 0 or values.size > MAX_DRAWN:
+        raise RunError(f"{sub / 'maps.npz'}: the input array of shape {values.shape} ({values.dtype}) is not one "
+                       "camlens explain saves")
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise RunError(f"{sub / 'maps.npz'}: the input array holds NaN or infinite values")
+    return values
+
+
+MAX_DRAWN = 2**26  # values of an array input the report draws (a 400x400x400 volume)
 
 
 def _blank(value: object, methods: list[str]) -> dict[str, list[int]]:

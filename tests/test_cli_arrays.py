@@ -1,0 +1,164 @@
+"""`camlens explain` on arrays (issue 23, item 2): signals, volumes and clips from .npy and .npz
+files, their figures and maps against the Python API's, the report drawn from what the run saved,
+and hostile array files refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from helpers import model_module, one_line_error, run
+
+import camlens
+from camlens.cli.common import MARKER
+from camlens.errors import CamlensError
+from camlens.io import load_array
+
+MODELS = """
+import torch
+from torch import nn
+
+
+def signal():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(2, 6, 5, padding=2), nn.ReLU(), nn.Conv1d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+def volume():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv3d(1, 5, 3, padding=1), nn.ReLU(), nn.Conv3d(5, 6, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+
+
+class Frames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1),
+                                      nn.ReLU())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, clips):
+        n, c, t, h, w = clips.shape
+        maps = self.backbone(clips.transpose(1, 2).reshape(n * t, c, h, w))
+        return self.head(maps.unflatten(0, (n, t)).mean(dim=(1, 3, 4)))
+
+
+def clip():
+    return Frames().eval()
+"""
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    model_module(tmp_path, "arraynets", MODELS, monkeypatch)
+    import arraynets
+
+    return arraynets
+
+
+def saved(folder):
+    with np.load(folder / "maps.npz", allow_pickle=False) as data:
+        return dict(data)
+
+
+@pytest.mark.parametrize("kind, factory, shape, suffix", [
+    ("signal", "signal", (2, 50), ".npy"),
+    ("volume", "volume", (1, 6, 9, 8), ".npz"),
+    ("clip", "clip", (3, 4, 10, 12), ".npy"),
+])
+def test_an_array_is_explained_as_the_python_api_explains_it(tmp_path, capsys, models, kind, factory, shape, suffix):
+    values = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    path = tmp_path / f"input{suffix}"
+    if suffix == ".npz":
+        np.savez(path, anything=values)
+    else:
+        np.save(path, values)
+    out = tmp_path / "out"
+    code, stdout, err = run(["explain", path, "--model", f"arraynets:{factory}", "-m", "gradcam", "-m", "scorecam",
+                             "--out", out, "--html"], capsys)
+    assert code == 0, err
+    folder = out / "input"
+    manifest = json.loads((out / "manifest.json").read_text())
+    (record,) = manifest["images"]
+    assert record["files"]["kind"] == kind
+    assert record["size"] == list(shape[1:])
+    assert sorted(os.listdir(folder)) == sorted(["comparison.png", "maps.npz", "view.png", MARKER,
+                                                 *(f"{m}_1_{record['targets'][0]['name'].replace(' ', '-')}.png"
+                                                   for m in ("gradcam", "scorecam"))])
+    arrays = saved(folder)
+    model = getattr(models, factory)()
+    x = torch.from_numpy(values)[None]
+    for method in ("gradcam", "scorecam"):
+        expected = camlens.explain(model, x, method)
+        assert arrays[f"{method}/maps"].shape == (1, *shape[1:])  # one map per target, of the input's shape
+        assert np.allclose(arrays[f"{method}/maps"], expected.maps[0].numpy(), atol=1e-6)
+        assert record["targets"][0]["class"] == int(expected.targets[0, 0])
+    assert np.array_equal(arrays["input"], values)
+    report = (out / "report.html").read_text()
+    assert "Grad-CAM" in report and "data:image/" in report
+
+
+def test_a_folder_gives_its_arrays_and_images_beside(tmp_path, capsys, models):
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(2):
+        np.save(data / f"s{index}.npy", np.random.default_rng(index).normal(size=(2, 40)))
+    (data / "notes.txt").write_text("not an input")
+    code, stdout, err = run(["explain", data, "--model", "arraynets:signal", "-m", "gradcam", "--out",
+                             tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert "skipped (not an image or array file)" in err and "notes.txt" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["s0", "s1"]
+
+
+def hostile(tmp_path):
+    cases = {}
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    cases["objects.npy"] = r"holds object values; an input is real numbers \(bool, int or float\)"
+    np.save(tmp_path / "complex.npy", np.ones((2, 8), dtype=np.complex64))
+    cases["complex.npy"] = r"holds complex64 values"
+    np.savez(tmp_path / "two.npz", a=np.ones((2, 8)), b=np.ones((2, 8)))
+    cases["two.npz"] = r"holds 2 arrays \(a, b\); camlens takes one input per file"
+    np.save(tmp_path / "nan.npy", np.array([[0.0, np.nan, 1.0], [1.0, 2.0, 3.0]]))
+    cases["nan.npy"] = r"holds NaN or infinite values"
+    np.save(tmp_path / "batch.npy", np.ones((1, 1, 2, 3, 4)))
+    cases["batch.npy"] = r"an array of shape \(1, 1, 2, 3, 4\); an input is one signal \(C, L\)"
+    np.save(tmp_path / "empty.npy", np.ones((2, 0)))
+    cases["empty.npy"] = r"an array of shape \(2, 0\)"
+    whole = (tmp_path / "nan.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(whole[:-8])  # the header declares more data than the file holds
+    cases["cut.npy"] = r"declares 48 bytes of data but holds 40 \(damaged\)"
+    (tmp_path / "junk.npz").write_bytes(b"PK not a zip")
+    cases["junk.npz"] = r"not a .npz file"
+    (tmp_path / "text.npy").write_bytes(b"hello")
+    cases["text.npy"] = r"cannot be read as an array"
+    return cases
+
+
+def test_hostile_array_files_are_refused_in_one_line(tmp_path, capsys, models):
+    for name, message in hostile(tmp_path).items():
+        code, stdout, err = run(["explain", tmp_path / name, "--model", "arraynets:signal", "-m", "gradcam",
+                                 "--out", tmp_path / "out"], capsys)
+        one_line_error(code, err, 1, f"camlens: error: nothing to explain: {tmp_path / name}: ")
+        assert re.search(message, err) and not (tmp_path / "out").exists()  # said before any output
+        with pytest.raises(CamlensError, match=rf"^{tmp_path / name}: {message}"):
+            load_array(tmp_path / name)
+
+
+def test_the_report_refuses_an_input_array_it_would_not_draw(tmp_path, capsys, models):
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).normal(size=(2, 30)))
+    out = tmp_path / "out"
+    assert run(["explain", tmp_path / "s.npy", "--model", "arraynets:signal", "-m", "gradcam", "--out", out],
+               capsys)[0] == 0
+    arrays = saved(out / "s")
+    arrays["input"] = np.ones((2, 31))  # no longer the maps' shape
+    np.savez_compressed(out / "s" / "maps.npz", **arrays)
+    code, stdout, err = run(["report", out], capsys)
+    assert code != 0 and "Traceback" not in err
+    assert "gradcam's maps have shape (1, 30), not one per target (1) of the input's (31,)" in err
