@@ -162,3 +162,55 @@ def test_the_report_refuses_an_input_array_it_would_not_draw(tmp_path, capsys, m
     code, stdout, err = run(["report", out], capsys)
     assert code != 0 and "Traceback" not in err
     assert "gradcam's maps have shape (1, 30), not one per target (1) of the input's (31,)" in err
+
+
+def test_the_report_of_signals_lays_each_figure_over_the_signal_alone(tmp_path, capsys, models, browser):
+    """In a real browser: the signal alone and each method's figure are the same picture but for the
+    map, so that the opacity slider fades the map in and out over the signal."""
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).normal(size=(2, 60)))
+    out = tmp_path / "out"
+    assert run(["explain", tmp_path / "s.npy", "--model", "arraynets:signal", "-m", "gradcam", "-m", "scorecam",
+                "--out", out, "--html"], capsys)[0] == 0
+    browser.open(out / "report.html")
+    assert browser.errors() == [] and browser.broken_images() == []
+    sizes = browser.js("""const f = document.querySelector('#image-0 figure[data-role=main]');
+        const p = f.querySelector('img.photo'), h = f.querySelector('img.heat');
+        return [p.naturalWidth / p.naturalHeight, h.naturalWidth / h.naturalHeight,
+                p.getBoundingClientRect().width, h.getBoundingClientRect().width, h.getAttribute('data-shown')];""")
+    assert sizes[0] == pytest.approx(sizes[1], rel=0.01) and sizes[2] == pytest.approx(sizes[3], abs=1)
+    assert sizes[4]
+
+
+def test_evaluate_measures_signals_as_the_metrics_do_on_each(tmp_path, capsys, models):
+    """`camlens evaluate` on class folders of .npy signals: each record's Average Drop, Increase,
+    deletion and insertion areas equal the metrics computed on the signal by the Python API."""
+    from camlens.metrics import area_under_curve
+    from camlens.metrics.faithfulness import deletion_curve, drop_and_increase, insertion_curve
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for label in ("0", "2"):
+        (data / label).mkdir(parents=True)
+        for index in range(2):
+            np.save(data / label / f"{index}.npy", rng.normal(size=(2, 40)).astype(np.float32))
+    out = tmp_path / "out"
+    code, stdout, err = run(["evaluate", data, "--model", "arraynets:signal", "-m", "gradcam", "--steps", "4",
+                             "--out", out, "--html"], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {r["kind"] for r in records} == {"signal"}
+    model = models.signal()
+    for record in records:
+        x = torch.from_numpy(np.load(data / record["image"]))[None]
+        label = torch.tensor([record["label"]])
+        explanation = camlens.GradCAM(model)(x, label)
+        maps = explanation.maps[:, 0]
+        drop = drop_and_increase(model, x, maps, label)
+        assert record["drop"] == pytest.approx(float(drop["drop"][0]), abs=1e-4)
+        assert record["increase"] == pytest.approx(float(drop["increase"][0]))
+        assert record["deletion"] == pytest.approx(float(area_under_curve(deletion_curve(model, x, maps, label, 4))[0]),
+                                                   abs=1e-5)
+        assert record["insertion"] == pytest.approx(
+            float(area_under_curve(insertion_curve(model, x, maps, label, 4))[0]), abs=1e-5)
+    report = (out / "report.html").read_text()
+    assert "4 input(s) are arrays (signals, volumes or clips)" in report

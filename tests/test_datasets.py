@@ -32,7 +32,7 @@ def test_class_folders_with_voc_boxes(tmp_path):
     assert dataset.samples[0].boxes == [(0.0, 0.0, 10.0, 20.0)]  # VOC 1-based inclusive -> edges
     assert dataset.has_boxes
     assert len(dataset.problems) == 2
-    assert "notes.txt: not an image, by its extension (ignored)" in dataset.problems[0]
+    assert "notes.txt: not an image or array, by its extension (ignored)" in dataset.problems[0]
     assert "outside the 40x30 image" in dataset.problems[1]
 
 
@@ -167,7 +167,7 @@ def test_images_outside_the_class_folders_are_reported(tmp_path):
     (tmp_path / "cup" / "nested").mkdir()
     dataset = load_dataset(tmp_path, NAMES, 3)
     assert [s.path.name for s in dataset.samples] == ["x.png"]
-    assert any("stray.png: an image outside the class folders (ignored)" in n for n in dataset.notes)
+    assert any("stray.png: an input outside the class folders (ignored)" in n for n in dataset.notes)
     assert any("nested: a folder inside a class folder (not searched)" in n for n in dataset.notes)
 
 

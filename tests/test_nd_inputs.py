@@ -360,3 +360,44 @@ def test_the_sanity_cascade_ranks_a_signals_maps_over_all_their_samples():
             if np.ptp(a) == 0 or np.ptp(b) == 0:
                 continue
             assert float(result["spearman"][step, n, 0]) == pytest.approx(spearmanr(a, b).statistic, abs=1e-10)
+
+
+def test_a_long_signal_is_drawn_as_its_envelope_and_keeps_a_brief_salient_stretch():
+    """Past SIGNAL_POINTS samples, each column of the band is the map's largest value in it: a
+    stretch of 50 salient samples in 2 million still shows, as the one red column of the band."""
+    from camlens.render import SIGNAL_POINTS, signal_band
+
+    length = 2_000_000
+    saliency = np.zeros(length)
+    saliency[1_000_000:1_000_050] = 1.0
+    values = np.random.default_rng(0).normal(size=(1, length))
+    figure = np.asarray(signal_band(values, saliency, colormap="gray"))
+    plain = np.asarray(signal_band(values, np.zeros(length), colormap="gray"))
+    assert figure.shape == plain.shape and length > SIGNAL_POINTS
+    columns = np.flatnonzero((figure != plain).any(axis=(0, 2)))
+    # Only around the middle of the axes (a grey band: the trace is black, the map 0 black, 1 white).
+    assert columns.size and np.ptp(columns) < 0.02 * figure.shape[1]
+    assert abs(columns.mean() - np.flatnonzero((plain != 255).any(axis=(0, 2))).mean()) < 0.1 * figure.shape[1]
+
+
+def test_a_volume_is_drawn_as_a_montage_of_evenly_spaced_slices_and_a_clip_as_a_strip():
+    from PIL import Image
+
+    from camlens.render import MONTAGE_SIDE, captioned, chosen_slices, input_figure, overlay
+
+    assert chosen_slices(5) == [0, 1, 2, 3, 4]
+    assert chosen_slices(30) == [0, 4, 8, 12, 17, 21, 25, 29]  # eight, the first and the last included
+    rng = np.random.default_rng(0)
+    volume, saliency = rng.normal(size=(1, 30, 16, 20)), rng.random((30, 16, 20))
+    montage = input_figure(volume, saliency)
+    zoom = -(-MONTAGE_SIDE // 20)
+    # The cell of slice 8 (third), by hand: the slice on the volume's own grey scale, enlarged pixel
+    # for pixel, the map over it, the caption under it; lines of four cells, 4 pixels apart.
+    grey = ((volume[0, 8] - volume.min()) / np.ptp(volume) * 255 + 0.5).astype(np.uint8)
+    cell = Image.fromarray(grey, mode="L").convert("RGB").resize((20 * zoom, 16 * zoom), Image.Resampling.NEAREST)
+    cell = np.asarray(captioned(overlay(cell, saliency[8]), "slice 8"))
+    left = 2 * (cell.shape[1] + 4)
+    assert montage.size == (4 * cell.shape[1] + 12, 2 * cell.shape[0] + 4)
+    assert np.array_equal(np.asarray(montage)[:cell.shape[0], left:left + cell.shape[1]], cell)
+    strip = input_figure(rng.normal(size=(3, 6, 16, 20)), rng.random((6, 16, 20)))  # three channels: RGB frames
+    assert strip.size[0] == 6 * cell.shape[1] + 5 * 4 and strip.size[1] == cell.shape[0]

@@ -38,7 +38,9 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import CamlensError
-from .io import IMAGE_SUFFIXES
+from .io import ARRAY_SUFFIXES, IMAGE_SUFFIXES, is_array_file
+
+INPUT_SUFFIXES = IMAGE_SUFFIXES | ARRAY_SUFFIXES  # images, and arrays (signals, volumes, clips)
 
 Box = tuple[float, float, float, float]
 # EXIF orientations that turn the image by 90 degrees: viewers swap its width and height.
@@ -207,6 +209,11 @@ def _opened(data: Path, labelled: list[tuple[Path, int]], box_table: dict[Path, 
         if not path.is_file():
             skipped.append(f"{path}: no such file (skipped)")
             continue
+        if is_array_file(path):  # a signal, volume or clip: read (and checked) when it is evaluated
+            if box_table.get(path.resolve()):
+                notes.append(f"{path}: boxes are an image's, not an array's (boxes ignored)")
+            samples.append(Sample(path, index))
+            continue
         try:
             with Image.open(path) as image:
                 width, height = image.size
@@ -280,7 +287,7 @@ def _labelled(data: Path, entries: list[tuple[Path, str]], lookup: dict[str, lis
 
 def dataset_entries(data: Path, notes: list[str]) -> list[tuple[Path, str]]:
     """The (image path, label) pairs a dataset lists, in its order: the rows of a ``path,label``
-    CSV, the images of each class folder (sorted), or every image of a CUB-200-2011 folder, both
+    CSV, the images (or ``.npy``/``.npz`` arrays) of each class folder (sorted), or every image of a CUB-200-2011 folder, both
     splits, by image id, labelled with its ``classes.txt`` name. What is not an entry goes into
     ``notes``."""
     if is_cub(data):
@@ -295,18 +302,18 @@ def dataset_entries(data: Path, notes: list[str]) -> list[tuple[Path, str]]:
         if path.name.startswith("."):
             continue
         if not path.is_dir():
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                notes.append(f"{path}: an image outside the class folders (ignored)")
+            if path.suffix.lower() in INPUT_SUFFIXES:
+                notes.append(f"{path}: an input outside the class folders (ignored)")
             continue
         for file in sorted(path.iterdir()):
             if file.name.startswith("."):
                 continue
-            if file.suffix.lower() in IMAGE_SUFFIXES and not file.is_dir():
+            if file.suffix.lower() in INPUT_SUFFIXES and not file.is_dir():
                 entries.append((file, path.name))
             elif file.is_dir():
                 notes.append(f"{file}: a folder inside a class folder (not searched)")
             elif file.suffix.lower() != ".xml":  # VOC boxes beside the images are expected
-                notes.append(f"{file}: not an image, by its extension (ignored)")
+                notes.append(f"{file}: not an image or array, by its extension (ignored)")
     return entries
 
 

@@ -228,6 +228,8 @@ def slice_montage(
 
 
 SIGNAL_CHANNELS = 6  # channels of a signal drawn at most, one panel each
+SIGNAL_POINTS = 600  # a longer signal is drawn as the span (minimum to maximum) of as many runs of samples,
+# fewer than the axes have pixels across: each run, and the largest map value in it, keeps a column
 
 
 def signal_band(
@@ -235,7 +237,10 @@ def signal_band(
     most: int = SIGNAL_CHANNELS,
 ) -> Image.Image:
     """A signal's channels, one panel each (the first ``most``), over the map drawn as a coloured
-    band along time: ``values`` (C, L), ``saliency`` (L,) in [0, 1] (None: the signal alone)."""
+    band along time: ``values`` (C, L), ``saliency`` (L,) in [0, 1] (None: the signal alone). A
+    signal longer than ``SIGNAL_POINTS`` samples is drawn as its envelope (each column the span of
+    its samples) over the map's largest value in each column, so that a long recording draws as
+    fast as a short one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -246,14 +251,22 @@ def signal_band(
     figure = new_figure(8.0, 0.6 + 1.3 * shown + (0.3 if title else 0), layout="constrained")
     axes = figure.subplots(shown, 1, squeeze=False, sharex=True)[:, 0]
     x = np.arange(length)
+    edges = np.linspace(0, length, SIGNAL_POINTS + 1).astype(int) if length > SIGNAL_POINTS else None
+    band = None if saliency is None else np.asarray(saliency, dtype=np.float64)
+    if band is not None and edges is not None:
+        band = np.maximum.reduceat(band, edges[:-1])  # a brief salient stretch stays in its column
     for channel, ax in enumerate(axes):
         trace = values[channel]
         low, high = float(trace.min()), float(trace.max())
         margin = (high - low) * 0.08 or 1.0
-        if saliency is not None:
-            ax.imshow(np.asarray(saliency, dtype=np.float64)[None], aspect="auto", cmap=colormap, vmin=0, vmax=1,
+        if band is not None:
+            ax.imshow(band[None], aspect="auto", cmap=colormap, vmin=0, vmax=1,
                       extent=(-0.5, length - 0.5, low - margin, high + margin), alpha=0.55, interpolation="nearest")
-        ax.plot(x, trace, color="black", linewidth=0.9)
+        if edges is not None:  # each of SIGNAL_POINTS columns drawn as the span of its samples
+            ax.fill_between((edges[:-1] + edges[1:] - 1) / 2, np.minimum.reduceat(trace, edges[:-1]),
+                            np.maximum.reduceat(trace, edges[:-1]), color="black", linewidth=0.6)
+        else:
+            ax.plot(x, trace, color="black", linewidth=0.9)
         ax.set_xlim(-0.5, length - 0.5)
         ax.set_ylim(low - margin, high + margin)
         ax.set_ylabel(f"channel {channel}", fontsize=8)
@@ -263,7 +276,7 @@ def signal_band(
     # The bar's room is kept without a map: the signal alone then lies exactly under the figure with one.
     bar = figure.colorbar(ScalarMappable(Normalize(0, 1), colormap), ax=list(axes), location="right",
                           fraction=0.04, pad=0.01)
-    bar.set_label(COLORBAR_LABEL, fontsize=7)
+    bar.set_label("map (0 to 1)", fontsize=7)  # short: the label runs along a panel as high as one channel
     bar.ax.tick_params(labelsize=7)
     bar.ax.set_visible(saliency is not None)
     if title:
@@ -271,6 +284,16 @@ def signal_band(
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+
+
+def array_kind(values: np.ndarray) -> str:
+    """What an array input is, by its shape: a signal (C, L), an image (C, H, W), a clip (3, T, H, W:
+    RGB frames) or a volume (C, D, H, W, other channels), as :func:`input_figure` draws it."""
+    if np.ndim(values) == 2:
+        return "signal"
+    if np.ndim(values) == 3:
+        return "image"
+    return "clip" if np.shape(values)[0] == 3 else "volume"
 
 
 def input_figure(
@@ -290,7 +313,7 @@ def input_figure(
             view = view.resize((view.width * zoom, view.height * zoom), Image.Resampling.NEAREST)
         return view if saliency is None else overlay(view, saliency, colormap=colormap)
     if spatial == 3:
-        return slice_montage(values, saliency, frames=np.shape(values)[0] == 3, colormap=colormap)
+        return slice_montage(values, saliency, frames=array_kind(values) == "clip", colormap=colormap)
     raise CamlensError(f"an input to draw is (C, L), (C, H, W) or (C, D, H, W), got shape {np.shape(values)}")
 
 

@@ -17,7 +17,7 @@ from ..charts import (
     bar_chart,
     curve_plot,
 )
-from ..datasets import Sample, load_dataset
+from ..datasets import Sample, dataset_entries, load_dataset
 from ..distributed import Group, WorkQueue, join
 from ..errors import CamlensError
 from ..evaluate import (
@@ -39,12 +39,11 @@ from ..evaluate import (
 )
 from ..io import (
     held_output_dir,
-    load_image,
     write_atomic,
 )
 from ..methods import METHODS
 from ..models import REGISTRY, LoadedModel
-from ..render import model_view
+from ..render import array_kind, model_view
 from ..timing import take_start_up
 from .common import (
     BATCHED,
@@ -54,9 +53,10 @@ from .common import (
     engine_options,
     engine_settings,
     fc_option,
-    input_dtype,
+    first_array_shape,
     method_objects,
     method_option,
+    model_input,
     model_options,
     prepare,
     printable,
@@ -109,9 +109,12 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
     group = speak_for(join())
     skipped_methods: dict[str, str] = {}
     layers: list[str] = []
+    # Arrays (signals, volumes, clips) instead of images: the model is checked on one of their shape.
+    example = first_array_shape([path for path, _ in dataset_entries(Path(data), [])]) if Path(data).exists() else None
     chosen, torch_device, loaded, classes = prepare(methods, out, device, target_layer, model_args, fc=fc,
                                                     on_skip=skipped_methods.__setitem__, on_layer=layers.append,
-                                                    smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth})
+                                                    smooth={"aug_smooth": aug_smooth, "eigen_smooth": eigen_smooth},
+                                                    example=example)
     torch_device = group.device(torch_device)
     dataset = load_dataset(data, loaded.class_names, classes, loaded.class_labels, mapping, boxes, limit)
     wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
@@ -194,14 +197,16 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                 sample, names = units[unit]
                 try:
                     digest = file_digest(sample.path)
-                    image = load_image(sample.path)
+                    x, image, values = model_input(loaded, sample.path, torch_device)
                 except CamlensError as error:
                     skipped.append(f"{error} (skipped)")
                     bar.update(task, completed=queue.finished(len(names)))
                     continue
-                # The region the model sees, without a map: the report lays the maps over it.
-                view = model_view(image, loaded.preprocess.crop_box(*image.size), max_side=VIEW_SIDE)
-                x = loaded.preprocess(image).to(torch_device, input_dtype(model))
+                x = x[0]
+                # The region the model sees, without a map: the report lays the maps over it. An
+                # array's (a signal's, a volume's) maps are not drawn there: its values and curves are.
+                view = None if image is None else model_view(image, loaded.preprocess.crop_box(*image.size),
+                                                             max_side=VIEW_SIDE)
                 for name in names:
                     bar.update(task, description=f"{printable(sample.path.name)} {METHODS[name].display_name}")
                     take_start_up()
@@ -209,9 +214,11 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                         warm_up(objects, x)
                         start_up.update(take_start_up())
                     tick = timing.clock()
-                    kept: dict = {}
+                    kept: dict | None = {} if image is not None else None
                     record = evaluate_image(objects[name], x, sample.label, input_boxes[key(sample.path)], wanted,
                                             steps, chunk, keep=kept)
+                    if image is None:
+                        record["kind"] = array_kind(values)
                     elapsed = timing.clock() - tick
                     for what, seconds in (once := take_start_up()).items():
                         start_up[what] = start_up.get(what, 0.0) + seconds

@@ -23,6 +23,7 @@ from PIL import Image
 from rich.table import Table
 
 from .. import __version__, timing
+from ..capture import preserved
 from ..detection import (
     FORMATS,
     BoxTarget,
@@ -52,6 +53,7 @@ from ..render import (
     Panel,
     captioned,
     check_colormap,
+    array_kind,
     comparison_figure,
     draw_box,
     input_figure,
@@ -324,7 +326,7 @@ class Detection:
                 loaded: LoadedModel) -> tuple[list[list[BoxTarget]], list[dict]]:
         """``([targets of the one image], [each detection above the threshold, described])``: the
         targets are the ``most`` most confident (of ``class_index`` only, where given)."""
-        with torch.no_grad():
+        with preserved(model), torch.no_grad():  # in eval mode, as the methods run it
             output = model(x)
             detections = check_detections(self.reader(output)).detach()[0].float().cpu()
         units = "normalised" if is_detr_style(output) else "pixels"
@@ -344,16 +346,6 @@ class Detection:
         targets = [BoxTarget(detections[i, None, :4], classes[i, None], iou_threshold=self.iou_threshold)
                    for i in kept[:most].tolist()]
         return [targets], found
-
-
-def array_kind(values: np.ndarray) -> str:
-    """What an array input is, by its shape: a signal (C, L), an image (C, H, W), a clip (3, T, H, W:
-    RGB frames) or a volume (C, D, H, W, other channels); the figures drawn say the same."""
-    if values.ndim == 2:
-        return "signal"
-    if values.ndim == 3:
-        return "image"
-    return "clip" if values.shape[0] == 3 else "volume"
 
 
 def label(target: dict) -> str:

@@ -222,12 +222,18 @@ def load(folder: Path, store: ImageStore) -> dict:
     classes = {str(i): class_names[i] for i in sorted(i for i in used if isinstance(i, int) and not isinstance(i, bool))
                if class_names is not None and 0 <= i < len(class_names) and class_names[i].strip()}
 
-    images, no_view, no_maps = [], 0, 0
+    images, no_view, no_maps, arrays = [], 0, 0, 0
     for key in order:
         image, view_missing, maps_missing = _image(folder, key, methods, metrics, records, indices, store)
         images.append(image)
+        if image["kind"] is not None:  # a signal, volume or clip: no view, no map drawn here
+            arrays += 1
+            continue
         no_view += view_missing
         no_maps += maps_missing
+    if arrays:
+        notes.append(f"{arrays} input(s) are arrays (signals, volumes or clips): shown with their values and curves, "
+                     "without a picture or map (camlens explain draws their figures).")
     if no_view:
         notes.append(f"{no_view} image(s) have no saved view (views/ is missing it: a run of an older camlens, or "
                      "the file was deleted); they are shown without their picture.")
@@ -301,8 +307,10 @@ def _image(folder: Path, key: str, methods: list[str], metrics: list[str], recor
         values[method]["prediction"] = record.get("prediction")
         curves[method] = {kind: [_finite(record[f"{kind}_curve"][i]) for i in indices]
                           for kind in ("deletion", "insertion") if f"{kind}_curve" in record}
+    kind = first.get("kind")
     item = {
         "name": key,
+        "kind": kind if kind in ("signal", "image", "volume", "clip") else None,
         "label": label,
         "photo": store.photo(photo) if photo is not None else None,
         "heat": heat,
