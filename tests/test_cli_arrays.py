@@ -214,3 +214,40 @@ def test_evaluate_measures_signals_as_the_metrics_do_on_each(tmp_path, capsys, m
             float(area_under_curve(insertion_curve(model, x, maps, label, 4))[0]), abs=1e-5)
     report = (out / "report.html").read_text()
     assert "4 input(s) are arrays (signals, volumes or clips)" in report
+
+
+def test_layers_and_methods_trace_a_signal_model_on_an_example(tmp_path, capsys, models):
+    np.save(tmp_path / "s.npy", np.zeros((2, 40), dtype=np.float32))
+    code, stdout, err = run(["layers", "--model", "arraynets:signal"], capsys)
+    one_line_error(code, err, 1, "the model takes (N, C, L) signals (its first convolution is 1-D), not photos: give "
+                                 "--example FILE.npy")
+    code, stdout, err = run(["layers", "--model", "arraynets:signal", "--example", tmp_path / "s.npy"], capsys)
+    assert code == 0, err
+    assert "input 2x40" in stdout and "output (C x L)" in stdout and "8x20" in stdout
+    assert "default target layer: 3: the last feature map (N, C, l) of more than one position" in err
+    code, stdout, err = run(["methods", "--model", "arraynets:signal", "--example", tmp_path / "s.npy"], capsys)
+    assert code == 0, err
+    # Recipro-CAM: one pass after the layer per position (20) and two for its check of the cut.
+    assert "(8 channels, 20)" in stdout and "≤ 22" in stdout
+
+
+def test_sanity_refuses_an_array_before_the_model_loads(tmp_path, capsys):
+    np.save(tmp_path / "s.npy", np.zeros((2, 40), dtype=np.float32))
+    code, stdout, err = run(["sanity", tmp_path / "s.npy", "--model", "no_such_module:net", "--out", tmp_path / "o"],
+                            capsys)
+    one_line_error(code, err, 1, "camlens sanity draws each step's maps over a photo; for a signal, volume or clip "
+                                 "use camlens.metrics.sanity.cascading_randomisation")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_report_refuses_an_input_too_large_to_draw(tmp_path, capsys, models):
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).normal(size=(2, 30)))
+    out = tmp_path / "out"
+    assert run(["explain", tmp_path / "s.npy", "--model", "arraynets:signal", "-m", "gradcam", "--out", out],
+               capsys)[0] == 0
+    arrays = saved(out / "s")
+    arrays["input"] = np.zeros((1, 1, 5000), dtype=np.float32)  # one slice 5000 wide: a crafted picture's size
+    np.savez_compressed(out / "s" / "maps.npz", **arrays)
+    code, stdout, err = run(["report", out], capsys)
+    assert code != 0 and "Traceback" not in err
+    assert "has slices larger than camlens draws in a report (4096 values a side)" in err

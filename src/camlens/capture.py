@@ -1378,8 +1378,11 @@ def _default_search(
     if reading in ("nhwc", "frames"):
         layout, why = (ChannelsLast(), _WHY_CHANNELS_LAST) if reading == "nhwc" else (Frames(), _WHY_FRAMES)
         return DefaultLayer(name, layout, why), result, seen, versions
-    shape = {1: "(N, C, l)", 2: "(N, C, h, w)", 3: "(N, C, d, h, w)"}[spatial]
-    return DefaultLayer(name, None, _WHY_MAP.replace("(N, C, h, w)", shape)), result, seen, versions
+    if spatial == 2:
+        return DefaultLayer(name, None, _WHY_MAP), result, seen, versions
+    shape = {1: "(N, C, l)", 3: "(N, C, d, h, w)"}[spatial]
+    why = _WHY_MAP.replace("(N, C, h, w) larger than 1x1", f"{shape} of more than one position")
+    return DefaultLayer(name, None, why), result, seen, versions
 
 
 # model -> (its module tree when traced, {image signature: default layer name}). Weak keys: the

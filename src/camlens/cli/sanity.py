@@ -25,11 +25,13 @@ from ..charts import (
 )
 from ..combine import is_constant
 from ..distributed import WorkQueue, join
+from ..errors import CamlensError
 from ..evaluate import quantise
 from ..io import (
     RunFolder,
     file_digest,
     held_output_dir,
+    is_array_file,
     load_image,
     write_atomic,
 )
@@ -111,6 +113,10 @@ _clock = time.perf_counter  # the timer of the planned cost (a test gives it a f
 def sanity(image, methods, target_layer, class_, steps, threshold, max_similar, out, fc, top_channels, aug_smooth,
            eigen_smooth, device, batch_size, seed, optimize, compile_model, html, **model_args) -> None:
     """The model-randomisation test: re-initialise layers from the top, watch the maps change."""
+    if is_array_file(image):  # said before the model loads
+        raise CamlensError(f"{printable(image)}: camlens sanity draws each step's maps over a photo; for a signal, "
+                           "volume or clip use camlens.metrics.sanity.cascading_randomisation from Python (rank "
+                           "correlations over all positions)")
     group = speak_for(join())
     skipped: dict[str, str] = {}
 

@@ -196,6 +196,10 @@ def _array_input(sub: Path, maps) -> np.ndarray:
     finite numbers, at most as many as camlens draws (a crafted file must not stall the report)."""
     if "input" not in maps:
         raise RunError(f"{sub / 'maps.npz'}: no input array (the folder is incomplete)")
+    shape = maps.shape("input")  # from its header: nothing is read of a file that asks too much
+    if len(shape) in (3, 4) and max(shape[-2:]) > MAX_SIDE:
+        raise RunError(f"{sub / 'maps.npz'}: the input array of shape {shape} has slices larger than camlens draws "
+                       f"in a report ({MAX_SIDE} values a side)")
     values = maps["input"]
     if values.dtype.kind not in "biuf" or not 2 <= values.ndim <= 4 or values.size == 0 or values.size > MAX_DRAWN:
         raise RunError(f"{sub / 'maps.npz'}: the input array of shape {values.shape} ({values.dtype}) is not one "
@@ -207,6 +211,7 @@ def _array_input(sub: Path, maps) -> np.ndarray:
 
 
 MAX_DRAWN = 2**26  # values of an array input the report draws (a 400x400x400 volume)
+MAX_SIDE = 4096  # the height and width of an image's, volume's or clip's slices the report draws
 
 
 def _blank(value: object, methods: list[str]) -> dict[str, list[int]]:
