@@ -51,9 +51,9 @@ from ..models import LoadedModel
 from ..render import (
     DEFAULT_COLORMAP,
     Panel,
+    array_kind,
     captioned,
     check_colormap,
-    array_kind,
     comparison_figure,
     draw_box,
     input_figure,
@@ -66,6 +66,7 @@ from ..timing import take_start_up
 from .common import (
     MARKER,
     OUTPUT,
+    Finite,
     class_count,
     console,
     describe_start_up,
@@ -406,9 +407,9 @@ def folder_record(folder: Path) -> dict | None:
               help="With --task detection: how the detector's output reads as boxes and class scores (default: "
                    "detr where it has logits and pred_boxes, torchvision where it is a list of dicts and the class "
                    "names give their number; yolov5 and yolov8 are raw heads).")
-@click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--score-threshold", type=Finite(0, 1), default=0.5, show_default=True,
               help="With --task detection: the least class score of a detection explained.")
-@click.option("--iou-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--iou-threshold", type=Finite(0, 1), default=0.5, show_default=True,
               help="With --task detection: the least overlap (IoU) with an explained box of the detections its "
                    "score sums (class score times overlap, as pytorch-grad-cam's FasterRCNNBoxScoreTarget).")
 @fc_option
