@@ -4,6 +4,8 @@ the figures, and what does not fit refused in one line."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import numpy as np
@@ -14,6 +16,8 @@ from PIL import Image
 import camlens
 from camlens.detection import BoxTarget, detr_detections, yolov5_detections
 from camlens.render import model_view, overlay
+from camlens.report.common import ImageStore, heat_image
+from camlens.report.explain import load
 from helpers import model_module, one_line_error, random_photo, run
 
 YOLO = """
@@ -96,6 +100,7 @@ def test_each_detected_object_is_explained_with_its_box(tmp_path, capsys, detect
     view = model_view(Image.open(photo).convert("RGB"), preprocess.crop_box(96, 80))
     for index, (target, i) in enumerate(zip(record["targets"], order)):
         assert target["box"] == pytest.approx(detections[i, :4].tolist(), abs=1e-3) and target["units"] == "pixels"
+        assert target["on input"] == pytest.approx((detections[i, :4] / 32).tolist(), abs=1e-6)  # a 32x32 input
         assert target["probability"] == pytest.approx(float(best[i]), abs=1e-5)
         box_target = BoxTarget(detections[i, None, :4], classes[i, None])
         for method in ("gradcam", "scorecam"):
@@ -106,12 +111,27 @@ def test_each_detected_object_is_explained_with_its_box(tmp_path, capsys, detect
         plain = np.asarray(overlay(view, arrays["gradcam/maps"][index]))
         assert drawn.shape[0] > plain.shape[0]  # the caption below
         changed = np.argwhere((drawn[:plain.shape[0]] != plain).any(axis=2))
-        scale = view.width / 32
-        x1, y1, x2, y2 = (v * scale for v in target["box"])
+        x1, y1, x2, y2 = (v * view.width for v in target["on input"])
         near = ((np.abs(changed[:, 1] - np.clip(x1, 0, view.width)) <= 6) | (np.abs(changed[:, 1] - np.clip(x2, 0, view.width)) <= 6)
                 | (np.abs(changed[:, 0] - np.clip(y1, 0, view.height)) <= 6) | (np.abs(changed[:, 0] - np.clip(y2, 0, view.height)) <= 6)
                 | (changed[:, 0] <= max(0, y1) + 2) & (changed[:, 1] >= x1 - 1))  # the label above or at the top
         assert len(changed) and near.all()
+    # The report draws each object's box on its maps too: white, which the jet colour map never is,
+    # shows on the heat picture along the box's edges only.
+    store = ImageStore()
+    page = load(out, store)
+    (image,) = page["images"]
+    reference = image["heat"]["gradcam"][0]
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(store.images[reference].split(",", 1)[1]))), dtype=float)
+    plain = np.asarray(heat_image(arrays["gradcam/maps"][0], Image.open(out / "street" / "view.jpg").size,
+                                  "jet", max(shown.shape[:2])), dtype=float)
+    assert plain.shape == shown.shape
+    assert not (plain.min(axis=2) > 200).any()
+    differs = np.argwhere(shown.min(axis=2) > 200)
+    x1, y1, x2, y2 = (min(max(v * shown.shape[1], 0), shown.shape[1] - 1) for v in record["targets"][0]["on input"])
+    on_edge = ((np.abs(differs[:, 1] - x1) <= 8) | (np.abs(differs[:, 1] - x2) <= 8) | (np.abs(differs[:, 0] - y1) <= 8)
+               | (np.abs(differs[:, 0] - y2) <= 8))
+    assert len(differs) > 10 and on_edge.all()
 
 
 def test_detr_is_read_by_itself_and_its_normalised_boxes_drawn_on_the_view(tmp_path, capsys, detectors):

@@ -353,3 +353,9 @@ def draw_box(image: Image.Image, box: Sequence[float], text: str | None = None) 
         draw.rectangle((x1, y, x1 + right - left + 6, y + high), fill=(20, 20, 20))
         draw.text((x1 + 3, y + 3 - top), text, fill=BOX_COLOUR, font=font)
     return drawn
+
+
+def draw_relative_box(image: Image.Image, box: Sequence[float], text: str | None = None) -> Image.Image:
+    """:func:`draw_box` of a box given as fractions (0 to 1) of the image's width and height."""
+    width, height = image.size
+    return draw_box(image, [float(v) * (width if i % 2 == 0 else height) for i, v in enumerate(box)], text)

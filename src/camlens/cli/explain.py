@@ -55,7 +55,7 @@ from ..render import (
     captioned,
     check_colormap,
     comparison_figure,
-    draw_box,
+    draw_relative_box,
     input_figure,
     model_view,
     overlay,
@@ -206,7 +206,7 @@ class Explainer:
         if image is None:
             result.files = self._write_array(values, explanations, result, folder)
         else:
-            result.files = self._write(image, explanations, result, folder, x.shape[-2:])
+            result.files = self._write(image, explanations, result, folder)
         result.timings["render"] = time.perf_counter() - tick
         result.timings["total"] = time.perf_counter() - start
         return result
@@ -214,21 +214,15 @@ class Explainer:
     def _describe(self, index: int, probability: float) -> dict:
         return {"class": index, "name": self.loaded.class_name(index), "probability": round(probability, 6)}
 
-    def _write(self, image: Image.Image, explanations: dict, result: ImageResult, folder: Path,
-               size: tuple[int, int]) -> dict:
+    def _write(self, image: Image.Image, explanations: dict, result: ImageResult, folder: Path) -> dict:
         view = model_view(image, self.loaded.preprocess.crop_box(*image.size))
         layer = ", ".join(self.target_layers)
         overlays: dict[str, list[str]] = {}
 
         def boxed(picture: Image.Image, index: int) -> Image.Image:
-            """A detected object's box on a picture of the view (the model's input, at its size)."""
+            """A detected object's box on a picture of the view (the model's input, at any size)."""
             target = result.targets[index]
-            if "box" not in target:
-                return picture
-            scale = (picture.width, picture.height) if target["units"] == "normalised" else (
-                picture.width / size[1], picture.height / size[0])
-            corners = [value * scale[i % 2] for i, value in enumerate(target["box"])]
-            return draw_box(picture, corners, label(target))
+            return picture if "on input" not in target else draw_relative_box(picture, target["on input"], label(target))
 
         rows = [[Panel(boxed(view, index), f"input\n{label(t)}")] for index, t in enumerate(result.targets)]
         arrays: dict[str, np.ndarray] = {}
@@ -331,6 +325,9 @@ class Detection:
             output = model(x)
             detections = check_detections(self.reader(output)).detach()[0].float().cpu()
         units = "normalised" if is_detr_style(output) else "pixels"
+        # The box on the model's input as fractions of its width and height: where it is drawn.
+        scale = torch.tensor([1.0, 1.0, 1.0, 1.0]) if units == "normalised" else torch.tensor(
+            [x.shape[-1], x.shape[-2]] * 2, dtype=torch.float32)
         best, classes = detections[:, 4:].max(dim=1)
         keep = best >= self.score_threshold
         if class_index is not None:
@@ -343,7 +340,8 @@ class Detection:
                                "--score-threshold")
         found = [{"class": int(classes[i]), "name": loaded.class_name(int(classes[i])),
                   "probability": round(float(best[i]), 6), "box": [float(v) for v in detections[i, :4]],
-                  "units": units} for i in kept.tolist()]
+                  "units": units, "on input": [round(float(v), 6) for v in detections[i, :4] / scale]}
+                 for i in kept.tolist()]
         targets = [BoxTarget(detections[i, None, :4], classes[i, None], iou_threshold=self.iou_threshold)
                    for i in kept[:most].tolist()]
         return [targets], found

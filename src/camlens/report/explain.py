@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 from ..cli.common import MARKER
 from ..methods import METHODS
-from ..render import input_figure
+from ..render import draw_relative_box, input_figure
 from .common import (
+    HEAT_QUALITY,
     ImageStore,
     RunError,
     check_version,
     colour_bar,
+    heat_image,
+    heat_side,
     load_npz,
     number,
     open_photo,
@@ -173,7 +177,10 @@ def _image(folder: Path, record: dict, methods: list[str], colormap: str, store:
             continue
         raw = [maps.shape(k) for k in maps if k.startswith(f"{method}/raw/")]
         raw_side = max((max(shape[-2:], default=1) for shape in raw), default=None)
-        heat[method] = [store.heat(stack[i], photo.size, colormap, raw_side) for i in range(len(targets))]
+        heat[method] = [store.heat(stack[i], photo.size, colormap, raw_side) if _box(targets[i]) is None else
+                        store.add(draw_relative_box(heat_image(stack[i], photo.size, colormap, heat_side(raw_side)),
+                                                    _box(targets[i])), HEAT_QUALITY)
+                        for i in range(len(targets))]
     return {
         "name": Path(str(record.get("input", output))).name,
         "input": record.get("input", ""),
@@ -186,6 +193,16 @@ def _image(folder: Path, record: dict, methods: list[str], colormap: str, store:
         "timings": record.get("timings", {}),
         "blank": _blank(record.get("blank"), methods),
     }
+
+
+def _box(target: dict) -> list[float] | None:
+    """A detected object's box on the model's input (fractions of its width and height), where
+    the record gives four finite numbers for it (a damaged one is drawn as no box)."""
+    box = target.get("on input")
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            and math.isfinite(v) and -1 <= v <= 2 for v in box)):
+        return None
+    return [float(v) for v in box]
 
 
 ARRAY_KINDS = ("signal", "image", "volume", "clip")
