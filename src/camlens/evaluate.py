@@ -32,17 +32,32 @@ from .metrics import (
     average_increase,
     box_mask,
     class_probabilities,
+    complexity,
+    effective_complexity,
     energy_pointing_game,
     explanation_images,
     gaussian_blur,
     localisation_correct,
+    mask_auc,
     pointing_game,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    sparseness,
+    top_k_intersection,
 )
 from .metrics.faithfulness import CurvePlan
 
 FAITHFULNESS = ("drop", "increase", "deletion", "insertion")
-LOCALISATION = ("energy", "pointing", "localisation")
-METRICS = FAITHFULNESS + LOCALISATION
+# Against the boxes (as a mask of the positions inside them): the Score-CAM paper's three, then
+# Quantus's localisation metrics.
+LOCALISATION = ("energy", "pointing", "localisation", "relevance-mass", "relevance-rank", "top-k", "auc")
+# Of the map alone: no forward pass.
+COMPLEXITY = ("sparseness", "complexity", "effective-complexity")
+METRICS = FAITHFULNESS + LOCALISATION + COMPLEXITY
+# What `camlens evaluate` measures unless told: the Score-CAM paper's protocol (its box metrics
+# where there are boxes); `--metric all` adds the rest.
+PAPER = FAITHFULNESS + LOCALISATION[:3]
+TOP_K = 1000  # top-k intersection's k (Quantus's default), at most the map's positions
 TITLES = {
     "drop": "Average Drop (%)",
     "increase": "Average Increase (%)",
@@ -51,12 +66,25 @@ TITLES = {
     "energy": "Energy pointing game",
     "pointing": "Pointing game (%)",
     "localisation": "Localisation (IoU >= 0.5, %)",
+    "relevance-mass": "Relevance mass accuracy",
+    "relevance-rank": "Relevance rank accuracy",
+    "top-k": f"Top-{TOP_K} intersection",
+    "auc": "AUC (box mask)",
+    "sparseness": "Sparseness (Gini)",
+    "complexity": "Complexity (entropy)",
+    "effective-complexity": "Effective complexity (positions)",
 }
 HIGHER_IS_BETTER = {"drop": False, "increase": True, "deletion": False, "insertion": True,
-                    "energy": True, "pointing": True, "localisation": True}
-# The values each metric can take: a confidence interval is never drawn beyond them.
+                    "energy": True, "pointing": True, "localisation": True, "relevance-mass": True,
+                    "relevance-rank": True, "top-k": True, "auc": True, "sparseness": True, "complexity": False,
+                    "effective-complexity": False}
+# The values each metric can take: a confidence interval is never drawn beyond them. Complexity
+# (up to the log of the positions) and effective complexity (up to their number) depend on the
+# input's size.
 RANGES = {"drop": (0.0, 100.0), "increase": (0.0, 100.0), "deletion": (0.0, 1.0), "insertion": (0.0, 1.0),
-          "energy": (0.0, 1.0), "pointing": (0.0, 100.0), "localisation": (0.0, 100.0)}
+          "energy": (0.0, 1.0), "pointing": (0.0, 100.0), "localisation": (0.0, 100.0),
+          "relevance-mass": (0.0, 1.0), "relevance-rank": (0.0, 1.0), "top-k": (0.0, 1.0), "auc": (0.0, 1.0),
+          "sparseness": (0.0, 1.0), "complexity": (0.0, math.inf), "effective-complexity": (0.0, math.inf)}
 
 
 def evaluate_image(
@@ -106,11 +134,21 @@ def evaluate_image(
                 curve = results[name]
                 record[name] = float(area_under_curve(curve)[0])
                 record[f"{name}_curve"] = [round(float(v), 6) for v in curve[0]]
+    for name, measure in (("sparseness", sparseness), ("complexity", complexity),
+                          ("effective-complexity", effective_complexity)):
+        if name in metrics:
+            record[name] = float(measure(maps)[0])
     if boxes:
         height, width = maps.shape[-2:]
+        mask = box_mask(boxes, height, width, device=maps.device)[None]
         if "energy" in metrics:
-            mask = box_mask(boxes, height, width, device=maps.device)[None]
             record["energy"] = float(energy_pointing_game(maps, mask)[0])
+        for name, measure in (("relevance-mass", relevance_mass_accuracy), ("relevance-rank", relevance_rank_accuracy),
+                              ("auc", mask_auc)):
+            if name in metrics:
+                record[name] = float(measure(maps, mask)[0])
+        if "top-k" in metrics:
+            record["top-k"] = float(top_k_intersection(maps, mask, min(TOP_K, height * width))[0])
         if "pointing" in metrics:
             record["pointing"] = 100.0 * float(pointing_game(maps, [boxes])[0])
         if "localisation" in metrics:

@@ -21,11 +21,11 @@ from ..datasets import Sample, dataset_entries, load_dataset
 from ..distributed import Group, WorkQueue, join
 from ..errors import CamlensError
 from ..evaluate import (
-    FAITHFULNESS,
     HIGHER_IS_BETTER,
     INTERVAL,
     LOCALISATION,
     METRICS,
+    PAPER,
     RANGES,
     TITLES,
     ResultStore,
@@ -82,8 +82,9 @@ RUN_FILES = ("config.json", "results.jsonl", "results.set-aside.jsonl", "classes
 @click.command(short_help="The Score-CAM paper's metrics over a labelled dataset.")
 @click.argument("data")
 @method_option
-@click.option("--metric", "metrics", multiple=True, type=click.Choice(METRICS),
-              help="A metric (repeatable; default: all, the box metrics when the data has boxes).")
+@click.option("--metric", "metrics", multiple=True, type=click.Choice([*METRICS, "all"]),
+              help="A metric (repeatable; default: the Score-CAM paper's, its box metrics when the data has boxes; "
+                   "all: every metric, those against the boxes where the data has boxes).")
 @click.option("--limit", type=click.IntRange(min=1),
               help="Evaluate the first N images of DATA only (folders and files in name order, CSV order, or image id "
                    "order for CUB-200-2011, whose test split is evaluated); "
@@ -117,7 +118,9 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                                                     example=example)
     torch_device = group.device(torch_device)
     dataset = load_dataset(data, loaded.class_names, classes, loaded.class_labels, mapping, boxes, limit)
-    wanted = list(dict.fromkeys(metrics)) or [*FAITHFULNESS, *(LOCALISATION if dataset.has_boxes else ())]
+    every = "all" in metrics
+    wanted = ([m for m in METRICS if dataset.has_boxes or m not in LOCALISATION] if every
+              else list(dict.fromkeys(metrics)) or [m for m in PAPER if dataset.has_boxes or m not in LOCALISATION])
     if any(m in LOCALISATION for m in wanted) and not dataset.has_boxes:
         raise CamlensError("localisation metrics need boxes: give --boxes, or VOC XML files beside the images")
     engine = engine_settings(optimize, compile_model, torch_device)
@@ -291,25 +294,46 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
         shown = f"{counted} images" if counted == listed else f"{counted} of {listed} images"
         if dataset.split is not None:  # a CUB-200-2011 folder: say which of its splits was evaluated
             shown += f" of its official {dataset.split} split"
-        table = Table(title=f"camlens evaluate: {shown} -> {printable(out_dir)}", title_justify="left",
+        title = f"camlens evaluate: {shown} -> {printable(out_dir)}"
+
+        def cell(m: str, metric: str) -> str:
+            v = summary[m][metric]
+            interval = " (n < 5)" if v["low"] is None else f" [{v['low']:.3g}, {v['high']:.3g}]"
+            return "-" if v["mean"] is None else f"{v['mean']:.3g}{interval}"
+
+        def per_second(m: str) -> str:
+            return "-" if speed[m]["mean"] is None else f"{speed[m]['mean']:.2f}"
+
+        def arrow(metric: str) -> str:
+            return "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
+
+        def counted(metric: str) -> str:
+            return "/".join(map(str, sorted({summary[m][metric]["n"] for m in chosen})))
+
+        table = Table(title=title, title_justify="left",
                       caption="\n".join([f"{STATISTIC}; n per column", *(f"note: {n}" for n in method_notes)]),
                       caption_justify="left")
         table.add_column("method")
         for metric in wanted:
-            arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
-            counts = sorted({summary[m][metric]["n"] for m in chosen})
-            table.add_column(f"{TITLES[metric]}\n{arrow}\nn = {'/'.join(map(str, counts))}", justify="right")
+            table.add_column(f"{TITLES[metric]}\n{arrow(metric)}\nn = {counted(metric)}", justify="right")
         table.add_column("s / image", justify="right")
         for m in chosen:
-            cells = []
+            table.add_row(METHODS[m].display_name, *(cell(m, metric) for metric in wanted), per_second(m))
+        screen = console("stdout")
+        if screen.measure(table, options=screen.options.update(max_width=1_000_000)).maximum > screen.width:
+            # Squeezed, the columns would cut their titles and numbers: one row per metric instead.
+            table = Table(title=title, title_justify="left",
+                          caption="\n".join([f"{STATISTIC}; n per row", *(f"note: {n}" for n in method_notes)]),
+                          caption_justify="left")
+            for column in ("metric", "better", "n"):
+                table.add_column(column)
+            for m in chosen:
+                table.add_column(METHODS[m].display_name, justify="right")
             for metric in wanted:
-                v = summary[m][metric]
-                interval = " (n < 5)" if v["low"] is None else f" [{v['low']:.3g}, {v['high']:.3g}]"
-                cells.append("-" if v["mean"] is None else f"{v['mean']:.3g}{interval}")
-            seconds = speed[m]["mean"]
-            table.add_row(METHODS[m].display_name, *cells, "-" if seconds is None else f"{seconds:.2f}")
+                table.add_row(TITLES[metric], arrow(metric).split()[0], counted(metric), *(cell(m, metric) for m in chosen))
+            table.add_row("s / image", "", "", *(per_second(m) for m in chosen))
         try:
-            console("stdout").print(table)
+            screen.print(table)
         except BrokenPipeError:
             pass
         if html and records:

@@ -1,8 +1,9 @@
-"""Metrics: can an explanation be trusted? The Score-CAM paper's protocol (section 5).
+"""Metrics: can an explanation be trusted? The Score-CAM paper's protocol (section 5), and more.
 
 Faithfulness (Average Drop and Increase, deletion and insertion), localisation (energy-based
-pointing game, pointing game, weakly supervised boxes and IoU) and the cascading-randomisation
-sanity check. Every function is batched, runs on the tensors' device, and returns per-image
+pointing game, pointing game, weakly supervised boxes and IoU; against a mask: relevance mass
+and rank accuracy, top-k intersection, AUC), complexity (sparseness, complexity, effective
+complexity) and the cascading-randomisation sanity check. Every function is batched, runs on the tensors' device, and returns per-image
 values; maps may come from an :class:`~camlens.Explanation` (``explanation.maps[:, t]``) or
 from anywhere else.
 """
@@ -18,6 +19,7 @@ from .faithfulness import (
     gaussian_blur,
     insertion_curve,
 )
+from .complexity import complexity, effective_complexity, sparseness
 from .localisation import (
     box_iou,
     box_mask,
@@ -25,7 +27,11 @@ from .localisation import (
     energy_pointing_game,
     localisation_boxes,
     localisation_correct,
+    mask_auc,
     pointing_game,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    top_k_intersection,
 )
 from .sanity import cascading_randomisation, randomisation_groups, reinitialise, spearman, ssim
 
@@ -37,18 +43,25 @@ __all__ = [
     "box_mask",
     "cascading_randomisation",
     "class_probabilities",
+    "complexity",
     "connected_components",
     "deletion_curve",
     "drop_and_increase",
+    "effective_complexity",
     "energy_pointing_game",
     "explanation_images",
     "gaussian_blur",
     "insertion_curve",
     "localisation_boxes",
     "localisation_correct",
+    "mask_auc",
     "pointing_game",
     "randomisation_groups",
     "reinitialise",
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
+    "sparseness",
     "spearman",
     "ssim",
+    "top_k_intersection",
 ]

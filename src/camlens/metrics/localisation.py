@@ -156,3 +156,73 @@ def localisation_correct(maps: Tensor, boxes: Sequence[Sequence[Box]], threshold
             truth = torch.tensor(image_boxes, dtype=torch.float64, device=maps.device).view(-1, 4)
             best[n] = box_iou(predicted[n].expand_as(truth), truth).max()
     return best, (best >= iou).double()
+
+
+# -- against a mask of the object (Quantus's localisation category) ---------------------------------
+
+def _against(maps: object, masks: object) -> tuple[Tensor, Tensor]:
+    """Maps (N, *positions) and boolean masks of their shape, as (N, positions) float64 and bool."""
+    _check_maps(maps, (2, 3, 4))
+    if not isinstance(masks, Tensor) or masks.shape != maps.shape:
+        got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+        raise CamlensError(f"masks must have the maps' shape {tuple(maps.shape)}, got {got}")
+    return maps.detach().flatten(1).double(), masks.flatten(1).bool()
+
+
+def relevance_mass_accuracy(maps: Tensor, masks: Tensor) -> Tensor:
+    r"""Relevance mass accuracy (Arras et al. 2022, "CLEVR-XAI"): the share of the map's mass
+    inside the mask, :math:`R_{in} / R_{tot}` (Quantus's ``RelevanceMassAccuracy``). On camlens's
+    non-negative maps the energy pointing game's value, but NaN, not 0, for an all-zero map,
+    whose share is undefined. Higher is better."""
+    values, inside = _against(maps, masks)
+    total = values.sum(dim=1)
+    within = (values * inside).sum(dim=1)
+    return torch.where(total != 0, within / torch.where(total != 0, total, 1), math.nan)
+
+
+def _top(values: Tensor, count: Tensor | int) -> Tensor:
+    """(N, positions) bool: each row's ``count`` largest values, ties broken by position (the
+    first wins), so that results never depend on a sort's whims (Quantus's unstable argsort)."""
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(values.shape[1], device=values.device).expand_as(order))
+    count = torch.as_tensor(count, device=values.device).reshape(-1, 1)
+    return rank < count
+
+
+def relevance_rank_accuracy(maps: Tensor, masks: Tensor) -> Tensor:
+    r"""Relevance rank accuracy (Arras et al. 2022): with :math:`K` the mask's size, the share of
+    the map's :math:`K` highest positions that lie inside the mask (Quantus's
+    ``RelevanceRankAccuracy``; ties broken by position). NaN for an empty mask. Higher is better."""
+    values, inside = _against(maps, masks)
+    size = inside.sum(dim=1)
+    hits = (_top(values, size) & inside).sum(dim=1).double()
+    return torch.where(size > 0, hits / size.clamp(min=1), math.nan)
+
+
+def top_k_intersection(maps: Tensor, masks: Tensor, k: int = 1000) -> Tensor:
+    r"""Top-k intersection (Theiner et al. 2022, "Interpretable semantic photo geolocation"): the
+    share of the map's ``k`` highest positions inside the mask, :math:`|T_k \cap S| / k`
+    (Quantus's ``TopKIntersection``, k = 1000 by default; ties broken by position). Higher is
+    better."""
+    values, inside = _against(maps, masks)
+    if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= values.shape[1]):
+        raise CamlensError(f"k must be an integer from 1 to the maps' {values.shape[1]} positions, got {k!r}")
+    return (_top(values, k) & inside).sum(dim=1).double() / k
+
+
+def mask_auc(maps: Tensor, masks: Tensor) -> Tensor:
+    r"""AUC (Fawcett 2006) of each map as a score of its positions against the mask as labels:
+    the area under the ROC curve, as Quantus's ``AUC`` takes it from scikit-learn, which equals
+    the probability that a position inside the mask scores higher than one outside, ties
+    counting a half (Mann-Whitney). NaN where the mask is empty or everything. Higher is better;
+    0.5 is chance."""
+    from .sanity import _average_ranks
+
+    values, inside = _against(maps, masks)
+    ranks = _average_ranks(values)  # 1-based, ties averaged
+    positive = inside.sum(dim=1).double()
+    negative = inside.shape[1] - positive
+    rank_sum = (ranks * inside).sum(dim=1)
+    auc = (rank_sum - positive * (positive + 1) / 2) / torch.where(positive * negative > 0, positive * negative, 1)
+    return torch.where(positive * negative > 0, auc, math.nan)

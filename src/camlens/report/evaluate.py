@@ -203,7 +203,9 @@ def load(folder: Path, store: ImageStore) -> dict:
     best: dict[str, list[str]] = {}
     for metric in metrics:
         means = {m: table[m][metric]["mean"] for m in methods if table[m][metric]["mean"] is not None}
-        tolerance = 1e-3 * (RANGES[metric][1] - RANGES[metric][0])
+        span = RANGES[metric][1] - RANGES[metric][0]
+        # A metric without a fixed range (complexity grows with the input's size): 0.1% of its largest mean.
+        tolerance = 1e-3 * (span if math.isfinite(span) else max(map(abs, means.values()), default=0.0))
         if len(means) > 1 and max(means.values()) - min(means.values()) > tolerance:
             top = max(means.values()) if HIGHER_IS_BETTER[metric] else min(means.values())
             best[metric] = [m for m, v in means.items() if abs(v - top) <= tolerance]
