@@ -157,3 +157,62 @@ def test_evaluate_all_measures_every_metric_as_the_functions_do(tmp_path, capsys
         lorenz = np.cumsum(np.sort(a + 1e-7)) / (a + 1e-7).sum()
         assert record["sparseness"] == pytest.approx((a.size + 1 - 2 * lorenz.sum()) / a.size, abs=1e-5)
         assert record["effective-complexity"] == float((a > 1e-5).sum())
+        correlation = camlens.metrics.faithfulness_correlation(
+            loaded, x, torch.from_numpy(a).float().view(1, 224, 224), torch.tensor([record["label"]]), batch_size=8)
+        assert record["faithfulness-correlation"] == pytest.approx(float(correlation[0]), abs=1e-4)
+
+
+class Linear(torch.nn.Module):
+    """f_c(x) = sum_i w_ci x_i + b_c: a model whose logit falls by exactly the sum of w x over the
+    positions set to 0."""
+
+    def __init__(self, channels, side, classes=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(classes, channels, side, side, dtype=torch.float64))
+        self.bias = torch.nn.Parameter(torch.randn(classes, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.einsum("nchw,kchw->nk", x, self.weight) + self.bias
+
+
+def test_faithfulness_correlation_is_1_for_gradient_times_input_of_a_linear_model():
+    """With baseline 0, the logit lost on a subset is the sum over it of w x (over channels), which
+    is what the map "gradient x input" gives the subset: correlation 1 on every image."""
+    from camlens.metrics import faithfulness_correlation
+
+    model = Linear(2, 6).eval()
+    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    classes = torch.tensor([0, 2, 1])
+    exact = (model.weight[classes] * x).sum(dim=1)  # (N, 6, 6)
+    assert torch.allclose(faithfulness_correlation(model, x, exact, classes, runs=20, subset_size=5, batch_size=7),
+                          torch.ones(3, dtype=torch.float64), atol=1e-12)
+    noisy = exact + torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert float(faithfulness_correlation(model, x, noisy, classes, runs=20, subset_size=5).max()) < 1 - 1e-3
+
+
+def test_faithfulness_correlation_against_a_plain_loop():
+    from camlens.metrics import faithfulness_correlation, random_subsets
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).double().eval()
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a = maps(2, 5, 5, seed=4)
+    classes = torch.tensor([1, 2])
+    got = faithfulness_correlation(model, x, a, classes, runs=6, subset_size=4, baseline=0.5, score="probability",
+                                   seed=9, batch_size=5)
+    subsets = random_subsets(2, 25, 6, 4, seed=9)
+    for n in range(2):
+        with torch.no_grad():
+            clean = model(x[n:n + 1]).softmax(dim=1)[0, classes[n]]
+        given, lost = [], []
+        for subset in subsets[n]:
+            perturbed = x[n].clone().view(3, 25)
+            perturbed[:, subset] = 0.5
+            with torch.no_grad():
+                lost.append(float(clean - model(perturbed.view(1, 3, 5, 5)).softmax(dim=1)[0, classes[n]]))
+            given.append(float(a[n].flatten()[subset].sum()))
+        assert float(got[n]) == pytest.approx(np.corrcoef(given, lost)[0, 1], abs=1e-10)
+    assert all(len(set(s.tolist())) == 4 for s in subsets.flatten(0, 1))  # distinct positions
+    # The subsets of an image do not depend on how many images come after it.
+    assert torch.equal(random_subsets(1, 25, 6, 4, seed=9), subsets[:1])

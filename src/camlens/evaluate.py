@@ -5,7 +5,8 @@ Forward passes per image and method: the method's own (its clean forward gives t
 and Y), one of the explanation image for Average Drop/Increase, and ``steps`` for each of
 deletion and insertion (the unmodified image's step reuses Y). None is run twice; the metrics'
 inputs go through the model as one stream of full batches, the way the method runs the model
-(its inference copy, compiled with ``compile``).
+(its inference copy, compiled with ``compile``). Faithfulness correlation adds 101 (its 100
+subsets and the clean image's logit); the complexity metrics and those against a mask, none.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .metrics import (
     effective_complexity,
     energy_pointing_game,
     explanation_images,
+    faithfulness_correlation,
     gaussian_blur,
     localisation_correct,
     mask_auc,
@@ -48,12 +50,15 @@ from .metrics import (
 from .metrics.faithfulness import CurvePlan
 
 FAITHFULNESS = ("drop", "increase", "deletion", "insertion")
+# Quantus's faithfulness metrics beyond the paper's: forwards of perturbed inputs.
+CORRELATION_RUNS = 100  # faithfulness correlation's subsets per image (Quantus's default), 224 positions each
+MORE_FAITHFULNESS = ("faithfulness-correlation",)
 # Against the boxes (as a mask of the positions inside them): the Score-CAM paper's three, then
 # Quantus's localisation metrics.
 LOCALISATION = ("energy", "pointing", "localisation", "relevance-mass", "relevance-rank", "top-k", "auc")
 # Of the map alone: no forward pass.
 COMPLEXITY = ("sparseness", "complexity", "effective-complexity")
-METRICS = FAITHFULNESS + LOCALISATION + COMPLEXITY
+METRICS = FAITHFULNESS + MORE_FAITHFULNESS + LOCALISATION + COMPLEXITY
 # What `camlens evaluate` measures unless told: the Score-CAM paper's protocol (its box metrics
 # where there are boxes); `--metric all` adds the rest.
 PAPER = FAITHFULNESS + LOCALISATION[:3]
@@ -63,6 +68,7 @@ TITLES = {
     "increase": "Average Increase (%)",
     "deletion": "Deletion AUC",
     "insertion": "Insertion AUC",
+    "faithfulness-correlation": "Faithfulness correlation",
     "energy": "Energy pointing game",
     "pointing": "Pointing game (%)",
     "localisation": "Localisation (IoU >= 0.5, %)",
@@ -75,14 +81,14 @@ TITLES = {
     "effective-complexity": "Effective complexity (positions)",
 }
 HIGHER_IS_BETTER = {"drop": False, "increase": True, "deletion": False, "insertion": True,
-                    "energy": True, "pointing": True, "localisation": True, "relevance-mass": True,
+                    "faithfulness-correlation": True, "energy": True, "pointing": True, "localisation": True, "relevance-mass": True,
                     "relevance-rank": True, "top-k": True, "auc": True, "sparseness": True, "complexity": False,
                     "effective-complexity": False}
 # The values each metric can take: a confidence interval is never drawn beyond them. Complexity
 # (up to the log of the positions) and effective complexity (up to their number) depend on the
 # input's size.
 RANGES = {"drop": (0.0, 100.0), "increase": (0.0, 100.0), "deletion": (0.0, 1.0), "insertion": (0.0, 1.0),
-          "energy": (0.0, 1.0), "pointing": (0.0, 100.0), "localisation": (0.0, 100.0),
+          "faithfulness-correlation": (-1.0, 1.0), "energy": (0.0, 1.0), "pointing": (0.0, 100.0), "localisation": (0.0, 100.0),
           "relevance-mass": (0.0, 1.0), "relevance-rank": (0.0, 1.0), "top-k": (0.0, 1.0), "auc": (0.0, 1.0),
           "sparseness": (0.0, 1.0), "complexity": (0.0, math.inf), "effective-complexity": (0.0, math.inf)}
 
@@ -134,6 +140,11 @@ def evaluate_image(
                 curve = results[name]
                 record[name] = float(area_under_curve(curve)[0])
                 record[f"{name}_curve"] = [round(float(v), 6) for v in curve[0]]
+    if "faithfulness-correlation" in metrics:
+        # 100 subsets of 224 positions (fewer on a small input), the same for every image of a size (seed 0).
+        size = min(224, maps[0].numel() // 2)
+        record["faithfulness-correlation"] = float(faithfulness_correlation(
+            method.fast_forward(x, batch_size), x, maps, classes, CORRELATION_RUNS, size, batch_size=batch_size)[0])
     for name, measure in (("sparseness", sparseness), ("complexity", complexity),
                           ("effective-complexity", effective_complexity)):
         if name in metrics:

@@ -21,6 +21,7 @@ from ..datasets import Sample, dataset_entries, load_dataset
 from ..distributed import Group, WorkQueue, join
 from ..errors import CamlensError
 from ..evaluate import (
+    CORRELATION_RUNS,
     HIGHER_IS_BETTER,
     INTERVAL,
     LOCALISATION,
@@ -351,7 +352,8 @@ def _plan(objects: dict, loaded: LoadedModel, pending: list, wanted: list[str], 
     for _, name in pending:
         counts[name] = counts.get(name, 0) + 1
     samples = list({id(sample): sample for sample, _ in pending}.values())
-    extra = int(bool({"drop", "increase"} & set(wanted))) + steps * len({"deletion", "insertion"} & set(wanted))
+    extra = (int(bool({"drop", "increase"} & set(wanted))) + steps * len({"deletion", "insertion"} & set(wanted))
+             + (CORRELATION_RUNS + 1) * ("faithfulness-correlation" in wanted))
     start_up.update(warm_and_plan(
         objects, loaded, [sample.path for sample in samples], device, len(samples), yes,
         "or fewer methods (-m), --top-channels N for Score-CAM and its variants, fewer --steps, or --limit N "

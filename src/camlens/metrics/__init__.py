@@ -16,8 +16,10 @@ from .faithfulness import (
     deletion_curve,
     drop_and_increase,
     explanation_images,
+    faithfulness_correlation,
     gaussian_blur,
     insertion_curve,
+    random_subsets,
 )
 from .complexity import complexity, effective_complexity, sparseness
 from .localisation import (
@@ -50,12 +52,14 @@ __all__ = [
     "effective_complexity",
     "energy_pointing_game",
     "explanation_images",
+    "faithfulness_correlation",
     "gaussian_blur",
     "insertion_curve",
     "localisation_boxes",
     "localisation_correct",
     "mask_auc",
     "pointing_game",
+    "random_subsets",
     "randomisation_groups",
     "reinitialise",
     "relevance_mass_accuracy",
