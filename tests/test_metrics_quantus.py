@@ -160,6 +160,9 @@ def test_evaluate_all_measures_every_metric_as_the_functions_do(tmp_path, capsys
         correlation = camlens.metrics.faithfulness_correlation(
             loaded, x, torch.from_numpy(a).float().view(1, 224, 224), torch.tensor([record["label"]]), batch_size=8)
         assert record["faithfulness-correlation"] == pytest.approx(float(correlation[0]), abs=1e-4)
+        other = camlens.metrics.random_logit(camlens.GradCAM(loaded, optimize=True), x, [record["label"]],
+                                             int(record["sha256"].split(":")[-1][:8], 16))
+        assert record["random-logit"] == pytest.approx(float(other[0]), abs=1e-5)
 
 
 class Linear(torch.nn.Module):
@@ -216,3 +219,57 @@ def test_faithfulness_correlation_against_a_plain_loop():
     assert all(len(set(s.tolist())) == 4 for s in subsets.flatten(0, 1))  # distinct positions
     # The subsets of an image do not depend on how many images come after it.
     assert torch.equal(random_subsets(1, 25, 6, 4, seed=9), subsets[:1])
+
+
+def ssim_by_scipy(a, b, window=7):
+    """scikit-image's structural_similarity at its defaults, step by step with scipy's uniform
+    filter (reflected borders, cropped away) and sample covariances."""
+    from scipy.ndimage import uniform_filter
+
+    data_range = max(a.max(), b.max()) - min(a.min(), b.min())
+    norm = window**2 / (window**2 - 1)
+    ux, uy = uniform_filter(a, window), uniform_filter(b, window)
+    vx = norm * (uniform_filter(a * a, window) - ux * ux)
+    vy = norm * (uniform_filter(b * b, window) - uy * uy)
+    vxy = norm * (uniform_filter(a * b, window) - ux * uy)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    pad = (window - 1) // 2
+    return s[pad:-pad, pad:-pad].mean()
+
+
+def test_ssim_uniform_is_scikit_images_structural_similarity():
+    from camlens.metrics import ssim_uniform
+
+    a, b = maps(3, 12, 15, seed=10), maps(3, 12, 15, seed=11)
+    b[0] = a[0] * 0.5 + 0.2  # a related pair
+    got = ssim_uniform(a, b)
+    for n in range(3):
+        assert float(got[n]) == pytest.approx(ssim_by_scipy(a[n].numpy(), b[n].numpy()), abs=1e-12)
+    assert torch.allclose(ssim_uniform(a, a), torch.ones(3, dtype=torch.float64))
+    assert math.isnan(float(ssim_uniform(torch.ones(1, 8, 8), torch.ones(1, 8, 8))[0]))
+
+
+def test_random_logit_is_1_for_a_class_agnostic_method_and_draws_another_class():
+    from camlens.metrics import random_logit
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(6, 5)).double().eval()
+    x = torch.randn(3, 3, 10, 10, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    classes = torch.tensor([0, 4, 2])
+    assert torch.allclose(random_logit(camlens.EigenCAM(model), x, classes), torch.ones(3, dtype=torch.float64))
+    seen = {}
+
+    class Recording(camlens.GradCAM):
+        def __call__(self, images, targets=None, **kwargs):
+            seen.setdefault("targets", []).append(torch.as_tensor(targets).tolist())
+            return super().__call__(images, targets, **kwargs)
+
+    value = random_logit(Recording(model, "1"), x, classes, seed=[3, 4, 5])
+    own, other = seen["targets"]
+    assert own == [0, 4, 2] and all(o != c and 0 <= o < 5 for o, c in zip(other, own))
+    expected = [int(torch.randint(4, (1,), generator=torch.Generator().manual_seed(s))) for s in (3, 4, 5)]
+    assert other == [d + (d >= c) for d, c in zip(expected, own)]
+    gradcam = camlens.GradCAM(model, "1")
+    assert torch.allclose(value, camlens.metrics.ssim_uniform(gradcam(x, classes).maps[:, 0],
+                                                              gradcam(x, torch.tensor(other)).maps[:, 0]), equal_nan=True)

@@ -6,7 +6,8 @@ and Y), one of the explanation image for Average Drop/Increase, and ``steps`` fo
 deletion and insertion (the unmodified image's step reuses Y). None is run twice; the metrics'
 inputs go through the model as one stream of full batches, the way the method runs the model
 (its inference copy, compiled with ``compile``). Faithfulness correlation adds 101 (its 100
-subsets and the clean image's logit); the complexity metrics and those against a mask, none.
+subsets and the clean image's logit), random logit one explanation (for another class); the
+complexity metrics and those against a mask, none.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .metrics import (
     localisation_correct,
     mask_auc,
     pointing_game,
+    random_logit,
     relevance_mass_accuracy,
     relevance_rank_accuracy,
     sparseness,
@@ -58,7 +60,9 @@ MORE_FAITHFULNESS = ("faithfulness-correlation",)
 LOCALISATION = ("energy", "pointing", "localisation", "relevance-mass", "relevance-rank", "top-k", "auc")
 # Of the map alone: no forward pass.
 COMPLEXITY = ("sparseness", "complexity", "effective-complexity")
-METRICS = FAITHFULNESS + MORE_FAITHFULNESS + LOCALISATION + COMPLEXITY
+# Does the map change where it should? One more explanation per image.
+RANDOMISATION = ("random-logit",)
+METRICS = FAITHFULNESS + MORE_FAITHFULNESS + LOCALISATION + COMPLEXITY + RANDOMISATION
 # What `camlens evaluate` measures unless told: the Score-CAM paper's protocol (its box metrics
 # where there are boxes); `--metric all` adds the rest.
 PAPER = FAITHFULNESS + LOCALISATION[:3]
@@ -79,18 +83,20 @@ TITLES = {
     "sparseness": "Sparseness (Gini)",
     "complexity": "Complexity (entropy)",
     "effective-complexity": "Effective complexity (positions)",
+    "random-logit": "Random logit (SSIM)",
 }
 HIGHER_IS_BETTER = {"drop": False, "increase": True, "deletion": False, "insertion": True,
                     "faithfulness-correlation": True, "energy": True, "pointing": True, "localisation": True, "relevance-mass": True,
                     "relevance-rank": True, "top-k": True, "auc": True, "sparseness": True, "complexity": False,
-                    "effective-complexity": False}
+                    "effective-complexity": False, "random-logit": False}
 # The values each metric can take: a confidence interval is never drawn beyond them. Complexity
 # (up to the log of the positions) and effective complexity (up to their number) depend on the
 # input's size.
 RANGES = {"drop": (0.0, 100.0), "increase": (0.0, 100.0), "deletion": (0.0, 1.0), "insertion": (0.0, 1.0),
           "faithfulness-correlation": (-1.0, 1.0), "energy": (0.0, 1.0), "pointing": (0.0, 100.0), "localisation": (0.0, 100.0),
           "relevance-mass": (0.0, 1.0), "relevance-rank": (0.0, 1.0), "top-k": (0.0, 1.0), "auc": (0.0, 1.0),
-          "sparseness": (0.0, 1.0), "complexity": (0.0, math.inf), "effective-complexity": (0.0, math.inf)}
+          "sparseness": (0.0, 1.0), "complexity": (0.0, math.inf), "effective-complexity": (0.0, math.inf),
+          "random-logit": (-1.0, 1.0)}
 
 
 def evaluate_image(
@@ -102,10 +108,12 @@ def evaluate_image(
     steps: int = 16,
     batch_size: int = 8,
     keep: dict | None = None,
+    seed: int = 0,
 ) -> dict:
     """All requested metrics for one preprocessed image (C, H, W) and its label, explained for
     the label's class. ``boxes`` are in model-input pixels; box metrics are skipped without them.
 
+    ``seed`` draws random logit's other class (the caller gives each image its own).
     ``keep``, a dict, receives the map the metrics used: ``"map"`` (H, W) float32 NumPy array
     in [0, 1] at input resolution, and ``"layer_side"``, the longer side of its layer's maps.
     """
@@ -145,6 +153,8 @@ def evaluate_image(
         size = min(224, maps[0].numel() // 2)
         record["faithfulness-correlation"] = float(faithfulness_correlation(
             method.fast_forward(x, batch_size), x, maps, classes, CORRELATION_RUNS, size, batch_size=batch_size)[0])
+    if "random-logit" in metrics:
+        record["random-logit"] = float(random_logit(method, x, classes, seed, explanation)[0])
     for name, measure in (("sparseness", sparseness), ("complexity", complexity),
                           ("effective-complexity", effective_complexity)):
         if name in metrics:

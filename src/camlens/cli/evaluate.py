@@ -220,7 +220,7 @@ def evaluate(data, methods, metrics, limit, out, boxes, mapping, steps, target_l
                     tick = timing.clock()
                     kept: dict | None = {} if image is not None else None
                     record = evaluate_image(objects[name], x, sample.label, input_boxes[key(sample.path)], wanted,
-                                            steps, chunk, keep=kept)
+                                            steps, chunk, keep=kept, seed=int(digest.split(":")[-1][:8], 16))
                     if image is None:
                         record["kind"] = array_kind(values)
                     elapsed = timing.clock() - tick

@@ -35,7 +35,15 @@ from .localisation import (
     relevance_rank_accuracy,
     top_k_intersection,
 )
-from .sanity import cascading_randomisation, randomisation_groups, reinitialise, spearman, ssim
+from .sanity import (
+    cascading_randomisation,
+    random_logit,
+    randomisation_groups,
+    reinitialise,
+    spearman,
+    ssim,
+    ssim_uniform,
+)
 
 __all__ = [
     "area_under_curve",
@@ -59,6 +67,7 @@ __all__ = [
     "localisation_correct",
     "mask_auc",
     "pointing_game",
+    "random_logit",
     "random_subsets",
     "randomisation_groups",
     "reinitialise",
@@ -67,5 +76,6 @@ __all__ = [
     "sparseness",
     "spearman",
     "ssim",
+    "ssim_uniform",
     "top_k_intersection",
 ]

@@ -77,6 +77,60 @@ def ssim(first: Tensor, second: Tensor, window: int = 11, sigma: float = 1.5, da
     return value.mean(dim=(1, 2, 3)).reshape(shape)
 
 
+def ssim_uniform(first: Tensor, second: Tensor, window: int = 7) -> Tensor:
+    """Structural similarity of each pair of maps (..., H, W) as Quantus computes it (scikit-image's
+    ``structural_similarity`` at its defaults): a ``window`` x ``window`` uniform window, sample
+    covariances (n / (n - 1)), K1 = 0.01, K2 = 0.03, the data range of the pair (its largest value
+    minus its smallest), averaged over the positions where the window fits (scikit-image pads, then
+    crops the padded border away: the same positions). NaN where the pair is one constant."""
+    shape = first.shape[:-2]
+    x = first.reshape(-1, 1, *first.shape[-2:]).double()
+    y = second.reshape(-1, 1, *second.shape[-2:]).double()
+    if min(x.shape[-2:]) < window:
+        raise CamlensError(f"maps of {x.shape[-2]}x{x.shape[-1]} are smaller than the {window}x{window} window")
+    both = torch.cat([x.flatten(1), y.flatten(1)], dim=1)
+    data_range = (both.amax(dim=1) - both.amin(dim=1)).view(-1, 1, 1, 1)
+    kernel = torch.full((1, 1, window, window), 1.0 / window**2, dtype=torch.float64, device=x.device)
+
+    def mean(t: Tensor) -> Tensor:
+        return F.conv2d(t, kernel)
+
+    norm = window**2 / (window**2 - 1)
+    mu_x, mu_y = mean(x), mean(y)
+    var_x = norm * (mean(x * x) - mu_x**2)
+    var_y = norm * (mean(y * y) - mu_y**2)
+    cov = norm * (mean(x * y) - mu_x * mu_y)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    result = value.mean(dim=(1, 2, 3))
+    return torch.where(data_range.flatten() > 0, result, math.nan).reshape(shape)
+
+
+def random_logit(method, images: Tensor, classes: Tensor, seed: int | Sequence[int] = 0,
+                 explanation=None) -> Tensor:
+    r"""Random logit (Sixt et al. 2020, "When explanations lie: why many modified BP attributions
+    fail"): the similarity (:func:`ssim_uniform`, Quantus's default) between each image's map for
+    its class and its map for another class drawn at random (uniformly among the others, from
+    ``seed``: one int for all images, or one per image). A map that follows the class differs:
+    lower is better; a class-agnostic method (Eigen-CAM) scores 1. Cost: one more explanation
+    per image. ``explanation``: the method's explanation of ``images`` for ``classes``, where it
+    is at hand (its first target's maps are used)."""
+    classes = torch.as_tensor(classes).long().reshape(-1)
+    first = explanation if explanation is not None else method(images, classes)
+    count, total = first.maps.shape[0], first.logits.shape[1]
+    if total < 2:
+        raise CamlensError("random logit needs a model of at least 2 classes")
+    seeds = [seed] * count if isinstance(seed, int) else list(seed)
+    if len(seeds) != count:
+        raise CamlensError(f"random logit takes one seed, or one per image ({count}), got {len(seeds)}")
+    others = []
+    for n, value in enumerate(seeds):
+        draw = int(torch.randint(total - 1, (1,), generator=torch.Generator().manual_seed(int(value))))
+        others.append(draw + int(draw >= int(classes[n])))  # uniform over the classes but the image's own
+    second = method(images, torch.tensor(others))
+    return ssim_uniform(first.maps[:, 0], second.maps[:, 0])
+
+
 def randomisation_groups(model: nn.Module, example: Tensor) -> list[str]:
     """Groups of parameters to randomise, from the output to the input.
 
