@@ -179,15 +179,16 @@ class Linear(torch.nn.Module):
         return torch.einsum("nchw,kchw->nk", x, self.weight) + self.bias
 
 
-def test_faithfulness_correlation_is_1_for_gradient_times_input_of_a_linear_model():
-    """With baseline 0, the logit lost on a subset is the sum over it of w x (over channels), which
-    is what the map "gradient x input" gives the subset: correlation 1 on every image."""
+def test_faithfulness_correlation_is_1_where_the_map_is_what_each_value_adds():
+    """A linear model of one channel, f_c(x) = sum_p w_cp x_p + b_c: setting the values of S to the
+    image's minimum m loses sum over S of w (x - m), which is what the map w (x - m) gives S:
+    correlation 1 on every image."""
     from camlens.metrics import faithfulness_correlation
 
-    model = Linear(2, 6).eval()
-    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = Linear(1, 6).eval()
+    x = torch.randn(3, 1, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     classes = torch.tensor([0, 2, 1])
-    exact = (model.weight[classes] * x).sum(dim=1)  # (N, 6, 6)
+    exact = model.weight[classes][:, 0] * (x[:, 0] - x.flatten(1).amin(dim=1)[:, None, None])
     assert torch.allclose(faithfulness_correlation(model, x, exact, classes, runs=20, subset_size=5, batch_size=7),
                           torch.ones(3, dtype=torch.float64), atol=1e-12)
     noisy = exact + torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -195,6 +196,8 @@ def test_faithfulness_correlation_is_1_for_gradient_times_input_of_a_linear_mode
 
 
 def test_faithfulness_correlation_against_a_plain_loop():
+    """Quantus's reading: the features are the input's values (3 channels x 25 positions), each
+    given the map's value at its position; a number as the baseline, or the image's minimum."""
     from camlens.metrics import faithfulness_correlation, random_subsets
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
@@ -202,23 +205,27 @@ def test_faithfulness_correlation_against_a_plain_loop():
     x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     a = maps(2, 5, 5, seed=4)
     classes = torch.tensor([1, 2])
-    got = faithfulness_correlation(model, x, a, classes, runs=6, subset_size=4, baseline=0.5, score="probability",
-                                   seed=9, batch_size=5)
-    subsets = random_subsets(2, 25, 6, 4, seed=9)
-    for n in range(2):
-        with torch.no_grad():
-            clean = model(x[n:n + 1]).softmax(dim=1)[0, classes[n]]
-        given, lost = [], []
-        for subset in subsets[n]:
-            perturbed = x[n].clone().view(3, 25)
-            perturbed[:, subset] = 0.5
-            with torch.no_grad():
-                lost.append(float(clean - model(perturbed.view(1, 3, 5, 5)).softmax(dim=1)[0, classes[n]]))
-            given.append(float(a[n].flatten()[subset].sum()))
-        assert float(got[n]) == pytest.approx(np.corrcoef(given, lost)[0, 1], abs=1e-10)
-    assert all(len(set(s.tolist())) == 4 for s in subsets.flatten(0, 1))  # distinct positions
+    for baseline, score in ((0.5, "probability"), ("black", "logit")):
+        got = faithfulness_correlation(model, x, a, classes, runs=6, subset_size=4, baseline=baseline, score=score,
+                                       seed=9, batch_size=5)
+        subsets = random_subsets(2, 75, 6, 4, seed=9)
+        for n in range(2):
+            def f(image):
+                with torch.no_grad():
+                    logits = model(image[None])
+                return float((logits.softmax(dim=1) if score == "probability" else logits)[0, classes[n]])
+
+            fill = float(x[n].min()) if baseline == "black" else baseline
+            given, lost = [], []
+            for subset in subsets[n]:
+                perturbed = x[n].clone().flatten()
+                perturbed[subset] = fill
+                lost.append(f(x[n]) - f(perturbed.view(3, 5, 5)))
+                given.append(sum(float(a[n].flatten()[int(e) % 25]) for e in subset))
+            assert float(got[n]) == pytest.approx(np.corrcoef(given, lost)[0, 1], abs=1e-10)
+    assert all(len(set(s.tolist())) == 4 for s in subsets.flatten(0, 1))  # distinct features
     # The subsets of an image do not depend on how many images come after it.
-    assert torch.equal(random_subsets(1, 25, 6, 4, seed=9), subsets[:1])
+    assert torch.equal(random_subsets(1, 75, 6, 4, seed=9), subsets[:1])
 
 
 def ssim_by_scipy(a, b, window=7):
@@ -235,7 +242,7 @@ def ssim_by_scipy(a, b, window=7):
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
     pad = (window - 1) // 2
-    return s[pad:-pad, pad:-pad].mean()
+    return s[tuple(slice(pad, -pad) for _ in range(s.ndim))].mean()
 
 
 def test_ssim_uniform_is_scikit_images_structural_similarity():
@@ -273,3 +280,12 @@ def test_random_logit_is_1_for_a_class_agnostic_method_and_draws_another_class()
     gradcam = camlens.GradCAM(model, "1")
     assert torch.allclose(value, camlens.metrics.ssim_uniform(gradcam(x, classes).maps[:, 0],
                                                               gradcam(x, torch.tensor(other)).maps[:, 0]), equal_nan=True)
+
+
+def test_ssim_of_flattened_maps_as_quantus_random_logit_compares_them():
+    from camlens.metrics import ssim_uniform
+
+    a, b = maps(2, 40, seed=13), maps(2, 40, seed=14)
+    got = ssim_uniform(a, b, spatial=1)
+    for n in range(2):
+        assert float(got[n]) == pytest.approx(ssim_by_scipy(a[n].numpy(), b[n].numpy()), abs=1e-12)

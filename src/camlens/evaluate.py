@@ -149,8 +149,8 @@ def evaluate_image(
                 record[name] = float(area_under_curve(curve)[0])
                 record[f"{name}_curve"] = [round(float(v), 6) for v in curve[0]]
     if "faithfulness-correlation" in metrics:
-        # 100 subsets of 224 positions (fewer on a small input), the same for every image of a size (seed 0).
-        size = min(224, maps[0].numel() // 2)
+        # 100 subsets of 224 input values (fewer on a small input), the same for every image of a size (seed 0).
+        size = min(224, x[0].numel() // 2)
         record["faithfulness-correlation"] = float(faithfulness_correlation(
             method.fast_forward(x, batch_size), x, maps, classes, CORRELATION_RUNS, size, batch_size=batch_size)[0])
     if "random-logit" in metrics:

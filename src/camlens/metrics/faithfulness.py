@@ -245,53 +245,57 @@ def area_under_curve(curves: Tensor) -> Tensor:
     return (curves[:, 1:] + curves[:, :-1]).sum(dim=1) / (2 * steps)
 
 
-def random_subsets(count: int, positions: int, runs: int, size: int, seed: int = 0) -> Tensor:
-    """(count, runs, size) position indices: for each of ``count`` images, ``runs`` subsets of
-    ``size`` distinct positions out of ``positions``, drawn uniformly from ``seed`` (on the CPU,
-    so the same on every device)."""
+def random_subsets(count: int, features: int, runs: int, size: int, seed: int = 0) -> Tensor:
+    """(count, runs, size) feature indices: for each of ``count`` images, ``runs`` subsets of
+    ``size`` distinct features out of ``features``, drawn uniformly from ``seed`` (on the CPU, so
+    the same on every device)."""
     generator = torch.Generator().manual_seed(seed)
     # Image by image, from one generator: the draws do not depend on how many images come after,
     # and memory holds one image's keys at a time.
-    return torch.stack([torch.rand(runs, positions, generator=generator).argsort(dim=1)[:, :size]
+    return torch.stack([torch.rand(runs, features, generator=generator).argsort(dim=1)[:, :size]
                         for _ in range(count)])
 
 
 @torch.no_grad()
 def faithfulness_correlation(
     model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, runs: int = 100, subset_size: int = 224,
-    baseline: float = 0.0, score: str = "logit", seed: int = 0, batch_size: int = 32,
+    baseline: float | str = "black", score: str = "logit", seed: int = 0, batch_size: int = 32,
 ) -> Tensor:
     r"""Faithfulness correlation (Bhatt et al. 2020, "Evaluating and aggregating feature-based
-    model explanations"): over ``runs`` random subsets :math:`S` of ``subset_size`` positions,
-    the Pearson correlation between what the map gives them and what the model loses without
-    them,
+    model explanations"): over ``runs`` random subsets :math:`S` of ``subset_size`` input
+    features, the Pearson correlation between what the map gives them and what the model loses
+    without them,
 
     .. math:: \rho\Big(\sum_{i \in S} L_i,\; f_c(x) - f_c(x_{[x_S = b]})\Big)
 
-    with :math:`x_{[x_S = b]}` the image whose positions in :math:`S` (every channel) are set to
-    ``baseline`` (0: the dataset's mean after the usual normalisation) and :math:`f_c` the class's
-    logit (``score="probability"``: its softmax probability). As Quantus's defaults: 100 runs of
-    224 positions. Higher is better (1: the map ranks every subset as the model does); NaN where
-    either side does not vary. Subsets from ``seed`` (:func:`random_subsets`); cost: ``runs``
-    forwards per image, batched, plus one for :math:`f_c(x)`.
+    As Quantus computes it (its defaults: 100 runs of 224, baseline "black", logits): the
+    features are the input's values, each channel at each position (C x H x W of them), each
+    given the map's value at its position; :math:`x_{[x_S = b]}` sets those of :math:`S` to the
+    baseline, ``"black"`` the image's smallest value (or a number); :math:`f_c` is the class's
+    logit (``score="probability"``: its softmax probability). Higher is better (1: the map ranks
+    every subset as the model does); NaN where either side does not vary. Subsets from ``seed``
+    (:func:`random_subsets`); cost: ``runs`` forwards per image, batched, and one of the image.
     """
     _check_images(images, model)
     _check_maps(images, maps)
     classes = _check_classes(classes, images.shape[0]).to(images.device)
     for name, value in (("runs", runs), ("subset_size", subset_size), ("batch_size", batch_size)):
         check_positive_int(name, value)
+    count, features = images.shape[0], images[0].numel()
     positions = maps[0].numel()
-    if runs < 2 or subset_size > positions:
-        raise CamlensError(f"faithfulness correlation needs at least 2 runs of at most the maps' {positions} positions, "
+    if runs < 2 or subset_size > features:
+        raise CamlensError(f"faithfulness correlation needs at least 2 runs of at most the input's {features} values, "
                            f"got runs={runs}, subset_size={subset_size}")
-    if not (isinstance(baseline, (int, float)) and not isinstance(baseline, bool) and math.isfinite(baseline)):
-        raise CamlensError(f"the baseline must be a finite number, got {baseline!r}")
+    if baseline != "black" and not (isinstance(baseline, (int, float)) and not isinstance(baseline, bool)
+                                    and math.isfinite(baseline)):
+        raise CamlensError(f"the baseline is 'black' (the image's smallest value) or a finite number, got {baseline!r}")
     if score not in ("logit", "probability"):
         raise CamlensError(f"score is 'logit' or 'probability', got {score!r}")
-    count = images.shape[0]
-    subsets = random_subsets(count, positions, runs, subset_size, seed).to(images.device)
-    flat_maps = maps.detach().flatten(1).double()
-    given = flat_maps.gather(1, subsets.flatten(1)).view(count, runs, subset_size).sum(dim=2)  # (N, runs)
+    subsets = random_subsets(count, features, runs, subset_size, seed).to(images.device)  # (N, runs, size)
+    flat_images = images.flatten(1)
+    fill = flat_images.amin(dim=1) if baseline == "black" else torch.full((count,), float(baseline)).to(images)
+    # Feature c * positions + p (channels first) is given the map's value at position p.
+    given = maps.detach().flatten(1).double().gather(1, (subsets % positions).flatten(1)).view(count, runs, -1).sum(dim=2)
 
     def scores(inputs: Tensor, rows: Tensor) -> Tensor:
         with preserved(model), model_failures(model, inputs):
@@ -306,11 +310,8 @@ def faithfulness_correlation(
     for start in range(0, pairs.numel(), batch_size):
         chunk = pairs[start : start + batch_size]
         rows, run = chunk // runs, chunk % runs
-        mask = torch.zeros(chunk.numel(), positions, dtype=torch.bool, device=images.device)
-        mask.scatter_(1, subsets[rows, run], True)
-        mask = mask.view(chunk.numel(), 1, *images.shape[2:])
-        perturbed = torch.where(mask, torch.as_tensor(baseline, dtype=images.dtype, device=images.device), images[rows])
-        lost[chunk] = clean[rows] - scores(perturbed, rows)
+        perturbed = flat_images[rows].scatter(1, subsets[rows, run], fill[rows, None].expand(-1, subset_size))
+        lost[chunk] = clean[rows] - scores(perturbed.view(chunk.numel(), *images.shape[1:]), rows)
     lost = lost.view(count, runs)
     a, b = given - given.mean(dim=1, keepdim=True), lost - lost.mean(dim=1, keepdim=True)
     norm = a.norm(dim=1) * b.norm(dim=1)

@@ -77,44 +77,49 @@ def ssim(first: Tensor, second: Tensor, window: int = 11, sigma: float = 1.5, da
     return value.mean(dim=(1, 2, 3)).reshape(shape)
 
 
-def ssim_uniform(first: Tensor, second: Tensor, window: int = 7) -> Tensor:
-    """Structural similarity of each pair of maps (..., H, W) as Quantus computes it (scikit-image's
-    ``structural_similarity`` at its defaults): a ``window`` x ``window`` uniform window, sample
-    covariances (n / (n - 1)), K1 = 0.01, K2 = 0.03, the data range of the pair (its largest value
-    minus its smallest), averaged over the positions where the window fits (scikit-image pads, then
-    crops the padded border away: the same positions). NaN where the pair is one constant."""
-    shape = first.shape[:-2]
-    x = first.reshape(-1, 1, *first.shape[-2:]).double()
-    y = second.reshape(-1, 1, *second.shape[-2:]).double()
-    if min(x.shape[-2:]) < window:
-        raise CamlensError(f"maps of {x.shape[-2]}x{x.shape[-1]} are smaller than the {window}x{window} window")
+def ssim_uniform(first: Tensor, second: Tensor, window: int = 7, spatial: int = 2) -> Tensor:
+    """Structural similarity of each pair of maps (..., H, W) as scikit-image's
+    ``structural_similarity`` computes it at its defaults, which Quantus uses: a ``window`` x
+    ``window`` uniform window, sample covariances (n / (n - 1)), K1 = 0.01, K2 = 0.03, the data
+    range of the pair (its largest value minus its smallest), averaged over the positions where the
+    window fits (scikit-image pads, then crops the padded border away: the same positions). NaN
+    where the pair is one constant. ``spatial=1``: of sequences (..., L), a ``window``-long window."""
+    shape = first.shape[:-spatial]
+    x = first.reshape(-1, 1, *first.shape[-spatial:]).double()
+    y = second.reshape(-1, 1, *second.shape[-spatial:]).double()
+    if min(x.shape[2:]) < window:
+        raise CamlensError(f"maps of {'x'.join(map(str, x.shape[2:]))} are smaller than the window of {window}")
     both = torch.cat([x.flatten(1), y.flatten(1)], dim=1)
-    data_range = (both.amax(dim=1) - both.amin(dim=1)).view(-1, 1, 1, 1)
-    kernel = torch.full((1, 1, window, window), 1.0 / window**2, dtype=torch.float64, device=x.device)
+    data_range = (both.amax(dim=1) - both.amin(dim=1)).view(-1, *(1,) * (spatial + 1))
+    size = window**spatial
+    kernel = torch.full((1, 1, *(window,) * spatial), 1.0 / size, dtype=torch.float64, device=x.device)
+    convolve = F.conv1d if spatial == 1 else F.conv2d
 
     def mean(t: Tensor) -> Tensor:
-        return F.conv2d(t, kernel)
+        return convolve(t, kernel)
 
-    norm = window**2 / (window**2 - 1)
+    norm = size / (size - 1)
     mu_x, mu_y = mean(x), mean(y)
     var_x = norm * (mean(x * x) - mu_x**2)
     var_y = norm * (mean(y * y) - mu_y**2)
     cov = norm * (mean(x * y) - mu_x * mu_y)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    result = value.mean(dim=(1, 2, 3))
+    result = value.flatten(1).mean(dim=1)
     return torch.where(data_range.flatten() > 0, result, math.nan).reshape(shape)
 
 
 def random_logit(method, images: Tensor, classes: Tensor, seed: int | Sequence[int] = 0,
-                 explanation=None) -> Tensor:
+                 explanation=None, flat: bool = False) -> Tensor:
     r"""Random logit (Sixt et al. 2020, "When explanations lie: why many modified BP attributions
     fail"): the similarity (:func:`ssim_uniform`, Quantus's default) between each image's map for
     its class and its map for another class drawn at random (uniformly among the others, from
     ``seed``: one int for all images, or one per image). A map that follows the class differs:
     lower is better; a class-agnostic method (Eigen-CAM) scores 1. Cost: one more explanation
     per image. ``explanation``: the method's explanation of ``images`` for ``classes``, where it
-    is at hand (its first target's maps are used)."""
+    is at hand (its first target's maps are used). ``flat``: as Quantus's ``RandomLogit`` does,
+    compare the maps flattened to sequences (a window of 7 along the rows, running from one row
+    into the next), where camlens compares them as the images they are, as Sixt et al. do."""
     classes = torch.as_tensor(classes).long().reshape(-1)
     first = explanation if explanation is not None else method(images, classes)
     count, total = first.maps.shape[0], first.logits.shape[1]
@@ -128,7 +133,8 @@ def random_logit(method, images: Tensor, classes: Tensor, seed: int | Sequence[i
         draw = int(torch.randint(total - 1, (1,), generator=torch.Generator().manual_seed(int(value))))
         others.append(draw + int(draw >= int(classes[n])))  # uniform over the classes but the image's own
     second = method(images, torch.tensor(others))
-    return ssim_uniform(first.maps[:, 0], second.maps[:, 0])
+    a, b = first.maps[:, 0], second.maps[:, 0]
+    return ssim_uniform(a.flatten(1), b.flatten(1), spatial=1) if flat else ssim_uniform(a, b)
 
 
 def randomisation_groups(model: nn.Module, example: Tensor) -> list[str]:
