@@ -234,7 +234,7 @@ def ssim_by_scipy(a, b, window=7):
     from scipy.ndimage import uniform_filter
 
     data_range = max(a.max(), b.max()) - min(a.min(), b.min())
-    norm = window**2 / (window**2 - 1)
+    norm = window**a.ndim / (window**a.ndim - 1)  # sample covariances over the window
     ux, uy = uniform_filter(a, window), uniform_filter(b, window)
     vx = norm * (uniform_filter(a * a, window) - ux * ux)
     vy = norm * (uniform_filter(b * b, window) - uy * uy)
