@@ -289,3 +289,22 @@ def test_ssim_of_flattened_maps_as_quantus_random_logit_compares_them():
     got = ssim_uniform(a, b, spatial=1)
     for n in range(2):
         assert float(got[n]) == pytest.approx(ssim_by_scipy(a[n].numpy(), b[n].numpy()), abs=1e-12)
+
+
+def test_ssim_and_random_logit_take_volumes_and_signals_as_they_are():
+    from camlens.metrics import random_logit, ssim_uniform
+
+    a, b = maps(2, 8, 9, 10, seed=15), maps(2, 8, 9, 10, seed=16)
+    got = ssim_uniform(a, b, spatial=3)
+    for n in range(2):
+        assert float(got[n]) == pytest.approx(ssim_by_scipy(a[n].numpy(), b[n].numpy()), abs=1e-12)
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool1d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).double().eval()
+    x = torch.randn(2, 2, 30, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+    gradcam = camlens.GradCAM(model, "1")
+    value = random_logit(gradcam, x, torch.tensor([0, 1]), seed=[1, 2])
+    others = [int(torch.randint(2, (1,), generator=torch.Generator().manual_seed(s))) for s in (1, 2)]
+    others = [d + (d >= c) for d, c in zip(others, (0, 1))]
+    expected = ssim_uniform(gradcam(x, torch.tensor([0, 1])).maps[:, 0], gradcam(x, torch.tensor(others)).maps[:, 0],
+                            spatial=1)
+    assert torch.allclose(value, expected, equal_nan=True)

@@ -83,7 +83,8 @@ def ssim_uniform(first: Tensor, second: Tensor, window: int = 7, spatial: int = 
     ``window`` uniform window, sample covariances (n / (n - 1)), K1 = 0.01, K2 = 0.03, the data
     range of the pair (its largest value minus its smallest), averaged over the positions where the
     window fits (scikit-image pads, then crops the padded border away: the same positions). NaN
-    where the pair is one constant. ``spatial=1``: of sequences (..., L), a ``window``-long window."""
+    where the pair is one constant. ``spatial``: the maps' dimensions, 1 for sequences (..., L)
+    (a ``window``-long window), 3 for volumes (..., D, H, W)."""
     shape = first.shape[:-spatial]
     x = first.reshape(-1, 1, *first.shape[-spatial:]).double()
     y = second.reshape(-1, 1, *second.shape[-spatial:]).double()
@@ -93,7 +94,7 @@ def ssim_uniform(first: Tensor, second: Tensor, window: int = 7, spatial: int = 
     data_range = (both.amax(dim=1) - both.amin(dim=1)).view(-1, *(1,) * (spatial + 1))
     size = window**spatial
     kernel = torch.full((1, 1, *(window,) * spatial), 1.0 / size, dtype=torch.float64, device=x.device)
-    convolve = F.conv1d if spatial == 1 else F.conv2d
+    convolve = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
 
     def mean(t: Tensor) -> Tensor:
         return convolve(t, kernel)
@@ -133,8 +134,8 @@ def random_logit(method, images: Tensor, classes: Tensor, seed: int | Sequence[i
         draw = int(torch.randint(total - 1, (1,), generator=torch.Generator().manual_seed(int(value))))
         others.append(draw + int(draw >= int(classes[n])))  # uniform over the classes but the image's own
     second = method(images, torch.tensor(others))
-    a, b = first.maps[:, 0], second.maps[:, 0]
-    return ssim_uniform(a.flatten(1), b.flatten(1), spatial=1) if flat else ssim_uniform(a, b)
+    a, b = first.maps[:, 0], second.maps[:, 0]  # (N, *positions): an image's, a signal's, a volume's
+    return ssim_uniform(a.flatten(1), b.flatten(1), spatial=1) if flat else ssim_uniform(a, b, spatial=a.dim() - 1)
 
 
 def randomisation_groups(model: nn.Module, example: Tensor) -> list[str]:
