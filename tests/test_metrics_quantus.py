@@ -277,6 +277,9 @@ def test_random_logit_is_1_for_a_class_agnostic_method_and_draws_another_class()
     assert own == [0, 4, 2] and all(o != c and 0 <= o < 5 for o, c in zip(other, own))
     expected = [int(torch.randint(4, (1,), generator=torch.Generator().manual_seed(s))) for s in (3, 4, 5)]
     assert other == [d + (d >= c) for d, c in zip(expected, own)]
+    random_logit(Recording(model, "1"), x, classes, seed=7)  # one seed: one generator, a draw per image
+    expected = torch.randint(4, (3,), generator=torch.Generator().manual_seed(7)).tolist()
+    assert seen["targets"][-1] == [d + (d >= c) for d, c in zip(expected, own)]
     gradcam = camlens.GradCAM(model, "1")
     assert torch.allclose(value, camlens.metrics.ssim_uniform(gradcam(x, classes).maps[:, 0],
                                                               gradcam(x, torch.tensor(other)).maps[:, 0]), equal_nan=True)

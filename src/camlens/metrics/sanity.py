@@ -126,13 +126,15 @@ def random_logit(method, images: Tensor, classes: Tensor, seed: int | Sequence[i
     count, total = first.maps.shape[0], first.logits.shape[1]
     if total < 2:
         raise CamlensError("random logit needs a model of at least 2 classes")
-    seeds = [seed] * count if isinstance(seed, int) else list(seed)
-    if len(seeds) != count:
-        raise CamlensError(f"random logit takes one seed, or one per image ({count}), got {len(seeds)}")
-    others = []
-    for n, value in enumerate(seeds):
-        draw = int(torch.randint(total - 1, (1,), generator=torch.Generator().manual_seed(int(value))))
-        others.append(draw + int(draw >= int(classes[n])))  # uniform over the classes but the image's own
+    if isinstance(seed, int):  # one generator, a draw per image in turn
+        draws = torch.randint(total - 1, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+    else:  # a generator per image: its draw does not depend on the other images
+        draws = [int(torch.randint(total - 1, (1,), generator=torch.Generator().manual_seed(int(value))))
+                 for value in seed]
+    if len(draws) != count:
+        raise CamlensError(f"random logit takes one seed, or one per image ({count}), got {len(draws)}")
+    # Uniform over the classes but the image's own.
+    others = [draw + int(draw >= int(classes[n])) for n, draw in enumerate(draws)]
     second = method(images, torch.tensor(others))
     a, b = first.maps[:, 0], second.maps[:, 0]  # (N, *positions): an image's, a signal's, a volume's
     return ssim_uniform(a.flatten(1), b.flatten(1), spatial=1) if flat else ssim_uniform(a, b, spatial=a.dim() - 1)
