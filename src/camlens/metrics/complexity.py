@@ -17,14 +17,12 @@ import torch
 from torch import Tensor
 
 from ..errors import CamlensError
+from .localisation import _check_maps
 
 
 def _flat(maps: object) -> Tensor:
     """``maps`` (N, *positions) as (N, positions) absolute values in float64."""
-    if not isinstance(maps, Tensor) or not 2 <= maps.dim() <= 4 or maps.numel() == 0:
-        got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
-        raise CamlensError(f"maps must have shape (N, H, W) (or (N, L) for signals, (N, D, H, W) for volumes), e.g. "
-                           f"explanation.maps[:, t], got {got}")
+    _check_maps(maps, (2, 3, 4))
     if not maps.is_floating_point() or not bool(torch.isfinite(maps).all()):
         raise CamlensError("maps must hold finite floating-point values")
     return maps.detach().flatten(1).double().abs()
