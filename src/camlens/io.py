@@ -53,6 +53,14 @@ def _regular_file(path: Path, kind: str) -> None:
         raise CamlensError(f"{path}: not a regular file")
 
 
+def _npy_header(stream) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` from a .npy stream's header, read up to its data (nothing of the data)."""
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(stream)
+    return shape, dtype
+
+
 def load_array(path: str | os.PathLike[str]) -> np.ndarray:
     """One model input from a ``.npy`` file, or from the one array of a ``.npz`` file: (C, L) for
     a signal, (C, H, W) for a preprocessed image, (C, D, H, W) for a volume or a clip, of real
@@ -83,9 +91,7 @@ def load_array(path: str | os.PathLike[str]) -> np.ndarray:
         opened, declared = (lambda: io.BytesIO(data)), len(data)
     try:
         with opened() as stream:
-            version = np.lib.format.read_magic(stream)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(stream)
+            shape, dtype = _npy_header(stream)
             room = declared - stream.tell()
         if dtype.hasobject or dtype.kind not in "biuf":
             raise CamlensError(f"{path}: holds {dtype} values; an input is real numbers (bool, int or float)")
@@ -454,10 +460,7 @@ class Arrays(Mapping):
                                f"run writes ({self.limit})")
         try:
             with self._zip.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read(member)
+                shape, dtype = _npy_header(member)
                 header = member.tell()
         except (zipfile.BadZipFile, ValueError, EOFError, OSError) as error:
             raise CamlensError(f"{self.path}: array {name!r} cannot be read ({error})") from None

@@ -879,7 +879,8 @@ def probe(loaded: LoadedModel, target_layer: str | None, example: tuple[int, ...
     """
     check_hookable(loaded.module)
     preprocess = loaded.preprocess
-    if example is None:
+    photo = example is None
+    if photo:
         blank = preprocess(Image.new("RGB", (preprocess.size, preprocess.size), (128, 128, 128)))
         what = f"{preprocess.size}x{preprocess.size} input"
     else:
@@ -909,7 +910,7 @@ def probe(loaded: LoadedModel, target_layer: str | None, example: tuple[int, ...
     except CamlensError as error:
         raise CamlensError(f"{error} (checked on a blank {what})") from None
     except Exception as error:
-        hint = "check --input-size" if blank.dim() == 3 and what.endswith(" input") else "check the arrays' shape"
+        hint = "check --input-size" if photo else "check the arrays' shape"
         if loaded.source.startswith("torch.export"):
             hint += "; export with a dynamic batch size: dynamic_shapes=({0: torch.export.Dim('batch')},)"
         raise CamlensError(
